@@ -1,0 +1,15 @@
+//! Every voxelfleet wire contract, plus the few types both sides share (run spec, class list,
+//! identifiers). No logic beyond parsing and validation lives here.
+
+pub mod classes;
+pub mod ids;
+pub mod spec;
+
+/// Generated gRPC types and services (package `voxelfleet.v1`).
+pub mod pb {
+    tonic::include_proto!("voxelfleet.v1");
+}
+
+/// Largest collective chunk payload. tonic's default message limit is 4 MiB; 1 MiB chunks leave
+/// headroom and keep per-chunk latency low.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
