@@ -1,0 +1,83 @@
+//! Binds the gRPC services, runs the liveness monitor, and shuts down cleanly.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use protocol::pb::control_service_server::ControlServiceServer;
+use protocol::pb::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::core::{CoordError, Coordinator, Timing};
+use crate::service::control_api::ControlApi;
+use crate::service::worker_api::WorkerApi;
+
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    monitor: JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Coordinator(#[from] CoordError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl RunningServer {
+    /// Stops accepting requests and waits for in-flight ones.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.monitor.abort();
+        Ok(self.task.await??)
+    }
+
+    /// Resolves when the server task ends (it only ends on error or after `stop`).
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        Ok((&mut self.task).await??)
+    }
+}
+
+pub async fn start(listen: SocketAddr, data_dir: &Path, timing: Timing) -> Result<RunningServer, ServerError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|source| ServerError::DataDir { path: data_dir.display().to_string(), source })?;
+    let coordinator = Coordinator::open(data_dir, timing).await?;
+    let listener = TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())))
+        .add_service(ControlServiceServer::new(ControlApi(coordinator.clone())));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        let _ = stop_rx.await;
+    }));
+    let monitor = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            let period = coordinator.timing.heartbeat_interval.min(std::time::Duration::from_secs(1));
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                if let Err(e) = coordinator.reap_dead_workers().await {
+                    tracing::error!("liveness check failed: {e}");
+                }
+            }
+        })
+    };
+    Ok(RunningServer { addr, coordinator, stop: Some(stop_tx), task, monitor })
+}

@@ -1,0 +1,162 @@
+//! The CLI-facing gRPC service.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use protocol::pb;
+use protocol::pb::control_service_server::ControlService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::checked_id;
+use crate::core::Coordinator;
+use crate::records::{CheckpointRecord, MetricRecord, RunRecord, WorkerRecord};
+
+pub struct ControlApi(pub Arc<Coordinator>);
+
+pub fn run_info(r: &RunRecord) -> pb::RunInfo {
+    pb::RunInfo {
+        run_id: r.id.clone(),
+        name: r.name.clone(),
+        state: r.state.to_string(),
+        world_size: r.world_size,
+        step: r.step,
+        total_steps: r.total_steps,
+        message: r.message.clone(),
+        submitted_unix_ms: r.submitted_unix_ms,
+        updated_unix_ms: r.updated_unix_ms,
+        workers: r.workers.clone(),
+    }
+}
+
+fn metric(m: &MetricRecord) -> pb::Metric {
+    pb::Metric { rank: m.rank, step: m.step, name: m.name.clone(), value: m.value, unix_ms: m.unix_ms }
+}
+
+fn checkpoint_info(c: &CheckpointRecord) -> pb::CheckpointInfo {
+    pb::CheckpointInfo {
+        step: c.step,
+        files: c.files.iter().map(|f| pb::CheckpointFile { key: f.key.clone(), sha256: f.sha256.clone(), bytes: f.bytes }).collect(),
+        is_final: c.is_final,
+        committed_unix_ms: c.committed_unix_ms,
+        prefix: c.prefix.clone(),
+    }
+}
+
+fn worker_info(w: &WorkerRecord) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        worker_id: w.id.clone(),
+        host: w.host.clone(),
+        peer_address: w.peer_address.clone(),
+        device_kind: w.device_kind.clone(),
+        state: w.state.to_string(),
+        run_id: w.run_id.clone().unwrap_or_default(),
+        last_heartbeat_unix_ms: w.last_heartbeat_unix_ms,
+    }
+}
+
+type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricRecord, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    async fn submit_run(&self, req: Request<pb::SubmitRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
+        let req = req.into_inner();
+        let source = if req.source_name.is_empty() { "submitted spec" } else { req.source_name.as_str() };
+        let run = self.0.submit(&req.spec_toml, source).await?;
+        tracing::info!(run = %run.id, name = %run.name, world_size = run.world_size, "run submitted");
+        Ok(Response::new(run_info(&run)))
+    }
+
+    async fn list_runs(&self, _: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let runs = self.0.store().runs().map_err(crate::core::CoordError::from)?;
+        Ok(Response::new(pb::ListRunsResponse { runs: runs.iter().map(run_info).collect() }))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::RunDetail>, Status> {
+        let run_id = req.into_inner().run_id;
+        checked_id(&run_id, "run id")?;
+        let run = self.0.get_run(&run_id)?;
+        let store = self.0.store();
+        let checkpoints = store.checkpoints(&run_id).map_err(crate::core::CoordError::from)?;
+        let mut latest: BTreeMap<(String, u32), MetricRecord> = BTreeMap::new();
+        for (_, m) in store.metrics_from(&run_id, 0).map_err(crate::core::CoordError::from)? {
+            latest.insert((m.name.clone(), m.rank), m);
+        }
+        // One value per name: rank 0's where it reports the metric.
+        let mut by_name: BTreeMap<String, MetricRecord> = BTreeMap::new();
+        for ((name, _), m) in latest.into_iter().rev() {
+            by_name.insert(name, m);
+        }
+        Ok(Response::new(pb::RunDetail {
+            run: Some(run_info(&run)),
+            spec_toml: run.spec_toml.clone(),
+            checkpoints: checkpoints.iter().map(checkpoint_info).collect(),
+            latest_metrics: by_name.values().map(metric).collect(),
+            train_cases: run.train_cases.len() as u32,
+            eval_cases: run.eval_cases.len() as u32,
+        }))
+    }
+
+    type StreamMetricsStream = MetricStream;
+
+    async fn stream_metrics(&self, req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricStream>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.run_id, "run id")?;
+        self.0.get_run(&req.run_id)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(follow_metrics(self.0.clone(), req, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_run(&self, req: Request<pb::CancelRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
+        let run_id = req.into_inner().run_id;
+        checked_id(&run_id, "run id")?;
+        Ok(Response::new(run_info(&self.0.cancel(&run_id).await?)))
+    }
+
+    async fn list_workers(&self, _: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self.0.store().workers().map_err(crate::core::CoordError::from)?;
+        Ok(Response::new(pb::ListWorkersResponse { workers: workers.iter().map(worker_info).collect() }))
+    }
+}
+
+/// Sends stored points from `from_seq` on; with `follow`, keeps sending until the run ends and
+/// then closes with a record that carries the final state.
+async fn follow_metrics(coord: Arc<Coordinator>, req: pb::StreamMetricsRequest, tx: mpsc::Sender<Result<pb::MetricRecord, Status>>) {
+    let mut progress = coord.subscribe_progress();
+    let mut next = req.from_seq;
+    loop {
+        progress.borrow_and_update();
+        // Read the state before the points: a run that ends after this read still gets its last
+        // points sent on the next pass.
+        let state = coord.get_run(&req.run_id).map(|r| r.state);
+        let points = coord.store().metrics_from(&req.run_id, next);
+        let (state, points) = match (state, points) {
+            (Ok(s), Ok(p)) => (s, p),
+            (Err(e), _) => return drop(tx.send(Err(e.into())).await),
+            (_, Err(e)) => return drop(tx.send(Err(crate::core::CoordError::from(e).into())).await),
+        };
+        for (seq, m) in points {
+            next = seq + 1;
+            let record = pb::MetricRecord { seq, metric: Some(metric(&m)), run_state: String::new() };
+            if tx.send(Ok(record)).await.is_err() {
+                return; // the client went away
+            }
+        }
+        if !req.follow || state.is_terminal() || state == crate::records::RunState::Interrupted {
+            if req.follow {
+                let _ = tx.send(Ok(pb::MetricRecord { seq: next, metric: None, run_state: state.to_string() })).await;
+            }
+            return;
+        }
+        // Wake on progress, and at least once a second so a dropped client is noticed.
+        let _ = tokio::time::timeout(Duration::from_secs(1), progress.changed()).await;
+        if tx.is_closed() {
+            return;
+        }
+    }
+}

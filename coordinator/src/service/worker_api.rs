@@ -1,0 +1,86 @@
+//! The worker-facing gRPC service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::pb;
+use protocol::pb::worker_service_server::WorkerService;
+use tonic::{Request, Response, Status};
+
+use super::checked_id;
+use crate::core::Coordinator;
+
+/// Longest a single AwaitAssignment call may hold the connection.
+const MAX_POLL: Duration = Duration::from_secs(30);
+
+pub struct WorkerApi(pub Arc<Coordinator>);
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        if req.peer_address.is_empty() {
+            return Err(Status::invalid_argument("peer_address must name the worker's collective endpoint"));
+        }
+        let worker = self.0.register(req).await?;
+        tracing::info!(worker = %worker.id, peer = %worker.peer_address, device = %worker.device_kind, "worker registered");
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: worker.id,
+            heartbeat_interval_ms: self.0.timing.heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.worker_id, "worker id")?;
+        Ok(Response::new(self.0.heartbeat(req).await?))
+    }
+
+    async fn await_assignment(
+        &self,
+        req: Request<pb::AwaitAssignmentRequest>,
+    ) -> Result<Response<pb::AwaitAssignmentResponse>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.worker_id, "worker id")?;
+        let wait = Duration::from_millis(req.wait_ms as u64).min(MAX_POLL);
+        Ok(Response::new(self.0.await_assignment(&req.worker_id, wait).await?))
+    }
+
+    async fn report_metrics(
+        &self,
+        req: Request<pb::ReportMetricsRequest>,
+    ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.run_id, "run id")?;
+        Ok(Response::new(self.0.report_metrics(req).await?))
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        req: Request<pb::CommitCheckpointRequest>,
+    ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.run_id, "run id")?;
+        let ckpt = self.0.commit_checkpoint(req).await?;
+        tracing::info!(run = %ckpt.run_id, step = ckpt.step, files = ckpt.files.len(), "checkpoint committed");
+        Ok(Response::new(pb::CommitCheckpointResponse {}))
+    }
+
+    async fn finish_run(&self, req: Request<pb::FinishRunRequest>) -> Result<Response<pb::FinishRunResponse>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.run_id, "run id")?;
+        self.0.finish_run(req).await?;
+        Ok(Response::new(pb::FinishRunResponse {}))
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<pb::ReportFailureRequest>,
+    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.run_id, "run id")?;
+        tracing::warn!(run = %req.run_id, rank = req.rank, message = %req.message, "worker reported a failure");
+        self.0.report_failure(req).await?;
+        Ok(Response::new(pb::ReportFailureResponse {}))
+    }
+}
