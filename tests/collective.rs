@@ -1,0 +1,109 @@
+//! Ring all-reduce over real gRPC on loopback: sums are exact for 2 and 3 ranks with sizes that
+//! do not divide evenly (and span several 1 MiB chunks), every rank ends bit-identical, and a
+//! missing peer is reported within the deadline instead of hanging.
+
+use std::time::{Duration, Instant};
+
+use worker::collective::{CollectiveHub, Ring, serve_collective};
+
+async fn start_ranks(world: usize) -> (Vec<CollectiveHub>, Vec<String>) {
+    let mut hubs = vec![];
+    let mut peers = vec![];
+    for _ in 0..world {
+        let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        hubs.push(hub);
+        peers.push(addr.to_string());
+    }
+    (hubs, peers)
+}
+
+/// Value of element `i` on `rank`: integers below 2^24, so float sums are exact and comparable.
+fn value(rank: usize, i: usize) -> f32 {
+    ((i * 7 + rank * 1_000_003) % 4093) as f32 - 2000.0
+}
+
+async fn all_reduce_across(world: usize, n: usize, ops: usize) {
+    let (hubs, peers) = start_ranks(world).await;
+    let mut tasks = vec![];
+    for rank in 0..world {
+        let hub = hubs[rank].clone();
+        let peers = peers.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ring = Ring::connect(&hub, "run-000042", rank as u32, &peers, Duration::from_secs(20)).await.unwrap();
+            let mut results = vec![];
+            for op in 0..ops {
+                let mut data: Vec<f32> = (0..n).map(|i| value(rank, i) + op as f32).collect();
+                ring.all_reduce_sum(&mut data).await.unwrap();
+                results.push(data);
+            }
+            results
+        }));
+    }
+    let mut per_rank = vec![];
+    for t in tasks {
+        per_rank.push(t.await.unwrap());
+    }
+    for op in 0..ops {
+        let expected: Vec<f32> = (0..n).map(|i| (0..world).map(|r| value(r, i) + op as f32).sum()).collect();
+        for (rank, results) in per_rank.iter().enumerate() {
+            assert_eq!(results[op].len(), n);
+            let first_bad = results[op].iter().zip(&expected).position(|(a, b)| a != b);
+            assert!(first_bad.is_none(), "rank {rank} op {op} wrong at {first_bad:?}");
+            let same_bits = results[op].iter().zip(&per_rank[0][op]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same_bits, "rank {rank} differs bitwise from rank 0");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_sum_exactly_with_uneven_multi_chunk_buffer() {
+    // 600_001 floats = 2.4 MB: several chunks per segment, and not divisible by 2.
+    all_reduce_across(2, 600_001, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_ranks_sum_exactly_with_uneven_sizes() {
+    all_reduce_across(3, 1_000_003, 2).await;
+    // Fewer elements than ranks: some segments are empty.
+    all_reduce_across(3, 2, 1).await;
+    all_reduce_across(3, 7, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mean_divides_by_world_size() {
+    let (hubs, peers) = start_ranks(2).await;
+    let mut tasks = vec![];
+    for rank in 0..2 {
+        let (hub, peers) = (hubs[rank].clone(), peers.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ring = Ring::connect(&hub, "run-mean", rank as u32, &peers, Duration::from_secs(20)).await.unwrap();
+            let mut data = vec![rank as f32 * 2.0 + 1.0; 5];
+            ring.all_reduce_mean(&mut data).await.unwrap();
+            data
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), vec![2.0; 5]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_times_out_instead_of_hanging() {
+    let (hubs, peers) = start_ranks(2).await;
+    // Only rank 0 joins; rank 1's server is up but its ring never sends.
+    let mut ring = Ring::connect(&hubs[0], "run-lonely", 0, &peers, Duration::from_millis(700)).await.unwrap();
+    let started = Instant::now();
+    let mut data = vec![1.0f32; 1000];
+    let err = ring.all_reduce_sum(&mut data).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(err.to_string().contains("nothing from rank 1"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_fails_to_connect_within_the_deadline() {
+    let (hubs, _) = start_ranks(1).await;
+    // Port 1 on loopback: nothing listens there.
+    let peers = vec!["127.0.0.1:0".to_string(), "127.0.0.1:1".to_string()];
+    let err = Ring::connect(&hubs[0], "run-unreach", 0, &peers, Duration::from_millis(500)).await.err().unwrap();
+    assert!(err.to_string().contains("cannot reach rank 1"), "{err}");
+}

@@ -1,0 +1,90 @@
+//! The receiving side of the ring: a `Collective` gRPC service that routes each incoming link's
+//! chunks to the inbox of the run it belongs to. Whichever arrives first, the neighbour's link or
+//! the local `Ring`, creates the inbox, so start-up order between ranks does not matter.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use protocol::pb;
+use protocol::pb::collective_server::{Collective, CollectiveServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Chunks buffered per inbox; with 1 MiB chunks this bounds memory per run to 64 MiB.
+const INBOX_CHUNKS: usize = 64;
+
+type Inbox = (mpsc::Sender<pb::CollectiveChunk>, Option<mpsc::Receiver<pb::CollectiveChunk>>);
+
+#[derive(Clone, Default)]
+pub struct CollectiveHub {
+    inboxes: Arc<Mutex<HashMap<String, Inbox>>>,
+}
+
+impl CollectiveHub {
+    fn sender(&self, run_id: &str) -> mpsc::Sender<pb::CollectiveChunk> {
+        let mut inboxes = self.inboxes.lock().expect("hub lock");
+        inboxes.entry(run_id.to_string()).or_insert_with(new_inbox).0.clone()
+    }
+
+    /// Takes the inbox of `run_id`; `None` if a `Ring` for this run already holds it.
+    pub(crate) fn take_receiver(&self, run_id: &str) -> Option<mpsc::Receiver<pb::CollectiveChunk>> {
+        let mut inboxes = self.inboxes.lock().expect("hub lock");
+        inboxes.entry(run_id.to_string()).or_insert_with(new_inbox).1.take()
+    }
+
+    /// Forgets a run's inbox once its ring is done, so a later link for it starts clean.
+    pub(crate) fn release(&self, run_id: &str) {
+        self.inboxes.lock().expect("hub lock").remove(run_id);
+    }
+}
+
+fn new_inbox() -> Inbox {
+    let (tx, rx) = mpsc::channel(INBOX_CHUNKS);
+    (tx, Some(rx))
+}
+
+#[tonic::async_trait]
+impl Collective for CollectiveHub {
+    async fn link(&self, req: Request<Streaming<pb::CollectiveChunk>>) -> Result<Response<pb::LinkClosed>, Status> {
+        let mut stream = req.into_inner();
+        let hello = stream
+            .message()
+            .await?
+            .filter(|c| c.hello)
+            .ok_or_else(|| Status::invalid_argument("a collective link must open with a hello chunk"))?;
+        protocol::ids::validate_id(&hello.run_id, "run id").map_err(Status::invalid_argument)?;
+        let inbox = self.sender(&hello.run_id);
+        while let Some(chunk) = stream.message().await? {
+            if chunk.run_id != hello.run_id {
+                return Err(Status::invalid_argument("a collective link carries one run only"));
+            }
+            if inbox.send(chunk).await.is_err() {
+                break; // the local ring is gone (run ended); drop the rest
+            }
+        }
+        Ok(Response::new(pb::LinkClosed {}))
+    }
+}
+
+/// Binds the collective service; returns the bound address and the hub rings attach to.
+pub async fn serve_collective(listen: SocketAddr) -> std::io::Result<(SocketAddr, CollectiveHub)> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let hub = CollectiveHub::default();
+    let service = CollectiveServer::new(hub.clone())
+        .max_decoding_message_size(2 * protocol::MAX_CHUNK_BYTES)
+        .max_encoding_message_size(2 * protocol::MAX_CHUNK_BYTES);
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+        if let Err(e) = served {
+            tracing::error!("collective server stopped: {e}");
+        }
+    });
+    Ok((addr, hub))
+}

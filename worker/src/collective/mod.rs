@@ -1,0 +1,30 @@
+//! Gradient exchange between data-parallel ranks: a ring all-reduce over tonic streams.
+//!
+//! Every rank runs a `Collective` gRPC server (`hub`) and holds one long-lived, ordered stream to
+//! its right-hand neighbour (`ring`). Chunks are bounded (`protocol::MAX_CHUNK_BYTES`), every
+//! receive has a deadline, and each reduced segment is summed in one fixed order on one rank and
+//! then copied verbatim to the others, so every rank ends with bit-identical results.
+
+mod hub;
+mod ring;
+
+pub use hub::{CollectiveHub, serve_collective};
+pub use ring::{Ring, segment_bounds};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CollectiveError {
+    #[error("cannot reach rank {rank} at {addr}: {message}")]
+    Connect { rank: u32, addr: String, message: String },
+    #[error("collective op {op} ring step {step}: nothing from rank {from_rank} within {timeout_ms} ms")]
+    Timeout { op: u64, step: u32, from_rank: u32, timeout_ms: u128 },
+    #[error("collective link to rank {rank} closed: {message}")]
+    LinkClosed { rank: u32, message: String },
+    #[error("collective out of step: expected op {expected_op} ring step {expected_step} at offset {expected_offset}, got op {op} ring step {step} at offset {offset}")]
+    Desync { expected_op: u64, expected_step: u32, expected_offset: u64, op: u64, step: u32, offset: u64 },
+    #[error("collective chunk of {bytes} bytes is not a whole number of f32 values or overruns its segment")]
+    BadChunk { bytes: usize },
+    #[error("rank {rank} is outside world size {world}, or the peer list has {peers} entries")]
+    BadTopology { rank: u32, world: u32, peers: usize },
+}

@@ -1,0 +1,245 @@
+//! The sending side and the algorithm: ring all-reduce as reduce-scatter then all-gather.
+//!
+//! With W ranks the buffer is cut into W contiguous segments. In reduce-scatter step s, rank r
+//! sends segment (r - s) mod W to its right neighbour and adds segment (r - s - 1) mod W from its
+//! left one; after W-1 steps rank r owns the full sum of segment (r + 1) mod W, accumulated in
+//! ring order. All-gather then passes those owned segments around unchanged. Because each
+//! segment is summed exactly once, in one order, and copied bit for bit, all ranks agree exactly.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use protocol::pb;
+use protocol::pb::collective_client::CollectiveClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{CollectiveError, CollectiveHub};
+
+const F32_PER_CHUNK: usize = protocol::MAX_CHUNK_BYTES / 4;
+
+pub struct Ring {
+    run_id: String,
+    rank: u32,
+    world: u32,
+    op: u64,
+    timeout: Duration,
+    hub: CollectiveHub,
+    outbox: Option<mpsc::Sender<pb::CollectiveChunk>>,
+    inbox: Option<mpsc::Receiver<pb::CollectiveChunk>>,
+}
+
+/// Element range of segment `i` when `n` elements are cut into `world` near-equal parts.
+pub fn segment_bounds(n: usize, world: usize, i: usize) -> std::ops::Range<usize> {
+    (i * n / world)..((i + 1) * n / world)
+}
+
+impl Ring {
+    /// Joins the ring of `run_id`: opens the link to the right neighbour (retrying until
+    /// `timeout`, since neighbours start at slightly different times) and claims this run's inbox.
+    pub async fn connect(
+        hub: &CollectiveHub,
+        run_id: &str,
+        rank: u32,
+        peers: &[String],
+        timeout: Duration,
+    ) -> Result<Ring, CollectiveError> {
+        let world = peers.len() as u32;
+        if world == 0 || rank >= world {
+            return Err(CollectiveError::BadTopology { rank, world, peers: peers.len() });
+        }
+        let mut ring = Ring {
+            run_id: run_id.to_string(),
+            rank,
+            world,
+            op: 0,
+            timeout,
+            hub: hub.clone(),
+            outbox: None,
+            inbox: None,
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        ring.inbox = Some(hub.take_receiver(run_id).ok_or_else(|| CollectiveError::LinkClosed {
+            rank,
+            message: format!("run {run_id} already has a ring on this worker"),
+        })?);
+        let right = (rank + 1) % world;
+        let addr = &peers[right as usize];
+        let endpoint = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+        let connect_err = |message: String| CollectiveError::Connect { rank: right, addr: addr.clone(), message };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let client = loop {
+            match CollectiveClient::connect(endpoint.clone()).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(connect_err(e.to_string())),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let mut client = client
+            .max_decoding_message_size(2 * protocol::MAX_CHUNK_BYTES)
+            .max_encoding_message_size(2 * protocol::MAX_CHUNK_BYTES);
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(pb::CollectiveChunk { run_id: run_id.to_string(), from_rank: rank, hello: true, ..Default::default() })
+            .await
+            .map_err(|_| connect_err("link closed before hello".into()))?;
+        let link_run = run_id.to_string();
+        // Detached: it ends by itself when the outbox is dropped and its queue has drained.
+        tokio::spawn(async move {
+            if let Err(status) = client.link(ReceiverStream::new(rx)).await {
+                tracing::warn!(run = %link_run, to_rank = right, "collective link ended: {status}");
+            }
+        });
+        ring.outbox = Some(tx);
+        Ok(ring)
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.world
+    }
+
+    /// Replaces `data` on every rank with the element-wise sum over all ranks.
+    pub async fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let w = self.world as usize;
+        if w == 1 {
+            return Ok(());
+        }
+        self.op += 1;
+        let n = data.len();
+        let r = self.rank as usize;
+        for s in 0..w - 1 {
+            let send = segment_bounds(n, w, (r + w - s) % w);
+            let recv = segment_bounds(n, w, (r + 2 * w - s - 1) % w);
+            self.exchange(s as u32, data, send, recv, Combine::Add).await?;
+        }
+        for s in 0..w - 1 {
+            let send = segment_bounds(n, w, (r + 1 + w - s) % w);
+            let recv = segment_bounds(n, w, (r + w - s) % w);
+            self.exchange((w - 1 + s) as u32, data, send, recv, Combine::Overwrite).await?;
+        }
+        Ok(())
+    }
+
+    /// Sum, then divide by the world size: the data-parallel gradient average.
+    pub async fn all_reduce_mean(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(data).await?;
+        let scale = 1.0 / self.world as f32;
+        data.iter_mut().for_each(|x| *x *= scale);
+        Ok(())
+    }
+
+    /// Sends one segment right while receiving one from the left. Both directions run at once:
+    /// every rank sends before it receives, so doing them in turn would deadlock on flow control.
+    async fn exchange(
+        &mut self,
+        step: u32,
+        data: &mut [f32],
+        send: std::ops::Range<usize>,
+        recv: std::ops::Range<usize>,
+        combine: Combine,
+    ) -> Result<(), CollectiveError> {
+        let outgoing = self.encode(step, &data[send.clone()], send.start);
+        let outbox = self.outbox.clone().expect("multi-rank ring has an outbox");
+        let right = (self.rank + 1) % self.world;
+        let timeout = self.timeout;
+        let sending = async move {
+            for chunk in outgoing {
+                match tokio::time::timeout(timeout, outbox.send(chunk)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(CollectiveError::LinkClosed { rank: right, message: "stream ended".into() }),
+                    Err(_) => return Err(CollectiveError::LinkClosed { rank: right, message: format!("send blocked for {timeout:?}") }),
+                }
+            }
+            Ok(())
+        };
+        let receiving = self.receive(step, data, recv, combine);
+        let (sent, received) = tokio::join!(sending, receiving);
+        sent.and(received)
+    }
+
+    fn encode(&self, step: u32, values: &[f32], offset: usize) -> Vec<pb::CollectiveChunk> {
+        values
+            .chunks(F32_PER_CHUNK)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let mut bytes = Vec::with_capacity(chunk.len() * 4);
+                chunk.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+                pb::CollectiveChunk {
+                    run_id: self.run_id.clone(),
+                    from_rank: self.rank,
+                    op: self.op,
+                    ring_step: step,
+                    offset: (offset + i * F32_PER_CHUNK) as u64,
+                    data: Bytes::from(bytes),
+                    hello: false,
+                }
+            })
+            .collect()
+    }
+
+    async fn receive(
+        &mut self,
+        step: u32,
+        data: &mut [f32],
+        range: std::ops::Range<usize>,
+        combine: Combine,
+    ) -> Result<(), CollectiveError> {
+        let left = (self.rank + self.world - 1) % self.world;
+        let inbox = self.inbox.as_mut().expect("multi-rank ring has an inbox");
+        let mut at = range.start;
+        // A zero-length segment still arrives as nothing: nothing to wait for.
+        while at < range.end {
+            let chunk = match tokio::time::timeout(self.timeout, inbox.recv()).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return Err(CollectiveError::LinkClosed { rank: left, message: "inbox closed".into() }),
+                Err(_) => {
+                    return Err(CollectiveError::Timeout {
+                        op: self.op,
+                        step,
+                        from_rank: left,
+                        timeout_ms: self.timeout.as_millis(),
+                    });
+                }
+            };
+            if chunk.op != self.op || chunk.ring_step != step || chunk.offset != at as u64 {
+                return Err(CollectiveError::Desync {
+                    expected_op: self.op,
+                    expected_step: step,
+                    expected_offset: at as u64,
+                    op: chunk.op,
+                    step: chunk.ring_step,
+                    offset: chunk.offset,
+                });
+            }
+            let count = chunk.data.len() / 4;
+            if chunk.data.len() % 4 != 0 || count == 0 || at + count > range.end {
+                return Err(CollectiveError::BadChunk { bytes: chunk.data.len() });
+            }
+            let values = chunk.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            match combine {
+                Combine::Add => data[at..at + count].iter_mut().zip(values).for_each(|(x, v)| *x += v),
+                Combine::Overwrite => data[at..at + count].iter_mut().zip(values).for_each(|(x, v)| *x = v),
+            }
+            at += count;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Combine {
+    Add,
+    Overwrite,
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Dropping the outbox ends the link stream once its queued chunks are sent; aborting the
+        // link instead would lose the last chunks the neighbour is still waiting for.
+        self.outbox.take();
+        if self.world > 1 {
+            self.hub.release(&self.run_id);
+        }
+    }
+}
