@@ -1,0 +1,107 @@
+//! The worker's data pipeline: object store → NIfTI → windowed volume → training crops.
+//!
+//! Everything that touches voxels before they become tensors lives here, so the trainer only sees
+//! flat `f32` buffers in the `[D, H, W]` (= `[z, y, x]`) layout that matches burn's
+//! `[N, C, D, H, W]`. The synthetic phantom generator sits beside the loader because tests, demos
+//! and CI need a real AbdomenAtlas-shaped dataset without downloading one.
+
+pub mod loader;
+mod nifti_io;
+pub mod patch;
+pub mod synth;
+mod synth_anatomy;
+mod synth_raster;
+pub mod volume;
+
+pub use loader::{list_cases, load_case, store_from_url, validate_case_id};
+pub use patch::{Patch, sample_patch, whole_volume};
+pub use synth::{SynthOptions, write_phantom_dataset};
+pub use volume::{CaseVolume, window_hu};
+
+use std::path::PathBuf;
+
+/// Why a case, a dataset or a synthetic write failed. Every variant names the object key, file or
+/// URL involved, because a failed case is quarantined and reported by name, and an operator has
+/// to find the offending object from the message alone.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("invalid case id {id:?}: {reason}")]
+    InvalidCaseId { id: String, reason: &'static str },
+
+    #[error("object {key} does not exist")]
+    Missing { key: String },
+
+    #[error("object store error on {key}: {source}")]
+    Store {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("{key} is not a readable NIfTI-1 file: {source}")]
+    Nifti {
+        key: String,
+        #[source]
+        source: nifti::NiftiError,
+    },
+
+    #[error("{key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+
+    #[error("{key} has shape {found:?} (z, y, x) but the CT has {expected:?}")]
+    ShapeMismatch {
+        key: String,
+        expected: [usize; 3],
+        found: [usize; 3],
+    },
+
+    #[error("I/O error on {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("no case folders with a ct.nii.gz under {url}")]
+    NoCases { url: String },
+
+    #[error(
+        "dataset URL {url:?} uses scheme {scheme:?}; this build supports file:// URLs and plain local paths"
+    )]
+    UnsupportedScheme { url: String, scheme: String },
+
+    #[error("dataset URL {url:?} is not usable: {reason}")]
+    InvalidUrl { url: String, reason: String },
+
+    #[error("invalid synthetic dataset options: {reason}")]
+    InvalidOptions { reason: String },
+}
+
+// Callers box these into anyhow and send them across tasks; keep that possible.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<DataError>();
+};
+
+impl DataError {
+    /// Maps a store error for `key`, singling out absent objects so callers can tell a missing
+    /// mask (the dataset is incomplete) from a flaky store (worth a retry).
+    pub(crate) fn store(key: &object_store::path::Path, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => DataError::Missing {
+                key: key.to_string(),
+            },
+            source => DataError::Store {
+                key: key.to_string(),
+                source,
+            },
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
