@@ -1,0 +1,226 @@
+//! The SuPreM objective: per-class sigmoid BCE plus soft Dice over the classes present, and the
+//! hard Dice counts an evaluator aggregates over whole cases.
+//!
+//! Classes are independent sigmoids, not a softmax, because the 25 SuPreM labels overlap (a
+//! tumour lies inside its organ) and because each source dataset annotates only some classes.
+
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Int, Tensor, backend::Backend};
+
+// Keeps Dice defined when a class has neither predictions nor targets (MONAI's default).
+const DICE_SMOOTH: f64 = 1e-5;
+
+/// The loss of one batch, as scalar tensors so the total can be back-propagated without a
+/// device→host sync; call [`BceDiceLoss::parts`] to read the values for logging.
+#[derive(Debug, Clone)]
+pub struct BceDiceLoss<B: Backend> {
+    /// `bce + dice`; the tensor to call `backward()` on.
+    pub total: Tensor<B, 1>,
+    pub bce: Tensor<B, 1>,
+    pub dice: Tensor<B, 1>,
+}
+
+/// Host copies of the loss terms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossParts {
+    pub total: f32,
+    pub bce: f32,
+    pub dice: f32,
+}
+
+impl<B: Backend> BceDiceLoss<B> {
+    /// Reads the three scalars back (a sync point on accelerators).
+    pub fn parts(&self) -> LossParts {
+        let read = |t: &Tensor<B, 1>| -> f32 {
+            t.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32")[0]
+        };
+        LossParts {
+            total: read(&self.total),
+            bce: read(&self.bce),
+            dice: read(&self.dice),
+        }
+    }
+}
+
+/// BCE-with-logits (mean over every element) plus soft Dice (per class over batch and space,
+/// averaged over the classes with at least one positive voxel in `targets`; 0 if none has).
+///
+/// `logits` and `targets` are `[N, C, D, H, W]`; targets are 0/1 (soft labels work too).
+///
+/// # Panics
+/// If the shapes differ.
+pub fn bce_dice_loss<B: Backend>(logits: Tensor<B, 5>, targets: Tensor<B, 5>) -> BceDiceLoss<B> {
+    assert_eq!(
+        logits.dims(),
+        targets.dims(),
+        "bce_dice_loss: logits and targets must have the same shape"
+    );
+    // max(x, 0) - x*y + log(1 + exp(-|x|)): never exponentiates a large positive number.
+    let bce = (logits.clone().clamp_min(0.0) - logits.clone() * targets.clone()
+        + logits.clone().abs().neg().exp().log1p())
+    .mean();
+
+    let probs = sigmoid(logits);
+    let reduce = |t: Tensor<B, 5>| t.sum_dims(&[0, 2, 3, 4]).flatten::<1>(0, 4);
+    let intersection = reduce(probs.clone() * targets.clone());
+    let pred_sum = reduce(probs);
+    let target_sum = reduce(targets);
+    let per_class = (intersection * 2.0 + DICE_SMOOTH)
+        .div(pred_sum + target_sum.clone() + DICE_SMOOTH)
+        .neg()
+        + 1.0;
+    // Masking on the device keeps the step free of host syncs; absent classes contribute 0 and
+    // the clamp turns "no class present" into 0/1 instead of 0/0.
+    let present = target_sum.greater_elem(0.0).float();
+    let count = present.clone().sum().clamp_min(1.0);
+    let dice = (per_class * present).sum().div(count);
+
+    BceDiceLoss {
+        total: bce.clone() + dice.clone(),
+        bce,
+        dice,
+    }
+}
+
+/// Hard-prediction Dice counts per class: `[intersection, predicted voxels, target voxels]`,
+/// summed over the batch. A voxel is predicted positive when its logit is > 0 (sigmoid > 0.5),
+/// a target positive when > 0.5. Counts are integers (exact beyond 2^24 voxels) returned as f64
+/// so an evaluator can add them up over many cases and compute `2 I / (P + T)` at the end.
+///
+/// # Panics
+/// If the shapes differ.
+pub fn dice_counts<B: Backend>(logits: Tensor<B, 5>, targets: Tensor<B, 5>) -> Vec<[f64; 3]> {
+    assert_eq!(
+        logits.dims(),
+        targets.dims(),
+        "dice_counts: logits and targets must have the same shape"
+    );
+    let classes = logits.dims()[1];
+    let pred = logits.greater_elem(0.0).int();
+    let target = targets.greater_elem(0.5).int();
+    let reduce = |t: Tensor<B, 5, Int>| -> Vec<i64> {
+        t.sum_dims(&[0, 2, 3, 4])
+            .flatten::<1>(0, 4)
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .expect("converted to i64")
+    };
+    let intersection = reduce(pred.clone() * target.clone());
+    let pred_sum = reduce(pred);
+    let target_sum = reduce(target);
+    (0..classes)
+        .map(|c| {
+            [
+                intersection[c] as f64,
+                pred_sum[c] as f64,
+                target_sum[c] as f64,
+            ]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Cpu, CpuTrain};
+    use burn::tensor::TensorData;
+
+    fn tensor<B: Backend>(values: Vec<f32>, shape: [usize; 5]) -> Tensor<B, 5> {
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
+
+    /// Two classes, 8 voxels; class 0 present, class 1 absent.
+    fn targets() -> (Vec<f32>, [usize; 5]) {
+        let mut y = vec![0.0; 16];
+        y[..3].fill(1.0);
+        (y, [1, 2, 2, 2, 2])
+    }
+
+    #[test]
+    fn perfect_logits_drive_the_loss_to_zero() {
+        let (y, shape) = targets();
+        let mut last = f32::INFINITY;
+        for scale in [1.0f32, 4.0, 16.0, 64.0] {
+            let logits = y.iter().map(|&t| (2.0 * t - 1.0) * scale).collect();
+            let parts =
+                bce_dice_loss(tensor::<Cpu>(logits, shape), tensor(y.clone(), shape)).parts();
+            assert!(parts.total < last, "{parts:?} after {last}");
+            assert!((parts.total - parts.bce - parts.dice).abs() < 1e-6);
+            last = parts.total;
+        }
+        assert!(last < 1e-5, "{last}");
+    }
+
+    #[test]
+    fn extreme_logits_stay_finite() {
+        let (y, shape) = targets();
+        for value in [-100.0f32, 100.0, -1e4, 1e4] {
+            let logits = tensor::<CpuTrain>(vec![value; 16], shape).require_grad();
+            let loss = bce_dice_loss(logits.clone(), tensor(y.clone(), shape));
+            let parts = loss.parts();
+            assert!(parts.total.is_finite(), "{value}: {parts:?}");
+            let grads = loss.total.backward();
+            let grad = logits
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            assert!(grad.iter().all(|g| g.is_finite()), "{value}: {grad:?}");
+        }
+        // All wrong by 100: BCE = 100 * (fraction of positives) + log1p(e^-100) on the rest.
+        let logits = y
+            .iter()
+            .map(|&t| if t > 0.5 { -100.0 } else { 100.0 })
+            .collect();
+        let parts = bce_dice_loss(tensor::<Cpu>(logits, shape), tensor(y, shape)).parts();
+        assert!((parts.bce - 100.0).abs() < 1e-3, "{parts:?}");
+        assert!((parts.dice - 1.0).abs() < 1e-3, "{parts:?}");
+    }
+
+    #[test]
+    fn dice_ignores_absent_classes() {
+        let (y, shape) = targets();
+        // Class 0 predicted perfectly, class 1 (absent) predicted positive everywhere: were it
+        // counted, Dice would be ~0.5.
+        let logits = (0..16)
+            .map(|i| {
+                if i < 8 {
+                    if y[i] > 0.5 { 50.0 } else { -50.0 }
+                } else {
+                    50.0
+                }
+            })
+            .collect();
+        let parts = bce_dice_loss(tensor::<Cpu>(logits, shape), tensor(y, shape)).parts();
+        assert!(parts.dice < 1e-5, "{parts:?}");
+        assert!(parts.bce > 10.0, "{parts:?}");
+
+        // Nothing present at all: Dice contributes 0, not NaN.
+        let parts = bce_dice_loss(
+            tensor::<Cpu>(vec![3.0; 16], shape),
+            tensor(vec![0.0; 16], shape),
+        )
+        .parts();
+        assert_eq!(parts.dice, 0.0);
+        assert!(parts.total.is_finite());
+    }
+
+    #[test]
+    fn dice_counts_threshold_at_zero_logit() {
+        let (y, shape) = targets();
+        // Class 0: predict voxels 1..5 → intersection {1,2} = 2, pred 4, target 3.
+        // Class 1: predict voxel 8 only (logit exactly 0 is negative).
+        let mut logits = vec![-1.0f32; 16];
+        logits[1..5].fill(1.0);
+        logits[8] = 0.5;
+        logits[9] = 0.0;
+        let counts = dice_counts(tensor::<Cpu>(logits, shape), tensor(y, shape));
+        assert_eq!(counts, vec![[2.0, 4.0, 3.0], [0.0, 1.0, 0.0]]);
+    }
+}

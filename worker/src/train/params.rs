@@ -1,0 +1,466 @@
+//! The bridge between burn modules and the data-parallel machinery, which only knows flat `f32`
+//! buffers: gradients out to a flat vector and back, a checksum of the weights that ranks
+//! compare, and a seeded initialisation that makes every rank start bit-identical.
+//!
+//! Everything walks float params in the module's visit order (struct field order, recursively).
+//! That order depends only on the architecture, not on `ParamId`s (which are random per process),
+//! so the i-th float of one rank's buffer is the same weight on every rank.
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    #[error("flat gradient has {got} values, the model has {expected} float parameters")]
+    LengthMismatch { expected: usize, got: usize },
+    #[error(
+        "cannot reseed parameter `{path}` of module type `{container}`: no seeded-init rule for it"
+    )]
+    UnsupportedModule { path: String, container: String },
+}
+
+/// Number of float parameter values, i.e. the length of [`flatten_grads`]'s output.
+pub fn flat_len<B: Backend, M: Module<B>>(model: &M) -> usize {
+    struct Count(usize);
+    impl<B: Backend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 += param.val().shape().num_elements();
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
+}
+
+fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32")
+}
+
+/// Concatenates every float param's gradient, in visit order, as `f32`. A param without a
+/// gradient (frozen, or unused by this batch's graph) contributes zeros, so the layout is the
+/// same on every rank whatever its batch did.
+pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> Vec<f32> {
+    struct Flatten<'a> {
+        grads: &'a GradientsParams,
+        flat: Vec<f32>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let len = param.val().shape().num_elements();
+            match self.grads.get::<B::InnerBackend, D>(param.id) {
+                Some(grad) => {
+                    let values = to_f32(grad);
+                    assert_eq!(values.len(), len, "gradient shape differs from its param");
+                    self.flat.extend_from_slice(&values);
+                }
+                None => self.flat.resize(self.flat.len() + len, 0.0),
+            }
+        }
+    }
+    let mut visitor = Flatten {
+        grads,
+        flat: Vec::with_capacity(flat_len::<B, M>(model)),
+    };
+    model.visit(&mut visitor);
+    visitor.flat
+}
+
+/// The inverse of [`flatten_grads`]: a gradient for every float param of `model` (same order and
+/// shapes), on that param's device. Zeros that stood for "no gradient" come back as zero
+/// gradients, which AdamW still applies (moment decay, weight decay) — identically on every rank.
+pub fn unflatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    flat: &[f32],
+) -> Result<GradientsParams, ParamsError> {
+    let expected = flat_len::<B, M>(model);
+    if flat.len() != expected {
+        return Err(ParamsError::LengthMismatch {
+            expected,
+            got: flat.len(),
+        });
+    }
+    struct Unflatten<'a> {
+        flat: &'a [f32],
+        offset: usize,
+        grads: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val().inner();
+            let shape = value.shape();
+            let end = self.offset + shape.num_elements();
+            let data = TensorData::new(self.flat[self.offset..end].to_vec(), shape);
+            self.offset = end;
+            self.grads
+                .register::<B::InnerBackend, D>(param.id, Tensor::from_data(data, &value.device()));
+        }
+    }
+    let mut visitor = Unflatten {
+        flat,
+        offset: 0,
+        grads: GradientsParams::new(),
+    };
+    model.visit(&mut visitor);
+    Ok(visitor.grads)
+}
+
+/// SHA-256 over every float param's values as little-endian `f32` bytes, in visit order,
+/// hex-encoded. Bit-identical weights give the same string on every rank and platform.
+pub fn weights_checksum<B: Backend, M: Module<B>>(model: &M) -> String {
+    struct Hash(Sha256);
+    impl<B: Backend> ModuleVisitor<B> for Hash {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let values = to_f32(param.val());
+            let mut bytes = Vec::with_capacity(values.len() * 4);
+            for value in values {
+                bytes.extend_from_slice(&value.to_le_bytes());
+            }
+            self.0.update(&bytes);
+        }
+    }
+    let mut hash = Hash(Sha256::new());
+    model.visit(&mut hash);
+    hex::encode(hash.0.finalize())
+}
+
+/// Overwrites every randomly initialised param with values drawn from a ChaCha8 stream seeded by
+/// `seed`, so the weights depend on the seed and the architecture only.
+///
+/// Why not `B::seed` + `init`: burn's init is lazy (a param draws from the backend's global RNG
+/// when first touched), so the weights would depend on the order params are first used, on any
+/// other thread drawing random numbers meanwhile, and on how each backend implements `seed`
+/// (Flex keeps one global `StdRng`, CubeCL seeds its own kernels). A host-side ChaCha stream
+/// (specified bit for bit) avoids all three.
+///
+/// Conv and transposed-conv weights and biases get burn's default distribution,
+/// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` with `fan_in = prod(weight.shape[1..])`; norm params
+/// keep their constant init (ones and zeros). Any other module type is an error rather than a
+/// silently unseeded weight: add a rule here when a backbone needs one.
+pub fn reseed<B: Backend, M: Module<B>>(module: M, seed: u64) -> Result<M, ParamsError> {
+    let mut mapper = Reseed {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        path: Vec::new(),
+        fan_in: None,
+        error: None,
+    };
+    let module = module.map(&mut mapper);
+    match mapper.error {
+        Some(err) => Err(err),
+        None => Ok(module),
+    }
+}
+
+struct Reseed {
+    rng: ChaCha8Rng,
+    /// (field name, type of the struct holding it) from the root down.
+    path: Vec<(String, String)>,
+    /// Fan-in of the weight last drawn; a conv's bias comes right after its weight.
+    fan_in: Option<usize>,
+    error: Option<ParamsError>,
+}
+
+const CONV_TYPES: &[&str] = &[
+    "Struct:Conv1d",
+    "Struct:Conv2d",
+    "Struct:Conv3d",
+    "Struct:ConvTranspose1d",
+    "Struct:ConvTranspose2d",
+    "Struct:ConvTranspose3d",
+];
+const CONSTANT_INIT_TYPES: &[&str] = &[
+    "Struct:InstanceNorm",
+    "Struct:GroupNorm",
+    "Struct:LayerNorm",
+    "Struct:BatchNorm",
+];
+
+impl Reseed {
+    /// `U(-bound, bound)` from 24 random bits per value, computed in plain f32 so the result is
+    /// the same everywhere.
+    fn uniform(&mut self, len: usize, bound: f32) -> Vec<f32> {
+        const SCALE: f32 = 1.0 / (1u32 << 24) as f32;
+        (0..len)
+            .map(|_| ((self.rng.next_u32() >> 8) as f32 * SCALE * 2.0 - 1.0) * bound)
+            .collect()
+    }
+
+    fn unsupported(&self, container: &str) -> ParamsError {
+        ParamsError::UnsupportedModule {
+            path: self
+                .path
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join("."),
+            container: container.to_string(),
+        }
+    }
+
+    /// Fresh values for the param at the current path, `None` to keep its constant init.
+    fn values(&mut self, dims: &[usize]) -> Result<Option<Vec<f32>>, ParamsError> {
+        let (field, container) = self.path.last().cloned().unwrap_or_default();
+        if CONSTANT_INIT_TYPES.contains(&container.as_str()) {
+            return Ok(None);
+        }
+        if !CONV_TYPES.contains(&container.as_str()) {
+            return Err(self.unsupported(&container));
+        }
+        let fan_in = match field.as_str() {
+            "weight" => {
+                let fan_in = dims[1..].iter().product::<usize>();
+                self.fan_in = Some(fan_in);
+                fan_in
+            }
+            "bias" => match self.fan_in.take() {
+                Some(fan_in) => fan_in,
+                None => return Err(self.unsupported(&container)),
+            },
+            _ => return Err(self.unsupported(&container)),
+        };
+        let len = dims.iter().product();
+        Ok(Some(self.uniform(len, 1.0 / (fan_in.max(1) as f32).sqrt())))
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for Reseed {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        // Materialises burn's lazy init first (one wasted draw per param): Param exposes no way
+        // to swap the value of a still-lazy param while keeping its id and mappers.
+        param.map(|tensor| {
+            let dims = tensor.dims();
+            match self.values(&dims) {
+                Ok(Some(values)) => {
+                    let require_grad = tensor.is_require_grad();
+                    let fresh = Tensor::from_data(TensorData::new(values, dims), &tensor.device());
+                    if require_grad {
+                        fresh.require_grad()
+                    } else {
+                        fresh
+                    }
+                }
+                Ok(None) => tensor,
+                Err(err) => {
+                    self.error = Some(err);
+                    tensor
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Cpu, CpuTrain};
+    use crate::model::unet::{UNet3d, UNet3dConfig};
+    use crate::train::loss::bce_dice_loss;
+    use burn::optim::{AdamWConfig, Optimizer};
+
+    fn small() -> UNet3dConfig {
+        UNet3dConfig::new()
+            .with_out_channels(3)
+            .with_base_width(4)
+            .with_depth(2)
+    }
+
+    /// Random image and a labelled cube, deterministic in `seed`.
+    fn batch(seed: u64) -> (Tensor<CpuTrain, 5>, Tensor<CpuTrain, 5>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let shape = [1, 1, 8, 8, 8];
+        let image: Vec<f32> = (0..512)
+            .map(|_| rng.next_u32() as f32 / u32::MAX as f32)
+            .collect();
+        let mut labels = vec![0.0f32; 3 * 512];
+        let class = (seed % 3) as usize;
+        for i in 0..512 {
+            if image[i] > 0.5 {
+                labels[class * 512 + i] = 1.0;
+            }
+        }
+        let device = Default::default();
+        (
+            Tensor::from_data(TensorData::new(image, shape), &device),
+            Tensor::from_data(TensorData::new(labels, [1, 3, 8, 8, 8]), &device),
+        )
+    }
+
+    fn grads_for(model: &UNet3d<CpuTrain>, seed: u64) -> GradientsParams {
+        let (x, y) = batch(seed);
+        let loss = bce_dice_loss(model.forward(x), y).total;
+        GradientsParams::from_grads(loss.backward(), model)
+    }
+
+    #[test]
+    fn seeded_init_is_reproducible_and_seed_dependent() {
+        let device = Default::default();
+        let a = small().init_seeded::<Cpu>(&device, 7).unwrap();
+        // Touch the backend RNG in between: seeded init must not depend on it.
+        let _noise = Tensor::<Cpu, 1>::random([10], burn::tensor::Distribution::Default, &device);
+        let b = small().init_seeded::<Cpu>(&device, 7).unwrap();
+        let c = small().init_seeded::<Cpu>(&device, 8).unwrap();
+        assert_eq!(weights_checksum(&a), weights_checksum(&b));
+        assert_ne!(weights_checksum(&a), weights_checksum(&c));
+        // Same weights whether or not the model carries autodiff.
+        let d = small().init_seeded::<CpuTrain>(&device, 7).unwrap();
+        assert_eq!(weights_checksum(&a), weights_checksum(&d));
+    }
+
+    #[test]
+    fn seeded_init_keeps_burns_distribution() {
+        let model = small().init_seeded::<Cpu>(&Default::default(), 1).unwrap();
+        struct Check(Vec<(Vec<usize>, f32, f32)>);
+        impl ModuleVisitor<Cpu> for Check {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Cpu, D>>) {
+                let v = to_f32(param.val());
+                let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let mean = v.iter().sum::<f32>() / v.len() as f32;
+                self.0.push((param.val().dims().to_vec(), max, mean));
+            }
+        }
+        let mut check = Check(Vec::new());
+        model.visit(&mut check);
+        // First conv: weight [4, 1, 3, 3, 3] (fan_in 27), then its norm's gamma (ones), beta.
+        let (dims, max, _) = &check.0[0];
+        assert_eq!(dims, &vec![4, 1, 3, 3, 3]);
+        assert!(*max <= 1.0 / 27f32.sqrt() && *max > 0.1, "{max}");
+        assert_eq!(check.0[1].1, 1.0);
+        assert_eq!(check.0[1].2, 1.0);
+        assert_eq!(check.0[2].1, 0.0);
+    }
+
+    #[test]
+    fn reseed_refuses_unknown_modules() {
+        let linear = burn::nn::LinearConfig::new(3, 2).init::<Cpu>(&Default::default());
+        let err = reseed(linear, 0).unwrap_err();
+        assert!(
+            matches!(err, ParamsError::UnsupportedModule { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Linear"), "{err}");
+    }
+
+    #[test]
+    fn flatten_unflatten_round_trips_exactly() {
+        let model = small()
+            .init_seeded::<CpuTrain>(&Default::default(), 3)
+            .unwrap();
+        let grads = grads_for(&model, 1);
+        let flat = flatten_grads(&model, &grads);
+        assert_eq!(flat.len(), flat_len(&model));
+        assert_eq!(flat.len(), crate::model::param_count(&model));
+        assert!(flat.iter().any(|g| *g != 0.0));
+        let back = unflatten_grads(&model, &flat).unwrap();
+        let again = flatten_grads(&model, &back);
+        assert_eq!(
+            flat.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
+            again.iter().map(|g| g.to_bits()).collect::<Vec<_>>()
+        );
+        // Missing gradients flatten to zeros.
+        let none = flatten_grads(&model, &GradientsParams::new());
+        assert_eq!(none.len(), flat.len());
+        assert!(none.iter().all(|g| *g == 0.0));
+    }
+
+    #[test]
+    fn unflatten_rejects_wrong_length() {
+        let model = small()
+            .init_seeded::<CpuTrain>(&Default::default(), 3)
+            .unwrap();
+        let n = flat_len(&model);
+        let err = unflatten_grads(&model, &vec![0.0; n - 1]).unwrap_err();
+        assert_eq!(
+            err,
+            ParamsError::LengthMismatch {
+                expected: n,
+                got: n - 1
+            }
+        );
+    }
+
+    #[test]
+    fn checksum_sees_a_single_weight_change() {
+        let model = small().init_seeded::<Cpu>(&Default::default(), 3).unwrap();
+        let before = weights_checksum(&model);
+        assert_eq!(before.len(), 64);
+        assert_eq!(before, weights_checksum(&model));
+        struct Nudge(bool);
+        impl ModuleMapper<Cpu> for Nudge {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<Cpu, D>>,
+            ) -> Param<Tensor<Cpu, D>> {
+                if std::mem::replace(&mut self.0, true) {
+                    return param;
+                }
+                param.map(|t| {
+                    let dims = t.dims();
+                    let mut v = to_f32(t.clone());
+                    v[0] = f32::from_bits(v[0].to_bits() ^ 1);
+                    Tensor::from_data(TensorData::new(v, dims), &t.device())
+                })
+            }
+        }
+        let nudged = model.map(&mut Nudge(false));
+        assert_ne!(before, weights_checksum(&nudged));
+    }
+
+    #[test]
+    fn averaged_gradients_keep_ranks_identical() {
+        let device = Default::default();
+        let config = small();
+        // Separate inits, as separate processes would do them (their ParamIds differ).
+        let mut ranks: Vec<UNet3d<CpuTrain>> = (0..2)
+            .map(|_| config.init_seeded(&device, 42).unwrap())
+            .collect();
+        let mut optims: Vec<_> = (0..2)
+            .map(|_| AdamWConfig::new().with_weight_decay(1e-5).init())
+            .collect();
+        for step in 0..3u64 {
+            let flats: Vec<Vec<f32>> = ranks
+                .iter()
+                .enumerate()
+                .map(|(rank, model)| {
+                    flatten_grads(model, &grads_for(model, 100 * step + rank as u64))
+                })
+                .collect();
+            assert_ne!(flats[0], flats[1], "ranks saw different batches");
+            // Fixed reduction order, as the ring all-reduce guarantees.
+            let mean: Vec<f32> = flats[0]
+                .iter()
+                .zip(&flats[1])
+                .map(|(a, b)| (a + b) / 2.0)
+                .collect();
+            for (model, optim) in ranks.iter_mut().zip(optims.iter_mut()) {
+                let grads = unflatten_grads(model, &mean).unwrap();
+                *model = optim.step(1e-3, model.clone(), grads);
+            }
+            assert_eq!(weights_checksum(&ranks[0]), weights_checksum(&ranks[1]));
+        }
+        let start: UNet3d<CpuTrain> = config.init_seeded(&device, 42).unwrap();
+        assert_ne!(weights_checksum(&start), weights_checksum(&ranks[0]));
+    }
+}
