@@ -1,1 +1,7 @@
-fn main(){}
+//! `coordinator`: the voxelfleet control plane and its CLI.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

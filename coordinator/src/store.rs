@@ -218,3 +218,20 @@ impl Store {
         }).collect()
     }
 }
+
+impl Store {
+    /// Every recorded weight checksum of a run as (step, rank, sha256), ordered by step then rank.
+    pub fn checksums(&self, run_id: &str) -> Result<Vec<(u64, u32, String)>> {
+        self.checksums.scan_prefix(run_prefix(run_id)).map(|kv| {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = key.rsplitn(3, '/');
+            let rank = parts.next().and_then(|r| r.parse().ok());
+            let step = parts.next().and_then(|s| s.parse().ok());
+            match (step, rank) {
+                (Some(step), Some(rank)) => Ok((step, rank, String::from_utf8_lossy(&v).into_owned())),
+                _ => Err(StoreError::Corrupt { tree: "checksums", key, message: "expected <run>/<step>/<rank>".into() }),
+            }
+        }).collect()
+    }
+}

@@ -4,6 +4,7 @@
 
 use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
+pub use protocol::ids::checkpoint_prefix;
 use protocol::ids::validate_id;
 use protocol::pb;
 use sha2::{Digest, Sha256};
@@ -19,11 +20,6 @@ pub enum VerifyError {
     Empty { prefix: String },
     #[error("artifacts url `{url}`: {message}")]
     Store { url: String, message: String },
-}
-
-/// Where a run's checkpoint for `step` lives, relative to the artifacts root.
-pub fn checkpoint_prefix(run_id: &str, step: u64) -> String {
-    format!("runs/{run_id}/checkpoints/{step}/")
 }
 
 pub async fn verify_files(

@@ -28,3 +28,9 @@ mod tests {
         assert!(validate_id(".hidden", "run id").is_err());
     }
 }
+
+/// Object prefix of a run's checkpoint for `step`, relative to the artifacts root. Workers write
+/// there and the coordinator verifies there, so the format lives in one place.
+pub fn checkpoint_prefix(run_id: &str, step: u64) -> String {
+    format!("runs/{run_id}/checkpoints/{step}/")
+}

@@ -6,3 +6,7 @@ pub mod backend;
 pub mod model;
 pub mod train;
 pub mod collective;
+pub mod checkpoint;
+pub mod link;
+pub mod agent;
+pub mod telemetry;

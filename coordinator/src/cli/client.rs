@@ -1,0 +1,166 @@
+//! CLI commands that talk to a running coordinator over gRPC.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use protocol::pb;
+use protocol::pb::control_service_client::ControlServiceClient;
+use protocol::spec::RunSpec;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use super::Remote;
+use super::output::*;
+
+pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<Channel>> {
+    ControlServiceClient::connect(remote.coordinator.clone())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {} (is `coordinator serve` running?)", remote.coordinator))
+}
+
+/// Makes local dataset/artifact paths absolute, so the coordinator and workers (which may run
+/// elsewhere in the file system) read what the user meant.
+pub fn absolutize_local_urls(spec: &mut RunSpec) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir()?;
+    for url in [&mut spec.dataset.url, &mut spec.artifacts.url] {
+        if !url.contains("://") && Path::new(url.as_str()).is_relative() {
+            *url = cwd.join(url.as_str()).display().to_string();
+        }
+    }
+    Ok(())
+}
+
+/// Reads and validates a spec file; errors name the file and the field.
+pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run spec {}", path.display()))?;
+    let mut spec = RunSpec::from_toml(&text, &path.display().to_string())?;
+    absolutize_local_urls(&mut spec)?;
+    Ok(spec)
+}
+
+pub async fn submit_spec(client: &mut ControlServiceClient<Channel>, spec: &RunSpec, source: &str) -> anyhow::Result<pb::RunInfo> {
+    let req = pb::SubmitRunRequest { spec_toml: spec.to_toml(), source_name: source.to_string() };
+    Ok(client.submit_run(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner())
+}
+
+pub async fn submit(remote: &Remote, path: &Path) -> anyhow::Result<ExitCode> {
+    let spec = load_spec(path)?;
+    let run = submit_spec(&mut connect(remote).await?, &spec, &path.display().to_string()).await?;
+    if remote.json {
+        println!("{}", run_json(&run));
+    } else {
+        println!("submitted {} ({}): {}, needs {} workers", run.run_id, run.name, run.state, run.world_size);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn runs(remote: &Remote) -> anyhow::Result<ExitCode> {
+    let runs = connect(remote).await?.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    if remote.json {
+        println!("{}", json!(runs.iter().map(run_json).collect::<Vec<_>>()));
+    } else if runs.is_empty() {
+        println!("no runs");
+    } else {
+        println!("{}", table(&RUN_HEADERS, &runs.iter().map(run_row).collect::<Vec<_>>()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
+    let detail = connect(remote).await?.get_run(pb::GetRunRequest { run_id: run_id.into() }).await.map_err(status_error)?.into_inner();
+    let run = detail.run.clone().unwrap_or_default();
+    if remote.json {
+        println!(
+            "{}",
+            json!({
+                "run": run_json(&run),
+                "spec_toml": detail.spec_toml,
+                "train_cases": detail.train_cases,
+                "eval_cases": detail.eval_cases,
+                "checkpoints": detail.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>(),
+                "latest_metrics": detail.latest_metrics.iter().map(metric_json).collect::<Vec<_>>(),
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}", table(&RUN_HEADERS, &[run_row(&run)]));
+    println!("\ncases: {} train, {} held out; workers: {}", detail.train_cases, detail.eval_cases, run.workers.join(", "));
+    if detail.checkpoints.is_empty() {
+        println!("\nno checkpoints yet");
+    } else {
+        let rows: Vec<Vec<String>> = detail
+            .checkpoints
+            .iter()
+            .map(|c| {
+                let bytes: u64 = c.files.iter().map(|f| f.bytes).sum();
+                vec![c.step.to_string(), if c.is_final { "final".into() } else { String::new() }, c.prefix.clone(), bytes.to_string(), unix_ms(c.committed_unix_ms)]
+            })
+            .collect();
+        println!("\n{}", table(&["STEP", "", "PREFIX", "BYTES", "COMMITTED"], &rows));
+    }
+    if !detail.latest_metrics.is_empty() {
+        let rows: Vec<Vec<String>> =
+            detail.latest_metrics.iter().map(|m| vec![m.name.clone(), format!("{:.6}", m.value), m.step.to_string()]).collect();
+        println!("\n{}", table(&["METRIC", "LATEST", "STEP"], &rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    let req = pb::StreamMetricsRequest { run_id: run_id.into(), follow, from_seq: 0 };
+    let mut stream = connect(remote).await?.stream_metrics(req).await.map_err(status_error)?.into_inner();
+    if !remote.json {
+        println!("{}", table(&["STEP", "RANK", "METRIC", "VALUE"], &[]));
+    }
+    let mut final_state = String::new();
+    while let Some(record) = stream.message().await.map_err(status_error)? {
+        if !record.run_state.is_empty() {
+            final_state = record.run_state;
+        }
+        let Some(m) = record.metric else { continue };
+        if remote.json {
+            println!("{}", metric_json(&m));
+        } else {
+            println!("{:<6}  {:<4}  {:<32}  {:.6}", m.step, m.rank, m.name, m.value);
+        }
+    }
+    if follow && !remote.json {
+        println!("run {run_id} ended: {final_state}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cancel(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
+    let run = connect(remote).await?.cancel_run(pb::CancelRunRequest { run_id: run_id.into() }).await.map_err(status_error)?.into_inner();
+    if remote.json {
+        println!("{}", run_json(&run));
+    } else {
+        println!("{} is now {}", run.run_id, run.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
+    let workers = connect(remote).await?.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
+    if remote.json {
+        let list: Vec<_> = workers
+            .iter()
+            .map(|w| json!({"worker_id": w.worker_id, "host": w.host, "peer_address": w.peer_address, "device": w.device_kind, "state": w.state, "run_id": w.run_id}))
+            .collect();
+        println!("{}", json!(list));
+    } else if workers.is_empty() {
+        println!("no workers registered");
+    } else {
+        let rows: Vec<Vec<String>> = workers
+            .iter()
+            .map(|w| vec![w.worker_id.clone(), w.state.clone(), w.device_kind.clone(), w.peer_address.clone(), w.run_id.clone()])
+            .collect();
+        println!("{}", table(&["WORKER", "STATE", "DEVICE", "PEER", "RUN"], &rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,184 @@
+//! Command-line interface. `serve` runs the control plane; most other commands are gRPC clients
+//! of a running coordinator; `demo` runs everything on one machine; `worker` (hidden) runs the
+//! worker agent from this same executable so a fresh checkout needs only one binary.
+
+mod client;
+mod demo;
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// voxelfleet coordinator: schedules supervised pre-training of 3D CT segmentation backbones
+/// (SuPreM-style) across data-parallel workers, and keeps runs, checkpoints and metrics in sled.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Remote {
+    /// Coordinator gRPC endpoint.
+    #[arg(long, global = true, env = "VOXELFLEET_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub coordinator: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator service (gRPC for workers and this CLI), with its sled store.
+    Serve {
+        /// Address to listen on; port 0 picks a free port (printed on start).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// Directory of the sled store (runs, workers, checkpoints, metrics).
+        #[arg(long, default_value = "./.voxelfleet")]
+        data_dir: PathBuf,
+        /// Seconds without a heartbeat after which a worker is dead and its run interrupted.
+        #[arg(long, default_value_t = 10)]
+        dead_after_secs: u64,
+    },
+    /// Submit a run from a TOML spec (see configs/). Relative local paths in `dataset.url` and
+    /// `artifacts.url` are resolved against the current directory.
+    Submit {
+        /// Run spec file.
+        spec: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List runs.
+    Runs {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one run: state, progress, checkpoints, latest metrics.
+    Show {
+        run: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a run's metrics; with --follow, keep printing until the run ends.
+    Metrics {
+        run: String,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Cancel a queued or running run; its workers stop and go back to idle.
+    Cancel {
+        run: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List registered workers.
+    Workers {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Dataset tools.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// Run the whole path on this machine: synthesise a dataset if needed, start a coordinator
+    /// and two worker processes, pre-train the tiny U-Net, and print held-out Dice before and
+    /// after training. State goes under --dir.
+    Demo(demo::DemoArgs),
+    /// Run a worker from this executable (what `demo` spawns; same as the `worker` binary).
+    #[command(hide = true)]
+    Worker(worker::agent::WorkerArgs),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Write synthetic CT phantoms in the AbdomenAtlas 1.1 layout (gzip NIfTI: ct.nii.gz int16
+    /// HU, segmentations/<class>.nii.gz uint8 for all 25 classes).
+    Synth {
+        /// Number of cases.
+        #[arg(long, default_value_t = 24)]
+        cases: usize,
+        /// Output directory (case folders BDMAP_XXXXXXXX/ are created inside).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed; the same seed gives byte-identical files.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Volume size in voxels, D,H,W (z,y,x) at 1.5 mm.
+        #[arg(long, default_value = "64,64,64", value_parser = parse_shape)]
+        shape: [usize; 3],
+    },
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 3], String> {
+    let parts: Vec<usize> = s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("`{s}`: {e}"))?;
+    parts.try_into().map_err(|_| format!("`{s}`: expected three comma-separated sizes, like 64,64,64"))
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo draws its own progress display; the service logs would interleave with it.
+    worker::telemetry::init(if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { listen, data_dir, dead_after_secs } => serve(listen, data_dir, dead_after_secs).await,
+        Command::Submit { spec, remote } => client::submit(&remote, &spec).await,
+        Command::Runs { remote } => client::runs(&remote).await,
+        Command::Show { run, remote } => client::show(&remote, &run).await,
+        Command::Metrics { run, follow, remote } => client::metrics(&remote, &run, follow).await,
+        Command::Cancel { run, remote } => client::cancel(&remote, &run).await,
+        Command::Workers { remote } => client::workers(&remote).await,
+        Command::Dataset(DatasetCommand::Synth { cases, out, seed, shape }) => {
+            let opts = worker::data::SynthOptions { cases, seed, shape, ..Default::default() };
+            let started = std::time::Instant::now();
+            let ids = tokio::task::spawn_blocking(move || worker::data::write_phantom_dataset(&out, &opts)).await??;
+            println!("wrote {} cases ({} .. {}) in {:.1}s", ids.len(), ids[0], ids[ids.len() - 1], started.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => demo::run(args).await,
+        Command::Worker(args) => {
+            worker::agent::run_worker(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, data_dir: PathBuf, dead_after_secs: u64) -> anyhow::Result<ExitCode> {
+    let timing = coordinator::core::Timing {
+        dead_after: std::time::Duration::from_secs(dead_after_secs.max(1)),
+        ..Default::default()
+    };
+    let mut server = coordinator::server::start(listen, &data_dir, timing).await?;
+    // Tests and scripts read the bound address from this line.
+    println!("coordinator listening on {} (store: {})", server.addr, data_dir.display());
+    tokio::select! {
+        r = server.wait() => r?,
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted; shutting down");
+            server.coordinator.begin_shutdown().await;
+            server.stop().await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

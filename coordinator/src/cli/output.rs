@@ -1,0 +1,93 @@
+//! Human-readable tables and JSON for CLI output. Tables are plain padded columns, so they
+//! survive `grep`, `less` and logs.
+
+use protocol::pb;
+use serde_json::{Value, json};
+
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+pub fn unix_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+pub fn run_json(r: &pb::RunInfo) -> Value {
+    json!({
+        "run_id": r.run_id, "name": r.name, "state": r.state, "world_size": r.world_size,
+        "step": r.step, "total_steps": r.total_steps, "message": r.message,
+        "submitted_unix_ms": r.submitted_unix_ms, "updated_unix_ms": r.updated_unix_ms, "workers": r.workers,
+    })
+}
+
+pub fn run_row(r: &pb::RunInfo) -> Vec<String> {
+    vec![
+        r.run_id.clone(),
+        r.name.clone(),
+        r.state.clone(),
+        format!("{}/{}", r.step, r.total_steps),
+        r.world_size.to_string(),
+        unix_ms(r.submitted_unix_ms),
+        r.message.clone(),
+    ]
+}
+
+pub const RUN_HEADERS: [&str; 7] = ["RUN", "NAME", "STATE", "STEP", "WORKERS", "SUBMITTED", "MESSAGE"];
+
+pub fn metric_json(m: &pb::Metric) -> Value {
+    json!({ "rank": m.rank, "step": m.step, "name": m.name, "value": m.value, "unix_ms": m.unix_ms })
+}
+
+pub fn checkpoint_json(c: &pb::CheckpointInfo) -> Value {
+    json!({
+        "step": c.step, "prefix": c.prefix, "is_final": c.is_final, "committed_unix_ms": c.committed_unix_ms,
+        "files": c.files.iter().map(|f| json!({"key": f.key, "sha256": f.sha256, "bytes": f.bytes})).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_tables() {
+        assert_eq!(unix_ms(0), "-");
+        assert_eq!(unix_ms(1_764_374_400_000), "2025-11-29 00:00:00");
+        let t = table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A    LONGER\nxyz  1");
+    }
+}

@@ -1,0 +1,174 @@
+//! Shared harness for the end-to-end tests: real `coordinator serve` and `coordinator worker`
+//! processes on loopback, a real sled directory, and real NIfTI files in a temp dir.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use protocol::pb;
+use protocol::pb::control_service_client::ControlServiceClient;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
+
+/// A child process killed when the test ends, pass or fail.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub endpoint: String,
+    pub coordinator: Option<Proc>,
+    pub workers: Vec<Proc>,
+}
+
+impl Cluster {
+    /// Starts a coordinator on a free loopback port with its store in a fresh temp dir.
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--dead-after-secs", "10", "--data-dir"])
+            .arg(dir.path().join("db"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .strip_prefix("coordinator listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line from coordinator: {line:?}"))
+            .to_string();
+        Cluster { dir, endpoint: format!("http://{addr}"), coordinator: Some(Proc(child)), workers: vec![] }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Spawns `n` worker processes that each exit after one run.
+    pub fn spawn_workers(&mut self, n: usize) {
+        for _ in 0..n {
+            let child = Command::new(BIN)
+                .args(["worker", "--coordinator", &self.endpoint, "--max-runs", "1", "--collective-timeout-secs", "60"])
+                .env("RAYON_NUM_THREADS", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            self.workers.push(Proc(child));
+        }
+    }
+
+    /// Writes `cases` small phantoms (32^3) into `<dir>/dataset`.
+    pub fn write_dataset(&self, cases: usize) -> PathBuf {
+        let out = self.path("dataset");
+        let opts = worker::data::SynthOptions { cases, seed: 3, shape: [32, 32, 32], ..Default::default() };
+        worker::data::write_phantom_dataset(&out, &opts).unwrap();
+        out
+    }
+
+    /// Writes a tiny run spec; `extra_train` lines are appended to its [train] table.
+    pub fn write_spec(&self, name: &str, world_size: u32, steps: u64, extra_train: &str) -> PathBuf {
+        let text = format!(
+            r#"name = "{name}"
+world_size = {world_size}
+seed = 11
+
+[dataset]
+url = "{dataset}"
+eval_cases = 2
+
+[model]
+arch = "unet"
+base_width = 4
+depth = 2
+
+[train]
+steps = {steps}
+patch = [16, 16, 16]
+lr = 0.003
+warmup_steps = 1
+checksum_every = 1
+metrics_every = 2
+{extra_train}
+
+[artifacts]
+url = "{artifacts}"
+"#,
+            dataset = self.path("dataset").display(),
+            artifacts = self.path("artifacts").display(),
+        );
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs a CLI command against this cluster's coordinator.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN).args(args).args(["--coordinator", &self.endpoint]).output().unwrap()
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = args.to_vec();
+        full.push("--json");
+        let out = self.cli(&full);
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    pub fn submit(&self, spec: &Path) -> String {
+        let run = self.cli_json(&["submit", spec.to_str().unwrap()]);
+        run["run_id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls `coordinator show` until the run reaches one of `states`.
+    pub fn wait_for_state(&self, run_id: &str, states: &[&str], timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let detail = self.cli_json(&["show", run_id]);
+            let state = detail["run"]["state"].as_str().unwrap().to_string();
+            if states.contains(&state.as_str()) {
+                return detail;
+            }
+            assert!(Instant::now() < deadline, "run {run_id} still {state} after {timeout:?}: {detail}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Stops the coordinator with SIGKILL: whatever it acknowledged must already be durable.
+    pub fn kill_coordinator(&mut self) {
+        self.coordinator.take();
+    }
+
+    pub fn wait_workers_exit(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for w in &mut self.workers {
+            loop {
+                if w.0.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "a worker did not exit within {timeout:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    pub async fn control(&self) -> ControlServiceClient<Channel> {
+        ControlServiceClient::connect(self.endpoint.clone()).await.unwrap()
+    }
+}
+
+pub fn worker_client_request(peer: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest { host: "test".into(), peer_address: peer.into(), device_kind: "cpu".into(), device_memory_bytes: 0, version: "test".into() }
+}

@@ -1,0 +1,214 @@
+//! The worker process's life: serve the collective endpoint, register with the coordinator,
+//! heartbeat, take assignments one at a time, train, report, and go back to waiting.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::pb;
+use protocol::pb::await_assignment_response::Outcome;
+use protocol::pb::worker_service_client::WorkerServiceClient;
+use tonic::transport::Channel;
+
+use crate::backend::DeviceSpec;
+use crate::collective::{CollectiveHub, Ring, serve_collective};
+use crate::link::{RunLink, StopSignal};
+use crate::train::trainer::{RunSummary, TrainError, train_rank};
+
+/// Everything `worker` (and `coordinator worker`) accepts on its command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Coordinator gRPC endpoint.
+    #[arg(long, env = "VOXELFLEET_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub coordinator: String,
+    /// Device to train on: `cpu`, or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Address the collective (worker-to-worker) gRPC service binds; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub peer_listen: SocketAddr,
+    /// host:port peers should dial, when it differs from the bound address (NAT, containers).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Exit after this many runs (0: serve until the coordinator says to shut down).
+    #[arg(long, default_value_t = 0)]
+    pub max_runs: u32,
+    /// Deadline for every collective receive, in seconds. Must exceed rank 0's held-out
+    /// evaluation, during which the other ranks wait in their next all-reduce.
+    #[arg(long, default_value_t = 300)]
+    pub collective_timeout_secs: u64,
+    /// How long to keep retrying the first connection to the coordinator, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub connect_timeout_secs: u64,
+}
+
+/// Shared between the heartbeat task and the run loop.
+#[derive(Default)]
+struct Presence {
+    worker_id: String,
+    run: Option<(String, StopSignal)>,
+    reregister: bool,
+}
+
+pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let (bound, hub) = serve_collective(args.peer_listen).await?;
+    let peer_address = args.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let client = connect(&args.coordinator, Duration::from_secs(args.connect_timeout_secs)).await?;
+    let presence = Arc::new(Mutex::new(Presence::default()));
+    let interval = register(&client, &peer_address, args.device, &presence).await?;
+    tokio::spawn(heartbeat_loop(client.clone(), presence.clone(), interval));
+
+    let mut runs_done = 0u32;
+    loop {
+        if std::mem::take(&mut presence.lock().expect("presence").reregister) {
+            register(&client, &peer_address, args.device, &presence).await?;
+        }
+        let worker_id = presence.lock().expect("presence").worker_id.clone();
+        let req = pb::AwaitAssignmentRequest { worker_id, wait_ms: 10_000 };
+        let outcome = match client.clone().await_assignment(req).await {
+            Ok(resp) => resp.into_inner().outcome,
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tracing::warn!("coordinator no longer knows this worker; registering again");
+                presence.lock().expect("presence").reregister = true;
+                continue;
+            }
+            Err(status) => {
+                tracing::warn!("waiting for an assignment failed: {status}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        match outcome {
+            Some(Outcome::Assignment(assignment)) => {
+                run_assignment(&args, &client, &hub, &presence, assignment).await;
+                runs_done += 1;
+                if args.max_runs > 0 && runs_done >= args.max_runs {
+                    tracing::info!(runs_done, "reached --max-runs; exiting");
+                    return Ok(());
+                }
+            }
+            Some(Outcome::Shutdown(s)) => {
+                tracing::info!(reason = %s.reason, "coordinator asked this worker to exit");
+                return Ok(());
+            }
+            Some(Outcome::Idle(_)) | None => {}
+        }
+    }
+}
+
+async fn connect(endpoint: &str, patience: Duration) -> anyhow::Result<WorkerServiceClient<Channel>> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match WorkerServiceClient::connect(endpoint.to_string()).await {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!("cannot reach the coordinator at {endpoint} after {patience:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+async fn register(
+    client: &WorkerServiceClient<Channel>,
+    peer_address: &str,
+    device: DeviceSpec,
+    presence: &Mutex<Presence>,
+) -> anyhow::Result<Duration> {
+    let req = pb::RegisterRequest {
+        host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+        peer_address: peer_address.to_string(),
+        device_kind: device.to_string(),
+        device_memory_bytes: 0,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let resp = client.clone().register(req).await?.into_inner();
+    tracing::info!(worker = %resp.worker_id, peer = %peer_address, %device, "registered with the coordinator");
+    presence.lock().expect("presence").worker_id = resp.worker_id;
+    Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(100) as u64))
+}
+
+async fn heartbeat_loop(client: WorkerServiceClient<Channel>, presence: Arc<Mutex<Presence>>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let (worker_id, run) = {
+            let p = presence.lock().expect("presence");
+            (p.worker_id.clone(), p.run.clone())
+        };
+        let run_id = run.as_ref().map(|(id, _)| id.clone()).unwrap_or_default();
+        let req = pb::HeartbeatRequest { worker_id, run_id, step: 0 };
+        match client.clone().heartbeat(req).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                if resp.stop_run {
+                    if let Some((_, stop)) = &run {
+                        stop.raise(&resp.stop_reason);
+                    }
+                }
+                if resp.reregister {
+                    presence.lock().expect("presence").reregister = true;
+                }
+            }
+            Err(status) => tracing::warn!("heartbeat failed: {status}"),
+        }
+    }
+}
+
+async fn run_assignment(
+    args: &WorkerArgs,
+    client: &WorkerServiceClient<Channel>,
+    hub: &CollectiveHub,
+    presence: &Arc<Mutex<Presence>>,
+    assignment: pb::Assignment,
+) {
+    let stop = StopSignal::default();
+    let worker_id = {
+        let mut p = presence.lock().expect("presence");
+        p.run = Some((assignment.run_id.clone(), stop.clone()));
+        p.worker_id.clone()
+    };
+    let (run_id, rank) = (assignment.run_id.clone(), assignment.rank);
+    tracing::info!(run = %run_id, rank, world = assignment.world_size, "starting assignment");
+    let timeout = Duration::from_secs(args.collective_timeout_secs);
+    let link = RunLink::new(client.clone(), tokio::runtime::Handle::current(), worker_id.clone(), run_id.clone(), rank, stop);
+    let device = args.device;
+    let outcome = match Ring::connect(hub, &run_id, rank, &assignment.peers, timeout).await {
+        Err(e) => Err(TrainError::from(e)),
+        Ok(ring) => tokio::task::spawn_blocking(move || {
+            let (mut ring, mut link) = (ring, link);
+            let summary = train_on(device, &assignment, &mut ring, &mut link)?;
+            link.finish(summary.final_step, summary.weights_sha256.clone())?;
+            Ok(summary)
+        })
+        .await
+        .unwrap_or_else(|panic| Err(TrainError::Assignment(format!("training thread panicked: {panic}")))),
+    };
+    presence.lock().expect("presence").run = None;
+    match outcome {
+        Ok(summary) => {
+            tracing::info!(run = %run_id, rank, step = summary.final_step, weights = %&summary.weights_sha256[..16], "run finished")
+        }
+        Err(TrainError::Stopped(reason)) => tracing::info!(run = %run_id, rank, %reason, "run stopped"),
+        Err(e) => {
+            tracing::error!(run = %run_id, rank, "run failed: {e}");
+            let req = pb::ReportFailureRequest { worker_id, run_id, rank, message: e.to_string() };
+            if let Err(status) = client.clone().report_failure(req).await {
+                tracing::warn!("could not report the failure: {status}");
+            }
+        }
+    }
+}
+
+/// The one place a device spec picks a backend type.
+fn train_on(device: DeviceSpec, assignment: &pb::Assignment, ring: &mut Ring, link: &mut RunLink) -> Result<RunSummary, TrainError> {
+    match device {
+        DeviceSpec::Cpu => train_rank::<crate::backend::CpuTrain>(Default::default(), assignment, ring, link),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => {
+            train_rank::<crate::backend::GpuTrain>(crate::backend::GpuDevice::new(index), assignment, ring, link)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => Err(TrainError::Assignment("this worker was built without the `cuda` feature".into())),
+    }
+}
