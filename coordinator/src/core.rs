@@ -55,7 +55,10 @@ impl Default for Timing {
 
 #[derive(Default)]
 struct Live {
-    last_seen: HashMap<String, Instant>,
+    /// Last sign of life per worker: monotonic for the liveness check, wall clock for display.
+    /// Kept in memory: flushing sled on every heartbeat would buy nothing, since a restarted
+    /// coordinator makes every worker register again anyway.
+    last_seen: HashMap<String, (Instant, i64)>,
     pending: HashMap<String, pb::Assignment>,
     shutting_down: bool,
 }
@@ -171,6 +174,18 @@ impl Coordinator {
         self.run_or_not_found(run_id)
     }
 
+    /// Workers with the wall-clock time of their last heartbeat filled in from memory.
+    pub async fn workers(&self) -> Result<Vec<WorkerRecord>> {
+        let live = self.live.lock().await;
+        let mut workers = self.store.workers()?;
+        for w in &mut workers {
+            if let Some((_, unix_ms)) = live.last_seen.get(&w.id) {
+                w.last_heartbeat_unix_ms = *unix_ms;
+            }
+        }
+        Ok(workers)
+    }
+
     /// Stops handing out work: idle workers are told to exit at their next poll.
     pub async fn begin_shutdown(&self) {
         self.live.lock().await.shutting_down = true;
@@ -194,7 +209,7 @@ impl Coordinator {
             run_id: None,
         };
         self.store.put_worker(&worker).await?;
-        live.last_seen.insert(worker.id.clone(), Instant::now());
+        live.last_seen.insert(worker.id.clone(), (Instant::now(), now));
         drop(live);
         self.schedule().await?;
         Ok(worker)
@@ -202,11 +217,11 @@ impl Coordinator {
 
     pub async fn heartbeat(&self, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
         let mut live = self.live.lock().await;
-        let known = self.store.workers()?.into_iter().find(|w| w.id == req.worker_id);
+        let known = self.store.worker(&req.worker_id)?;
         let Some(worker) = known.filter(|w| w.state != WorkerState::Dead) else {
             return Ok(pb::HeartbeatResponse { reregister: true, ..Default::default() });
         };
-        live.last_seen.insert(worker.id.clone(), Instant::now());
+        live.last_seen.insert(worker.id.clone(), (Instant::now(), now_unix_ms()));
         let mut resp = pb::HeartbeatResponse { shutdown: live.shutting_down, ..Default::default() };
         if !req.run_id.is_empty() {
             let still_ours = worker.run_id.as_deref() == Some(req.run_id.as_str());
@@ -236,11 +251,11 @@ impl Coordinator {
             changed.as_mut().enable();
             {
                 let mut live = self.live.lock().await;
-                let known = self.store.workers()?.into_iter().any(|w| w.id == worker_id && w.state != WorkerState::Dead);
+                let known = self.store.worker(worker_id)?.is_some_and(|w| w.state != WorkerState::Dead);
                 if !known {
                     return Err(CoordError::NotFound { what: "worker (register again)", id: worker_id.into() });
                 }
-                live.last_seen.insert(worker_id.to_string(), Instant::now());
+                live.last_seen.insert(worker_id.to_string(), (Instant::now(), now_unix_ms()));
                 if let Some(assignment) = live.pending.remove(worker_id) {
                     self.mark_started(&assignment).await?;
                     return Ok(pb::AwaitAssignmentResponse { outcome: Some(Outcome::Assignment(assignment)) });
@@ -464,7 +479,7 @@ impl Coordinator {
             if w.state == WorkerState::Dead {
                 continue;
             }
-            let silent = live.last_seen.get(&w.id).map(|t| now.duration_since(*t) > dead_after).unwrap_or(true);
+            let silent = live.last_seen.get(&w.id).map(|(t, _)| now.duration_since(*t) > dead_after).unwrap_or(true);
             if !silent {
                 continue;
             }

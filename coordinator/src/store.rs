@@ -148,6 +148,13 @@ impl Store {
         self.flush().await
     }
 
+    pub fn worker(&self, worker_id: &str) -> Result<Option<WorkerRecord>> {
+        match self.workers.get(worker_id.as_bytes())? {
+            Some(v) => Ok(Some(decode("workers", worker_id.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
     pub fn workers(&self) -> Result<Vec<WorkerRecord>> {
         self.workers.iter().map(|kv| {
             let (k, v) = kv?;

@@ -27,7 +27,8 @@ pub struct WorkerArgs {
     /// Address the collective (worker-to-worker) gRPC service binds; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub peer_listen: SocketAddr,
-    /// host:port peers should dial, when it differs from the bound address (NAT, containers).
+    /// Host (or host:port) peers should dial to reach the collective service. Without a port the
+    /// bound port is used. Required when --peer-listen binds all interfaces (0.0.0.0 / [::]).
     #[arg(long)]
     pub advertise: Option<String>,
     /// Exit after this many runs (0: serve until the coordinator says to shut down).
@@ -52,7 +53,7 @@ struct Presence {
 
 pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let (bound, hub) = serve_collective(args.peer_listen).await?;
-    let peer_address = args.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let peer_address = advertised_address(args.advertise.as_deref(), bound)?;
     let client = connect(&args.coordinator, Duration::from_secs(args.connect_timeout_secs)).await?;
     let presence = Arc::new(Mutex::new(Presence::default()));
     let interval = register(&client, &peer_address, args.device, &presence).await?;
@@ -93,6 +94,19 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             }
             Some(Outcome::Idle(_)) | None => {}
         }
+    }
+}
+
+/// The address ring neighbours dial. An unspecified bind address (0.0.0.0) is not dialable, so
+/// it needs an explicit host.
+fn advertised_address(advertise: Option<&str>, bound: SocketAddr) -> anyhow::Result<String> {
+    match advertise {
+        Some(a) if a.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) => Ok(a.to_string()),
+        Some(host) => Ok(format!("{host}:{}", bound.port())),
+        None if bound.ip().is_unspecified() => {
+            anyhow::bail!("--peer-listen {bound} binds all interfaces; pass --advertise HOST so peers know where to dial")
+        }
+        None => Ok(bound.to_string()),
     }
 }
 
@@ -210,5 +224,19 @@ fn train_on(device: DeviceSpec, assignment: &pb::Assignment, ring: &mut Ring, li
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => Err(TrainError::Assignment("this worker was built without the `cuda` feature".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_address;
+
+    #[test]
+    fn advertised_address_rules() {
+        let bound = "0.0.0.0:4100".parse().unwrap();
+        assert!(advertised_address(None, bound).is_err());
+        assert_eq!(advertised_address(Some("node7"), bound).unwrap(), "node7:4100");
+        assert_eq!(advertised_address(Some("node7:5000"), bound).unwrap(), "node7:5000");
+        assert_eq!(advertised_address(None, "127.0.0.1:4100".parse().unwrap()).unwrap(), "127.0.0.1:4100");
     }
 }

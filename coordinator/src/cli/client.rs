@@ -150,7 +150,12 @@ pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
     if remote.json {
         let list: Vec<_> = workers
             .iter()
-            .map(|w| json!({"worker_id": w.worker_id, "host": w.host, "peer_address": w.peer_address, "device": w.device_kind, "state": w.state, "run_id": w.run_id}))
+            .map(|w| {
+                json!({
+                    "worker_id": w.worker_id, "host": w.host, "peer_address": w.peer_address, "device": w.device_kind,
+                    "state": w.state, "run_id": w.run_id, "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms,
+                })
+            })
             .collect();
         println!("{}", json!(list));
     } else if workers.is_empty() {
@@ -158,9 +163,12 @@ pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
     } else {
         let rows: Vec<Vec<String>> = workers
             .iter()
-            .map(|w| vec![w.worker_id.clone(), w.state.clone(), w.device_kind.clone(), w.peer_address.clone(), w.run_id.clone()])
+            .map(|w| {
+                let seen = unix_ms(w.last_heartbeat_unix_ms);
+                vec![w.worker_id.clone(), w.state.clone(), w.device_kind.clone(), w.peer_address.clone(), w.run_id.clone(), seen]
+            })
             .collect();
-        println!("{}", table(&["WORKER", "STATE", "DEVICE", "PEER", "RUN"], &rows));
+        println!("{}", table(&["WORKER", "STATE", "DEVICE", "PEER", "RUN", "LAST HEARTBEAT"], &rows));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -119,7 +119,7 @@ impl ControlService for ControlApi {
     }
 
     async fn list_workers(&self, _: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self.0.store().workers().map_err(crate::core::CoordError::from)?;
+        let workers = self.0.workers().await?;
         Ok(Response::new(pb::ListWorkersResponse { workers: workers.iter().map(worker_info).collect() }))
     }
 }
