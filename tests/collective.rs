@@ -107,3 +107,16 @@ async fn an_unreachable_peer_fails_to_connect_within_the_deadline() {
     let err = Ring::connect(&hubs[0], "run-unreach", 0, &peers, Duration::from_millis(500)).await.err().unwrap();
     assert!(err.to_string().contains("cannot reach rank 1"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_peer_fails_the_reduce_at_once_not_at_the_deadline() {
+    let (hubs, peers) = start_ranks(2).await;
+    let deadline = Duration::from_secs(30);
+    let mut ring0 = Ring::connect(&hubs[0], "run-departed", 0, &peers, deadline).await.unwrap();
+    let ring1 = Ring::connect(&hubs[1], "run-departed", 1, &peers, deadline).await.unwrap();
+    drop(ring1); // rank 1 leaves (its run was stopped) without taking part
+    let started = Instant::now();
+    let err = ring0.all_reduce_sum(&mut [1.0f32; 64]).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(err.is_peer_loss(), "{err}");
+}

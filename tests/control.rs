@@ -158,7 +158,7 @@ async fn metrics_follow_ends_when_the_run_ends() {
     w0.report_metrics(req).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), follow.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(first.metric.unwrap().value, 0.5);
-    let fail = pb::ReportFailureRequest { worker_id: id0, run_id: run_id.clone(), rank: 0, message: "disk full".into() };
+    let fail = pb::ReportFailureRequest { worker_id: id0, run_id: run_id.clone(), rank: 0, message: "disk full".into(), peer_lost: false };
     w0.report_failure(fail).await.unwrap();
     let last = tokio::time::timeout(Duration::from_secs(5), follow.message()).await.unwrap().unwrap().unwrap();
     assert_eq!(last.run_state, "Failed");

@@ -47,9 +47,17 @@ pub struct Timing {
     pub dead_after: Duration,
 }
 
+impl Timing {
+    /// Heartbeats come at least four times per `dead_after`, so one late beat never kills a
+    /// healthy worker.
+    pub fn with_dead_after(dead_after: Duration) -> Self {
+        Timing { heartbeat_interval: (dead_after / 4).min(Duration::from_secs(2)), dead_after }
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
-        Timing { heartbeat_interval: Duration::from_secs(2), dead_after: Duration::from_secs(10) }
+        Timing::with_dead_after(Duration::from_secs(10))
     }
 }
 
@@ -219,7 +227,13 @@ impl Coordinator {
         let mut live = self.live.lock().await;
         let known = self.store.worker(&req.worker_id)?;
         let Some(worker) = known.filter(|w| w.state != WorkerState::Dead) else {
-            return Ok(pb::HeartbeatResponse { reregister: true, ..Default::default() });
+            // Whatever run it thinks it is on was interrupted when it was forgotten.
+            return Ok(pb::HeartbeatResponse {
+                reregister: true,
+                stop_run: !req.run_id.is_empty(),
+                stop_reason: format!("the coordinator no longer counts worker {} as alive", req.worker_id),
+                ..Default::default()
+            });
         };
         live.last_seen.insert(worker.id.clone(), (Instant::now(), now_unix_ms()));
         let mut resp = pb::HeartbeatResponse { shutdown: live.shutting_down, ..Default::default() };
@@ -386,8 +400,12 @@ impl Coordinator {
         if self.check_member(&run, &req.worker_id, req.rank).is_err() {
             return Ok(()); // the run already ended; a late report changes nothing
         }
-        let message = format!("rank {} ({}) failed: {}", req.rank, req.worker_id, req.message);
-        self.end_run(&mut live, run, RunState::Failed, message).await?;
+        let (state, message) = if req.peer_lost {
+            (RunState::Interrupted, format!("rank {} ({}) lost a ring peer: {}", req.rank, req.worker_id, req.message))
+        } else {
+            (RunState::Failed, format!("rank {} ({}) failed: {}", req.rank, req.worker_id, req.message))
+        };
+        self.end_run(&mut live, run, state, message).await?;
         drop(live);
         self.schedule().await
     }

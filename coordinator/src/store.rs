@@ -54,6 +54,19 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
     })
 }
 
+fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<T>> {
+    tree.get(key.as_bytes())?.map(|v| decode(name, key.as_bytes(), &v)).transpose()
+}
+
+fn scan<T: DeserializeOwned>(entries: sled::Iter, name: &'static str) -> Result<Vec<T>> {
+    entries
+        .map(|kv| {
+            let (k, v) = kv?;
+            decode(name, &k, &v)
+        })
+        .collect()
+}
+
 fn step_key(run_id: &str, n: u64) -> String {
     format!("{run_id}/{n:020}")
 }
@@ -106,18 +119,12 @@ impl Store {
     }
 
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
-        match self.runs.get(run_id.as_bytes())? {
-            Some(v) => Ok(Some(decode("runs", run_id.as_bytes(), &v)?)),
-            None => Ok(None),
-        }
+        get(&self.runs, "runs", run_id)
     }
 
     /// All runs in submission order (ids are zero-padded counters).
     pub fn runs(&self) -> Result<Vec<RunRecord>> {
-        self.runs.iter().map(|kv| {
-            let (k, v) = kv?;
-            decode("runs", &k, &v)
-        }).collect()
+        scan(self.runs.iter(), "runs")
     }
 
     /// Writes a run and the workers it touches in one sled transaction, so a crash never leaves
@@ -149,17 +156,11 @@ impl Store {
     }
 
     pub fn worker(&self, worker_id: &str) -> Result<Option<WorkerRecord>> {
-        match self.workers.get(worker_id.as_bytes())? {
-            Some(v) => Ok(Some(decode("workers", worker_id.as_bytes(), &v)?)),
-            None => Ok(None),
-        }
+        get(&self.workers, "workers", worker_id)
     }
 
     pub fn workers(&self) -> Result<Vec<WorkerRecord>> {
-        self.workers.iter().map(|kv| {
-            let (k, v) = kv?;
-            decode("workers", &k, &v)
-        }).collect()
+        scan(self.workers.iter(), "workers")
     }
 
     // ---- checkpoints ------------------------------------------------------------------------
@@ -171,10 +172,7 @@ impl Store {
 
     /// Committed checkpoints of a run, oldest first.
     pub fn checkpoints(&self, run_id: &str) -> Result<Vec<CheckpointRecord>> {
-        self.checkpoints.scan_prefix(run_prefix(run_id)).map(|kv| {
-            let (k, v) = kv?;
-            decode("checkpoints", &k, &v)
-        }).collect()
+        scan(self.checkpoints.scan_prefix(run_prefix(run_id)), "checkpoints")
     }
 
     // ---- metrics ----------------------------------------------------------------------------

@@ -29,27 +29,49 @@ pub struct Cluster {
     pub endpoint: String,
     pub coordinator: Option<Proc>,
     pub workers: Vec<Proc>,
+    dead_after_secs: u64,
+}
+
+/// Spawns `coordinator serve` and reads the bound address from its first line of output.
+fn spawn_coordinator(db: &Path, listen: &str, dead_after_secs: u64) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", listen, "--dead-after-secs", &dead_after_secs.to_string(), "--data-dir"])
+        .arg(db)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line
+        .strip_prefix("coordinator listening on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line from coordinator: {line:?}"))
+        .to_string();
+    (Proc(child), addr)
 }
 
 impl Cluster {
     /// Starts a coordinator on a free loopback port with its store in a fresh temp dir.
     pub fn start() -> Cluster {
+        Cluster::start_with_dead_after(10)
+    }
+
+    /// As `start`, declaring workers dead after `secs` without a heartbeat.
+    pub fn start_with_dead_after(secs: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--dead-after-secs", "10", "--data-dir"])
-            .arg(dir.path().join("db"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line
-            .strip_prefix("coordinator listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line from coordinator: {line:?}"))
-            .to_string();
-        Cluster { dir, endpoint: format!("http://{addr}"), coordinator: Some(Proc(child)), workers: vec![] }
+        let (proc, addr) = spawn_coordinator(&dir.path().join("db"), "127.0.0.1:0", secs);
+        Cluster { dir, endpoint: format!("http://{addr}"), coordinator: Some(proc), workers: vec![], dead_after_secs: secs }
+    }
+
+    /// Starts a new coordinator process on the same address and store, as a supervisor would
+    /// after a crash.
+    pub fn restart_coordinator(&mut self) {
+        assert!(self.coordinator.is_none(), "kill the old coordinator first");
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        let (proc, _) = spawn_coordinator(&self.path("db"), &addr, self.dead_after_secs);
+        self.coordinator = Some(proc);
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -58,10 +80,17 @@ impl Cluster {
 
     /// Spawns `n` worker processes that each exit after one run.
     pub fn spawn_workers(&mut self, n: usize) {
+        self.spawn_workers_with(n, &["--max-runs", "1"]);
+    }
+
+    /// Spawns `n` worker processes with extra command-line arguments.
+    pub fn spawn_workers_with(&mut self, n: usize, extra: &[&str]) {
         for _ in 0..n {
             let child = Command::new(BIN)
-                .args(["worker", "--coordinator", &self.endpoint, "--max-runs", "1", "--collective-timeout-secs", "60"])
+                .args(["worker", "--coordinator", &self.endpoint, "--collective-timeout-secs", "60"])
+                .args(extra)
                 .env("RAYON_NUM_THREADS", "1")
+                .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -161,6 +190,25 @@ url = "{artifacts}"
                 assert!(Instant::now() < deadline, "a worker did not exit within {timeout:?}");
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+    }
+
+    /// `coordinator workers --json`, as (worker id, state) pairs.
+    pub fn worker_states(&self) -> Vec<(String, String)> {
+        let list = self.cli_json(&["workers"]);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|w| (w["worker_id"].as_str().unwrap().to_string(), w["state"].as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    /// Polls until `check` holds, failing with `what` after `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 

@@ -185,12 +185,17 @@ async fn run_assignment(
     let (run_id, rank) = (assignment.run_id.clone(), assignment.rank);
     tracing::info!(run = %run_id, rank, world = assignment.world_size, "starting assignment");
     let timeout = Duration::from_secs(args.collective_timeout_secs);
-    let link = RunLink::new(client.clone(), tokio::runtime::Handle::current(), worker_id.clone(), run_id.clone(), rank, stop);
+    let link = RunLink::new(client.clone(), tokio::runtime::Handle::current(), worker_id.clone(), run_id.clone(), rank, stop.clone());
     let device = args.device;
-    let outcome = match Ring::connect(hub, &run_id, rank, &assignment.peers, timeout).await {
-        Err(e) => Err(TrainError::from(e)),
-        Ok(ring) => tokio::task::spawn_blocking(move || {
-            let (mut ring, mut link) = (ring, link);
+    let connected = tokio::select! {
+        ring = Ring::connect(hub, &run_id, rank, &assignment.peers, timeout) => ring.map_err(TrainError::from),
+        reason = stop.wait() => Err(TrainError::Stopped(reason)),
+    };
+    let outcome = match connected {
+        Err(e) => Err(e),
+        Ok(mut ring) => tokio::task::spawn_blocking(move || {
+            ring.abort_on(stop);
+            let mut link = link;
             let summary = train_on(device, &assignment, &mut ring, &mut link)?;
             link.finish(summary.final_step, summary.weights_sha256.clone())?;
             Ok(summary)
@@ -206,7 +211,8 @@ async fn run_assignment(
         Err(TrainError::Stopped(reason)) => tracing::info!(run = %run_id, rank, %reason, "run stopped"),
         Err(e) => {
             tracing::error!(run = %run_id, rank, "run failed: {e}");
-            let req = pb::ReportFailureRequest { worker_id, run_id, rank, message: e.to_string() };
+            let peer_lost = matches!(&e, TrainError::Collective(c) if c.is_peer_loss());
+            let req = pb::ReportFailureRequest { worker_id, run_id, rank, message: e.to_string(), peer_lost };
             if let Err(status) = client.clone().report_failure(req).await {
                 tracing::warn!("could not report the failure: {status}");
             }

@@ -8,5 +8,6 @@ pub mod train;
 pub mod collective;
 pub mod checkpoint;
 pub mod link;
+pub mod stop;
 pub mod agent;
 pub mod telemetry;

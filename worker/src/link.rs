@@ -2,32 +2,14 @@
 //! checkpoint commits and the final report. The training loop runs on a blocking thread, so
 //! every call here blocks on the agent's tokio runtime.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use protocol::pb;
 use protocol::pb::worker_service_client::WorkerServiceClient;
 use tokio::runtime::Handle;
 use tonic::transport::Channel;
 
-/// Why a run stopped early, as told by the coordinator (cancelled, failed elsewhere).
-#[derive(Debug, Clone, Default)]
-pub struct StopSignal {
-    flag: Arc<AtomicBool>,
-    reason: Arc<Mutex<String>>,
-}
-
-impl StopSignal {
-    pub fn raise(&self, reason: &str) {
-        *self.reason.lock().expect("stop reason lock") = reason.to_string();
-        self.flag.store(true, Ordering::SeqCst);
-    }
-
-    pub fn raised(&self) -> Option<String> {
-        self.flag.load(Ordering::SeqCst).then(|| self.reason.lock().expect("stop reason lock").clone())
-    }
-}
+pub use crate::stop::StopSignal;
 
 pub struct RunLink {
     client: WorkerServiceClient<Channel>,
@@ -38,11 +20,19 @@ pub struct RunLink {
     pub stop: StopSignal,
     metrics: Vec<pb::Metric>,
     checksums: Vec<pb::WeightsChecksum>,
+    unreachable_since: Option<Instant>,
+}
+
+/// How long a rank keeps training while the coordinator cannot be reached.
+const COORDINATOR_PATIENCE: Duration = Duration::from_secs(60);
+
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded)
 }
 
 impl RunLink {
     pub fn new(client: WorkerServiceClient<Channel>, handle: Handle, worker_id: String, run_id: String, rank: u32, stop: StopSignal) -> Self {
-        RunLink { client, handle, worker_id, run_id, rank, stop, metrics: vec![], checksums: vec![] }
+        RunLink { client, handle, worker_id, run_id, rank, stop, metrics: vec![], checksums: vec![], unreachable_since: None }
     }
 
     pub fn metric(&mut self, step: u64, name: &str, value: f64) {
@@ -71,11 +61,31 @@ impl RunLink {
             checksums: std::mem::take(&mut self.checksums),
         };
         let mut client = self.client.clone();
-        let resp = self.handle.block_on(client.report_metrics(req))?.into_inner();
-        if resp.stop_run {
-            self.stop.raise(&resp.stop_reason);
+        match self.handle.block_on(client.report_metrics(req.clone())) {
+            Ok(resp) => {
+                self.unreachable_since = None;
+                let resp = resp.into_inner();
+                if resp.stop_run {
+                    self.stop.raise(&resp.stop_reason);
+                }
+                Ok(())
+            }
+            // A coordinator restart or a network blip must not throw away training: keep the
+            // points and send them with the next batch, up to COORDINATOR_PATIENCE.
+            Err(status) if is_transient(&status) => {
+                let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > COORDINATOR_PATIENCE {
+                    return Err(status);
+                }
+                tracing::warn!(run = %self.run_id, "coordinator unreachable, keeping metrics for the next report: {}", status.message());
+                let (mut metrics, mut checksums) = (req.metrics, req.checksums);
+                metrics.append(&mut self.metrics);
+                checksums.append(&mut self.checksums);
+                (self.metrics, self.checksums) = (metrics, checksums);
+                Ok(())
+            }
+            Err(status) => Err(status),
         }
-        Ok(())
     }
 
     pub fn commit_checkpoint(&self, step: u64, files: Vec<pb::CheckpointFile>, is_final: bool) -> Result<(), tonic::Status> {

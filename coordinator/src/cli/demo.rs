@@ -66,7 +66,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         dir.join("logs").display()
     );
 
-    let state = follow_progress(&mut client, &run.run_id, spec.train.steps).await?;
+    // On Ctrl-C, cancel the run and take the workers down with us rather than orphaning them.
+    let mut progress_client = client.clone();
+    let state = tokio::select! {
+        state = follow_progress(&mut progress_client, &run.run_id, spec.train.steps) => state?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\ninterrupted: cancelling {} and stopping the workers", run.run_id);
+            let _ = client.cancel_run(pb::CancelRunRequest { run_id: run.run_id.clone() }).await;
+            for child in &mut children {
+                let _ = child.kill().await;
+            }
+            server.stop().await?;
+            return Ok(ExitCode::from(130));
+        }
+    };
     let detail = client.get_run(pb::GetRunRequest { run_id: run.run_id.clone() }).await?.into_inner();
     let info = detail.run.clone().unwrap_or_default();
     server.coordinator.begin_shutdown().await;

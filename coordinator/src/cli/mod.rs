@@ -165,10 +165,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(listen: SocketAddr, data_dir: PathBuf, dead_after_secs: u64) -> anyhow::Result<ExitCode> {
-    let timing = coordinator::core::Timing {
-        dead_after: std::time::Duration::from_secs(dead_after_secs.max(1)),
-        ..Default::default()
-    };
+    let timing = coordinator::core::Timing::with_dead_after(std::time::Duration::from_secs(dead_after_secs.max(1)));
     let mut server = coordinator::server::start(listen, &data_dir, timing).await?;
     // Tests and scripts read the bound address from this line.
     println!("coordinator listening on {} (store: {})", server.addr, data_dir.display());

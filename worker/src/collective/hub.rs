@@ -57,15 +57,25 @@ impl Collective for CollectiveHub {
             .ok_or_else(|| Status::invalid_argument("a collective link must open with a hello chunk"))?;
         protocol::ids::validate_id(&hello.run_id, "run id").map_err(Status::invalid_argument)?;
         let inbox = self.sender(&hello.run_id);
-        while let Some(chunk) = stream.message().await? {
-            if chunk.run_id != hello.run_id {
-                return Err(Status::invalid_argument("a collective link carries one run only"));
+        let outcome = loop {
+            match stream.message().await {
+                Ok(Some(chunk)) if chunk.run_id != hello.run_id => {
+                    break Err(Status::invalid_argument("a collective link carries one run only"));
+                }
+                Ok(Some(chunk)) => {
+                    if inbox.send(chunk).await.is_err() {
+                        break Ok(()); // the local ring is gone (run ended); drop the rest
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(status),
             }
-            if inbox.send(chunk).await.is_err() {
-                break; // the local ring is gone (run ended); drop the rest
-            }
-        }
-        Ok(Response::new(pb::LinkClosed {}))
+        };
+        // Tell the local ring its left neighbour is gone, so a receive in progress fails now
+        // instead of at its deadline. After a clean end of run nobody is listening any more.
+        let closed = pb::CollectiveChunk { run_id: hello.run_id, from_rank: hello.from_rank, hello: true, ..Default::default() };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), inbox.send(closed)).await;
+        outcome.map(|()| Response::new(pb::LinkClosed {}))
     }
 }
 

@@ -13,6 +13,13 @@ pub use ring::{Ring, segment_bounds};
 
 use thiserror::Error;
 
+impl CollectiveError {
+    /// The error means a peer is gone or unreachable, not that this run is broken.
+    pub fn is_peer_loss(&self) -> bool {
+        matches!(self, CollectiveError::Connect { .. } | CollectiveError::Timeout { .. } | CollectiveError::LinkClosed { .. })
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum CollectiveError {
     #[error("cannot reach rank {rank} at {addr}: {message}")]
@@ -25,6 +32,8 @@ pub enum CollectiveError {
     Desync { expected_op: u64, expected_step: u32, expected_offset: u64, op: u64, step: u32, offset: u64 },
     #[error("collective chunk of {bytes} bytes is not a whole number of f32 values or overruns its segment")]
     BadChunk { bytes: usize },
+    #[error("collective aborted: {reason}")]
+    Aborted { reason: String },
     #[error("rank {rank} is outside world size {world}, or the peer list has {peers} entries")]
     BadTopology { rank: u32, world: u32, peers: usize },
 }

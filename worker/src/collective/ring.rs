@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{CollectiveError, CollectiveHub};
+use crate::stop::StopSignal;
 
 const F32_PER_CHUNK: usize = protocol::MAX_CHUNK_BYTES / 4;
 
@@ -25,6 +26,7 @@ pub struct Ring {
     op: u64,
     timeout: Duration,
     hub: CollectiveHub,
+    abort: StopSignal,
     outbox: Option<mpsc::Sender<pb::CollectiveChunk>>,
     inbox: Option<mpsc::Receiver<pb::CollectiveChunk>>,
 }
@@ -55,6 +57,7 @@ impl Ring {
             op: 0,
             timeout,
             hub: hub.clone(),
+            abort: StopSignal::default(),
             outbox: None,
             inbox: None,
         };
@@ -93,6 +96,12 @@ impl Ring {
         });
         ring.outbox = Some(tx);
         Ok(ring)
+    }
+
+    /// Makes every later wait end early, with `CollectiveError::Aborted`, once `stop` is raised:
+    /// a run the coordinator has already ended must not sit out a dead peer's deadline.
+    pub fn abort_on(&mut self, stop: StopSignal) {
+        self.abort = stop;
     }
 
     pub fn world_size(&self) -> u32 {
@@ -153,9 +162,12 @@ impl Ring {
             }
             Ok(())
         };
+        let abort = self.abort.clone();
         let receiving = self.receive(step, data, recv, combine);
-        let (sent, received) = tokio::join!(sending, receiving);
-        sent.and(received)
+        tokio::select! {
+            (sent, received) = async { tokio::join!(sending, receiving) } => sent.and(received),
+            reason = abort.wait() => Err(CollectiveError::Aborted { reason }),
+        }
     }
 
     fn encode(&self, step: u32, values: &[f32], offset: usize) -> Vec<pb::CollectiveChunk> {
@@ -202,6 +214,9 @@ impl Ring {
                     });
                 }
             };
+            if chunk.hello {
+                return Err(CollectiveError::LinkClosed { rank: left, message: "the neighbour closed its link".into() });
+            }
             if chunk.op != self.op || chunk.ring_step != step || chunk.offset != at as u64 {
                 return Err(CollectiveError::Desync {
                     expected_op: self.op,

@@ -163,7 +163,10 @@ pub fn train_rank<B: AutodiffBackend>(
         let loss = bce_dice_loss(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.total.backward(), &model);
         let mut flat = params::flatten_grads(&model, &grads);
-        link.block_on(ring.all_reduce_mean(&mut flat))?;
+        match link.block_on(ring.all_reduce_mean(&mut flat)) {
+            Err(CollectiveError::Aborted { reason }) => return Err(TrainError::Stopped(reason)),
+            other => other?,
+        }
         let grads = params::unflatten_grads(&model, &flat)?;
         let lr = warmup_cosine(t.lr, step, t.warmup_steps, t.steps);
         model = optim.step(lr, model, grads);
