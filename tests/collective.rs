@@ -25,11 +25,12 @@ fn value(rank: usize, i: usize) -> f32 {
 async fn all_reduce_across(world: usize, n: usize, ops: usize) {
     let (hubs, peers) = start_ranks(world).await;
     let mut tasks = vec![];
-    for rank in 0..world {
-        let hub = hubs[rank].clone();
+    for (rank, hub) in hubs.iter().cloned().enumerate() {
         let peers = peers.clone();
         tasks.push(tokio::spawn(async move {
-            let mut ring = Ring::connect(&hub, "run-000042", rank as u32, &peers, Duration::from_secs(20)).await.unwrap();
+            let mut ring = Ring::connect(&hub, "run-000042", rank as u32, &peers, Duration::from_secs(20))
+                .await
+                .unwrap();
             let mut results = vec![];
             for op in 0..ops {
                 let mut data: Vec<f32> = (0..n).map(|i| value(rank, i) + op as f32).collect();
@@ -44,12 +45,17 @@ async fn all_reduce_across(world: usize, n: usize, ops: usize) {
         per_rank.push(t.await.unwrap());
     }
     for op in 0..ops {
-        let expected: Vec<f32> = (0..n).map(|i| (0..world).map(|r| value(r, i) + op as f32).sum()).collect();
+        let expected: Vec<f32> = (0..n)
+            .map(|i| (0..world).map(|r| value(r, i) + op as f32).sum())
+            .collect();
         for (rank, results) in per_rank.iter().enumerate() {
             assert_eq!(results[op].len(), n);
             let first_bad = results[op].iter().zip(&expected).position(|(a, b)| a != b);
             assert!(first_bad.is_none(), "rank {rank} op {op} wrong at {first_bad:?}");
-            let same_bits = results[op].iter().zip(&per_rank[0][op]).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same_bits = results[op]
+                .iter()
+                .zip(&per_rank[0][op])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same_bits, "rank {rank} differs bitwise from rank 0");
         }
     }
@@ -73,10 +79,12 @@ async fn three_ranks_sum_exactly_with_uneven_sizes() {
 async fn mean_divides_by_world_size() {
     let (hubs, peers) = start_ranks(2).await;
     let mut tasks = vec![];
-    for rank in 0..2 {
-        let (hub, peers) = (hubs[rank].clone(), peers.clone());
+    for (rank, hub) in hubs.iter().cloned().enumerate() {
+        let peers = peers.clone();
         tasks.push(tokio::spawn(async move {
-            let mut ring = Ring::connect(&hub, "run-mean", rank as u32, &peers, Duration::from_secs(20)).await.unwrap();
+            let mut ring = Ring::connect(&hub, "run-mean", rank as u32, &peers, Duration::from_secs(20))
+                .await
+                .unwrap();
             let mut data = vec![rank as f32 * 2.0 + 1.0; 5];
             ring.all_reduce_mean(&mut data).await.unwrap();
             data
@@ -91,11 +99,17 @@ async fn mean_divides_by_world_size() {
 async fn a_silent_peer_times_out_instead_of_hanging() {
     let (hubs, peers) = start_ranks(2).await;
     // Only rank 0 joins; rank 1's server is up but its ring never sends.
-    let mut ring = Ring::connect(&hubs[0], "run-lonely", 0, &peers, Duration::from_millis(700)).await.unwrap();
+    let mut ring = Ring::connect(&hubs[0], "run-lonely", 0, &peers, Duration::from_millis(700))
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut data = vec![1.0f32; 1000];
     let err = ring.all_reduce_sum(&mut data).await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(err.to_string().contains("nothing from rank 1"), "{err}");
 }
 
@@ -104,7 +118,10 @@ async fn an_unreachable_peer_fails_to_connect_within_the_deadline() {
     let (hubs, _) = start_ranks(1).await;
     // Port 1 on loopback: nothing listens there.
     let peers = vec!["127.0.0.1:0".to_string(), "127.0.0.1:1".to_string()];
-    let err = Ring::connect(&hubs[0], "run-unreach", 0, &peers, Duration::from_millis(500)).await.err().unwrap();
+    let err = Ring::connect(&hubs[0], "run-unreach", 0, &peers, Duration::from_millis(500))
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("cannot reach rank 1"), "{err}");
 }
 
@@ -112,11 +129,19 @@ async fn an_unreachable_peer_fails_to_connect_within_the_deadline() {
 async fn a_departed_peer_fails_the_reduce_at_once_not_at_the_deadline() {
     let (hubs, peers) = start_ranks(2).await;
     let deadline = Duration::from_secs(30);
-    let mut ring0 = Ring::connect(&hubs[0], "run-departed", 0, &peers, deadline).await.unwrap();
-    let ring1 = Ring::connect(&hubs[1], "run-departed", 1, &peers, deadline).await.unwrap();
+    let mut ring0 = Ring::connect(&hubs[0], "run-departed", 0, &peers, deadline)
+        .await
+        .unwrap();
+    let ring1 = Ring::connect(&hubs[1], "run-departed", 1, &peers, deadline)
+        .await
+        .unwrap();
     drop(ring1); // rank 1 leaves (its run was stopped) without taking part
     let started = Instant::now();
     let err = ring0.all_reduce_sum(&mut [1.0f32; 64]).await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(err.is_peer_loss(), "{err}");
 }

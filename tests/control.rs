@@ -13,18 +13,34 @@ use tonic::transport::Channel;
 
 async fn fake_worker(cluster: &Cluster, peer: &str) -> (WorkerServiceClient<Channel>, String) {
     let mut client = WorkerServiceClient::connect(cluster.endpoint.clone()).await.unwrap();
-    let id = client.register(worker_client_request(peer)).await.unwrap().into_inner().worker_id;
+    let id = client
+        .register(worker_client_request(peer))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
     (client, id)
 }
 
 async fn poll(client: &mut WorkerServiceClient<Channel>, worker_id: &str, wait_ms: u32) -> Option<Outcome> {
-    let req = pb::AwaitAssignmentRequest { worker_id: worker_id.into(), wait_ms };
+    let req = pb::AwaitAssignmentRequest {
+        worker_id: worker_id.into(),
+        wait_ms,
+    };
     client.await_assignment(req).await.unwrap().into_inner().outcome
 }
 
 async fn state(cluster: &Cluster, run_id: &str) -> pb::RunInfo {
     let req = pb::GetRunRequest { run_id: run_id.into() };
-    cluster.control().await.get_run(req).await.unwrap().into_inner().run.unwrap()
+    cluster
+        .control()
+        .await
+        .get_run(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
 }
 
 #[tokio::test]
@@ -40,9 +56,17 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
     assert_eq!(state(&cluster, &run_id).await.state, "Queued");
 
     let (mut w1, id1) = fake_worker(&cluster, "127.0.0.1:10").await;
-    let Some(Outcome::Assignment(a0)) = poll(&mut w0, &id0, 5000).await else { panic!("no assignment for rank 0") };
-    assert_eq!(state(&cluster, &run_id).await.state, "Assigned", "not every rank has picked up its assignment");
-    let Some(Outcome::Assignment(a1)) = poll(&mut w1, &id1, 5000).await else { panic!("no assignment for rank 1") };
+    let Some(Outcome::Assignment(a0)) = poll(&mut w0, &id0, 5000).await else {
+        panic!("no assignment for rank 0")
+    };
+    assert_eq!(
+        state(&cluster, &run_id).await.state,
+        "Assigned",
+        "not every rank has picked up its assignment"
+    );
+    let Some(Outcome::Assignment(a1)) = poll(&mut w1, &id1, 5000).await else {
+        panic!("no assignment for rank 1")
+    };
     assert_eq!((a0.rank, a1.rank, a0.world_size), (0, 1, 2));
     assert_eq!(a0.peers, ["127.0.0.1:9", "127.0.0.1:10"]);
     assert_eq!(a0.train_cases, a1.train_cases);
@@ -54,13 +78,44 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
         worker_id: worker_id.into(),
         run_id: run_id.clone(),
         rank,
-        metrics: vec![pb::Metric { rank, step, name: "train/loss".into(), value: 1.0, unix_ms: 0 }],
-        checksums: vec![pb::WeightsChecksum { step, sha256: sha.into() }],
+        metrics: vec![pb::Metric {
+            rank,
+            step,
+            name: "train/loss".into(),
+            value: 1.0,
+            unix_ms: 0,
+        }],
+        checksums: vec![pb::WeightsChecksum {
+            step,
+            sha256: sha.into(),
+        }],
     };
-    assert!(!w0.report_metrics(report(&id0, 0, 1, "aaaa")).await.unwrap().into_inner().stop_run);
-    assert!(!w1.report_metrics(report(&id1, 1, 1, "aaaa")).await.unwrap().into_inner().stop_run);
-    assert!(!w0.report_metrics(report(&id0, 0, 2, "bbbb")).await.unwrap().into_inner().stop_run);
-    let resp = w1.report_metrics(report(&id1, 1, 2, "cccc")).await.unwrap().into_inner();
+    assert!(
+        !w0.report_metrics(report(&id0, 0, 1, "aaaa"))
+            .await
+            .unwrap()
+            .into_inner()
+            .stop_run
+    );
+    assert!(
+        !w1.report_metrics(report(&id1, 1, 1, "aaaa"))
+            .await
+            .unwrap()
+            .into_inner()
+            .stop_run
+    );
+    assert!(
+        !w0.report_metrics(report(&id0, 0, 2, "bbbb"))
+            .await
+            .unwrap()
+            .into_inner()
+            .stop_run
+    );
+    let resp = w1
+        .report_metrics(report(&id1, 1, 2, "cccc"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(resp.stop_run);
     assert!(resp.stop_reason.contains("diverged"), "{}", resp.stop_reason);
     let run = state(&cluster, &run_id).await;
@@ -68,9 +123,20 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
     assert!(run.message.contains("step 2"), "{}", run.message);
 
     // The other rank learns of it through its heartbeat, and both workers are idle again.
-    let hb = pb::HeartbeatRequest { worker_id: id0.clone(), run_id: run_id.clone(), step: 2 };
+    let hb = pb::HeartbeatRequest {
+        worker_id: id0.clone(),
+        run_id: run_id.clone(),
+        step: 2,
+    };
     assert!(w0.heartbeat(hb).await.unwrap().into_inner().stop_run);
-    let workers = cluster.control().await.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers = cluster
+        .control()
+        .await
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
     assert!(workers.iter().all(|w| w.state == "Idle"), "{workers:?}");
 }
 
@@ -87,7 +153,11 @@ async fn cancel_frees_the_gang() {
     let out = cluster.cli(&["cancel", &run_id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(state(&cluster, &run_id).await.state, "Cancelled");
-    let hb = pb::HeartbeatRequest { worker_id: id0.clone(), run_id: run_id.clone(), step: 5 };
+    let hb = pb::HeartbeatRequest {
+        worker_id: id0.clone(),
+        run_id: run_id.clone(),
+        step: 5,
+    };
     assert!(w0.heartbeat(hb).await.unwrap().into_inner().stop_run);
 
     // A second cancel is refused with the reason; an unknown run is "not found".
@@ -99,7 +169,9 @@ async fn cancel_frees_the_gang() {
 
     // The freed worker takes the next queued run.
     let next = cluster.submit(&spec);
-    let Some(Outcome::Assignment(a)) = poll(&mut w0, &id0, 5000).await else { panic!("freed worker got no work") };
+    let Some(Outcome::Assignment(a)) = poll(&mut w0, &id0, 5000).await else {
+        panic!("freed worker got no work")
+    };
     assert_eq!(a.run_id, next);
 }
 
@@ -110,31 +182,58 @@ async fn bad_specs_are_rejected_with_the_field_named() {
 
     // Client side: the CLI validates before it sends, naming file and field.
     let bad_patch = cluster.write_spec("bad-patch", 1, 5, "").to_str().unwrap().to_string();
-    let text = std::fs::read_to_string(&bad_patch).unwrap().replace("patch = [16, 16, 16]", "patch = [16, 15, 16]");
+    let text = std::fs::read_to_string(&bad_patch)
+        .unwrap()
+        .replace("patch = [16, 16, 16]", "patch = [16, 15, 16]");
     std::fs::write(&bad_patch, text).unwrap();
     let out = cluster.cli(&["submit", &bad_patch]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("train.patch") && stderr.contains("bad-patch.toml"), "{stderr}");
+    assert!(
+        stderr.contains("train.patch") && stderr.contains("bad-patch.toml"),
+        "{stderr}"
+    );
 
     let typo = cluster.write_spec("typo", 1, 5, "learning_rate = 0.1");
     let out = cluster.cli(&["submit", typo.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("learning_rate"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("learning_rate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Server side: a hand-rolled client gets InvalidArgument naming the field.
     let good = std::fs::read_to_string(cluster.write_spec("good", 1, 5, "")).unwrap();
     let mut control = cluster.control().await;
-    let req = |spec: String| pb::SubmitRunRequest { spec_toml: spec, source_name: "rpc.toml".into() };
-    let err = control.submit_run(req(good.replace("world_size = 1", "world_size = 0"))).await.unwrap_err();
+    let req = |spec: String| pb::SubmitRunRequest {
+        spec_toml: spec,
+        source_name: "rpc.toml".into(),
+    };
+    let err = control
+        .submit_run(req(good.replace("world_size = 1", "world_size = 0")))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("world_size") && err.message().contains("rpc.toml"), "{}", err.message());
+    assert!(
+        err.message().contains("world_size") && err.message().contains("rpc.toml"),
+        "{}",
+        err.message()
+    );
 
     // The dataset must hold enough cases for the requested split.
-    let err = control.submit_run(req(good.replace("eval_cases = 2", "eval_cases = 2\ntrain_cases = 50"))).await.unwrap_err();
+    let err = control
+        .submit_run(req(good.replace("eval_cases = 2", "eval_cases = 2\ntrain_cases = 50")))
+        .await
+        .unwrap_err();
     assert!(err.message().contains("dataset.train_cases"), "{}", err.message());
 
     // Nothing was stored for any rejected spec.
-    let runs = control.list_runs(pb::ListRunsRequest {}).await.unwrap().into_inner().runs;
+    let runs = control
+        .list_runs(pb::ListRunsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
     assert!(runs.is_empty(), "{runs:?}");
 }
 
@@ -149,19 +248,55 @@ async fn metrics_follow_ends_when_the_run_ends() {
     let mut follow = cluster
         .control()
         .await
-        .stream_metrics(pb::StreamMetricsRequest { run_id: run_id.clone(), follow: true, from_seq: 0 })
+        .stream_metrics(pb::StreamMetricsRequest {
+            run_id: run_id.clone(),
+            follow: true,
+            from_seq: 0,
+        })
         .await
         .unwrap()
         .into_inner();
-    let point = pb::Metric { rank: 0, step: 1, name: "train/loss".into(), value: 0.5, unix_ms: 1 };
-    let req = pb::ReportMetricsRequest { worker_id: id0.clone(), run_id: run_id.clone(), rank: 0, metrics: vec![point], checksums: vec![] };
+    let point = pb::Metric {
+        rank: 0,
+        step: 1,
+        name: "train/loss".into(),
+        value: 0.5,
+        unix_ms: 1,
+    };
+    let req = pb::ReportMetricsRequest {
+        worker_id: id0.clone(),
+        run_id: run_id.clone(),
+        rank: 0,
+        metrics: vec![point],
+        checksums: vec![],
+    };
     w0.report_metrics(req).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), follow.message()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), follow.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(first.metric.unwrap().value, 0.5);
-    let fail = pb::ReportFailureRequest { worker_id: id0, run_id: run_id.clone(), rank: 0, message: "disk full".into(), peer_lost: false };
+    let fail = pb::ReportFailureRequest {
+        worker_id: id0,
+        run_id: run_id.clone(),
+        rank: 0,
+        message: "disk full".into(),
+        peer_lost: false,
+    };
     w0.report_failure(fail).await.unwrap();
-    let last = tokio::time::timeout(Duration::from_secs(5), follow.message()).await.unwrap().unwrap().unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(5), follow.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(last.run_state, "Failed");
-    assert!(tokio::time::timeout(Duration::from_secs(5), follow.message()).await.unwrap().unwrap().is_none());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), follow.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none()
+    );
     assert!(state(&cluster, &run_id).await.message.contains("disk full"));
 }

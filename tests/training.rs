@@ -17,7 +17,11 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     let spec = cluster.write_spec("e2e-train", 2, 6, "checkpoint_every = 3");
     let run_id = cluster.submit(&spec);
 
-    let detail = cluster.wait_for_state(&run_id, &["Completed", "Failed", "Cancelled", "Interrupted"], Duration::from_secs(240));
+    let detail = cluster.wait_for_state(
+        &run_id,
+        &["Completed", "Failed", "Cancelled", "Interrupted"],
+        Duration::from_secs(240),
+    );
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     assert_eq!(detail["run"]["step"], 6);
     assert_eq!(detail["train_cases"], 4);
@@ -26,7 +30,12 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     assert_eq!(workers.len(), 2);
 
     // Held-out evaluation ran before and after training, on rank 0.
-    let metric_names: Vec<&str> = detail["latest_metrics"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let metric_names: Vec<&str> = detail["latest_metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
     for name in ["train/loss", "eval/dice/liver", "eval/large_organ_dice"] {
         assert!(metric_names.contains(&name), "missing {name} in {metric_names:?}");
     }
@@ -38,11 +47,17 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     assert_eq!(checkpoints[1]["is_final"], true);
     for c in checkpoints {
         let files = c["files"].as_array().unwrap();
-        let names: Vec<&str> = files.iter().map(|f| f["key"].as_str().unwrap().rsplit('/').next().unwrap()).collect();
+        let names: Vec<&str> = files
+            .iter()
+            .map(|f| f["key"].as_str().unwrap().rsplit('/').next().unwrap())
+            .collect();
         assert_eq!(names, ["model.bin", "optimizer.bin", "state.json"]);
         for f in files {
             let key = f["key"].as_str().unwrap();
-            assert!(key.starts_with(&format!("runs/{run_id}/checkpoints/{}/", c["step"])), "{key}");
+            assert!(
+                key.starts_with(&format!("runs/{run_id}/checkpoints/{}/", c["step"])),
+                "{key}"
+            );
             let bytes = std::fs::read(cluster.path("artifacts").join(key)).unwrap();
             assert_eq!(bytes.len() as u64, f["bytes"].as_u64().unwrap());
             assert_eq!(hex::encode(Sha256::digest(&bytes)), f["sha256"].as_str().unwrap());
@@ -63,9 +78,17 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
 
     // Every step's weights were bit-identical across both ranks, and they did change.
     let checksums = store.checksums(&run_id).unwrap();
-    assert_eq!(checksums.len(), 12, "both ranks report a checksum every step: {checksums:?}");
+    assert_eq!(
+        checksums.len(),
+        12,
+        "both ranks report a checksum every step: {checksums:?}"
+    );
     for step in 1..=6u64 {
-        let at: Vec<&String> = checksums.iter().filter(|(s, _, _)| *s == step).map(|(_, _, c)| c).collect();
+        let at: Vec<&String> = checksums
+            .iter()
+            .filter(|(s, _, _)| *s == step)
+            .map(|(_, _, c)| c)
+            .collect();
         assert_eq!(at.len(), 2);
         assert_eq!(at[0], at[1], "ranks diverged at step {step}");
     }

@@ -51,7 +51,10 @@ impl Timing {
     /// Heartbeats come at least four times per `dead_after`, so one late beat never kills a
     /// healthy worker.
     pub fn with_dead_after(dead_after: Duration) -> Self {
-        Timing { heartbeat_interval: (dead_after / 4).min(Duration::from_secs(2)), dead_after }
+        Timing {
+            heartbeat_interval: (dead_after / 4).min(Duration::from_secs(2)),
+            dead_after,
+        }
     }
 }
 
@@ -123,7 +126,10 @@ impl Coordinator {
     }
 
     fn run_or_not_found(&self, run_id: &str) -> Result<RunRecord> {
-        self.store.run(run_id)?.ok_or_else(|| CoordError::NotFound { what: "run", id: run_id.into() })
+        self.store.run(run_id)?.ok_or_else(|| CoordError::NotFound {
+            what: "run",
+            id: run_id.into(),
+        })
     }
 
     // ---- CLI side ---------------------------------------------------------------------------
@@ -163,16 +169,20 @@ impl Coordinator {
         drop(_live);
         self.schedule().await?;
         self.bump_progress();
-        Ok(self.run_or_not_found(&run.id)?)
+        self.run_or_not_found(&run.id)
     }
 
     pub async fn cancel(&self, run_id: &str) -> Result<RunRecord> {
         let mut live = self.live.lock().await;
         let run = self.run_or_not_found(run_id)?;
         if run.state.is_terminal() {
-            return Err(CoordError::Rejected(format!("run {run_id} already ended: {}", run.state)));
+            return Err(CoordError::Rejected(format!(
+                "run {run_id} already ended: {}",
+                run.state
+            )));
         }
-        self.end_run(&mut live, run, RunState::Cancelled, "cancelled by user".into()).await?;
+        self.end_run(&mut live, run, RunState::Cancelled, "cancelled by user".into())
+            .await?;
         drop(live);
         self.schedule().await?;
         self.run_or_not_found(run_id)
@@ -235,8 +245,12 @@ impl Coordinator {
                 ..Default::default()
             });
         };
-        live.last_seen.insert(worker.id.clone(), (Instant::now(), now_unix_ms()));
-        let mut resp = pb::HeartbeatResponse { shutdown: live.shutting_down, ..Default::default() };
+        live.last_seen
+            .insert(worker.id.clone(), (Instant::now(), now_unix_ms()));
+        let mut resp = pb::HeartbeatResponse {
+            shutdown: live.shutting_down,
+            ..Default::default()
+        };
         if !req.run_id.is_empty() {
             let still_ours = worker.run_id.as_deref() == Some(req.run_id.as_str());
             let run = self.store.run(&req.run_id)?;
@@ -265,22 +279,35 @@ impl Coordinator {
             changed.as_mut().enable();
             {
                 let mut live = self.live.lock().await;
-                let known = self.store.worker(worker_id)?.is_some_and(|w| w.state != WorkerState::Dead);
+                let known = self
+                    .store
+                    .worker(worker_id)?
+                    .is_some_and(|w| w.state != WorkerState::Dead);
                 if !known {
-                    return Err(CoordError::NotFound { what: "worker (register again)", id: worker_id.into() });
+                    return Err(CoordError::NotFound {
+                        what: "worker (register again)",
+                        id: worker_id.into(),
+                    });
                 }
-                live.last_seen.insert(worker_id.to_string(), (Instant::now(), now_unix_ms()));
+                live.last_seen
+                    .insert(worker_id.to_string(), (Instant::now(), now_unix_ms()));
                 if let Some(assignment) = live.pending.remove(worker_id) {
                     self.mark_started(&assignment).await?;
-                    return Ok(pb::AwaitAssignmentResponse { outcome: Some(Outcome::Assignment(assignment)) });
+                    return Ok(pb::AwaitAssignmentResponse {
+                        outcome: Some(Outcome::Assignment(assignment)),
+                    });
                 }
                 if live.shutting_down {
                     let reason = "coordinator is shutting down".to_string();
-                    return Ok(pb::AwaitAssignmentResponse { outcome: Some(Outcome::Shutdown(pb::Shutdown { reason })) });
+                    return Ok(pb::AwaitAssignmentResponse {
+                        outcome: Some(Outcome::Shutdown(pb::Shutdown { reason })),
+                    });
                 }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Ok(pb::AwaitAssignmentResponse { outcome: Some(Outcome::Idle(pb::Idle {})) });
+                return Ok(pb::AwaitAssignmentResponse {
+                    outcome: Some(Outcome::Idle(pb::Idle {})),
+                });
             }
         }
     }
@@ -306,7 +333,10 @@ impl Coordinator {
             return Err(format!("run {} is {}: {}", run.id, run.state, run.message));
         }
         if run.workers.get(rank as usize).map(String::as_str) != Some(worker_id) {
-            return Err(format!("worker {worker_id} does not hold rank {rank} of run {}", run.id));
+            return Err(format!(
+                "worker {worker_id} does not hold rank {rank} of run {}",
+                run.id
+            ));
         }
         Ok(())
     }
@@ -315,12 +345,21 @@ impl Coordinator {
         let mut live = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
         if let Err(reason) = self.check_member(&run, &req.worker_id, req.rank) {
-            return Ok(pb::ReportMetricsResponse { stop_run: true, stop_reason: reason });
+            return Ok(pb::ReportMetricsResponse {
+                stop_run: true,
+                stop_reason: reason,
+            });
         }
         let points: Vec<MetricRecord> = req
             .metrics
             .iter()
-            .map(|m| MetricRecord { rank: req.rank, step: m.step, name: m.name.clone(), value: m.value, unix_ms: m.unix_ms })
+            .map(|m| MetricRecord {
+                rank: req.rank,
+                step: m.step,
+                name: m.name.clone(),
+                value: m.value,
+                unix_ms: m.unix_ms,
+            })
             .collect();
         self.store.append_metrics(&run.id, &points).await?;
         let newest = points.iter().map(|p| p.step).max().unwrap_or(0);
@@ -335,7 +374,10 @@ impl Coordinator {
                 self.end_run(&mut live, run, RunState::Failed, reason.clone()).await?;
                 drop(live);
                 self.schedule().await?;
-                return Ok(pb::ReportMetricsResponse { stop_run: true, stop_reason: reason });
+                return Ok(pb::ReportMetricsResponse {
+                    stop_run: true,
+                    stop_reason: reason,
+                });
             }
         }
         self.bump_progress();
@@ -346,12 +388,14 @@ impl Coordinator {
     /// it. Only rank 0 writes checkpoints.
     pub async fn commit_checkpoint(&self, req: pb::CommitCheckpointRequest) -> Result<CheckpointRecord> {
         let run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, 0).map_err(CoordError::Rejected)?;
+        self.check_member(&run, &req.worker_id, 0)
+            .map_err(CoordError::Rejected)?;
         let prefix = verify::checkpoint_prefix(&run.id, req.step);
         let files = verify::verify_files(&run.artifacts_url, &prefix, &req.files).await?;
         let _live = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, 0).map_err(CoordError::Rejected)?;
+        self.check_member(&run, &req.worker_id, 0)
+            .map_err(CoordError::Rejected)?;
         let record = CheckpointRecord {
             run_id: run.id.clone(),
             step: req.step,
@@ -373,18 +417,32 @@ impl Coordinator {
     pub async fn finish_run(&self, req: pb::FinishRunRequest) -> Result<()> {
         let mut live = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, req.rank).map_err(CoordError::Rejected)?;
-        run.finished.insert(req.rank, FinishedRank { final_step: req.final_step, weights_sha256: req.weights_sha256 });
+        self.check_member(&run, &req.worker_id, req.rank)
+            .map_err(CoordError::Rejected)?;
+        run.finished.insert(
+            req.rank,
+            FinishedRank {
+                final_step: req.final_step,
+                weights_sha256: req.weights_sha256,
+            },
+        );
         if run.finished.len() < run.world_size as usize {
             run.updated_unix_ms = now_unix_ms();
             self.store.put_run(&run).await?;
             return Ok(());
         }
-        let checksums: Vec<(u32, String)> = run.finished.iter().map(|(r, f)| (*r, f.weights_sha256.clone())).collect();
+        let checksums: Vec<(u32, String)> = run
+            .finished
+            .iter()
+            .map(|(r, f)| (*r, f.weights_sha256.clone()))
+            .collect();
         let (state, message) = if let Some(reason) = divergence(&checksums, run.world_size, req.final_step) {
             (RunState::Failed, reason)
         } else if run.final_checkpoint.is_none() {
-            (RunState::Failed, "all ranks finished but no final checkpoint was committed".to_string())
+            (
+                RunState::Failed,
+                "all ranks finished but no final checkpoint was committed".to_string(),
+            )
         } else {
             (RunState::Completed, String::new())
         };
@@ -401,9 +459,18 @@ impl Coordinator {
             return Ok(()); // the run already ended; a late report changes nothing
         }
         let (state, message) = if req.peer_lost {
-            (RunState::Interrupted, format!("rank {} ({}) lost a ring peer: {}", req.rank, req.worker_id, req.message))
+            (
+                RunState::Interrupted,
+                format!(
+                    "rank {} ({}) lost a ring peer: {}",
+                    req.rank, req.worker_id, req.message
+                ),
+            )
         } else {
-            (RunState::Failed, format!("rank {} ({}) failed: {}", req.rank, req.worker_id, req.message))
+            (
+                RunState::Failed,
+                format!("rank {} ({}) failed: {}", req.rank, req.worker_id, req.message),
+            )
         };
         self.end_run(&mut live, run, state, message).await?;
         drop(live);
@@ -413,7 +480,10 @@ impl Coordinator {
     /// Moves a run to a final (or Interrupted) state and frees its workers, in one write.
     async fn end_run(&self, live: &mut Live, mut run: RunRecord, state: RunState, message: String) -> Result<()> {
         if !run.state.can_move_to(state) {
-            return Err(CoordError::Rejected(format!("run {} cannot go from {} to {state}", run.id, run.state)));
+            return Err(CoordError::Rejected(format!(
+                "run {} cannot go from {} to {state}",
+                run.id, run.state
+            )));
         }
         tracing::info!(run = %run.id, from = %run.state, to = %state, %message, "run transition");
         run.state = state;
@@ -497,7 +567,11 @@ impl Coordinator {
             if w.state == WorkerState::Dead {
                 continue;
             }
-            let silent = live.last_seen.get(&w.id).map(|(t, _)| now.duration_since(*t) > dead_after).unwrap_or(true);
+            let silent = live
+                .last_seen
+                .get(&w.id)
+                .map(|(t, _)| now.duration_since(*t) > dead_after)
+                .unwrap_or(true);
             if !silent {
                 continue;
             }
@@ -507,11 +581,10 @@ impl Coordinator {
             live.pending.remove(&w.id);
             live.last_seen.remove(&w.id);
             self.store.put_worker(&w).await?;
-            if let Some(run) = run_id.map(|id| self.store.run(&id)).transpose()?.flatten() {
-                if run.state.is_active() {
-                    let message = format!("worker {} missed its heartbeats for {:?}", w.id, dead_after);
-                    self.end_run(&mut live, run, RunState::Interrupted, message).await?;
-                }
+            let held = run_id.map(|id| self.store.run(&id)).transpose()?.flatten();
+            if let Some(run) = held.filter(|r| r.state.is_active()) {
+                let message = format!("worker {} missed its heartbeats for {:?}", w.id, dead_after);
+                self.end_run(&mut live, run, RunState::Interrupted, message).await?;
             }
         }
         drop(live);
@@ -529,6 +602,12 @@ fn divergence(checksums: &[(u32, String)], world_size: u32, step: u64) -> Option
     if checksums.iter().all(|(_, c)| c == first) {
         return None;
     }
-    let listing: Vec<String> = checksums.iter().map(|(r, c)| format!("rank {r}: {}", &c[..c.len().min(16)])).collect();
-    Some(format!("weights diverged across ranks at step {step} ({})", listing.join(", ")))
+    let listing: Vec<String> = checksums
+        .iter()
+        .map(|(r, c)| format!("rank {r}: {}", &c[..c.len().min(16)]))
+        .collect();
+    Some(format!(
+        "weights diverged across ranks at step {step} ({})",
+        listing.join(", ")
+    ))
 }

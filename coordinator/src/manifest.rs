@@ -26,9 +26,14 @@ pub struct CasePlan {
 /// Lists the dataset through the object store and splits it for `spec`.
 pub async fn plan_cases(spec: &RunSpec) -> Result<CasePlan, ManifestError> {
     let url = &spec.dataset.url;
-    let listing = |message: String| ManifestError::Listing { url: url.clone(), message };
+    let listing = |message: String| ManifestError::Listing {
+        url: url.clone(),
+        message,
+    };
     let (store, root) = worker::data::store_from_url(url).map_err(|e| listing(e.to_string()))?;
-    let cases = worker::data::list_cases(store.as_ref(), &root).await.map_err(|e| listing(e.to_string()))?;
+    let cases = worker::data::list_cases(store.as_ref(), &root)
+        .await
+        .map_err(|e| listing(e.to_string()))?;
     if cases.is_empty() {
         return Err(listing("no case folders with a ct.nii.gz found".into()));
     }
@@ -44,7 +49,10 @@ pub fn split_cases(mut cases: Vec<String>, spec: &RunSpec) -> Result<CasePlan, M
     if n_eval >= cases.len() {
         return Err(ManifestError::TooFew {
             field: "dataset.eval_cases",
-            message: format!("{n_eval} held-out cases leave none to train on; the dataset has {}", cases.len()),
+            message: format!(
+                "{n_eval} held-out cases leave none to train on; the dataset has {}",
+                cases.len()
+            ),
         });
     }
     let eval = cases.split_off(cases.len() - n_eval);
@@ -54,7 +62,10 @@ pub fn split_cases(mut cases: Vec<String>, spec: &RunSpec) -> Result<CasePlan, M
         n => {
             return Err(ManifestError::TooFew {
                 field: "dataset.train_cases",
-                message: format!("asks for {n} cases but only {} are left after {n_eval} held out", cases.len()),
+                message: format!(
+                    "asks for {n} cases but only {} are left after {n_eval} held out",
+                    cases.len()
+                ),
             });
         }
     };
@@ -93,7 +104,10 @@ mod tests {
     fn listing_order_does_not_matter() {
         let mut reversed = ids(30);
         reversed.reverse();
-        assert_eq!(split_cases(reversed, &spec(0, 3)).unwrap(), split_cases(ids(30), &spec(0, 3)).unwrap());
+        assert_eq!(
+            split_cases(reversed, &spec(0, 3)).unwrap(),
+            split_cases(ids(30), &spec(0, 3)).unwrap()
+        );
     }
 
     #[test]

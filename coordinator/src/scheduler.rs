@@ -12,7 +12,11 @@ pub struct Placement {
 
 /// Decides which queued runs start now and on which workers. Pure: the caller records it.
 pub fn place(runs: &[RunRecord], workers: &[WorkerRecord]) -> Vec<Placement> {
-    let mut idle: Vec<WorkerRecord> = workers.iter().filter(|w| w.state == WorkerState::Idle).cloned().collect();
+    let mut idle: Vec<WorkerRecord> = workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Idle)
+        .cloned()
+        .collect();
     idle.sort_by(|a, b| a.id.cmp(&b.id));
     let mut queued: Vec<&RunRecord> = runs.iter().filter(|r| r.state == RunState::Queued).collect();
     queued.sort_by(|a, b| (a.submitted_unix_ms, &a.id).cmp(&(b.submitted_unix_ms, &b.id)));
@@ -23,7 +27,10 @@ pub fn place(runs: &[RunRecord], workers: &[WorkerRecord]) -> Vec<Placement> {
             break;
         }
         let gang: Vec<WorkerRecord> = idle.drain(..need).collect();
-        placements.push(Placement { run: run.clone(), workers: gang });
+        placements.push(Placement {
+            run: run.clone(),
+            workers: gang,
+        });
     }
     placements
 }
@@ -71,21 +78,42 @@ mod tests {
     #[test]
     fn waits_for_a_whole_gang() {
         let runs = [run("run-000001", 3, 1)];
-        let two = [worker("w1", WorkerState::Idle), worker("w2", WorkerState::Idle), worker("w3", WorkerState::Dead)];
+        let two = [
+            worker("w1", WorkerState::Idle),
+            worker("w2", WorkerState::Idle),
+            worker("w3", WorkerState::Dead),
+        ];
         assert!(place(&runs, &two).is_empty());
-        let three = [worker("w1", WorkerState::Idle), worker("w2", WorkerState::Idle), worker("w3", WorkerState::Idle)];
+        let three = [
+            worker("w1", WorkerState::Idle),
+            worker("w2", WorkerState::Idle),
+            worker("w3", WorkerState::Idle),
+        ];
         let p = place(&runs, &three);
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), ["w1", "w2", "w3"]);
+        assert_eq!(
+            p[0].workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+            ["w1", "w2", "w3"]
+        );
     }
 
     #[test]
     fn first_in_first_out_without_overtaking() {
         let runs = [run("run-000002", 1, 2), run("run-000001", 2, 1)];
         let one = [worker("w1", WorkerState::Idle), worker("w2", WorkerState::Busy)];
-        assert!(place(&runs, &one).is_empty(), "the younger 1-worker run must not overtake");
-        let two = [worker("w1", WorkerState::Idle), worker("w2", WorkerState::Idle), worker("w3", WorkerState::Idle)];
+        assert!(
+            place(&runs, &one).is_empty(),
+            "the younger 1-worker run must not overtake"
+        );
+        let two = [
+            worker("w1", WorkerState::Idle),
+            worker("w2", WorkerState::Idle),
+            worker("w3", WorkerState::Idle),
+        ];
         let p = place(&runs, &two);
-        assert_eq!(p.iter().map(|p| p.run.id.as_str()).collect::<Vec<_>>(), ["run-000001", "run-000002"]);
+        assert_eq!(
+            p.iter().map(|p| p.run.id.as_str()).collect::<Vec<_>>(),
+            ["run-000001", "run-000002"]
+        );
     }
 }

@@ -54,22 +54,33 @@ impl RunningServer {
 }
 
 pub async fn start(listen: SocketAddr, data_dir: &Path, timing: Timing) -> Result<RunningServer, ServerError> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|source| ServerError::DataDir { path: data_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
     let coordinator = Coordinator::open(data_dir, timing).await?;
-    let listener = TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: listen, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr: listen, source })?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())))
         .add_service(ControlServiceServer::new(ControlApi(coordinator.clone())));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-        let _ = stop_rx.await;
-    }));
+    let task = tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        }),
+    );
     let monitor = {
         let coordinator = coordinator.clone();
         tokio::spawn(async move {
-            let period = coordinator.timing.heartbeat_interval.min(std::time::Duration::from_secs(1));
+            let period = coordinator
+                .timing
+                .heartbeat_interval
+                .min(std::time::Duration::from_secs(1));
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
@@ -79,5 +90,11 @@ pub async fn start(listen: SocketAddr, data_dir: &Path, timing: Timing) -> Resul
             }
         })
     };
-    Ok(RunningServer { addr, coordinator, stop: Some(stop_tx), task, monitor })
+    Ok(RunningServer {
+        addr,
+        coordinator,
+        stop: Some(stop_tx),
+        task,
+        monitor,
+    })
 }

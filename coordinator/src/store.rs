@@ -27,7 +27,11 @@ pub enum StoreError {
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
     #[error("store tree `{tree}` key `{key}` holds an unreadable record: {message}")]
-    Corrupt { tree: &'static str, key: String, message: String },
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        message: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -55,7 +59,9 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<T>> {
-    tree.get(key.as_bytes())?.map(|v| decode(name, key.as_bytes(), &v)).transpose()
+    tree.get(key.as_bytes())?
+        .map(|v| decode(name, key.as_bytes(), &v))
+        .transpose()
 }
 
 fn scan<T: DeserializeOwned>(entries: sled::Iter, name: &'static str) -> Result<Vec<T>> {
@@ -77,7 +83,10 @@ fn run_prefix(run_id: &str) -> String {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::open(dir).map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
+        let db = sled::open(dir).map_err(|source| StoreError::Open {
+            path: dir.display().to_string(),
+            source,
+        })?;
         Ok(Store {
             runs: db.open_tree("runs")?,
             workers: db.open_tree("workers")?,
@@ -97,10 +106,14 @@ impl Store {
     /// Next value of a durable counter, starting at 1. Flushed by the caller's write.
     fn next_counter(&self, name: &str) -> Result<u64> {
         let next = self.meta.update_and_fetch(name, |old| {
-            let n = old.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0);
+            let n = old
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                .unwrap_or(0);
             Some((n + 1).to_be_bytes().to_vec())
         })?;
-        Ok(next.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(1))
+        Ok(next
+            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(1))
     }
 
     pub fn next_run_id(&self) -> Result<String> {
@@ -166,7 +179,8 @@ impl Store {
     // ---- checkpoints ------------------------------------------------------------------------
 
     pub async fn put_checkpoint(&self, ckpt: &CheckpointRecord) -> Result<()> {
-        self.checkpoints.insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), encode(ckpt))?;
+        self.checkpoints
+            .insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), encode(ckpt))?;
         self.flush().await
     }
 
@@ -200,13 +214,21 @@ impl Store {
     pub fn metrics_from(&self, run_id: &str, from_seq: u64) -> Result<Vec<(u64, MetricRecord)>> {
         let start = step_key(run_id, from_seq);
         let end = format!("{run_id}0"); // '0' sorts right after '/', ending the run's range
-        self.metrics.range(start.as_bytes()..end.as_bytes()).map(|kv| {
-            let (k, v) = kv?;
-            let seq = std::str::from_utf8(&k[run_id.len() + 1..]).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                StoreError::Corrupt { tree: "metrics", key: String::from_utf8_lossy(&k).into_owned(), message: "bad sequence number".into() }
-            })?;
-            Ok((seq, decode("metrics", &k, &v)?))
-        }).collect()
+        self.metrics
+            .range(start.as_bytes()..end.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = std::str::from_utf8(&k[run_id.len() + 1..])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        tree: "metrics",
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        message: "bad sequence number".into(),
+                    })?;
+                Ok((seq, decode("metrics", &k, &v)?))
+            })
+            .collect()
     }
 
     // ---- weight checksums -------------------------------------------------------------------
@@ -214,29 +236,43 @@ impl Store {
     /// Records one rank's checksum for a step; returns every rank's checksum known for that step.
     pub async fn put_checksum(&self, run_id: &str, step: u64, rank: u32, sha: &str) -> Result<Vec<(u32, String)>> {
         let prefix = format!("{}/", step_key(run_id, step));
-        self.checksums.insert(format!("{prefix}{rank:06}").as_bytes(), sha.as_bytes())?;
+        self.checksums
+            .insert(format!("{prefix}{rank:06}").as_bytes(), sha.as_bytes())?;
         self.flush().await?;
-        self.checksums.scan_prefix(prefix.as_bytes()).map(|kv| {
-            let (k, v) = kv?;
-            let rank = std::str::from_utf8(&k[prefix.len()..]).ok().and_then(|s| s.parse().ok()).unwrap_or(u32::MAX);
-            Ok((rank, String::from_utf8_lossy(&v).into_owned()))
-        }).collect()
+        self.checksums
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let rank = std::str::from_utf8(&k[prefix.len()..])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u32::MAX);
+                Ok((rank, String::from_utf8_lossy(&v).into_owned()))
+            })
+            .collect()
     }
 }
 
 impl Store {
     /// Every recorded weight checksum of a run as (step, rank, sha256), ordered by step then rank.
     pub fn checksums(&self, run_id: &str) -> Result<Vec<(u64, u32, String)>> {
-        self.checksums.scan_prefix(run_prefix(run_id)).map(|kv| {
-            let (k, v) = kv?;
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let mut parts = key.rsplitn(3, '/');
-            let rank = parts.next().and_then(|r| r.parse().ok());
-            let step = parts.next().and_then(|s| s.parse().ok());
-            match (step, rank) {
-                (Some(step), Some(rank)) => Ok((step, rank, String::from_utf8_lossy(&v).into_owned())),
-                _ => Err(StoreError::Corrupt { tree: "checksums", key, message: "expected <run>/<step>/<rank>".into() }),
-            }
-        }).collect()
+        self.checksums
+            .scan_prefix(run_prefix(run_id))
+            .map(|kv| {
+                let (k, v) = kv?;
+                let key = String::from_utf8_lossy(&k).into_owned();
+                let mut parts = key.rsplitn(3, '/');
+                let rank = parts.next().and_then(|r| r.parse().ok());
+                let step = parts.next().and_then(|s| s.parse().ok());
+                match (step, rank) {
+                    (Some(step), Some(rank)) => Ok((step, rank, String::from_utf8_lossy(&v).into_owned())),
+                    _ => Err(StoreError::Corrupt {
+                        tree: "checksums",
+                        key,
+                        message: "expected <run>/<step>/<rank>".into(),
+                    }),
+                }
+            })
+            .collect()
     }
 }

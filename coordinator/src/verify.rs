@@ -30,23 +30,41 @@ pub async fn verify_files(
     if files.is_empty() {
         return Err(VerifyError::Empty { prefix: prefix.into() });
     }
-    let (store, root) = worker::data::store_from_url(artifacts_url)
-        .map_err(|e| VerifyError::Store { url: artifacts_url.into(), message: e.to_string() })?;
+    let (store, root) = worker::data::store_from_url(artifacts_url).map_err(|e| VerifyError::Store {
+        url: artifacts_url.into(),
+        message: e.to_string(),
+    })?;
     let mut verified = Vec::with_capacity(files.len());
     for f in files {
-        let bad = |message: String| VerifyError::BadFile { key: f.key.clone(), message };
-        let name = f.key.strip_prefix(prefix).ok_or_else(|| bad(format!("is not under `{prefix}`")))?;
+        let bad = |message: String| VerifyError::BadFile {
+            key: f.key.clone(),
+            message,
+        };
+        let name = f
+            .key
+            .strip_prefix(prefix)
+            .ok_or_else(|| bad(format!("is not under `{prefix}`")))?;
         validate_id(name, "checkpoint file name").map_err(bad)?;
         let location = ObjectPath::from(format!("{root}/{prefix}{name}").trim_start_matches('/'));
-        let bytes = read_all(store.as_ref(), &location).await.map_err(|e| bad(format!("cannot read it back: {e}")))?;
+        let bytes = read_all(store.as_ref(), &location)
+            .await
+            .map_err(|e| bad(format!("cannot read it back: {e}")))?;
         if bytes.len() as u64 != f.bytes {
-            return Err(bad(format!("holds {} bytes, the worker reported {}", bytes.len(), f.bytes)));
+            return Err(bad(format!(
+                "holds {} bytes, the worker reported {}",
+                bytes.len(),
+                f.bytes
+            )));
         }
         let sha = hex::encode(Sha256::digest(&bytes));
         if sha != f.sha256 {
             return Err(bad(format!("SHA-256 is {sha}, the worker reported {}", f.sha256)));
         }
-        verified.push(CheckpointFileRecord { key: f.key.clone(), sha256: sha, bytes: f.bytes });
+        verified.push(CheckpointFileRecord {
+            key: f.key.clone(),
+            sha256: sha,
+            bytes: f.bytes,
+        });
     }
     Ok(verified)
 }

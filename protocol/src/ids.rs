@@ -4,15 +4,29 @@
 /// Accepts 1..=128 characters of `[A-Za-z0-9_.-]`, not starting with `.`.
 pub fn validate_id(id: &str, what: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
-        return Err(format!("{what} must be 1..=128 characters, got {} characters", id.len()));
+        return Err(format!(
+            "{what} must be 1..=128 characters, got {} characters",
+            id.len()
+        ));
     }
     if id.starts_with('.') {
         return Err(format!("{what} `{id}` must not start with `.`"));
     }
-    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
-        return Err(format!("{what} `{id}` contains `{c}`; only letters, digits, `_`, `-` and `.` are allowed"));
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(format!(
+            "{what} `{id}` contains `{c}`; only letters, digits, `_`, `-` and `.` are allowed"
+        ));
     }
     Ok(())
+}
+
+/// Object prefix of a run's checkpoint for `step`, relative to the artifacts root. Workers write
+/// there and the coordinator verifies there, so the format lives in one place.
+pub fn checkpoint_prefix(run_id: &str, step: u64) -> String {
+    format!("runs/{run_id}/checkpoints/{step}/")
 }
 
 #[cfg(test)]
@@ -27,10 +41,4 @@ mod tests {
         assert!(validate_id("", "run id").is_err());
         assert!(validate_id(".hidden", "run id").is_err());
     }
-}
-
-/// Object prefix of a run's checkpoint for `step`, relative to the artifacts root. Workers write
-/// there and the coordinator verifies there, so the format lives in one place.
-pub fn checkpoint_prefix(run_id: &str, step: u64) -> String {
-    format!("runs/{run_id}/checkpoints/{step}/")
 }

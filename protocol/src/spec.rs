@@ -15,7 +15,11 @@ pub enum SpecError {
     #[error("{source_name}: {message}")]
     Parse { source_name: String, message: String },
     #[error("{source_name}: field `{field}`: {reason}")]
-    Invalid { source_name: String, field: &'static str, reason: String },
+    Invalid {
+        source_name: String,
+        field: &'static str,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,7 +152,10 @@ impl RunSpec {
             return Err(invalid("name", "must not be empty".into()));
         }
         if self.world_size == 0 || self.world_size > 1024 {
-            return Err(invalid("world_size", format!("must be 1..=1024, got {}", self.world_size)));
+            return Err(invalid(
+                "world_size",
+                format!("must be 1..=1024, got {}", self.world_size),
+            ));
         }
         if self.dataset.url.trim().is_empty() {
             return Err(invalid("dataset.url", "must not be empty".into()));
@@ -156,21 +163,34 @@ impl RunSpec {
         if !KNOWN_ARCHS.contains(&self.model.arch.as_str()) {
             return Err(invalid(
                 "model.arch",
-                format!("unknown architecture `{}`; known: {}", self.model.arch, KNOWN_ARCHS.join(", ")),
+                format!(
+                    "unknown architecture `{}`; known: {}",
+                    self.model.arch,
+                    KNOWN_ARCHS.join(", ")
+                ),
             ));
         }
         if self.model.base_width == 0 || self.model.base_width > 512 {
-            return Err(invalid("model.base_width", format!("must be 1..=512, got {}", self.model.base_width)));
+            return Err(invalid(
+                "model.base_width",
+                format!("must be 1..=512, got {}", self.model.base_width),
+            ));
         }
         if self.model.depth == 0 || self.model.depth > 7 {
-            return Err(invalid("model.depth", format!("must be 1..=7, got {}", self.model.depth)));
+            return Err(invalid(
+                "model.depth",
+                format!("must be 1..=7, got {}", self.model.depth),
+            ));
         }
         let t = &self.train;
         if t.steps == 0 {
             return Err(invalid("train.steps", "must be at least 1".into()));
         }
         if t.batch_size == 0 || t.batch_size > 256 {
-            return Err(invalid("train.batch_size", format!("must be 1..=256, got {}", t.batch_size)));
+            return Err(invalid(
+                "train.batch_size",
+                format!("must be 1..=256, got {}", t.batch_size),
+            ));
         }
         let multiple = 1u32 << (self.model.depth - 1);
         if let Some(bad) = t.patch.iter().find(|&&p| p == 0 || p % multiple != 0 || p > 512) {
@@ -183,7 +203,10 @@ impl RunSpec {
             return Err(invalid("train.lr", format!("must be in (0, 10), got {}", t.lr)));
         }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return Err(invalid("train.weight_decay", format!("must be >= 0, got {}", t.weight_decay)));
+            return Err(invalid(
+                "train.weight_decay",
+                format!("must be >= 0, got {}", t.weight_decay),
+            ));
         }
         if t.warmup_steps >= t.steps {
             return Err(invalid(

@@ -35,7 +35,14 @@ pub struct Cluster {
 /// Spawns `coordinator serve` and reads the bound address from its first line of output.
 fn spawn_coordinator(db: &Path, listen: &str, dead_after_secs: u64) -> (Proc, String) {
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", listen, "--dead-after-secs", &dead_after_secs.to_string(), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--dead-after-secs",
+            &dead_after_secs.to_string(),
+            "--data-dir",
+        ])
         .arg(db)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -43,7 +50,9 @@ fn spawn_coordinator(db: &Path, listen: &str, dead_after_secs: u64) -> (Proc, St
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr = line
         .strip_prefix("coordinator listening on ")
         .and_then(|rest| rest.split_whitespace().next())
@@ -62,7 +71,13 @@ impl Cluster {
     pub fn start_with_dead_after(secs: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (proc, addr) = spawn_coordinator(&dir.path().join("db"), "127.0.0.1:0", secs);
-        Cluster { dir, endpoint: format!("http://{addr}"), coordinator: Some(proc), workers: vec![], dead_after_secs: secs }
+        Cluster {
+            dir,
+            endpoint: format!("http://{addr}"),
+            coordinator: Some(proc),
+            workers: vec![],
+            dead_after_secs: secs,
+        }
     }
 
     /// Starts a new coordinator process on the same address and store, as a supervisor would
@@ -87,7 +102,13 @@ impl Cluster {
     pub fn spawn_workers_with(&mut self, n: usize, extra: &[&str]) {
         for _ in 0..n {
             let child = Command::new(BIN)
-                .args(["worker", "--coordinator", &self.endpoint, "--collective-timeout-secs", "60"])
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &self.endpoint,
+                    "--collective-timeout-secs",
+                    "60",
+                ])
                 .args(extra)
                 .env("RAYON_NUM_THREADS", "1")
                 .env("RUST_LOG", "warn")
@@ -102,7 +123,12 @@ impl Cluster {
     /// Writes `cases` small phantoms (32^3) into `<dir>/dataset`.
     pub fn write_dataset(&self, cases: usize) -> PathBuf {
         let out = self.path("dataset");
-        let opts = worker::data::SynthOptions { cases, seed: 3, shape: [32, 32, 32], ..Default::default() };
+        let opts = worker::data::SynthOptions {
+            cases,
+            seed: 3,
+            shape: [32, 32, 32],
+            ..Default::default()
+        };
         worker::data::write_phantom_dataset(&out, &opts).unwrap();
         out
     }
@@ -145,15 +171,24 @@ url = "{artifacts}"
 
     /// Runs a CLI command against this cluster's coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN).args(args).args(["--coordinator", &self.endpoint]).output().unwrap()
+        Command::new(BIN)
+            .args(args)
+            .args(["--coordinator", &self.endpoint])
+            .output()
+            .unwrap()
     }
 
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
         let mut full = args.to_vec();
         full.push("--json");
         let out = self.cli(&full);
-        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 
     pub fn submit(&self, spec: &Path) -> String {
@@ -170,7 +205,10 @@ url = "{artifacts}"
             if states.contains(&state.as_str()) {
                 return detail;
             }
-            assert!(Instant::now() < deadline, "run {run_id} still {state} after {timeout:?}: {detail}");
+            assert!(
+                Instant::now() < deadline,
+                "run {run_id} still {state} after {timeout:?}: {detail}"
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -199,7 +237,12 @@ url = "{artifacts}"
         list.as_array()
             .unwrap()
             .iter()
-            .map(|w| (w["worker_id"].as_str().unwrap().to_string(), w["state"].as_str().unwrap().to_string()))
+            .map(|w| {
+                (
+                    w["worker_id"].as_str().unwrap().to_string(),
+                    w["state"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     }
 
@@ -207,7 +250,10 @@ url = "{artifacts}"
     pub fn wait_until(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
         while !check() {
-            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -218,5 +264,11 @@ url = "{artifacts}"
 }
 
 pub fn worker_client_request(peer: &str) -> pb::RegisterRequest {
-    pb::RegisterRequest { host: "test".into(), peer_address: peer.into(), device_kind: "cpu".into(), device_memory_bytes: 0, version: "test".into() }
+    pb::RegisterRequest {
+        host: "test".into(),
+        peer_address: peer.into(),
+        device_kind: "cpu".into(),
+        device_memory_bytes: 0,
+        version: "test".into(),
+    }
 }

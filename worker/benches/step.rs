@@ -16,9 +16,7 @@ use worker::train::loss::bce_dice_loss;
 
 fn arg(args: &[String], name: &str) -> Option<usize> {
     let at = args.iter().position(|a| a == name)?;
-    let value = args
-        .get(at + 1)
-        .unwrap_or_else(|| panic!("{name} needs a value"));
+    let value = args.get(at + 1).unwrap_or_else(|| panic!("{name} needs a value"));
     Some(
         value
             .parse()
@@ -41,9 +39,7 @@ fn main() {
     config.validate().expect("valid config");
 
     let device = Default::default();
-    let mut model = config
-        .init_seeded::<CpuTrain>(&device, 0)
-        .expect("seeded init");
+    let mut model = config.init_seeded::<CpuTrain>(&device, 0).expect("seeded init");
     let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
     let params = param_count(&model);
     let classes = config.out_channels;
@@ -52,11 +48,7 @@ fn main() {
         Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let y = Tensor::<CpuTrain, 5>::random(
-        [1, classes, patch, patch, patch],
-        Distribution::Bernoulli(0.1),
-        &device,
-    );
+    let y = Tensor::<CpuTrain, 5>::random([1, classes, patch, patch, patch], Distribution::Bernoulli(0.1), &device);
 
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(

@@ -65,7 +65,10 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             register(&client, &peer_address, args.device, &presence).await?;
         }
         let worker_id = presence.lock().expect("presence").worker_id.clone();
-        let req = pb::AwaitAssignmentRequest { worker_id, wait_ms: 10_000 };
+        let req = pb::AwaitAssignmentRequest {
+            worker_id,
+            wait_ms: 10_000,
+        };
         let outcome = match client.clone().await_assignment(req).await {
             Ok(resp) => resp.into_inner().outcome,
             Err(status) if status.code() == tonic::Code::NotFound => {
@@ -104,7 +107,9 @@ fn advertised_address(advertise: Option<&str>, bound: SocketAddr) -> anyhow::Res
         Some(a) if a.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) => Ok(a.to_string()),
         Some(host) => Ok(format!("{host}:{}", bound.port())),
         None if bound.ip().is_unspecified() => {
-            anyhow::bail!("--peer-listen {bound} binds all interfaces; pass --advertise HOST so peers know where to dial")
+            anyhow::bail!(
+                "--peer-listen {bound} binds all interfaces; pass --advertise HOST so peers know where to dial"
+            )
         }
         None => Ok(bound.to_string()),
     }
@@ -151,14 +156,16 @@ async fn heartbeat_loop(client: WorkerServiceClient<Channel>, presence: Arc<Mute
             (p.worker_id.clone(), p.run.clone())
         };
         let run_id = run.as_ref().map(|(id, _)| id.clone()).unwrap_or_default();
-        let req = pb::HeartbeatRequest { worker_id, run_id, step: 0 };
+        let req = pb::HeartbeatRequest {
+            worker_id,
+            run_id,
+            step: 0,
+        };
         match client.clone().heartbeat(req).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
-                if resp.stop_run {
-                    if let Some((_, stop)) = &run {
-                        stop.raise(&resp.stop_reason);
-                    }
+                if let (true, Some((_, stop))) = (resp.stop_run, &run) {
+                    stop.raise(&resp.stop_reason);
                 }
                 if resp.reregister {
                     presence.lock().expect("presence").reregister = true;
@@ -185,7 +192,14 @@ async fn run_assignment(
     let (run_id, rank) = (assignment.run_id.clone(), assignment.rank);
     tracing::info!(run = %run_id, rank, world = assignment.world_size, "starting assignment");
     let timeout = Duration::from_secs(args.collective_timeout_secs);
-    let link = RunLink::new(client.clone(), tokio::runtime::Handle::current(), worker_id.clone(), run_id.clone(), rank, stop.clone());
+    let link = RunLink::new(
+        client.clone(),
+        tokio::runtime::Handle::current(),
+        worker_id.clone(),
+        run_id.clone(),
+        rank,
+        stop.clone(),
+    );
     let device = args.device;
     let connected = tokio::select! {
         ring = Ring::connect(hub, &run_id, rank, &assignment.peers, timeout) => ring.map_err(TrainError::from),
@@ -212,7 +226,13 @@ async fn run_assignment(
         Err(e) => {
             tracing::error!(run = %run_id, rank, "run failed: {e}");
             let peer_lost = matches!(&e, TrainError::Collective(c) if c.is_peer_loss());
-            let req = pb::ReportFailureRequest { worker_id, run_id, rank, message: e.to_string(), peer_lost };
+            let req = pb::ReportFailureRequest {
+                worker_id,
+                run_id,
+                rank,
+                message: e.to_string(),
+                peer_lost,
+            };
             if let Err(status) = client.clone().report_failure(req).await {
                 tracing::warn!("could not report the failure: {status}");
             }
@@ -221,7 +241,12 @@ async fn run_assignment(
 }
 
 /// The one place a device spec picks a backend type.
-fn train_on(device: DeviceSpec, assignment: &pb::Assignment, ring: &mut Ring, link: &mut RunLink) -> Result<RunSummary, TrainError> {
+fn train_on(
+    device: DeviceSpec,
+    assignment: &pb::Assignment,
+    ring: &mut Ring,
+    link: &mut RunLink,
+) -> Result<RunSummary, TrainError> {
     match device {
         DeviceSpec::Cpu => train_rank::<crate::backend::CpuTrain>(Default::default(), assignment, ring, link),
         #[cfg(feature = "cuda")]
@@ -229,7 +254,9 @@ fn train_on(device: DeviceSpec, assignment: &pb::Assignment, ring: &mut Ring, li
             train_rank::<crate::backend::GpuTrain>(crate::backend::GpuDevice::new(index), assignment, ring, link)
         }
         #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => Err(TrainError::Assignment("this worker was built without the `cuda` feature".into())),
+        DeviceSpec::Cuda(_) => Err(TrainError::Assignment(
+            "this worker was built without the `cuda` feature".into(),
+        )),
     }
 }
 
@@ -243,6 +270,9 @@ mod tests {
         assert!(advertised_address(None, bound).is_err());
         assert_eq!(advertised_address(Some("node7"), bound).unwrap(), "node7:4100");
         assert_eq!(advertised_address(Some("node7:5000"), bound).unwrap(), "node7:5000");
-        assert_eq!(advertised_address(None, "127.0.0.1:4100".parse().unwrap()).unwrap(), "127.0.0.1:4100");
+        assert_eq!(
+            advertised_address(None, "127.0.0.1:4100".parse().unwrap()).unwrap(),
+            "127.0.0.1:4100"
+        );
     }
 }

@@ -70,11 +70,7 @@ impl FromStr for DeviceSpec {
             "cpu" => DeviceSpec::Cpu,
             "cuda" => DeviceSpec::Cuda(0),
             other => match other.strip_prefix("cuda:") {
-                Some(index) => DeviceSpec::Cuda(
-                    index
-                        .parse()
-                        .map_err(|_| DeviceSpecError::BadIndex(s.to_string()))?,
-                ),
+                Some(index) => DeviceSpec::Cuda(index.parse().map_err(|_| DeviceSpecError::BadIndex(s.to_string()))?),
                 None => return Err(DeviceSpecError::Unknown(s.to_string())),
             },
         };
@@ -104,10 +100,7 @@ mod tests {
         assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
         assert_eq!(" CPU ".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
         assert_eq!(DeviceSpec::Cpu.to_string(), "cpu");
-        assert!(matches!(
-            "tpu".parse::<DeviceSpec>(),
-            Err(DeviceSpecError::Unknown(_))
-        ));
+        assert!(matches!("tpu".parse::<DeviceSpec>(), Err(DeviceSpecError::Unknown(_))));
         assert!(matches!(
             "cuda:x".parse::<DeviceSpec>(),
             Err(DeviceSpecError::BadIndex(_))

@@ -7,7 +7,6 @@ use protocol::ids::checkpoint_prefix;
 use protocol::pb;
 use sha2::{Digest, Sha256};
 
-
 pub async fn write_checkpoint(
     store: &dyn ObjectStore,
     root: &ObjectPath,
@@ -23,7 +22,11 @@ pub async fn write_checkpoint(
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let size = bytes.len() as u64;
         store.put(&location, bytes.into()).await?;
-        written.push(pb::CheckpointFile { key, sha256, bytes: size });
+        written.push(pb::CheckpointFile {
+            key,
+            sha256,
+            bytes: size,
+        });
     }
     Ok(written)
 }

@@ -27,12 +27,32 @@ pub struct RunLink {
 const COORDINATOR_PATIENCE: Duration = Duration::from_secs(60);
 
 fn is_transient(status: &tonic::Status) -> bool {
-    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded)
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+    )
 }
 
 impl RunLink {
-    pub fn new(client: WorkerServiceClient<Channel>, handle: Handle, worker_id: String, run_id: String, rank: u32, stop: StopSignal) -> Self {
-        RunLink { client, handle, worker_id, run_id, rank, stop, metrics: vec![], checksums: vec![], unreachable_since: None }
+    pub fn new(
+        client: WorkerServiceClient<Channel>,
+        handle: Handle,
+        worker_id: String,
+        run_id: String,
+        rank: u32,
+        stop: StopSignal,
+    ) -> Self {
+        RunLink {
+            client,
+            handle,
+            worker_id,
+            run_id,
+            rank,
+            stop,
+            metrics: vec![],
+            checksums: vec![],
+            unreachable_since: None,
+        }
     }
 
     pub fn metric(&mut self, step: u64, name: &str, value: f64) {
@@ -40,7 +60,13 @@ impl RunLink {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        self.metrics.push(pb::Metric { rank: self.rank, step, name: name.to_string(), value, unix_ms });
+        self.metrics.push(pb::Metric {
+            rank: self.rank,
+            step,
+            name: name.to_string(),
+            value,
+            unix_ms,
+        });
     }
 
     pub fn checksum(&mut self, step: u64, sha256: String) {
@@ -88,7 +114,12 @@ impl RunLink {
         }
     }
 
-    pub fn commit_checkpoint(&self, step: u64, files: Vec<pb::CheckpointFile>, is_final: bool) -> Result<(), tonic::Status> {
+    pub fn commit_checkpoint(
+        &self,
+        step: u64,
+        files: Vec<pb::CheckpointFile>,
+        is_final: bool,
+    ) -> Result<(), tonic::Status> {
         let req = pb::CommitCheckpointRequest {
             worker_id: self.worker_id.clone(),
             run_id: self.run_id.clone(),

@@ -13,7 +13,9 @@ pub struct StopSignal {
 
 impl Default for StopSignal {
     fn default() -> Self {
-        StopSignal { reason: Arc::new(watch::channel(None).0) }
+        StopSignal {
+            reason: Arc::new(watch::channel(None).0),
+        }
     }
 }
 

@@ -16,7 +16,12 @@ use super::output::*;
 pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<Channel>> {
     ControlServiceClient::connect(remote.coordinator.clone())
         .await
-        .with_context(|| format!("cannot reach the coordinator at {} (is `coordinator serve` running?)", remote.coordinator))
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator at {} (is `coordinator serve` running?)",
+                remote.coordinator
+            )
+        })
 }
 
 /// Makes local dataset/artifact paths absolute, so the coordinator and workers (which may run
@@ -39,9 +44,20 @@ pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
     Ok(spec)
 }
 
-pub async fn submit_spec(client: &mut ControlServiceClient<Channel>, spec: &RunSpec, source: &str) -> anyhow::Result<pb::RunInfo> {
-    let req = pb::SubmitRunRequest { spec_toml: spec.to_toml(), source_name: source.to_string() };
-    Ok(client.submit_run(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner())
+pub async fn submit_spec(
+    client: &mut ControlServiceClient<Channel>,
+    spec: &RunSpec,
+    source: &str,
+) -> anyhow::Result<pb::RunInfo> {
+    let req = pb::SubmitRunRequest {
+        spec_toml: spec.to_toml(),
+        source_name: source.to_string(),
+    };
+    Ok(client
+        .submit_run(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner())
 }
 
 pub async fn submit(remote: &Remote, path: &Path) -> anyhow::Result<ExitCode> {
@@ -50,13 +66,21 @@ pub async fn submit(remote: &Remote, path: &Path) -> anyhow::Result<ExitCode> {
     if remote.json {
         println!("{}", run_json(&run));
     } else {
-        println!("submitted {} ({}): {}, needs {} workers", run.run_id, run.name, run.state, run.world_size);
+        println!(
+            "submitted {} ({}): {}, needs {} workers",
+            run.run_id, run.name, run.state, run.world_size
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn runs(remote: &Remote) -> anyhow::Result<ExitCode> {
-    let runs = connect(remote).await?.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    let runs = connect(remote)
+        .await?
+        .list_runs(pb::ListRunsRequest {})
+        .await?
+        .into_inner()
+        .runs;
     if remote.json {
         println!("{}", json!(runs.iter().map(run_json).collect::<Vec<_>>()));
     } else if runs.is_empty() {
@@ -72,7 +96,12 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
-    let detail = connect(remote).await?.get_run(pb::GetRunRequest { run_id: run_id.into() }).await.map_err(status_error)?.into_inner();
+    let detail = connect(remote)
+        .await?
+        .get_run(pb::GetRunRequest { run_id: run_id.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
     let run = detail.run.clone().unwrap_or_default();
     if remote.json {
         println!(
@@ -89,7 +118,12 @@ pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("{}", table(&RUN_HEADERS, &[run_row(&run)]));
-    println!("\ncases: {} train, {} held out; workers: {}", detail.train_cases, detail.eval_cases, run.workers.join(", "));
+    println!(
+        "\ncases: {} train, {} held out; workers: {}",
+        detail.train_cases,
+        detail.eval_cases,
+        run.workers.join(", ")
+    );
     if detail.checkpoints.is_empty() {
         println!("\nno checkpoints yet");
     } else {
@@ -98,22 +132,40 @@ pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|c| {
                 let bytes: u64 = c.files.iter().map(|f| f.bytes).sum();
-                vec![c.step.to_string(), if c.is_final { "final".into() } else { String::new() }, c.prefix.clone(), bytes.to_string(), unix_ms(c.committed_unix_ms)]
+                vec![
+                    c.step.to_string(),
+                    if c.is_final { "final".into() } else { String::new() },
+                    c.prefix.clone(),
+                    bytes.to_string(),
+                    unix_ms(c.committed_unix_ms),
+                ]
             })
             .collect();
         println!("\n{}", table(&["STEP", "", "PREFIX", "BYTES", "COMMITTED"], &rows));
     }
     if !detail.latest_metrics.is_empty() {
-        let rows: Vec<Vec<String>> =
-            detail.latest_metrics.iter().map(|m| vec![m.name.clone(), format!("{:.6}", m.value), m.step.to_string()]).collect();
+        let rows: Vec<Vec<String>> = detail
+            .latest_metrics
+            .iter()
+            .map(|m| vec![m.name.clone(), format!("{:.6}", m.value), m.step.to_string()])
+            .collect();
         println!("\n{}", table(&["METRIC", "LATEST", "STEP"], &rows));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Result<ExitCode> {
-    let req = pb::StreamMetricsRequest { run_id: run_id.into(), follow, from_seq: 0 };
-    let mut stream = connect(remote).await?.stream_metrics(req).await.map_err(status_error)?.into_inner();
+    let req = pb::StreamMetricsRequest {
+        run_id: run_id.into(),
+        follow,
+        from_seq: 0,
+    };
+    let mut stream = connect(remote)
+        .await?
+        .stream_metrics(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
     if !remote.json {
         println!("{}", table(&["STEP", "RANK", "METRIC", "VALUE"], &[]));
     }
@@ -136,7 +188,12 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
 }
 
 pub async fn cancel(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
-    let run = connect(remote).await?.cancel_run(pb::CancelRunRequest { run_id: run_id.into() }).await.map_err(status_error)?.into_inner();
+    let run = connect(remote)
+        .await?
+        .cancel_run(pb::CancelRunRequest { run_id: run_id.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
     if remote.json {
         println!("{}", run_json(&run));
     } else {
@@ -146,7 +203,12 @@ pub async fn cancel(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
-    let workers = connect(remote).await?.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
+    let workers = connect(remote)
+        .await?
+        .list_workers(pb::ListWorkersRequest {})
+        .await?
+        .into_inner()
+        .workers;
     if remote.json {
         let list: Vec<_> = workers
             .iter()
@@ -165,10 +227,20 @@ pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|w| {
                 let seen = unix_ms(w.last_heartbeat_unix_ms);
-                vec![w.worker_id.clone(), w.state.clone(), w.device_kind.clone(), w.peer_address.clone(), w.run_id.clone(), seen]
+                vec![
+                    w.worker_id.clone(),
+                    w.state.clone(),
+                    w.device_kind.clone(),
+                    w.peer_address.clone(),
+                    w.run_id.clone(),
+                    seen,
+                ]
             })
             .collect();
-        println!("{}", table(&["WORKER", "STATE", "DEVICE", "PEER", "RUN", "LAST HEARTBEAT"], &rows));
+        println!(
+            "{}",
+            table(&["WORKER", "STATE", "DEVICE", "PEER", "RUN", "LAST HEARTBEAT"], &rows)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -40,9 +40,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dataset = dir.join("dataset");
     ensure_dataset(&dataset, args.cases).await?;
 
-    let server = coordinator::server::start("127.0.0.1:0".parse()?, &dir.join("coordinator"), Default::default()).await?;
+    let server =
+        coordinator::server::start("127.0.0.1:0".parse()?, &dir.join("coordinator"), Default::default()).await?;
     let endpoint = format!("http://{}", server.addr);
-    println!("coordinator listening on {} (store: {})", server.addr, dir.join("coordinator").display());
+    println!(
+        "coordinator listening on {} (store: {})",
+        server.addr,
+        dir.join("coordinator").display()
+    );
 
     let mut spec = RunSpec::from_toml(DEMO_SPEC, "configs/demo.toml")?;
     spec.dataset.url = dataset.display().to_string();
@@ -80,11 +85,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(130));
         }
     };
-    let detail = client.get_run(pb::GetRunRequest { run_id: run.run_id.clone() }).await?.into_inner();
+    let detail = client
+        .get_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await?
+        .into_inner();
     let info = detail.run.clone().unwrap_or_default();
     server.coordinator.begin_shutdown().await;
     for child in &mut children {
-        if tokio::time::timeout(Duration::from_secs(20), child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .is_err()
+        {
             let _ = child.kill().await;
         }
     }
@@ -95,7 +108,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     print_dice(&mut client, &run.run_id).await?;
-    let final_ckpt = detail.checkpoints.iter().find(|c| c.is_final).map(|c| c.prefix.clone()).unwrap_or_default();
+    let final_ckpt = detail
+        .checkpoints
+        .iter()
+        .find(|c| c.is_final)
+        .map(|c| c.prefix.clone())
+        .unwrap_or_default();
     println!("\nfinal checkpoint: {}", dir.join("store").join(final_ckpt).display());
     println!("demo finished in {:.0}s", started.elapsed().as_secs_f64());
     server.stop().await?;
@@ -104,11 +122,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
 async fn ensure_dataset(dataset: &Path, cases: usize) -> anyhow::Result<()> {
     let (store, root) = worker::data::store_from_url(&dataset.display().to_string())?;
-    if worker::data::list_cases(store.as_ref(), &root).await.is_ok_and(|c| !c.is_empty()) {
+    if worker::data::list_cases(store.as_ref(), &root)
+        .await
+        .is_ok_and(|c| !c.is_empty())
+    {
         return Ok(());
     }
     println!("synthesising {cases} phantom CT cases into {} ...", dataset.display());
-    let opts = worker::data::SynthOptions { cases, ..Default::default() };
+    let opts = worker::data::SynthOptions {
+        cases,
+        ..Default::default()
+    };
     let out = dataset.to_path_buf();
     tokio::task::spawn_blocking(move || worker::data::write_phantom_dataset(&out, &opts)).await??;
     Ok(())
@@ -143,7 +167,11 @@ async fn follow_progress(
     run_id: &str,
     total: u64,
 ) -> anyhow::Result<String> {
-    let req = pb::StreamMetricsRequest { run_id: run_id.into(), follow: true, from_seq: 0 };
+    let req = pb::StreamMetricsRequest {
+        run_id: run_id.into(),
+        follow: true,
+        from_seq: 0,
+    };
     let mut stream = client.stream_metrics(req).await?.into_inner();
     let started = Instant::now();
     let mut first_step: Option<(u64, Instant)> = None;
@@ -152,13 +180,21 @@ async fn follow_progress(
         if !record.run_state.is_empty() {
             return Ok(record.run_state);
         }
-        let Some(m) = record.metric.filter(|m| m.rank == 0) else { continue };
+        let Some(m) = record.metric.filter(|m| m.rank == 0) else {
+            continue;
+        };
         match m.name.as_str() {
-            "eval/large_organ_dice" if m.step == 0 => println!("untrained model: large-organ Dice {:.3} on held-out cases", m.value),
+            "eval/large_organ_dice" if m.step == 0 => {
+                println!("untrained model: large-organ Dice {:.3} on held-out cases", m.value)
+            }
             "train/loss" => loss = m.value,
             "train/step_seconds" => {
                 let (s0, t0) = *first_step.get_or_insert((m.step, Instant::now()));
-                let rate = if m.step > s0 { (m.step - s0) as f64 / t0.elapsed().as_secs_f64() } else { 1.0 / m.value.max(1e-9) };
+                let rate = if m.step > s0 {
+                    (m.step - s0) as f64 / t0.elapsed().as_secs_f64()
+                } else {
+                    1.0 / m.value.max(1e-9)
+                };
                 let eta = total.saturating_sub(m.step) as f64 / rate.max(1e-9);
                 println!(
                     "step {:>5}/{total}  loss {loss:.4}  {rate:.2} steps/s  elapsed {:>4.0}s  eta {eta:>4.0}s",
@@ -176,7 +212,11 @@ async fn print_dice(
     client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
     run_id: &str,
 ) -> anyhow::Result<()> {
-    let req = pb::StreamMetricsRequest { run_id: run_id.into(), follow: false, from_seq: 0 };
+    let req = pb::StreamMetricsRequest {
+        run_id: run_id.into(),
+        follow: false,
+        from_seq: 0,
+    };
     let mut stream = client.stream_metrics(req).await?.into_inner();
     let (mut before, mut after) = (std::collections::HashMap::new(), std::collections::HashMap::new());
     let mut final_step = 0;
@@ -188,7 +228,13 @@ async fn print_dice(
         }
     }
     for m in points {
-        let target = if m.step == 0 { &mut before } else if m.step == final_step { &mut after } else { continue };
+        let target = if m.step == 0 {
+            &mut before
+        } else if m.step == final_step {
+            &mut after
+        } else {
+            continue;
+        };
         target.insert(m.name, m.value);
     }
     println!("\nper-class Dice on held-out cases (untrained -> trained):");
@@ -196,7 +242,11 @@ async fn print_dice(
     for class in CLASSES {
         let key = format!("eval/dice/{class}");
         let marker = if LARGE_ORGANS.contains(&class) { "  *" } else { "" };
-        println!("  {class:<30} {:>6} -> {:>6}{marker}", fmt(before.get(&key)), fmt(after.get(&key)));
+        println!(
+            "  {class:<30} {:>6} -> {:>6}{marker}",
+            fmt(before.get(&key)),
+            fmt(after.get(&key))
+        );
     }
     println!(
         "  {:<30} {:>6} -> {:>6}\n  {:<30} {:>6} -> {:>6}   (* large organs: liver, lungs, femurs)",

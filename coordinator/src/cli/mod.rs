@@ -24,7 +24,12 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct Remote {
     /// Coordinator gRPC endpoint.
-    #[arg(long, global = true, env = "VOXELFLEET_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "VOXELFLEET_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub coordinator: String,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -116,14 +121,24 @@ enum DatasetCommand {
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
-    let parts: Vec<usize> = s.split(',').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("`{s}`: {e}"))?;
-    parts.try_into().map_err(|_| format!("`{s}`: expected three comma-separated sizes, like 64,64,64"))
+    let parts: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("`{s}`: {e}"))?;
+    parts
+        .try_into()
+        .map_err(|_| format!("`{s}`: expected three comma-separated sizes, like 64,64,64"))
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo draws its own progress display; the service logs would interleave with it.
-    worker::telemetry::init(if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
+    worker::telemetry::init(if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -142,18 +157,38 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { listen, data_dir, dead_after_secs } => serve(listen, data_dir, dead_after_secs).await,
+        Command::Serve {
+            listen,
+            data_dir,
+            dead_after_secs,
+        } => serve(listen, data_dir, dead_after_secs).await,
         Command::Submit { spec, remote } => client::submit(&remote, &spec).await,
         Command::Runs { remote } => client::runs(&remote).await,
         Command::Show { run, remote } => client::show(&remote, &run).await,
         Command::Metrics { run, follow, remote } => client::metrics(&remote, &run, follow).await,
         Command::Cancel { run, remote } => client::cancel(&remote, &run).await,
         Command::Workers { remote } => client::workers(&remote).await,
-        Command::Dataset(DatasetCommand::Synth { cases, out, seed, shape }) => {
-            let opts = worker::data::SynthOptions { cases, seed, shape, ..Default::default() };
+        Command::Dataset(DatasetCommand::Synth {
+            cases,
+            out,
+            seed,
+            shape,
+        }) => {
+            let opts = worker::data::SynthOptions {
+                cases,
+                seed,
+                shape,
+                ..Default::default()
+            };
             let started = std::time::Instant::now();
             let ids = tokio::task::spawn_blocking(move || worker::data::write_phantom_dataset(&out, &opts)).await??;
-            println!("wrote {} cases ({} .. {}) in {:.1}s", ids.len(), ids[0], ids[ids.len() - 1], started.elapsed().as_secs_f64());
+            println!(
+                "wrote {} cases ({} .. {}) in {:.1}s",
+                ids.len(),
+                ids[0],
+                ids[ids.len() - 1],
+                started.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).await,
@@ -168,7 +203,11 @@ async fn serve(listen: SocketAddr, data_dir: PathBuf, dead_after_secs: u64) -> a
     let timing = coordinator::core::Timing::with_dead_after(std::time::Duration::from_secs(dead_after_secs.max(1)));
     let mut server = coordinator::server::start(listen, &data_dir, timing).await?;
     // Tests and scripts read the bound address from this line.
-    println!("coordinator listening on {} (store: {})", server.addr, data_dir.display());
+    println!(
+        "coordinator listening on {} (store: {})",
+        server.addr,
+        data_dir.display()
+    );
     tokio::select! {
         r = server.wait() => r?,
         _ = tokio::signal::ctrl_c() => {

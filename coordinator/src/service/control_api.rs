@@ -34,13 +34,27 @@ pub fn run_info(r: &RunRecord) -> pb::RunInfo {
 }
 
 fn metric(m: &MetricRecord) -> pb::Metric {
-    pb::Metric { rank: m.rank, step: m.step, name: m.name.clone(), value: m.value, unix_ms: m.unix_ms }
+    pb::Metric {
+        rank: m.rank,
+        step: m.step,
+        name: m.name.clone(),
+        value: m.value,
+        unix_ms: m.unix_ms,
+    }
 }
 
 fn checkpoint_info(c: &CheckpointRecord) -> pb::CheckpointInfo {
     pb::CheckpointInfo {
         step: c.step,
-        files: c.files.iter().map(|f| pb::CheckpointFile { key: f.key.clone(), sha256: f.sha256.clone(), bytes: f.bytes }).collect(),
+        files: c
+            .files
+            .iter()
+            .map(|f| pb::CheckpointFile {
+                key: f.key.clone(),
+                sha256: f.sha256.clone(),
+                bytes: f.bytes,
+            })
+            .collect(),
         is_final: c.is_final,
         committed_unix_ms: c.committed_unix_ms,
         prefix: c.prefix.clone(),
@@ -65,7 +79,11 @@ type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricRecord, Status>> 
 impl ControlService for ControlApi {
     async fn submit_run(&self, req: Request<pb::SubmitRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
         let req = req.into_inner();
-        let source = if req.source_name.is_empty() { "submitted spec" } else { req.source_name.as_str() };
+        let source = if req.source_name.is_empty() {
+            "submitted spec"
+        } else {
+            req.source_name.as_str()
+        };
         let run = self.0.submit(&req.spec_toml, source).await?;
         tracing::info!(run = %run.id, name = %run.name, world_size = run.world_size, "run submitted");
         Ok(Response::new(run_info(&run)))
@@ -73,7 +91,9 @@ impl ControlService for ControlApi {
 
     async fn list_runs(&self, _: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
         let runs = self.0.store().runs().map_err(crate::core::CoordError::from)?;
-        Ok(Response::new(pb::ListRunsResponse { runs: runs.iter().map(run_info).collect() }))
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: runs.iter().map(run_info).collect(),
+        }))
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::RunDetail>, Status> {
@@ -118,15 +138,24 @@ impl ControlService for ControlApi {
         Ok(Response::new(run_info(&self.0.cancel(&run_id).await?)))
     }
 
-    async fn list_workers(&self, _: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self.0.workers().await?;
-        Ok(Response::new(pb::ListWorkersResponse { workers: workers.iter().map(worker_info).collect() }))
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: workers.iter().map(worker_info).collect(),
+        }))
     }
 }
 
 /// Sends stored points from `from_seq` on; with `follow`, keeps sending until the run ends and
 /// then closes with a record that carries the final state.
-async fn follow_metrics(coord: Arc<Coordinator>, req: pb::StreamMetricsRequest, tx: mpsc::Sender<Result<pb::MetricRecord, Status>>) {
+async fn follow_metrics(
+    coord: Arc<Coordinator>,
+    req: pb::StreamMetricsRequest,
+    tx: mpsc::Sender<Result<pb::MetricRecord, Status>>,
+) {
     let mut progress = coord.subscribe_progress();
     let mut next = req.from_seq;
     loop {
@@ -142,14 +171,24 @@ async fn follow_metrics(coord: Arc<Coordinator>, req: pb::StreamMetricsRequest, 
         };
         for (seq, m) in points {
             next = seq + 1;
-            let record = pb::MetricRecord { seq, metric: Some(metric(&m)), run_state: String::new() };
+            let record = pb::MetricRecord {
+                seq,
+                metric: Some(metric(&m)),
+                run_state: String::new(),
+            };
             if tx.send(Ok(record)).await.is_err() {
                 return; // the client went away
             }
         }
         if !req.follow || state.is_terminal() || state == crate::records::RunState::Interrupted {
             if req.follow {
-                let _ = tx.send(Ok(pb::MetricRecord { seq: next, metric: None, run_state: state.to_string() })).await;
+                let _ = tx
+                    .send(Ok(pb::MetricRecord {
+                        seq: next,
+                        metric: None,
+                        run_state: state.to_string(),
+                    }))
+                    .await;
             }
             return;
         }

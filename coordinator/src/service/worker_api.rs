@@ -20,7 +20,9 @@ impl WorkerService for WorkerApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
         if req.peer_address.is_empty() {
-            return Err(Status::invalid_argument("peer_address must name the worker's collective endpoint"));
+            return Err(Status::invalid_argument(
+                "peer_address must name the worker's collective endpoint",
+            ));
         }
         let worker = self.0.register(req).await?;
         tracing::info!(worker = %worker.id, peer = %worker.peer_address, device = %worker.device_kind, "worker registered");

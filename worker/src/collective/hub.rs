@@ -16,7 +16,10 @@ use tonic::{Request, Response, Status, Streaming};
 /// Chunks buffered per inbox; with 1 MiB chunks this bounds memory per run to 64 MiB.
 const INBOX_CHUNKS: usize = 64;
 
-type Inbox = (mpsc::Sender<pb::CollectiveChunk>, Option<mpsc::Receiver<pb::CollectiveChunk>>);
+type Inbox = (
+    mpsc::Sender<pb::CollectiveChunk>,
+    Option<mpsc::Receiver<pb::CollectiveChunk>>,
+);
 
 #[derive(Clone, Default)]
 pub struct CollectiveHub {
@@ -73,7 +76,12 @@ impl Collective for CollectiveHub {
         };
         // Tell the local ring its left neighbour is gone, so a receive in progress fails now
         // instead of at its deadline. After a clean end of run nobody is listening any more.
-        let closed = pb::CollectiveChunk { run_id: hello.run_id, from_rank: hello.from_rank, hello: true, ..Default::default() };
+        let closed = pb::CollectiveChunk {
+            run_id: hello.run_id,
+            from_rank: hello.from_rank,
+            hello: true,
+            ..Default::default()
+        };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), inbox.send(closed)).await;
         outcome.map(|()| Response::new(pb::LinkClosed {}))
     }

@@ -16,7 +16,10 @@ use thiserror::Error;
 impl CollectiveError {
     /// The error means a peer is gone or unreachable, not that this run is broken.
     pub fn is_peer_loss(&self) -> bool {
-        matches!(self, CollectiveError::Connect { .. } | CollectiveError::Timeout { .. } | CollectiveError::LinkClosed { .. })
+        matches!(
+            self,
+            CollectiveError::Connect { .. } | CollectiveError::Timeout { .. } | CollectiveError::LinkClosed { .. }
+        )
     }
 }
 
@@ -25,11 +28,25 @@ pub enum CollectiveError {
     #[error("cannot reach rank {rank} at {addr}: {message}")]
     Connect { rank: u32, addr: String, message: String },
     #[error("collective op {op} ring step {step}: nothing from rank {from_rank} within {timeout_ms} ms")]
-    Timeout { op: u64, step: u32, from_rank: u32, timeout_ms: u128 },
+    Timeout {
+        op: u64,
+        step: u32,
+        from_rank: u32,
+        timeout_ms: u128,
+    },
     #[error("collective link to rank {rank} closed: {message}")]
     LinkClosed { rank: u32, message: String },
-    #[error("collective out of step: expected op {expected_op} ring step {expected_step} at offset {expected_offset}, got op {op} ring step {step} at offset {offset}")]
-    Desync { expected_op: u64, expected_step: u32, expected_offset: u64, op: u64, step: u32, offset: u64 },
+    #[error(
+        "collective out of step: expected op {expected_op} ring step {expected_step} at offset {expected_offset}, got op {op} ring step {step} at offset {offset}"
+    )]
+    Desync {
+        expected_op: u64,
+        expected_step: u32,
+        expected_offset: u64,
+        op: u64,
+        step: u32,
+        offset: u64,
+    },
     #[error("collective chunk of {bytes} bytes is not a whole number of f32 values or overruns its segment")]
     BadChunk { bytes: usize },
     #[error("collective aborted: {reason}")]

@@ -48,7 +48,11 @@ impl Ring {
     ) -> Result<Ring, CollectiveError> {
         let world = peers.len() as u32;
         if world == 0 || rank >= world {
-            return Err(CollectiveError::BadTopology { rank, world, peers: peers.len() });
+            return Err(CollectiveError::BadTopology {
+                rank,
+                world,
+                peers: peers.len(),
+            });
         }
         let mut ring = Ring {
             run_id: run_id.to_string(),
@@ -70,8 +74,16 @@ impl Ring {
         })?);
         let right = (rank + 1) % world;
         let addr = &peers[right as usize];
-        let endpoint = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-        let connect_err = |message: String| CollectiveError::Connect { rank: right, addr: addr.clone(), message };
+        let endpoint = if addr.contains("://") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        let connect_err = |message: String| CollectiveError::Connect {
+            rank: right,
+            addr: addr.clone(),
+            message,
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         let client = loop {
             match CollectiveClient::connect(endpoint.clone()).await {
@@ -84,9 +96,14 @@ impl Ring {
             .max_decoding_message_size(2 * protocol::MAX_CHUNK_BYTES)
             .max_encoding_message_size(2 * protocol::MAX_CHUNK_BYTES);
         let (tx, rx) = mpsc::channel(16);
-        tx.send(pb::CollectiveChunk { run_id: run_id.to_string(), from_rank: rank, hello: true, ..Default::default() })
-            .await
-            .map_err(|_| connect_err("link closed before hello".into()))?;
+        tx.send(pb::CollectiveChunk {
+            run_id: run_id.to_string(),
+            from_rank: rank,
+            hello: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| connect_err("link closed before hello".into()))?;
         let link_run = run_id.to_string();
         // Detached: it ends by itself when the outbox is dropped and its queue has drained.
         tokio::spawn(async move {
@@ -125,7 +142,8 @@ impl Ring {
         for s in 0..w - 1 {
             let send = segment_bounds(n, w, (r + 1 + w - s) % w);
             let recv = segment_bounds(n, w, (r + w - s) % w);
-            self.exchange((w - 1 + s) as u32, data, send, recv, Combine::Overwrite).await?;
+            self.exchange((w - 1 + s) as u32, data, send, recv, Combine::Overwrite)
+                .await?;
         }
         Ok(())
     }
@@ -156,8 +174,18 @@ impl Ring {
             for chunk in outgoing {
                 match tokio::time::timeout(timeout, outbox.send(chunk)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Err(CollectiveError::LinkClosed { rank: right, message: "stream ended".into() }),
-                    Err(_) => return Err(CollectiveError::LinkClosed { rank: right, message: format!("send blocked for {timeout:?}") }),
+                    Ok(Err(_)) => {
+                        return Err(CollectiveError::LinkClosed {
+                            rank: right,
+                            message: "stream ended".into(),
+                        });
+                    }
+                    Err(_) => {
+                        return Err(CollectiveError::LinkClosed {
+                            rank: right,
+                            message: format!("send blocked for {timeout:?}"),
+                        });
+                    }
                 }
             }
             Ok(())
@@ -204,7 +232,12 @@ impl Ring {
         while at < range.end {
             let chunk = match tokio::time::timeout(self.timeout, inbox.recv()).await {
                 Ok(Some(c)) => c,
-                Ok(None) => return Err(CollectiveError::LinkClosed { rank: left, message: "inbox closed".into() }),
+                Ok(None) => {
+                    return Err(CollectiveError::LinkClosed {
+                        rank: left,
+                        message: "inbox closed".into(),
+                    });
+                }
                 Err(_) => {
                     return Err(CollectiveError::Timeout {
                         op: self.op,
@@ -215,7 +248,10 @@ impl Ring {
                 }
             };
             if chunk.hello {
-                return Err(CollectiveError::LinkClosed { rank: left, message: "the neighbour closed its link".into() });
+                return Err(CollectiveError::LinkClosed {
+                    rank: left,
+                    message: "the neighbour closed its link".into(),
+                });
             }
             if chunk.op != self.op || chunk.ring_step != step || chunk.offset != at as u64 {
                 return Err(CollectiveError::Desync {
@@ -229,9 +265,14 @@ impl Ring {
             }
             let count = chunk.data.len() / 4;
             if chunk.data.len() % 4 != 0 || count == 0 || at + count > range.end {
-                return Err(CollectiveError::BadChunk { bytes: chunk.data.len() });
+                return Err(CollectiveError::BadChunk {
+                    bytes: chunk.data.len(),
+                });
             }
-            let values = chunk.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let values = chunk
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             match combine {
                 Combine::Add => data[at..at + count].iter_mut().zip(values).for_each(|(x, v)| *x += v),
                 Combine::Overwrite => data[at..at + count].iter_mut().zip(values).for_each(|(x, v)| *x = v),

@@ -71,11 +71,7 @@ async fn fetch(store: &dyn ObjectStore, key: &Path) -> Result<bytes::Bytes, Data
 /// Loads one case: the CT windowed to 0..1 and the 25 masks folded into a bitmask per voxel, all
 /// in `[z, y, x]` order (NIfTI's `x, y, z` axes reversed; no reorientation or resampling is done
 /// here, the files are expected to be RAS at the training spacing already).
-pub async fn load_case(
-    store: &dyn ObjectStore,
-    root: &Path,
-    case_id: &str,
-) -> Result<CaseVolume, DataError> {
+pub async fn load_case(store: &dyn ObjectStore, root: &Path, case_id: &str) -> Result<CaseVolume, DataError> {
     validate_case_id(case_id)?;
     let key = ct_key(root, case_id);
     let bytes = fetch(store, &key).await?;
@@ -117,12 +113,7 @@ pub async fn load_case(
             }
         }
     }
-    Ok(CaseVolume::new(
-        case_id.to_string(),
-        ct.shape,
-        image,
-        labels,
-    ))
+    Ok(CaseVolume::new(case_id.to_string(), ct.shape, image, labels))
 }
 
 /// Lists the case folders directly under `root` that hold a `ct.nii.gz`, sorted. Folder names that
@@ -149,14 +140,9 @@ pub async fn list_cases(store: &dyn ObjectStore, root: &Path) -> Result<Vec<Stri
         }
     }))
     .buffer_unordered(32);
-    let mut cases: Vec<String> = checks
-        .try_filter_map(|id| async move { Ok(id) })
-        .try_collect()
-        .await?;
+    let mut cases: Vec<String> = checks.try_filter_map(|id| async move { Ok(id) }).try_collect().await?;
     if cases.is_empty() {
-        return Err(DataError::NoCases {
-            url: root.to_string(),
-        });
+        return Err(DataError::NoCases { url: root.to_string() });
     }
     cases.sort();
     Ok(cases)
@@ -196,9 +182,7 @@ pub fn store_from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), DataErr
             if path.is_absolute() {
                 path
             } else {
-                std::env::current_dir()
-                    .map_err(|e| DataError::io(".", e))?
-                    .join(path)
+                std::env::current_dir().map_err(|e| DataError::io(".", e))?.join(path)
             }
         }
     };

@@ -84,9 +84,7 @@ async fn float_ct_decodes_in_z_y_x_order() {
 async fn uncompressed_nifti_with_scaling_is_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = phantom(dir.path(), 1);
-    let before = load_case(&store, &root(), "BDMAP_00000001")
-        .await
-        .expect("load");
+    let before = load_case(&store, &root(), "BDMAP_00000001").await.expect("load");
 
     // Inflate the CT and set scl_slope = 0.5, scl_inter = -20 (bytes 112..120 of the header),
     // then store it uncompressed under the same .nii.gz key: the loader goes by magic, not name.
@@ -99,9 +97,7 @@ async fn uncompressed_nifti_with_scaling_is_accepted() {
     raw[116..120].copy_from_slice(&(-20.0f32).to_le_bytes());
     fs::write(&path, &raw).expect("write");
 
-    let after = load_case(&store, &root(), "BDMAP_00000001")
-        .await
-        .expect("load scaled");
+    let after = load_case(&store, &root(), "BDMAP_00000001").await.expect("load scaled");
     assert_eq!(after.labels, before.labels);
     let hu = |v: f32| v * 425.0 - 175.0;
     // Compare where the original is unclipped, so the window is invertible.
@@ -130,20 +126,14 @@ async fn truncated_ct_names_its_key() {
         matches!(err, DataError::Corrupt { .. } | DataError::Nifti { .. }),
         "{err:?}"
     );
-    assert!(
-        err.to_string().contains("BDMAP_00000001/ct.nii.gz"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("BDMAP_00000001/ct.nii.gz"), "{err}");
 
     // Garbage that is not gzip either fails as NIfTI, still naming the key.
     fs::write(&path, b"definitely not a nifti file").expect("garbage");
     let err = load_case(&store, &root(), "BDMAP_00000001")
         .await
         .expect_err("must fail");
-    assert!(
-        err.to_string().contains("BDMAP_00000001/ct.nii.gz"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("BDMAP_00000001/ct.nii.gz"), "{err}");
 }
 
 #[tokio::test]
@@ -170,27 +160,15 @@ async fn inconsistent_bitpix_is_an_error_not_a_panic() {
 async fn mismatched_mask_shape_names_the_mask() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = phantom(dir.path(), 1);
-    let path = dir
-        .path()
-        .join("BDMAP_00000001/segmentations/spleen.nii.gz");
+    let path = dir.path().join("BDMAP_00000001/segmentations/spleen.nii.gz");
     let info = HeaderInfo {
         spacing_mm: 1.5,
         description: "wrong",
         is_label: true,
     };
-    write_gz(
-        &path,
-        [16, 20, 23],
-        Voxels::U8(&vec![0u8; 16 * 20 * 23]),
-        &info,
-    )
-    .expect("write");
+    write_gz(&path, [16, 20, 23], Voxels::U8(&vec![0u8; 16 * 20 * 23]), &info).expect("write");
     match load_case(&store, &root(), "BDMAP_00000001").await {
-        Err(DataError::ShapeMismatch {
-            key,
-            expected,
-            found,
-        }) => {
+        Err(DataError::ShapeMismatch { key, expected, found }) => {
             assert_eq!(key, "BDMAP_00000001/segmentations/spleen.nii.gz");
             assert_eq!((expected, found), ([16, 20, 24], [16, 20, 23]));
         }
@@ -202,11 +180,7 @@ async fn mismatched_mask_shape_names_the_mask() {
 async fn missing_mask_names_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = phantom(dir.path(), 1);
-    fs::remove_file(
-        dir.path()
-            .join("BDMAP_00000001/segmentations/rectum.nii.gz"),
-    )
-    .expect("rm");
+    fs::remove_file(dir.path().join("BDMAP_00000001/segmentations/rectum.nii.gz")).expect("rm");
     match load_case(&store, &root(), "BDMAP_00000001").await {
         Err(DataError::Missing { key }) => {
             assert_eq!(key, "BDMAP_00000001/segmentations/rectum.nii.gz")
@@ -232,10 +206,7 @@ async fn invalid_case_ids_are_rejected_before_any_key_is_built() {
         &"x".repeat(129),
     ] {
         let err = load_case(&store, &root(), bad).await.expect_err(bad);
-        assert!(
-            matches!(err, DataError::InvalidCaseId { .. }),
-            "{bad:?}: {err:?}"
-        );
+        assert!(matches!(err, DataError::InvalidCaseId { .. }), "{bad:?}: {err:?}");
     }
     for good in ["BDMAP_00000001", "case-1.v2", "A"] {
         validate_case_id(good).expect(good);
@@ -270,9 +241,7 @@ async fn store_from_url_accepts_file_urls_and_paths() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("atlas dir");
     phantom(&data, 1);
-    let url = url::Url::from_directory_path(&data)
-        .expect("url")
-        .to_string();
+    let url = url::Url::from_directory_path(&data).expect("url").to_string();
     assert!(url.contains("%20"), "{url}");
     for spec in [url.as_str(), data.to_str().expect("utf8")] {
         let (store, prefix) = store_from_url(spec).expect(spec);

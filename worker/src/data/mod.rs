@@ -65,9 +65,7 @@ pub enum DataError {
     #[error("no case folders with a ct.nii.gz under {url}")]
     NoCases { url: String },
 
-    #[error(
-        "dataset URL {url:?} uses scheme {scheme:?}; this build supports file:// URLs and plain local paths"
-    )]
+    #[error("dataset URL {url:?} uses scheme {scheme:?}; this build supports file:// URLs and plain local paths")]
     UnsupportedScheme { url: String, scheme: String },
 
     #[error("dataset URL {url:?} is not usable: {reason}")]
@@ -88,9 +86,7 @@ impl DataError {
     /// mask (the dataset is incomplete) from a flaky store (worth a retry).
     pub(crate) fn store(key: &object_store::path::Path, source: object_store::Error) -> Self {
         match source {
-            object_store::Error::NotFound { .. } => DataError::Missing {
-                key: key.to_string(),
-            },
+            object_store::Error::NotFound { .. } => DataError::Missing { key: key.to_string() },
             source => DataError::Store {
                 key: key.to_string(),
                 source,

@@ -45,9 +45,7 @@ pub(crate) fn decode<T: DataElement>(bytes: &[u8], key: &str) -> Result<Decoded<
             .read_to_end(&mut out)
             .map_err(|e| corrupt(format!("gzip stream: {e}")))?;
         if out.len() as u64 > MAX_DECODED_BYTES {
-            return Err(corrupt(format!(
-                "inflates to more than {MAX_DECODED_BYTES} bytes"
-            )));
+            return Err(corrupt(format!("inflates to more than {MAX_DECODED_BYTES} bytes")));
         }
         Cow::Owned(out)
     } else {
@@ -82,18 +80,13 @@ pub(crate) fn decode<T: DataElement>(bytes: &[u8], key: &str) -> Result<Decoded<
     }
     let dims = header.dim().map_err(nifti_err)?;
     if dims.len() < 3 || dims[3..].iter().any(|&d| d != 1) {
-        return Err(corrupt(format!(
-            "dims {dims:?} are not a single 3-D volume"
-        )));
+        return Err(corrupt(format!("dims {dims:?} are not a single 3-D volume")));
     }
     let shape = [dims[2] as usize, dims[1] as usize, dims[0] as usize];
 
     let object = InMemNiftiObject::from_reader(&raw[..]).map_err(nifti_err)?;
     drop(raw);
-    let array = object
-        .into_volume()
-        .into_ndarray::<T>()
-        .map_err(nifti_err)?;
+    let array = object.into_volume().into_ndarray::<T>().map_err(nifti_err)?;
     // Reversing the axes of a Fortran-ordered [x, y, z(, 1...)] array gives a C-ordered
     // [(1..., ) z, y, x] one whose memory is already our layout.
     let reversed = array.reversed_axes();

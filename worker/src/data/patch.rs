@@ -151,10 +151,7 @@ mod tests {
             .filter(|_| sample_patch(&vol, [1, 1, 1], &mut rng).labels[4] == 1.0)
             .count();
         let fraction = hits as f64 / draws as f64;
-        assert!(
-            (0.55..=0.78).contains(&fraction),
-            "foreground fraction {fraction}"
-        );
+        assert!((0.55..=0.78).contains(&fraction), "foreground fraction {fraction}");
     }
 
     #[test]

@@ -55,10 +55,7 @@ pub fn case_id(index: usize) -> String {
 /// folder and renamed into place, so a crash leaves either the old case, the new one, or (between
 /// the two renames) no folder at all, never a half-written case that looks complete. Staging names
 /// start with `.`, which `validate_case_id` rejects, so listings never pick them up.
-pub fn write_phantom_dataset(
-    out_dir: &Path,
-    opts: &SynthOptions,
-) -> Result<Vec<String>, DataError> {
+pub fn write_phantom_dataset(out_dir: &Path, opts: &SynthOptions) -> Result<Vec<String>, DataError> {
     validate(opts)?;
     fs::create_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
     let ids: Vec<String> = (0..opts.cases).map(case_id).collect();
@@ -78,10 +75,7 @@ pub fn write_phantom_dataset(
                         break;
                     }
                     if let Err(e) = write_case(out_dir, &ids[i], i, opts) {
-                        errors
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((i, e));
+                        errors.lock().unwrap_or_else(|p| p.into_inner()).push((i, e));
                     }
                 }
             });
@@ -97,27 +91,17 @@ pub fn write_phantom_dataset(
 
 fn validate(opts: &SynthOptions) -> Result<(), DataError> {
     let bad = |reason: String| Err(DataError::InvalidOptions { reason });
-    if opts
-        .shape
-        .iter()
-        .any(|&d| !(MIN_SIDE..=MAX_SIDE).contains(&d))
-    {
+    if opts.shape.iter().any(|&d| !(MIN_SIDE..=MAX_SIDE).contains(&d)) {
         return bad(format!(
             "shape {:?}: every side must be in {MIN_SIDE}..={MAX_SIDE}",
             opts.shape
         ));
     }
     if !(opts.spacing_mm.is_finite() && opts.spacing_mm > 0.0) {
-        return bad(format!(
-            "spacing_mm {} must be a positive number",
-            opts.spacing_mm
-        ));
+        return bad(format!("spacing_mm {} must be a positive number", opts.spacing_mm));
     }
     if opts.cases > 99_999_999 {
-        return bad(format!(
-            "{} cases do not fit the 8-digit BDMAP ids",
-            opts.cases
-        ));
+        return bad(format!("{} cases do not fit the 8-digit BDMAP ids", opts.cases));
     }
     Ok(())
 }
@@ -130,12 +114,7 @@ fn case_rng(seed: u64, index: usize) -> ChaCha8Rng {
     rng
 }
 
-fn write_case(
-    out_dir: &Path,
-    id: &str,
-    index: usize,
-    opts: &SynthOptions,
-) -> Result<(), DataError> {
+fn write_case(out_dir: &Path, id: &str, index: usize, opts: &SynthOptions) -> Result<(), DataError> {
     let phantom = render(opts.shape, &mut case_rng(opts.seed, index));
     let pid = std::process::id();
     let staging = out_dir.join(format!(".tmp-{id}-{pid}"));
@@ -227,10 +206,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = small(3, 11);
         let ids = write_phantom_dataset(dir.path(), &opts).expect("write");
-        assert_eq!(
-            ids,
-            vec!["BDMAP_00000001", "BDMAP_00000002", "BDMAP_00000003"]
-        );
+        assert_eq!(ids, vec!["BDMAP_00000001", "BDMAP_00000002", "BDMAP_00000003"]);
 
         let store = LocalFileSystem::new_with_prefix(dir.path()).expect("store");
         let root = object_store::path::Path::default();
@@ -251,20 +227,11 @@ mod tests {
             let femur = mean_inside(&vol, "femur_left").min(mean_inside(&vol, "femur_right"));
             let kidney = mean_inside(&vol, "kidney_left").min(mean_inside(&vol, "kidney_right"));
             let aorta = mean_inside(&vol, "aorta");
-            assert!(
-                (liver - window_hu(60.0)).abs() < 0.04,
-                "{id}: liver {liver}"
-            );
-            assert!(
-                (spleen - window_hu(50.0)).abs() < 0.04,
-                "{id}: spleen {spleen}"
-            );
+            assert!((liver - window_hu(60.0)).abs() < 0.04, "{id}: liver {liver}");
+            assert!((spleen - window_hu(50.0)).abs() < 0.04, "{id}: spleen {spleen}");
             assert!(lung < 0.02, "{id}: lungs {lung}");
             assert!(femur > 0.98, "{id}: femurs {femur}");
-            assert!(
-                kidney > liver + 0.15,
-                "{id}: kidney {kidney} vs liver {liver}"
-            );
+            assert!(kidney > liver + 0.15, "{id}: kidney {kidney} vs liver {liver}");
             assert!(aorta > liver + 0.2, "{id}: aorta {aorta} vs liver {liver}");
             // Outside the body is air, so the corner voxel windows to zero.
             assert_eq!(vol.image[0], 0.0);
@@ -293,13 +260,8 @@ mod tests {
             let path = case.join("segmentations").join(format!("{class}.nii.gz"));
             let bytes = fs::read(&path).expect("mask");
             assert_eq!(&bytes[..2], &[0x1f, 0x8b], "{class}");
-            let obj = nifti::ReaderOptions::new()
-                .read_file(&path)
-                .expect("decode mask");
-            assert_eq!(
-                obj.header().data_type().expect("datatype"),
-                nifti::NiftiType::Uint8
-            );
+            let obj = nifti::ReaderOptions::new().read_file(&path).expect("decode mask");
+            assert_eq!(obj.header().data_type().expect("datatype"), nifti::NiftiType::Uint8);
         }
         // Only finished cases are visible: no staging folders remain.
         let names: Vec<_> = fs::read_dir(dir.path())
@@ -320,22 +282,10 @@ mod tests {
         write_phantom_dataset(b.path(), &small(2, 5)).expect("b");
         write_phantom_dataset(c.path(), &small(2, 6)).expect("c");
         let ct = |d: &Path, id: &str| fs::read(d.join(id).join("ct.nii.gz")).expect("ct");
-        assert_eq!(
-            ct(a.path(), "BDMAP_00000001"),
-            ct(b.path(), "BDMAP_00000001")
-        );
-        assert_eq!(
-            ct(a.path(), "BDMAP_00000002"),
-            ct(b.path(), "BDMAP_00000002")
-        );
-        assert_ne!(
-            ct(a.path(), "BDMAP_00000001"),
-            ct(a.path(), "BDMAP_00000002")
-        );
-        assert_ne!(
-            ct(a.path(), "BDMAP_00000001"),
-            ct(c.path(), "BDMAP_00000001")
-        );
+        assert_eq!(ct(a.path(), "BDMAP_00000001"), ct(b.path(), "BDMAP_00000001"));
+        assert_eq!(ct(a.path(), "BDMAP_00000002"), ct(b.path(), "BDMAP_00000002"));
+        assert_ne!(ct(a.path(), "BDMAP_00000001"), ct(a.path(), "BDMAP_00000002"));
+        assert_ne!(ct(a.path(), "BDMAP_00000001"), ct(c.path(), "BDMAP_00000001"));
     }
 
     #[test]
@@ -345,10 +295,7 @@ mod tests {
         let stray = dir.path().join("BDMAP_00000001").join("stray.txt");
         fs::write(&stray, b"left over").expect("stray");
         write_phantom_dataset(dir.path(), &small(1, 2)).expect("second");
-        assert!(
-            !stray.exists(),
-            "the old folder was replaced, not merged into"
-        );
+        assert!(!stray.exists(), "the old folder was replaced, not merged into");
         let fresh = tempfile::tempdir().expect("fresh");
         write_phantom_dataset(fresh.path(), &small(1, 2)).expect("fresh");
         let ct = |d: &Path| fs::read(d.join("BDMAP_00000001").join("ct.nii.gz")).expect("ct");

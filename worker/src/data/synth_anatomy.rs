@@ -195,19 +195,10 @@ pub(crate) fn render(shape: [usize; 3], rng: &mut ChaCha8Rng) -> Phantom {
                         r[0] * size[0] * frame.scale * half[2],
                     ]
                     .map(|x| x.max(MIN_RADIUS_VOX));
-                    paint_blob(
-                        frame.shape,
-                        centre,
-                        radii,
-                        yaw + yaw_jitter,
-                        wobble,
-                        phase,
-                        &mut set,
-                    );
+                    paint_blob(frame.shape, centre, radii, yaw + yaw_jitter, wobble, phase, &mut set);
                 }
                 Shape::Tube { pts, r } => {
-                    let radius =
-                        (r * size[0] * frame.scale * half[1].min(half[2])).max(MIN_RADIUS_VOX);
+                    let radius = (r * size[0] * frame.scale * half[1].min(half[2])).max(MIN_RADIUS_VOX);
                     for seg in pts.windows(2) {
                         let mut a = frame.voxel(seg[0]);
                         let mut b = frame.voxel(seg[1]);

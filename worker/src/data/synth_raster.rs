@@ -35,8 +35,7 @@ pub(super) fn paint_blob(
                 let ry = (-sin * dx + cos * dy) / r[1];
                 let rz = dz / r[0];
                 let rho = (rx * rx + ry * ry + rz * rz).sqrt();
-                let limit = 1.0
-                    + wobble * (3.0 * ry.atan2(rx) + phase).sin() * (1.0 - rz.abs().min(1.0) * 0.5);
+                let limit = 1.0 + wobble * (3.0 * ry.atan2(rx) + phase).sin() * (1.0 - rz.abs().min(1.0) * 0.5);
                 if rho <= limit {
                     set((z * h + y) * w + x);
                 }
@@ -45,13 +44,7 @@ pub(super) fn paint_blob(
     }
 }
 
-pub(super) fn paint_segment(
-    shape: [usize; 3],
-    a: [f32; 3],
-    b: [f32; 3],
-    r: f32,
-    set: &mut impl FnMut(usize),
-) {
+pub(super) fn paint_segment(shape: [usize; 3], a: [f32; 3], b: [f32; 3], r: f32, set: &mut impl FnMut(usize)) {
     let [_, h, w] = shape;
     let ab = [b[0] - a[0], b[1] - a[1], b[2] - a[2]];
     let len2 = ab.iter().map(|v| v * v).sum::<f32>().max(1e-6);
@@ -93,27 +86,18 @@ mod tests {
     #[test]
     fn a_ball_has_about_its_volume_in_voxels() {
         let n = count([32, 32, 32], |set| {
-            paint_blob([32, 32, 32], [16.0; 3], [6.0; 3], 0.0, 0.0, 0.0, &mut |i| {
-                set(i)
-            })
+            paint_blob([32, 32, 32], [16.0; 3], [6.0; 3], 0.0, 0.0, 0.0, &mut |i| set(i))
         });
         let expected = 4.0 / 3.0 * std::f32::consts::PI * 216.0;
-        assert!(
-            (n as f32 - expected).abs() < 0.05 * expected,
-            "{n} vs {expected}"
-        );
+        assert!((n as f32 - expected).abs() < 0.05 * expected, "{n} vs {expected}");
     }
 
     #[test]
     fn a_tube_covers_its_length_and_clips_at_the_border() {
         let inside = count([32, 32, 32], |set| {
-            paint_segment(
-                [32, 32, 32],
-                [4.0, 16.0, 16.0],
-                [24.0, 16.0, 16.0],
-                2.0,
-                &mut |i| set(i),
-            )
+            paint_segment([32, 32, 32], [4.0, 16.0, 16.0], [24.0, 16.0, 16.0], 2.0, &mut |i| {
+                set(i)
+            })
         });
         // A 20-voxel cylinder of radius 2 plus two hemispherical caps.
         let expected = std::f32::consts::PI * 4.0 * 20.0 + 4.0 / 3.0 * std::f32::consts::PI * 8.0;
@@ -122,18 +106,9 @@ mod tests {
             "{inside} vs {expected}"
         );
         let clipped = count([32, 32, 32], |set| {
-            paint_segment(
-                [32, 32, 32],
-                [-10.0, 0.0, 0.0],
-                [40.0, 0.0, 0.0],
-                1.5,
-                &mut |i| set(i),
-            )
+            paint_segment([32, 32, 32], [-10.0, 0.0, 0.0], [40.0, 0.0, 0.0], 1.5, &mut |i| set(i))
         });
-        assert!(
-            clipped > 32,
-            "the in-volume part is still painted: {clipped}"
-        );
+        assert!(clipped > 32, "the in-volume part is still painted: {clipped}");
     }
 
     #[test]
@@ -143,9 +118,6 @@ mod tests {
         let xs: Vec<f32> = (0..20_000).map(|_| gaussian(&mut rng)).collect();
         let mean = xs.iter().sum::<f32>() / xs.len() as f32;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / xs.len() as f32;
-        assert!(
-            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
-            "mean {mean} var {var}"
-        );
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
     }
 }

@@ -41,16 +41,8 @@ impl CaseVolume {
     /// loader checks shapes against the files before calling this.
     pub fn new(id: String, shape: [usize; 3], image: Vec<f32>, labels: Vec<u32>) -> Self {
         let n = shape.iter().product::<usize>();
-        assert_eq!(
-            image.len(),
-            n,
-            "image length does not match shape {shape:?}"
-        );
-        assert_eq!(
-            labels.len(),
-            n,
-            "labels length does not match shape {shape:?}"
-        );
+        assert_eq!(image.len(), n, "image length does not match shape {shape:?}");
+        assert_eq!(labels.len(), n, "labels length does not match shape {shape:?}");
         assert!(
             n <= u32::MAX as usize,
             "volume of {n} voxels overflows u32 foreground indices"

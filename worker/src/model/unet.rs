@@ -160,11 +160,7 @@ impl UNet3dConfig {
 
     /// Builds the network with weights that depend only on `seed`, not on the backend's RNG, so
     /// every data-parallel rank starts bit-identical. See [`crate::train::params::reseed`].
-    pub fn init_seeded<B: Backend>(
-        &self,
-        device: &B::Device,
-        seed: u64,
-    ) -> Result<UNet3d<B>, ModelConfigError> {
+    pub fn init_seeded<B: Backend>(&self, device: &B::Device, seed: u64) -> Result<UNet3d<B>, ModelConfigError> {
         self.validate()?;
         crate::train::params::reseed(self.init(device), seed)
             // Unreachable for this network: every module it holds has a reseed rule.
@@ -187,9 +183,7 @@ impl<B: Backend> ConvBlock<B> {
                 // The norm subtracts the per-channel mean, so a bias here would be dead weight.
                 .with_bias(false)
                 .init(device),
-            norm: InstanceNormConfig::new(out_channels)
-                .with_affine(true)
-                .init(device),
+            norm: InstanceNormConfig::new(out_channels).with_affine(true).init(device),
         }
     }
 
@@ -243,10 +237,7 @@ impl<B: Backend> UNet3d<B> {
                 self.in_channels
             ));
         }
-        if [d, h, w]
-            .iter()
-            .any(|&s| s == 0 || s % self.size_multiple != 0)
-        {
+        if [d, h, w].iter().any(|&s| s == 0 || s % self.size_multiple != 0) {
             return Err(format!(
                 "spatial dims {d}x{h}x{w} must be positive multiples of {}",
                 self.size_multiple
@@ -317,10 +308,7 @@ mod tests {
             (UNet3dConfig::new().with_base_width(0), "base_width"),
             (UNet3dConfig::new().with_in_channels(0), "in_channels"),
             (UNet3dConfig::new().with_out_channels(0), "out_channels"),
-            (
-                UNet3dConfig::new().with_base_width(usize::MAX / 2),
-                "base_width",
-            ),
+            (UNet3dConfig::new().with_base_width(usize::MAX / 2), "base_width"),
         ] {
             let err = config.validate().unwrap_err();
             assert_eq!(err.field, field, "{err}");
@@ -344,16 +332,12 @@ mod tests {
         // per channel), 2x2x2 resampling convs with bias, 1x1x1 head with bias.
         let conv = |i: usize, o: usize| 27 * i * o + 2 * o;
         let (w0, w1, w2) = (8, 16, 32);
-        let encoders =
-            conv(1, w0) + conv(w0, w0) + conv(w0, w1) + conv(w1, w1) + conv(w1, w2) + conv(w2, w2);
+        let encoders = conv(1, w0) + conv(w0, w0) + conv(w0, w1) + conv(w1, w1) + conv(w1, w2) + conv(w2, w2);
         let downs = (8 * w0 * w0 + w0) + (8 * w1 * w1 + w1);
         let ups = (8 * w2 * w1 + w1) + (8 * w1 * w0 + w0);
         let decoders = conv(2 * w1, w1) + conv(w1, w1) + conv(2 * w0, w0) + conv(w0, w0);
         let head = w0 * 25 + 25;
         let model = tiny().with_depth(3).init::<Cpu>(&Default::default());
-        assert_eq!(
-            param_count(&model),
-            encoders + downs + ups + decoders + head
-        );
+        assert_eq!(param_count(&model), encoders + downs + ups + decoders + head);
     }
 }

@@ -110,11 +110,7 @@ pub fn model_to_bytes<B: Backend, M: Module<B>>(model: &M) -> Result<Vec<u8>, Co
 /// Loads weights written by [`model_to_bytes`] into `model`, a freshly initialised module of
 /// the same config (it supplies the structure and the device). Refuses blobs written for a
 /// different architecture.
-pub fn model_from_bytes<B: Backend, M: Module<B>>(
-    model: M,
-    bytes: &[u8],
-    device: &B::Device,
-) -> Result<M, CodecError> {
+pub fn model_from_bytes<B: Backend, M: Module<B>>(model: M, bytes: &[u8], device: &B::Device) -> Result<M, CodecError> {
     if bytes.len() < MODEL_HEADER_LEN || &bytes[..8] != MODEL_MAGIC {
         return Err(CodecError::BadHeader { expected: "model" });
     }
@@ -171,9 +167,7 @@ where
     O: SimpleOptimizer<B::InnerBackend>,
 {
     let Some(body) = bytes.strip_prefix(OPTIM_MAGIC.as_slice()) else {
-        return Err(CodecError::BadHeader {
-            expected: "optimizer",
-        });
+        return Err(CodecError::BadHeader { expected: "optimizer" });
     };
     let record: <OptimizerAdaptor<O, M, B> as Optimizer<M, B>>::Record = BytesRecorder::default()
         .load(body.to_vec(), device)
@@ -210,11 +204,7 @@ mod tests {
         let image: Vec<f32> = (0..512)
             .map(|i| ((i as u64 * 2654435761 + seed) % 97) as f32 / 97.0)
             .collect();
-        let labels: Vec<f32> = image
-            .iter()
-            .chain(&image)
-            .map(|v| (*v > 0.6) as u8 as f32)
-            .collect();
+        let labels: Vec<f32> = image.iter().chain(&image).map(|v| (*v > 0.6) as u8 as f32).collect();
         let x = Tensor::from_data(TensorData::new(image, [1, 1, 8, 8, 8]), &device);
         let y = Tensor::from_data(TensorData::new(labels, [1, 2, 8, 8, 8]), &device);
         let loss = bce_dice_loss(model.forward(x), y).total;
@@ -248,12 +238,7 @@ mod tests {
         assert!(matches!(err, CodecError::BadHeader { .. }), "{err}");
         let err = model_from_bytes(model.clone(), &bytes[..bytes.len() / 2], &device).unwrap_err();
         assert!(matches!(err, CodecError::Decode(_)), "{err}");
-        let err = model_from_bytes(
-            model,
-            b"VFOPTIM1 not a model at all, not at all....",
-            &device,
-        )
-        .unwrap_err();
+        let err = model_from_bytes(model, b"VFOPTIM1 not a model at all, not at all....", &device).unwrap_err();
         assert!(matches!(err, CodecError::BadHeader { .. }), "{err}");
     }
 
@@ -274,16 +259,14 @@ mod tests {
         let continued = step(model, &mut optim, 2);
 
         // Resumed run: a fresh process builds a model and optimiser, then loads both blobs.
-        let resumed_model =
-            model_from_bytes(config.init::<CpuTrain>(&device), &model_bytes, &device).unwrap();
+        let resumed_model = model_from_bytes(config.init::<CpuTrain>(&device), &model_bytes, &device).unwrap();
         let mut resumed_optim: Optim =
             optimizer_from_bytes(adamw.init(), &optim_bytes, &resumed_model, &device).unwrap();
         let resumed = step(resumed_model, &mut resumed_optim, 2);
         assert_eq!(weights_checksum(&continued), weights_checksum(&resumed));
 
         // Without the optimiser state the next step differs (AdamW's moments matter).
-        let resumed_model =
-            model_from_bytes(config.init::<CpuTrain>(&device), &model_bytes, &device).unwrap();
+        let resumed_model = model_from_bytes(config.init::<CpuTrain>(&device), &model_bytes, &device).unwrap();
         let mut fresh_optim: Optim = adamw.init();
         let cold = step(resumed_model, &mut fresh_optim, 2);
         assert_ne!(weights_checksum(&continued), weights_checksum(&cold));
@@ -301,17 +284,11 @@ mod tests {
         let err = optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), &bytes, &other, &device)
             .err()
             .unwrap();
-        assert!(
-            matches!(err, CodecError::ForeignOptimizerState { .. }),
-            "{err}"
-        );
-        assert!(
-            optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), &bytes, &model, &device).is_ok()
-        );
-        let err =
-            optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), b"VFMODEL1", &model, &device)
-                .err()
-                .unwrap();
+        assert!(matches!(err, CodecError::ForeignOptimizerState { .. }), "{err}");
+        assert!(optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), &bytes, &model, &device).is_ok());
+        let err = optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), b"VFMODEL1", &model, &device)
+            .err()
+            .unwrap();
         assert!(matches!(err, CodecError::BadHeader { .. }), "{err}");
     }
 }

@@ -49,7 +49,12 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
 
 /// Runs `model` over each whole volume (padded at the far end to `multiple`, the padding cut
 /// off again before scoring) and aggregates Dice.
-pub fn evaluate<B: Backend>(model: &UNet3d<B>, cases: &[&CaseVolume], multiple: usize, device: &B::Device) -> EvalReport {
+pub fn evaluate<B: Backend>(
+    model: &UNet3d<B>,
+    cases: &[&CaseVolume],
+    multiple: usize,
+    device: &B::Device,
+) -> EvalReport {
     let mut totals = vec![[0.0f64; 3]; NUM_CLASSES];
     for vol in cases {
         let (image, labels, padded) = whole_volume(vol, multiple);
@@ -69,5 +74,8 @@ pub fn evaluate<B: Backend>(model: &UNet3d<B>, cases: &[&CaseVolume], multiple: 
         .iter()
         .map(|[inter, pred, target]| (*target > 0.0).then(|| 2.0 * inter / (pred + target)))
         .collect();
-    EvalReport { per_class, cases: cases.len() }
+    EvalReport {
+        per_class,
+        cases: cases.len(),
+    }
 }

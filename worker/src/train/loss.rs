@@ -114,13 +114,7 @@ pub fn dice_counts<B: Backend>(logits: Tensor<B, 5>, targets: Tensor<B, 5>) -> V
     let pred_sum = reduce(pred);
     let target_sum = reduce(target);
     (0..classes)
-        .map(|c| {
-            [
-                intersection[c] as f64,
-                pred_sum[c] as f64,
-                target_sum[c] as f64,
-            ]
-        })
+        .map(|c| [intersection[c] as f64, pred_sum[c] as f64, target_sum[c] as f64])
         .collect()
 }
 
@@ -147,8 +141,7 @@ mod tests {
         let mut last = f32::INFINITY;
         for scale in [1.0f32, 4.0, 16.0, 64.0] {
             let logits = y.iter().map(|&t| (2.0 * t - 1.0) * scale).collect();
-            let parts =
-                bce_dice_loss(tensor::<Cpu>(logits, shape), tensor(y.clone(), shape)).parts();
+            let parts = bce_dice_loss(tensor::<Cpu>(logits, shape), tensor(y.clone(), shape)).parts();
             assert!(parts.total < last, "{parts:?} after {last}");
             assert!((parts.total - parts.bce - parts.dice).abs() < 1e-6);
             last = parts.total;
@@ -165,19 +158,11 @@ mod tests {
             let parts = loss.parts();
             assert!(parts.total.is_finite(), "{value}: {parts:?}");
             let grads = loss.total.backward();
-            let grad = logits
-                .grad(&grads)
-                .unwrap()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap();
+            let grad = logits.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
             assert!(grad.iter().all(|g| g.is_finite()), "{value}: {grad:?}");
         }
         // All wrong by 100: BCE = 100 * (fraction of positives) + log1p(e^-100) on the rest.
-        let logits = y
-            .iter()
-            .map(|&t| if t > 0.5 { -100.0 } else { 100.0 })
-            .collect();
+        let logits = y.iter().map(|&t| if t > 0.5 { -100.0 } else { 100.0 }).collect();
         let parts = bce_dice_loss(tensor::<Cpu>(logits, shape), tensor(y, shape)).parts();
         assert!((parts.bce - 100.0).abs() < 1e-3, "{parts:?}");
         assert!((parts.dice - 1.0).abs() < 1e-3, "{parts:?}");
@@ -202,11 +187,7 @@ mod tests {
         assert!(parts.bce > 10.0, "{parts:?}");
 
         // Nothing present at all: Dice contributes 0, not NaN.
-        let parts = bce_dice_loss(
-            tensor::<Cpu>(vec![3.0; 16], shape),
-            tensor(vec![0.0; 16], shape),
-        )
-        .parts();
+        let parts = bce_dice_loss(tensor::<Cpu>(vec![3.0; 16], shape), tensor(vec![0.0; 16], shape)).parts();
         assert_eq!(parts.dice, 0.0);
         assert!(parts.total.is_finite());
     }

@@ -18,9 +18,7 @@ use sha2::{Digest, Sha256};
 pub enum ParamsError {
     #[error("flat gradient has {got} values, the model has {expected} float parameters")]
     LengthMismatch { expected: usize, got: usize },
-    #[error(
-        "cannot reseed parameter `{path}` of module type `{container}`: no seeded-init rule for it"
-    )]
+    #[error("cannot reseed parameter `{path}` of module type `{container}`: no seeded-init rule for it")]
     UnsupportedModule { path: String, container: String },
 }
 
@@ -48,10 +46,7 @@ fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
 /// Concatenates every float param's gradient, in visit order, as `f32`. A param without a
 /// gradient (frozen, or unused by this batch's graph) contributes zeros, so the layout is the
 /// same on every rank whatever its batch did.
-pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &GradientsParams,
-) -> Vec<f32> {
+pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> Vec<f32> {
     struct Flatten<'a> {
         grads: &'a GradientsParams,
         flat: Vec<f32>,
@@ -236,8 +231,7 @@ impl Reseed {
 
 impl<B: Backend> ModuleMapper<B> for Reseed {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path
-            .push((name.to_string(), container_type.to_string()));
+        self.path.push((name.to_string(), container_type.to_string()));
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -256,11 +250,7 @@ impl<B: Backend> ModuleMapper<B> for Reseed {
                 Ok(Some(values)) => {
                     let require_grad = tensor.is_require_grad();
                     let fresh = Tensor::from_data(TensorData::new(values, dims), &tensor.device());
-                    if require_grad {
-                        fresh.require_grad()
-                    } else {
-                        fresh
-                    }
+                    if require_grad { fresh.require_grad() } else { fresh }
                 }
                 Ok(None) => tensor,
                 Err(err) => {
@@ -291,9 +281,7 @@ mod tests {
     fn batch(seed: u64) -> (Tensor<CpuTrain, 5>, Tensor<CpuTrain, 5>) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let shape = [1, 1, 8, 8, 8];
-        let image: Vec<f32> = (0..512)
-            .map(|_| rng.next_u32() as f32 / u32::MAX as f32)
-            .collect();
+        let image: Vec<f32> = (0..512).map(|_| rng.next_u32() as f32 / u32::MAX as f32).collect();
         let mut labels = vec![0.0f32; 3 * 512];
         let class = (seed % 3) as usize;
         for i in 0..512 {
@@ -356,18 +344,13 @@ mod tests {
     fn reseed_refuses_unknown_modules() {
         let linear = burn::nn::LinearConfig::new(3, 2).init::<Cpu>(&Default::default());
         let err = reseed(linear, 0).unwrap_err();
-        assert!(
-            matches!(err, ParamsError::UnsupportedModule { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, ParamsError::UnsupportedModule { .. }), "{err}");
         assert!(err.to_string().contains("Linear"), "{err}");
     }
 
     #[test]
     fn flatten_unflatten_round_trips_exactly() {
-        let model = small()
-            .init_seeded::<CpuTrain>(&Default::default(), 3)
-            .unwrap();
+        let model = small().init_seeded::<CpuTrain>(&Default::default(), 3).unwrap();
         let grads = grads_for(&model, 1);
         let flat = flatten_grads(&model, &grads);
         assert_eq!(flat.len(), flat_len(&model));
@@ -387,9 +370,7 @@ mod tests {
 
     #[test]
     fn unflatten_rejects_wrong_length() {
-        let model = small()
-            .init_seeded::<CpuTrain>(&Default::default(), 3)
-            .unwrap();
+        let model = small().init_seeded::<CpuTrain>(&Default::default(), 3).unwrap();
         let n = flat_len(&model);
         let err = unflatten_grads(&model, &vec![0.0; n - 1]).unwrap_err();
         assert_eq!(
@@ -409,10 +390,7 @@ mod tests {
         assert_eq!(before, weights_checksum(&model));
         struct Nudge(bool);
         impl ModuleMapper<Cpu> for Nudge {
-            fn map_float<const D: usize>(
-                &mut self,
-                param: Param<Tensor<Cpu, D>>,
-            ) -> Param<Tensor<Cpu, D>> {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<Cpu, D>>) -> Param<Tensor<Cpu, D>> {
                 if std::mem::replace(&mut self.0, true) {
                     return param;
                 }
@@ -433,9 +411,7 @@ mod tests {
         let device = Default::default();
         let config = small();
         // Separate inits, as separate processes would do them (their ParamIds differ).
-        let mut ranks: Vec<UNet3d<CpuTrain>> = (0..2)
-            .map(|_| config.init_seeded(&device, 42).unwrap())
-            .collect();
+        let mut ranks: Vec<UNet3d<CpuTrain>> = (0..2).map(|_| config.init_seeded(&device, 42).unwrap()).collect();
         let mut optims: Vec<_> = (0..2)
             .map(|_| AdamWConfig::new().with_weight_decay(1e-5).init())
             .collect();
@@ -443,17 +419,11 @@ mod tests {
             let flats: Vec<Vec<f32>> = ranks
                 .iter()
                 .enumerate()
-                .map(|(rank, model)| {
-                    flatten_grads(model, &grads_for(model, 100 * step + rank as u64))
-                })
+                .map(|(rank, model)| flatten_grads(model, &grads_for(model, 100 * step + rank as u64)))
                 .collect();
             assert_ne!(flats[0], flats[1], "ranks saw different batches");
             // Fixed reduction order, as the ring all-reduce guarantees.
-            let mean: Vec<f32> = flats[0]
-                .iter()
-                .zip(&flats[1])
-                .map(|(a, b)| (a + b) / 2.0)
-                .collect();
+            let mean: Vec<f32> = flats[0].iter().zip(&flats[1]).map(|(a, b)| (a + b) / 2.0).collect();
             for (model, optim) in ranks.iter_mut().zip(optims.iter_mut()) {
                 let grads = unflatten_grads(model, &mean).unwrap();
                 *model = optim.step(1e-3, model.clone(), grads);

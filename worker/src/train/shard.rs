@@ -24,13 +24,23 @@ pub struct ShardPlan {
 impl ShardPlan {
     /// `cases` must be the same list, in the same order, on every rank (the coordinator's).
     pub fn new(cases: Vec<String>, seed: u64, rank: u32, world: u32) -> Self {
-        assert!(world > 0 && rank < world && cases.len() >= world as usize, "shard plan needs a case per rank");
-        ShardPlan { cases, seed, rank: rank as usize, world: world as usize }
+        assert!(
+            world > 0 && rank < world && cases.len() >= world as usize,
+            "shard plan needs a case per rank"
+        );
+        ShardPlan {
+            cases,
+            seed,
+            rank: rank as usize,
+            world: world as usize,
+        }
     }
 
     fn shard(&self, epoch: u64) -> Vec<&str> {
         let mut order: Vec<&str> = self.cases.iter().map(String::as_str).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+            self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ));
         let n = order.len();
         order[self.rank * n / self.world..(self.rank + 1) * n / self.world].to_vec()
     }
@@ -42,7 +52,10 @@ impl ShardPlan {
         let mut out = Vec::with_capacity(batch);
         while out.len() < batch {
             if cursor.position as usize >= shard.len() {
-                cursor = Cursor { epoch: cursor.epoch + 1, position: 0 };
+                cursor = Cursor {
+                    epoch: cursor.epoch + 1,
+                    position: 0,
+                };
                 shard = self.shard(cursor.epoch);
             }
             out.push(shard[cursor.position as usize].to_string());

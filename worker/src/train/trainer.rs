@@ -108,14 +108,23 @@ pub fn train_rank<B: AutodiffBackend>(
     let t = &spec.train;
     let (rank, world) = (assignment.rank, assignment.world_size);
     if assignment.train_cases.len() < world as usize {
-        return Err(TrainError::Assignment(format!("{} training cases for {world} ranks", assignment.train_cases.len())));
+        return Err(TrainError::Assignment(format!(
+            "{} training cases for {world} ranks",
+            assignment.train_cases.len()
+        )));
     }
     let config = model_config(&spec);
     let multiple = config.size_multiple();
     let mut model: UNet3d<B> = config.init_seeded(&device, spec.seed)?;
-    let mut optim = AdamWConfig::new().with_weight_decay(t.weight_decay as f32).init::<B, UNet3d<B>>();
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(t.weight_decay as f32)
+        .init::<B, UNet3d<B>>();
     let (store, root) = data::store_from_url(&spec.dataset.url)?;
-    let mut cache = CaseCache { store, root, cases: HashMap::new() };
+    let mut cache = CaseCache {
+        store,
+        root,
+        cases: HashMap::new(),
+    };
     let (artifacts, artifacts_root) = data::store_from_url(&assignment.artifacts_url)?;
     let plan = ShardPlan::new(assignment.train_cases.clone(), spec.seed, rank, world);
     let patch = t.patch.map(|p| p as usize);
@@ -123,21 +132,26 @@ pub fn train_rank<B: AutodiffBackend>(
     let voxels: usize = patch.iter().product();
     let evaluating = rank == 0 && t.eval && !assignment.eval_cases.is_empty();
 
-    let eval_at = |model: &UNet3d<B>, step: u64, link: &mut RunLink, cache: &mut CaseCache| -> Result<EvalReport, TrainError> {
-        let started = Instant::now();
-        for id in &assignment.eval_cases {
-            cache.get(link, id)?;
-        }
-        let vols: Vec<&CaseVolume> = assignment.eval_cases.iter().map(|id| &cache.cases[id]).collect();
-        let report = evaluate(&model.valid(), &vols, multiple, &device);
-        for (name, value) in report.metrics() {
-            link.metric(step, &name, value);
-        }
-        link.metric(step, "eval/seconds", started.elapsed().as_secs_f64());
-        link.flush()?;
-        Ok(report)
+    let eval_at =
+        |model: &UNet3d<B>, step: u64, link: &mut RunLink, cache: &mut CaseCache| -> Result<EvalReport, TrainError> {
+            let started = Instant::now();
+            for id in &assignment.eval_cases {
+                cache.get(link, id)?;
+            }
+            let vols: Vec<&CaseVolume> = assignment.eval_cases.iter().map(|id| &cache.cases[id]).collect();
+            let report = evaluate(&model.valid(), &vols, multiple, &device);
+            for (name, value) in report.metrics() {
+                link.metric(step, &name, value);
+            }
+            link.metric(step, "eval/seconds", started.elapsed().as_secs_f64());
+            link.flush()?;
+            Ok(report)
+        };
+    let eval_before = if evaluating {
+        Some(eval_at(&model, 0, link, &mut cache)?)
+    } else {
+        None
     };
-    let eval_before = if evaluating { Some(eval_at(&model, 0, link, &mut cache)?) } else { None };
 
     let mut cursor = Cursor { epoch: 0, position: 0 };
     let mut window = LossWindow::default();
@@ -185,19 +199,40 @@ pub fn train_rank<B: AutodiffBackend>(
         }
         if rank == 0 && t.checkpoint_every > 0 && done % t.checkpoint_every == 0 && !last {
             let files = checkpoint_files(&model, &optim, &spec, done, cursor)?;
-            let written = link.block_on(write_checkpoint(artifacts.as_ref(), &artifacts_root, &assignment.run_id, done, files))?;
+            let written = link.block_on(write_checkpoint(
+                artifacts.as_ref(),
+                &artifacts_root,
+                &assignment.run_id,
+                done,
+                files,
+            ))?;
             link.commit_checkpoint(done, written, false)?;
         }
     }
 
     let weights_sha256 = params::weights_checksum(&model);
-    let eval_after = if evaluating { Some(eval_at(&model, t.steps, link, &mut cache)?) } else { None };
+    let eval_after = if evaluating {
+        Some(eval_at(&model, t.steps, link, &mut cache)?)
+    } else {
+        None
+    };
     if rank == 0 {
         let files = checkpoint_files(&model, &optim, &spec, t.steps, cursor)?;
-        let written = link.block_on(write_checkpoint(artifacts.as_ref(), &artifacts_root, &assignment.run_id, t.steps, files))?;
+        let written = link.block_on(write_checkpoint(
+            artifacts.as_ref(),
+            &artifacts_root,
+            &assignment.run_id,
+            t.steps,
+            files,
+        ))?;
         link.commit_checkpoint(t.steps, written, true)?;
     }
-    Ok(RunSummary { final_step: t.steps, weights_sha256, eval_before, eval_after })
+    Ok(RunSummary {
+        final_step: t.steps,
+        weights_sha256,
+        eval_before,
+        eval_after,
+    })
 }
 
 /// What a checkpoint holds: weights, optimiser moments, and the state that makes the next step
@@ -208,8 +243,7 @@ fn checkpoint_files<B: AutodiffBackend>(
     spec: &RunSpec,
     step: u64,
     cursor: Cursor,
-) -> Result<Vec<(&'static str, Vec<u8>)>, TrainError>
-{
+) -> Result<Vec<(&'static str, Vec<u8>)>, TrainError> {
     let state = serde_json::json!({
         "step": step,
         "cursor": cursor,
@@ -220,7 +254,10 @@ fn checkpoint_files<B: AutodiffBackend>(
     Ok(vec![
         ("model.bin", codec::model_to_bytes(model)?),
         ("optimizer.bin", codec::optimizer_to_bytes(optim)?),
-        ("state.json", serde_json::to_vec_pretty(&state).expect("json value serialises")),
+        (
+            "state.json",
+            serde_json::to_vec_pretty(&state).expect("json value serialises"),
+        ),
     ])
 }
 
@@ -250,7 +287,11 @@ impl LossWindow {
         link.metric(step, "train/dice_loss", self.dice / n);
         link.metric(step, "train/lr", lr);
         link.metric(step, "train/step_seconds", self.seconds / n);
-        link.metric(step, "train/samples_per_second", n * batch as f64 / self.seconds.max(1e-9));
+        link.metric(
+            step,
+            "train/samples_per_second",
+            n * batch as f64 / self.seconds.max(1e-9),
+        );
         *self = LossWindow::default();
     }
 }
