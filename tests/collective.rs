@@ -4,13 +4,23 @@
 
 use std::time::{Duration, Instant};
 
+use protocol::auth::SharedToken;
+use protocol::pb;
+use protocol::pb::collective_client::CollectiveClient;
 use worker::collective::{CollectiveHub, Ring, serve_collective};
+
+/// The ranks of these tests authenticate to each other, as deployed workers do.
+fn token() -> SharedToken {
+    SharedToken::new("collective-test-token-0123456789").unwrap()
+}
 
 async fn start_ranks(world: usize) -> (Vec<CollectiveHub>, Vec<String>) {
     let mut hubs = vec![];
     let mut peers = vec![];
     for _ in 0..world {
-        let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap(), &token())
+            .await
+            .unwrap();
         hubs.push(hub);
         peers.push(addr.to_string());
     }
@@ -144,4 +154,17 @@ async fn a_departed_peer_fails_the_reduce_at_once_not_at_the_deadline() {
         started.elapsed()
     );
     assert!(err.is_peer_loss(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_without_the_shared_token_are_refused() {
+    let (_, peers) = start_ranks(1).await;
+    let mut intruder = CollectiveClient::connect(format!("http://{}", peers[0])).await.unwrap();
+    let hello = pb::CollectiveChunk {
+        run_id: "run-000042".into(),
+        hello: true,
+        ..Default::default()
+    };
+    let err = intruder.link(tokio_stream::iter(vec![hello])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
 }

@@ -6,13 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::{Cluster, worker_client_request};
+use protocol::auth::AuthChannel;
 use protocol::pb;
 use protocol::pb::await_assignment_response::Outcome;
 use protocol::pb::worker_service_client::WorkerServiceClient;
-use tonic::transport::Channel;
 
-async fn fake_worker(cluster: &Cluster, peer: &str) -> (WorkerServiceClient<Channel>, String) {
-    let mut client = WorkerServiceClient::connect(cluster.endpoint.clone()).await.unwrap();
+async fn fake_worker(cluster: &Cluster, peer: &str) -> (WorkerServiceClient<AuthChannel>, String) {
+    let mut client = WorkerServiceClient::new(cluster.channel().await);
     let id = client
         .register(worker_client_request(peer))
         .await
@@ -22,7 +22,7 @@ async fn fake_worker(cluster: &Cluster, peer: &str) -> (WorkerServiceClient<Chan
     (client, id)
 }
 
-async fn poll(client: &mut WorkerServiceClient<Channel>, worker_id: &str, wait_ms: u32) -> Option<Outcome> {
+async fn poll(client: &mut WorkerServiceClient<AuthChannel>, worker_id: &str, wait_ms: u32) -> Option<Outcome> {
     let req = pb::AwaitAssignmentRequest {
         worker_id: worker_id.into(),
         wait_ms,
@@ -299,4 +299,44 @@ async fn metrics_follow_ends_when_the_run_ends() {
             .is_none()
     );
     assert!(state(&cluster, &run_id).await.message.contains("disk full"));
+}
+
+#[tokio::test]
+async fn requests_without_the_shared_token_are_refused() {
+    let cluster = Cluster::start();
+    cluster.write_dataset(4);
+
+    // No token at all: refused before any handler runs, for the CLI API and the worker API.
+    let mut bare = pb::control_service_client::ControlServiceClient::connect(cluster.endpoint.clone())
+        .await
+        .unwrap();
+    let err = bare.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("VOXELFLEET_TOKEN"), "{}", err.message());
+    let mut bare_worker = WorkerServiceClient::connect(cluster.endpoint.clone()).await.unwrap();
+    let err = bare_worker
+        .register(worker_client_request("127.0.0.1:9"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // A wrong token through the CLI: a clear message, and nothing submitted.
+    let spec = cluster.write_spec("intruder", 1, 5, "");
+    let out = std::process::Command::new(common::BIN)
+        .args(["submit", spec.to_str().unwrap(), "--coordinator", &cluster.endpoint])
+        .env(protocol::auth::TOKEN_ENV, "not-the-right-token-at-all")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("wrong bearer token"), "{stderr}");
+    let runs = cluster
+        .control()
+        .await
+        .list_runs(pb::ListRunsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert!(runs.is_empty());
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use protocol::auth::SharedToken;
 use protocol::pb::control_service_server::ControlServiceServer;
 use protocol::pb::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
@@ -53,7 +54,13 @@ impl RunningServer {
     }
 }
 
-pub async fn start(listen: SocketAddr, data_dir: &Path, timing: Timing) -> Result<RunningServer, ServerError> {
+/// Every request must carry `token` (see `protocol::auth`); `SharedToken::none()` checks nothing.
+pub async fn start(
+    listen: SocketAddr,
+    data_dir: &Path,
+    timing: Timing,
+    token: &SharedToken,
+) -> Result<RunningServer, ServerError> {
     std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
         source,
@@ -67,8 +74,14 @@ pub async fn start(listen: SocketAddr, data_dir: &Path, timing: Timing) -> Resul
         .map_err(|source| ServerError::Bind { addr: listen, source })?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())))
-        .add_service(ControlServiceServer::new(ControlApi(coordinator.clone())));
+        .add_service(WorkerServiceServer::with_interceptor(
+            WorkerApi(coordinator.clone()),
+            token.require(),
+        ))
+        .add_service(ControlServiceServer::with_interceptor(
+            ControlApi(coordinator.clone()),
+            token.require(),
+        ));
     let task = tokio::spawn(
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;

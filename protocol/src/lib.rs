@@ -1,6 +1,7 @@
 //! Every voxelfleet wire contract, plus the few types both sides share (run spec, class list,
 //! identifiers). No logic beyond parsing and validation lives here.
 
+pub mod auth;
 pub mod classes;
 pub mod ids;
 pub mod spec;

@@ -8,11 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use protocol::auth::{AuthChannel, SharedToken, TOKEN_ENV};
 use protocol::pb;
 use protocol::pb::control_service_client::ControlServiceClient;
-use tonic::transport::Channel;
+use tonic::transport::Endpoint;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
+
+/// Every process of a test cluster shares this bearer token, so the tests run the
+/// authenticated path a deployment runs.
+pub const TOKEN: &str = "e2e-test-token-0123456789abcdef";
 
 /// A child process killed when the test ends, pass or fail.
 pub struct Proc(pub Child);
@@ -45,6 +50,7 @@ fn spawn_coordinator(db: &Path, listen: &str, dead_after_secs: u64) -> (Proc, St
         ])
         .arg(db)
         .env("RUST_LOG", "warn")
+        .env(TOKEN_ENV, TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -112,6 +118,7 @@ impl Cluster {
                 .args(extra)
                 .env("RAYON_NUM_THREADS", "1")
                 .env("RUST_LOG", "warn")
+                .env(TOKEN_ENV, TOKEN)
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -174,6 +181,7 @@ url = "{artifacts}"
         Command::new(BIN)
             .args(args)
             .args(["--coordinator", &self.endpoint])
+            .env(TOKEN_ENV, TOKEN)
             .output()
             .unwrap()
     }
@@ -258,8 +266,18 @@ url = "{artifacts}"
         }
     }
 
-    pub async fn control(&self) -> ControlServiceClient<Channel> {
-        ControlServiceClient::connect(self.endpoint.clone()).await.unwrap()
+    /// A channel to the coordinator whose requests carry the cluster's token.
+    pub async fn channel(&self) -> AuthChannel {
+        let channel = Endpoint::from_shared(self.endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        SharedToken::new(TOKEN).unwrap().channel(channel)
+    }
+
+    pub async fn control(&self) -> ControlServiceClient<AuthChannel> {
+        ControlServiceClient::new(self.channel().await)
     }
 }
 

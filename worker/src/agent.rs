@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use protocol::auth::{AuthChannel, SharedToken};
 use protocol::pb;
 use protocol::pb::await_assignment_response::Outcome;
 use protocol::pb::worker_service_client::WorkerServiceClient;
-use tonic::transport::Channel;
 
 use crate::backend::DeviceSpec;
 use crate::collective::{CollectiveHub, Ring, serve_collective};
@@ -52,9 +52,16 @@ struct Presence {
 }
 
 pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let (bound, hub) = serve_collective(args.peer_listen).await?;
+    // One shared secret for the coordinator and the peers (see protocol::auth).
+    let token = SharedToken::from_env()?;
+    let (bound, hub) = serve_collective(args.peer_listen, &token).await?;
     let peer_address = advertised_address(args.advertise.as_deref(), bound)?;
-    let client = connect(&args.coordinator, Duration::from_secs(args.connect_timeout_secs)).await?;
+    let client = connect(
+        &args.coordinator,
+        &token,
+        Duration::from_secs(args.connect_timeout_secs),
+    )
+    .await?;
     let presence = Arc::new(Mutex::new(Presence::default()));
     let interval = register(&client, &peer_address, args.device, &presence).await?;
     tokio::spawn(heartbeat_loop(client.clone(), presence.clone(), interval));
@@ -115,11 +122,20 @@ fn advertised_address(advertise: Option<&str>, bound: SocketAddr) -> anyhow::Res
     }
 }
 
-async fn connect(endpoint: &str, patience: Duration) -> anyhow::Result<WorkerServiceClient<Channel>> {
+async fn connect(
+    endpoint: &str,
+    token: &SharedToken,
+    patience: Duration,
+) -> anyhow::Result<WorkerServiceClient<AuthChannel>> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        match WorkerServiceClient::connect(endpoint.to_string()).await {
-            Ok(client) => return Ok(client),
+        let attempt = async {
+            tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+                .connect()
+                .await
+        };
+        match attempt.await {
+            Ok(channel) => return Ok(WorkerServiceClient::new(token.channel(channel))),
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 anyhow::bail!("cannot reach the coordinator at {endpoint} after {patience:?}: {e}")
             }
@@ -129,7 +145,7 @@ async fn connect(endpoint: &str, patience: Duration) -> anyhow::Result<WorkerSer
 }
 
 async fn register(
-    client: &WorkerServiceClient<Channel>,
+    client: &WorkerServiceClient<AuthChannel>,
     peer_address: &str,
     device: DeviceSpec,
     presence: &Mutex<Presence>,
@@ -147,7 +163,7 @@ async fn register(
     Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(100) as u64))
 }
 
-async fn heartbeat_loop(client: WorkerServiceClient<Channel>, presence: Arc<Mutex<Presence>>, interval: Duration) {
+async fn heartbeat_loop(client: WorkerServiceClient<AuthChannel>, presence: Arc<Mutex<Presence>>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
@@ -178,7 +194,7 @@ async fn heartbeat_loop(client: WorkerServiceClient<Channel>, presence: Arc<Mute
 
 async fn run_assignment(
     args: &WorkerArgs,
-    client: &WorkerServiceClient<Channel>,
+    client: &WorkerServiceClient<AuthChannel>,
     hub: &CollectiveHub,
     presence: &Arc<Mutex<Presence>>,
     assignment: pb::Assignment,

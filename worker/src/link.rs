@@ -4,15 +4,15 @@
 
 use std::time::{Duration, Instant};
 
+use protocol::auth::AuthChannel;
 use protocol::pb;
 use protocol::pb::worker_service_client::WorkerServiceClient;
 use tokio::runtime::Handle;
-use tonic::transport::Channel;
 
 pub use crate::stop::StopSignal;
 
 pub struct RunLink {
-    client: WorkerServiceClient<Channel>,
+    client: WorkerServiceClient<AuthChannel>,
     handle: Handle,
     pub worker_id: String,
     pub run_id: String,
@@ -35,7 +35,7 @@ fn is_transient(status: &tonic::Status) -> bool {
 
 impl RunLink {
     pub fn new(
-        client: WorkerServiceClient<Channel>,
+        client: WorkerServiceClient<AuthChannel>,
         handle: Handle,
         worker_id: String,
         run_id: String,

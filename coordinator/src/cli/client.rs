@@ -4,24 +4,30 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use protocol::auth::{AuthChannel, SharedToken};
 use protocol::pb;
 use protocol::pb::control_service_client::ControlServiceClient;
 use protocol::spec::RunSpec;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use super::Remote;
 use super::output::*;
 
-pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<Channel>> {
-    ControlServiceClient::connect(remote.coordinator.clone())
+pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
+    connect_with(&remote.coordinator, &SharedToken::from_env()?).await
+}
+
+/// A CLI client whose requests carry `token`.
+pub async fn connect_with(endpoint: &str, token: &SharedToken) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
+    let channel = async {
+        tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+            .connect()
+            .await
+    };
+    let channel = channel
         .await
-        .with_context(|| {
-            format!(
-                "cannot reach the coordinator at {} (is `coordinator serve` running?)",
-                remote.coordinator
-            )
-        })
+        .with_context(|| format!("cannot reach the coordinator at {endpoint} (is `coordinator serve` running?)"))?;
+    Ok(ControlServiceClient::new(token.channel(channel)))
 }
 
 /// Makes local dataset/artifact paths absolute, so the coordinator and workers (which may run
@@ -45,7 +51,7 @@ pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
 }
 
 pub async fn submit_spec(
-    client: &mut ControlServiceClient<Channel>,
+    client: &mut ControlServiceClient<AuthChannel>,
     spec: &RunSpec,
     source: &str,
 ) -> anyhow::Result<pb::RunInfo> {
@@ -53,11 +59,7 @@ pub async fn submit_spec(
         spec_toml: spec.to_toml(),
         source_name: source.to_string(),
     };
-    Ok(client
-        .submit_run(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner())
+    Ok(client.submit_run(req).await.map_err(status_error)?.into_inner())
 }
 
 pub async fn submit(remote: &Remote, path: &Path) -> anyhow::Result<ExitCode> {
@@ -78,7 +80,8 @@ pub async fn runs(remote: &Remote) -> anyhow::Result<ExitCode> {
     let runs = connect(remote)
         .await?
         .list_runs(pb::ListRunsRequest {})
-        .await?
+        .await
+        .map_err(status_error)?
         .into_inner()
         .runs;
     if remote.json {
@@ -91,6 +94,7 @@ pub async fn runs(remote: &Remote) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The server's message is written for people; the gRPC code and metadata are not.
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
@@ -206,7 +210,8 @@ pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
     let workers = connect(remote)
         .await?
         .list_workers(pb::ListWorkersRequest {})
-        .await?
+        .await
+        .map_err(status_error)?
         .into_inner()
         .workers;
     if remote.json {

@@ -13,7 +13,9 @@ use protocol::pb;
 use protocol::spec::RunSpec;
 use tokio::process::{Child, Command};
 
-use super::client::submit_spec;
+use protocol::auth::{AuthChannel, SharedToken, TOKEN_ENV};
+
+use super::client::{connect_with, submit_spec};
 
 const DEMO_SPEC: &str = include_str!("../../../configs/demo.toml");
 
@@ -40,8 +42,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dataset = dir.join("dataset");
     ensure_dataset(&dataset, args.cases).await?;
 
-    let server =
-        coordinator::server::start("127.0.0.1:0".parse()?, &dir.join("coordinator"), Default::default()).await?;
+    // The demo runs with authentication on, as a deployment should: the caller's token, or a
+    // fresh one that only this demo's processes know.
+    let token = match SharedToken::from_env()? {
+        t if t.is_set() => t,
+        _ => SharedToken::new(&hex::encode(rand::random::<[u8; 16]>()))?,
+    };
+    let server = coordinator::server::start(
+        "127.0.0.1:0".parse()?,
+        &dir.join("coordinator"),
+        Default::default(),
+        &token,
+    )
+    .await?;
     let endpoint = format!("http://{}", server.addr);
     println!(
         "coordinator listening on {} (store: {})",
@@ -59,8 +72,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     spec.validate("demo settings")?;
 
-    let mut children = spawn_workers(&dir, &endpoint, args.workers)?;
-    let mut client = pb::control_service_client::ControlServiceClient::connect(endpoint.clone()).await?;
+    let mut children = spawn_workers(&dir, &endpoint, &token, args.workers)?;
+    let mut client = connect_with(&endpoint, &token).await?;
     let run = submit_spec(&mut client, &spec, "configs/demo.toml").await?;
     println!(
         "submitted {} ({}): tiny U-Net, {} steps, {} workers, logs in {}",
@@ -138,7 +151,7 @@ async fn ensure_dataset(dataset: &Path, cases: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_workers(dir: &Path, endpoint: &str, n: u32) -> anyhow::Result<Vec<Child>> {
+fn spawn_workers(dir: &Path, endpoint: &str, token: &SharedToken, n: u32) -> anyhow::Result<Vec<Child>> {
     let exe = std::env::current_exe().context("cannot find this executable to spawn workers")?;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -151,6 +164,7 @@ fn spawn_workers(dir: &Path, endpoint: &str, n: u32) -> anyhow::Result<Vec<Child
             Command::new(&exe)
                 .args(["worker", "--coordinator", endpoint, "--max-runs", "1"])
                 .env("RAYON_NUM_THREADS", &threads)
+                .env(TOKEN_ENV, token.expose().unwrap_or_default())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -163,7 +177,7 @@ fn spawn_workers(dir: &Path, endpoint: &str, n: u32) -> anyhow::Result<Vec<Child
 
 /// Prints one line per progress report from rank 0 until the run ends; returns its final state.
 async fn follow_progress(
-    client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    client: &mut pb::control_service_client::ControlServiceClient<AuthChannel>,
     run_id: &str,
     total: u64,
 ) -> anyhow::Result<String> {
@@ -209,7 +223,7 @@ async fn follow_progress(
 }
 
 async fn print_dice(
-    client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    client: &mut pb::control_service_client::ControlServiceClient<AuthChannel>,
     run_id: &str,
 ) -> anyhow::Result<()> {
     let req = pb::StreamMetricsRequest {

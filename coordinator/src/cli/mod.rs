@@ -38,7 +38,9 @@ pub struct Remote {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the coordinator service (gRPC for workers and this CLI), with its sled store.
+    /// Run the coordinator service (gRPC for workers and this CLI), with its sled store. When
+    /// VOXELFLEET_TOKEN is set, every request (workers, CLI) must carry it as a bearer token;
+    /// give workers and CLI users the same variable.
     Serve {
         /// Address to listen on; port 0 picks a free port (printed on start).
         #[arg(long, default_value = "127.0.0.1:7070")]
@@ -201,7 +203,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn serve(listen: SocketAddr, data_dir: PathBuf, dead_after_secs: u64) -> anyhow::Result<ExitCode> {
     let timing = coordinator::core::Timing::with_dead_after(std::time::Duration::from_secs(dead_after_secs.max(1)));
-    let mut server = coordinator::server::start(listen, &data_dir, timing).await?;
+    let token = protocol::auth::SharedToken::from_env()?;
+    if !token.is_set() {
+        let var = protocol::auth::TOKEN_ENV;
+        tracing::warn!("{var} is not set: any process that can reach {listen} may use this coordinator");
+    }
+    let mut server = coordinator::server::start(listen, &data_dir, timing, &token).await?;
     // Tests and scripts read the bound address from this line.
     println!(
         "coordinator listening on {} (store: {})",

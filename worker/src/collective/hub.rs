@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use protocol::auth::SharedToken;
 use protocol::pb;
 use protocol::pb::collective_server::{Collective, CollectiveServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Chunks buffered per inbox; with 1 MiB chunks this bounds memory per run to 64 MiB.
@@ -24,6 +26,8 @@ type Inbox = (
 #[derive(Clone, Default)]
 pub struct CollectiveHub {
     inboxes: Arc<Mutex<HashMap<String, Inbox>>>,
+    /// Required of incoming links and attached to the ones this worker opens.
+    pub(crate) token: SharedToken,
 }
 
 impl CollectiveHub {
@@ -87,16 +91,23 @@ impl Collective for CollectiveHub {
     }
 }
 
-/// Binds the collective service; returns the bound address and the hub rings attach to.
-pub async fn serve_collective(listen: SocketAddr) -> std::io::Result<(SocketAddr, CollectiveHub)> {
+/// Binds the collective service; returns the bound address and the hub rings attach to. Peers
+/// must present `token`, and this worker's own links carry it.
+pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::io::Result<(SocketAddr, CollectiveHub)> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let hub = CollectiveHub::default();
-    let service = CollectiveServer::new(hub.clone())
+    let hub = CollectiveHub {
+        inboxes: Default::default(),
+        token: token.clone(),
+    };
+    let server = CollectiveServer::new(hub.clone())
         .max_decoding_message_size(2 * protocol::MAX_CHUNK_BYTES)
         .max_encoding_message_size(2 * protocol::MAX_CHUNK_BYTES);
+    let service = InterceptedService::new(server, token.require());
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
+            .initial_stream_window_size(super::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(super::STREAM_WINDOW_BYTES)
             .add_service(service)
             .serve_with_incoming(TcpListenerStream::new(listener))
             .await;

@@ -13,6 +13,10 @@ pub use ring::{Ring, segment_bounds};
 
 use thiserror::Error;
 
+/// HTTP/2 flow-control window of a ring link. The 64 KiB default allows one round trip per
+/// 64 KiB, which held a 2-rank 64 MiB all-reduce on loopback to 0.12 GB/s.
+const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+
 impl CollectiveError {
     /// The error means a peer is gone or unreachable, not that this run is broken.
     pub fn is_peer_loss(&self) -> bool {

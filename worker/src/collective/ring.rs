@@ -86,8 +86,15 @@ impl Ring {
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let client = loop {
-            match CollectiveClient::connect(endpoint.clone()).await {
-                Ok(c) => break c,
+            let attempt = async {
+                tonic::transport::Endpoint::from_shared(endpoint.clone())?
+                    .initial_stream_window_size(super::STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(super::STREAM_WINDOW_BYTES)
+                    .connect()
+                    .await
+            };
+            match attempt.await {
+                Ok(channel) => break CollectiveClient::new(hub.token.channel(channel)),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(connect_err(e.to_string())),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
