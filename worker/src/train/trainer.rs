@@ -125,7 +125,12 @@ pub fn train_rank<B: AutodiffBackend>(
         root,
         cases: HashMap::new(),
     };
-    let (artifacts, artifacts_root) = data::store_from_url(&assignment.artifacts_url)?;
+    let (store, root) = data::store_from_url(&assignment.artifacts_url)?;
+    let checkpoints = CheckpointSink {
+        store,
+        root,
+        run_id: assignment.run_id.clone(),
+    };
     let plan = ShardPlan::new(assignment.train_cases.clone(), spec.seed, rank, world);
     let patch = t.patch.map(|p| p as usize);
     let batch = t.batch_size as usize;
@@ -198,15 +203,7 @@ pub fn train_rank<B: AutodiffBackend>(
             link.flush()?;
         }
         if rank == 0 && t.checkpoint_every > 0 && done % t.checkpoint_every == 0 && !last {
-            let files = checkpoint_files(&model, &optim, &spec, done, cursor)?;
-            let written = link.block_on(write_checkpoint(
-                artifacts.as_ref(),
-                &artifacts_root,
-                &assignment.run_id,
-                done,
-                files,
-            ))?;
-            link.commit_checkpoint(done, written, false)?;
+            checkpoints.save(link, &model, &optim, &spec, done, cursor, false)?;
         }
     }
 
@@ -217,15 +214,7 @@ pub fn train_rank<B: AutodiffBackend>(
         None
     };
     if rank == 0 {
-        let files = checkpoint_files(&model, &optim, &spec, t.steps, cursor)?;
-        let written = link.block_on(write_checkpoint(
-            artifacts.as_ref(),
-            &artifacts_root,
-            &assignment.run_id,
-            t.steps,
-            files,
-        ))?;
-        link.commit_checkpoint(t.steps, written, true)?;
+        checkpoints.save(link, &model, &optim, &spec, t.steps, cursor, true)?;
     }
     Ok(RunSummary {
         final_step: t.steps,
@@ -233,6 +222,39 @@ pub fn train_rank<B: AutodiffBackend>(
         eval_before,
         eval_after,
     })
+}
+
+/// Where rank 0 writes checkpoints: the run's prefix in the artifacts store.
+struct CheckpointSink {
+    store: Arc<dyn ObjectStore>,
+    root: ObjectPath,
+    run_id: String,
+}
+
+impl CheckpointSink {
+    /// Uploads the checkpoint's files, then has the coordinator verify and commit them.
+    #[allow(clippy::too_many_arguments)] // each is one part of the checkpoint
+    fn save<B: AutodiffBackend>(
+        &self,
+        link: &RunLink,
+        model: &UNet3d<B>,
+        optim: &OptimizerAdaptor<AdamW, UNet3d<B>, B>,
+        spec: &RunSpec,
+        step: u64,
+        cursor: Cursor,
+        is_final: bool,
+    ) -> Result<(), TrainError> {
+        let files = checkpoint_files(model, optim, spec, step, cursor)?;
+        let written = link.block_on(write_checkpoint(
+            self.store.as_ref(),
+            &self.root,
+            &self.run_id,
+            step,
+            files,
+        ))?;
+        link.commit_checkpoint(step, written, is_final)?;
+        Ok(())
+    }
 }
 
 /// What a checkpoint holds: weights, optimiser moments, and the state that makes the next step
