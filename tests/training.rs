@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::Cluster;
 use sha2::{Digest, Sha256};
+use worker::backend::Cpu;
 
 #[test]
 fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoints() {
@@ -97,4 +98,19 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     assert_eq!(finished.len(), 2);
     assert_eq!(finished[0], finished[1]);
     assert_eq!(finished[0], &checksums[11].2);
+
+    // The final checkpoint really holds those weights: decoded into a fresh model, it has the
+    // checksum every rank reported at the end, and its state names the step.
+    let spec = protocol::spec::RunSpec::from_toml(&run.spec_toml, "stored spec").unwrap();
+    let prefix = cluster.path("artifacts").join(format!("runs/{run_id}/checkpoints/6"));
+    let device = Default::default();
+    let fresh = worker::train::trainer::model_config(&spec)
+        .init_seeded::<Cpu>(&device, spec.seed + 1)
+        .unwrap();
+    let bytes = std::fs::read(prefix.join("model.bin")).unwrap();
+    let loaded = worker::train::codec::model_from_bytes(fresh, &bytes, &device).unwrap();
+    assert_eq!(&worker::train::params::weights_checksum::<Cpu, _>(&loaded), finished[0]);
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(prefix.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 6);
+    assert_eq!(state["weights_sha256"].as_str().unwrap(), finished[0]);
 }
