@@ -32,28 +32,37 @@ fn value(rank: usize, i: usize) -> f32 {
     ((i * 7 + rank * 1_000_003) % 4093) as f32 - 2000.0
 }
 
-async fn all_reduce_across(world: usize, n: usize, ops: usize) {
+/// Joins `world` ranks into the ring of `run_id` and runs `body` on each, concurrently.
+async fn on_every_rank<T, F, Fut>(world: usize, run_id: &'static str, body: F) -> Vec<T>
+where
+    F: Fn(usize, Ring) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let (hubs, peers) = start_ranks(world).await;
     let mut tasks = vec![];
-    for (rank, hub) in hubs.iter().cloned().enumerate() {
-        let peers = peers.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ring = Ring::connect(&hub, "run-000042", rank as u32, &peers, Duration::from_secs(20))
-                .await
-                .unwrap();
-            let mut results = vec![];
-            for op in 0..ops {
-                let mut data: Vec<f32> = (0..n).map(|i| value(rank, i) + op as f32).collect();
-                ring.all_reduce_sum(&mut data).await.unwrap();
-                results.push(data);
-            }
-            results
-        }));
+    for (rank, hub) in hubs.iter().enumerate() {
+        let ring = Ring::connect(hub, run_id, rank as u32, &peers, Duration::from_secs(20));
+        tasks.push(tokio::spawn(body(rank, ring.await.unwrap())));
     }
-    let mut per_rank = vec![];
+    let mut results = vec![];
     for t in tasks {
-        per_rank.push(t.await.unwrap());
+        results.push(t.await.unwrap());
     }
+    results
+}
+
+async fn all_reduce_across(world: usize, n: usize, ops: usize) {
+    let per_rank = on_every_rank(world, "run-000042", move |rank, mut ring| async move {
+        let mut results = vec![];
+        for op in 0..ops {
+            let mut data: Vec<f32> = (0..n).map(|i| value(rank, i) + op as f32).collect();
+            ring.all_reduce_sum(&mut data).await.unwrap();
+            results.push(data);
+        }
+        results
+    })
+    .await;
     for op in 0..ops {
         let expected: Vec<f32> = (0..n)
             .map(|i| (0..world).map(|r| value(r, i) + op as f32).sum())
@@ -87,22 +96,13 @@ async fn three_ranks_sum_exactly_with_uneven_sizes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mean_divides_by_world_size() {
-    let (hubs, peers) = start_ranks(2).await;
-    let mut tasks = vec![];
-    for (rank, hub) in hubs.iter().cloned().enumerate() {
-        let peers = peers.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ring = Ring::connect(&hub, "run-mean", rank as u32, &peers, Duration::from_secs(20))
-                .await
-                .unwrap();
-            let mut data = vec![rank as f32 * 2.0 + 1.0; 5];
-            ring.all_reduce_mean(&mut data).await.unwrap();
-            data
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), vec![2.0; 5]);
-    }
+    let results = on_every_rank(2, "run-mean", |rank, mut ring| async move {
+        let mut data = vec![rank as f32 * 2.0 + 1.0; 5];
+        ring.all_reduce_mean(&mut data).await.unwrap();
+        data
+    })
+    .await;
+    assert_eq!(results, vec![vec![2.0; 5]; 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

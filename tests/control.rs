@@ -30,6 +30,10 @@ async fn poll(client: &mut WorkerServiceClient<AuthChannel>, worker_id: &str, wa
     client.await_assignment(req).await.unwrap().into_inner().outcome
 }
 
+async fn told_to_stop(client: &mut WorkerServiceClient<AuthChannel>, req: pb::ReportMetricsRequest) -> bool {
+    client.report_metrics(req).await.unwrap().into_inner().stop_run
+}
+
 async fn state(cluster: &Cluster, run_id: &str) -> pb::RunInfo {
     let req = pb::GetRunRequest { run_id: run_id.into() };
     cluster
@@ -90,27 +94,9 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
             sha256: sha.into(),
         }],
     };
-    assert!(
-        !w0.report_metrics(report(&id0, 0, 1, "aaaa"))
-            .await
-            .unwrap()
-            .into_inner()
-            .stop_run
-    );
-    assert!(
-        !w1.report_metrics(report(&id1, 1, 1, "aaaa"))
-            .await
-            .unwrap()
-            .into_inner()
-            .stop_run
-    );
-    assert!(
-        !w0.report_metrics(report(&id0, 0, 2, "bbbb"))
-            .await
-            .unwrap()
-            .into_inner()
-            .stop_run
-    );
+    assert!(!told_to_stop(&mut w0, report(&id0, 0, 1, "aaaa")).await);
+    assert!(!told_to_stop(&mut w1, report(&id1, 1, 1, "aaaa")).await);
+    assert!(!told_to_stop(&mut w0, report(&id0, 0, 2, "bbbb")).await);
     let resp = w1
         .report_metrics(report(&id1, 1, 2, "cccc"))
         .await
