@@ -146,7 +146,8 @@ impl Coordinator {
                 plan.train.len()
             )));
         }
-        let _live = self.live.lock().await;
+        // Held while the run is written, so no transition interleaves with its creation.
+        let transition = self.live.lock().await;
         let now = now_unix_ms();
         let run = RunRecord {
             id: self.store.next_run_id()?,
@@ -168,7 +169,7 @@ impl Coordinator {
             final_checkpoint: None,
         };
         self.store.put_run(&run).await?;
-        drop(_live);
+        drop(transition);
         self.schedule().await?;
         self.bump_progress();
         self.run_or_not_found(&run.id)

@@ -75,7 +75,7 @@ impl Coordinator {
             .map_err(CoordError::Rejected)?;
         let prefix = verify::checkpoint_prefix(&run.id, req.step);
         let files = verify::verify_files(&run.artifacts_url, &prefix, &req.files).await?;
-        let _live = self.live.lock().await;
+        let _transition = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
         self.check_member(&run, &req.worker_id, 0)
             .map_err(CoordError::Rejected)?;
