@@ -58,6 +58,19 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
     })
 }
 
+/// Counters are stored as 8 big-endian bytes; anything else reads as 0.
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// Our transactions never abort on purpose, so only storage errors can come out of them.
+fn storage_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::Sled(e),
+        TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+    }
+}
+
 fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<T>> {
     tree.get(key.as_bytes())?
         .map(|v| decode(name, key.as_bytes(), &v))
@@ -106,14 +119,9 @@ impl Store {
     /// Next value of a durable counter, starting at 1. Flushed by the caller's write.
     fn next_counter(&self, name: &str) -> Result<u64> {
         let next = self.meta.update_and_fetch(name, |old| {
-            let n = old
-                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
-            Some((n + 1).to_be_bytes().to_vec())
+            Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
         })?;
-        Ok(next
-            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(1))
+        Ok(next.as_deref().map(be_u64).unwrap_or(1))
     }
 
     pub fn next_run_id(&self) -> Result<String> {
@@ -154,10 +162,7 @@ impl Store {
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
-            })?;
+            .map_err(storage_error)?;
         self.flush().await
     }
 
@@ -192,20 +197,22 @@ impl Store {
     // ---- metrics ----------------------------------------------------------------------------
 
     /// Appends metrics with dense per-run sequence numbers; returns the seq after the last one.
+    /// The points and the counter move in one transaction: a crash between them would otherwise
+    /// hand the same sequence numbers out again and overwrite acknowledged points.
     pub async fn append_metrics(&self, run_id: &str, points: &[MetricRecord]) -> Result<u64> {
-        let mut batch = sled::Batch::default();
         let counter = format!("metric_seq/{run_id}");
-        let mut next = self
-            .meta
-            .get(&counter)?
-            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0);
-        for p in points {
-            batch.insert(step_key(run_id, next).as_bytes(), encode(p));
-            next += 1;
-        }
-        self.metrics.apply_batch(batch)?;
-        self.meta.insert(counter, &next.to_be_bytes())?;
+        let encoded: Vec<Vec<u8>> = points.iter().map(encode).collect();
+        let next = (&self.metrics, &self.meta)
+            .transaction(|(metrics, meta)| {
+                let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
+                for value in &encoded {
+                    metrics.insert(step_key(run_id, next).as_bytes(), value.clone())?;
+                    next += 1;
+                }
+                meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
+                Ok::<u64, ConflictableTransactionError<()>>(next)
+            })
+            .map_err(storage_error)?;
         self.flush().await?;
         Ok(next)
     }
@@ -251,9 +258,7 @@ impl Store {
             })
             .collect()
     }
-}
 
-impl Store {
     /// Every recorded weight checksum of a run as (step, rank, sha256), ordered by step then rank.
     pub fn checksums(&self, run_id: &str) -> Result<Vec<(u64, u32, String)>> {
         self.checksums
@@ -274,5 +279,45 @@ impl Store {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(step: u64) -> MetricRecord {
+        MetricRecord {
+            rank: 0,
+            step,
+            name: "train/loss".into(),
+            value: step as f64,
+            unix_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn metric_sequence_numbers_stay_dense_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                store.append_metrics("run-000001", &[point(1), point(2)]).await.unwrap(),
+                2
+            );
+            assert_eq!(store.append_metrics("run-000002", &[point(9)]).await.unwrap(), 1);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.append_metrics("run-000001", &[point(3)]).await.unwrap(), 3);
+        let seqs: Vec<(u64, u64)> = store
+            .metrics_from("run-000001", 0)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, m)| (seq, m.step))
+            .collect();
+        assert_eq!(seqs, [(0, 1), (1, 2), (2, 3)]);
+        assert_eq!(store.metrics_from("run-000001", 2).unwrap().len(), 1);
+        assert_eq!(store.next_run_id().unwrap(), "run-000001");
+        assert_eq!(store.next_run_id().unwrap(), "run-000002");
     }
 }
