@@ -93,6 +93,7 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
             step,
             sha256: sha.into(),
         }],
+        attempt: 1,
     };
     assert!(!told_to_stop(&mut w0, report(&id0, 0, 1, "aaaa")).await);
     assert!(!told_to_stop(&mut w1, report(&id1, 1, 1, "aaaa")).await);
@@ -113,6 +114,7 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
         worker_id: id0.clone(),
         run_id: run_id.clone(),
         step: 2,
+        attempt: 1,
     };
     assert!(w0.heartbeat(hb).await.unwrap().into_inner().stop_run);
     let workers = cluster
@@ -143,6 +145,7 @@ async fn cancel_frees_the_gang() {
         worker_id: id0.clone(),
         run_id: run_id.clone(),
         step: 5,
+        attempt: 1,
     };
     assert!(w0.heartbeat(hb).await.unwrap().into_inner().stop_run);
 
@@ -150,7 +153,7 @@ async fn cancel_frees_the_gang() {
     let again = cluster.cli(&["cancel", &run_id]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already ended"));
-    let missing = cluster.cli(&["show", "run-999999"]);
+    let missing = cluster.cli(&["show", "run-999999-00000000"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
 
     // The freed worker takes the next queued run.
@@ -255,6 +258,7 @@ async fn metrics_follow_ends_when_the_run_ends() {
         rank: 0,
         metrics: vec![point],
         checksums: vec![],
+        attempt: 1,
     };
     w0.report_metrics(req).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), follow.message())
@@ -268,7 +272,8 @@ async fn metrics_follow_ends_when_the_run_ends() {
         run_id: run_id.clone(),
         rank: 0,
         message: "disk full".into(),
-        peer_lost: false,
+        attempt: 1,
+        ..Default::default()
     };
     w0.report_failure(fail).await.unwrap();
     let last = tokio::time::timeout(Duration::from_secs(5), follow.message())

@@ -56,7 +56,10 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
         for f in files {
             let key = f["key"].as_str().unwrap();
             assert!(
-                key.starts_with(&format!("runs/{run_id}/checkpoints/{}/", c["step"])),
+                key.starts_with(&format!(
+                    "runs/{run_id}/checkpoints/{:010}-a1/",
+                    c["step"].as_u64().unwrap()
+                )),
                 "{key}"
             );
             let bytes = std::fs::read(cluster.path("artifacts").join(key)).unwrap();
@@ -102,7 +105,9 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     // The final checkpoint really holds those weights: decoded into a fresh model, it has the
     // checksum every rank reported at the end, and its state names the step.
     let spec = protocol::spec::RunSpec::from_toml(&run.spec_toml, "stored spec").unwrap();
-    let prefix = cluster.path("artifacts").join(format!("runs/{run_id}/checkpoints/6"));
+    let prefix = cluster
+        .path("artifacts")
+        .join(checkpoints[1]["prefix"].as_str().unwrap());
     let device = Default::default();
     let fresh = worker::train::trainer::model_config(&spec)
         .init_seeded::<Cpu>(&device, spec.seed + 1)

@@ -1,5 +1,8 @@
 //! What the coordinator remembers: runs, workers and checkpoints, and the legal moves of the run
 //! state machine. Plain data, serialised as JSON into sled by `store`.
+//!
+//! Every field added after the first release carries `#[serde(default)]`, so a store written by
+//! an older build stays readable; `store::SCHEMA_VERSION` guards against newer ones.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +15,8 @@ pub enum RunState {
     /// A gang of workers is reserved; they have not all picked the assignment up yet.
     Assigned,
     Running,
+    /// Stopped on request after a checkpoint at a step boundary; `resume` queues it again.
+    Paused,
     Completed,
     Failed,
     Cancelled,
@@ -29,17 +34,28 @@ impl RunState {
         matches!(self, RunState::Assigned | RunState::Running)
     }
 
-    /// The state machine of DESIGN.md; anything else is a bug or a stale message.
+    /// The state machine of DESIGN.md; anything else is a bug or a stale message. Failed and
+    /// Cancelled runs go back to Queued only through a manual resume from a checkpoint.
     pub fn can_move_to(self, next: RunState) -> bool {
         use RunState::*;
         matches!(
             (self, next),
-            (Queued, Assigned)
-                | (Queued, Cancelled)
-                | (Assigned, Running)
-                | (Running, Completed)
+            (Queued, Assigned | Cancelled | Paused)
+                // An assignment nobody picked up goes back to the queue.
+                | (Assigned, Queued | Running)
+                | (Running, Completed | Paused)
                 | (Assigned | Running, Failed | Cancelled | Interrupted)
-                | (Interrupted, Queued | Cancelled)
+                | (Interrupted, Queued | Cancelled | Failed)
+                | (Paused, Queued | Cancelled)
+                | (Failed | Cancelled, Queued)
+        )
+    }
+
+    /// States `coordinator resume` accepts (with a committed checkpoint, except Paused).
+    pub fn is_resumable(self) -> bool {
+        matches!(
+            self,
+            RunState::Paused | RunState::Interrupted | RunState::Failed | RunState::Cancelled
         )
     }
 }
@@ -79,6 +95,52 @@ pub struct RunRecord {
     pub artifacts_url: String,
     pub finished: BTreeMap<u32, FinishedRank>,
     pub final_checkpoint: Option<u64>,
+    /// Placements so far; every assignment of the run bumps it (see `pb::Assignment::attempt`).
+    #[serde(default)]
+    pub attempt: u32,
+    /// Automatic resume budget (from the spec) and the interruptions that spent it since the
+    /// last manual resume.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    #[serde(default)]
+    pub interruptions: Vec<String>,
+    /// Step of the checkpoint the next (or current) attempt starts from.
+    #[serde(default)]
+    pub resume_step: Option<u64>,
+    #[serde(default)]
+    pub pause_requested: bool,
+}
+
+fn default_max_retries() -> u32 {
+    3
+}
+
+impl RunRecord {
+    /// Automatic resumes already used.
+    pub fn retries_used(&self) -> u32 {
+        self.interruptions.len() as u32
+    }
+}
+
+/// Something that happened to a run, kept for `coordinator show`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunEvent {
+    pub unix_ms: i64,
+    pub kind: String,
+    pub message: String,
+    #[serde(default)]
+    pub step: u64,
+}
+
+impl RunEvent {
+    pub fn new(kind: &str, step: u64, message: impl Into<String>) -> Self {
+        RunEvent {
+            unix_ms: now_unix_ms(),
+            kind: kind.to_string(),
+            message: message.into(),
+            step,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +167,8 @@ pub struct WorkerRecord {
     pub last_heartbeat_unix_ms: i64,
     pub state: WorkerState,
     pub run_id: Option<String>,
+    #[serde(default)]
+    pub numeric_fingerprint: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,6 +187,15 @@ pub struct CheckpointRecord {
     pub files: Vec<CheckpointFileRecord>,
     pub is_final: bool,
     pub committed_unix_ms: i64,
+    #[serde(default)]
+    pub attempt: u32,
+    /// Why verification rejected it (missing or corrupt object); such a checkpoint is never
+    /// resumed from.
+    #[serde(default)]
+    pub unusable: Option<String>,
+    /// Mean held-out Dice at this step, when an evaluation ran there (for garbage collection).
+    #[serde(default)]
+    pub eval_dice: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,12 +219,19 @@ mod tests {
     use super::RunState::*;
 
     #[test]
-    fn terminal_states_are_final() {
-        for s in [Completed, Failed, Cancelled] {
-            for n in [Queued, Assigned, Running, Completed, Failed, Cancelled, Interrupted] {
-                assert!(!s.can_move_to(n), "{s} -> {n}");
+    fn ended_runs_only_come_back_through_the_queue() {
+        let all = [Queued, Assigned, Running, Paused, Completed, Failed, Cancelled, Interrupted];
+        for n in all {
+            assert!(!Completed.can_move_to(n), "Completed -> {n}");
+        }
+        for s in [Failed, Cancelled] {
+            for n in all {
+                assert_eq!(s.can_move_to(n), n == Queued, "{s} -> {n}");
             }
         }
+        assert!(Running.can_move_to(Paused) && Paused.can_move_to(Queued));
+        assert!(Assigned.can_move_to(Queued));
+        assert!(!Running.can_move_to(Queued), "a running run is interrupted first");
         assert!(Queued.can_move_to(Assigned));
         assert!(!Queued.can_move_to(Running));
         assert!(Running.can_move_to(Interrupted));

@@ -1,6 +1,9 @@
 //! Gang scheduling, first in first out: the oldest queued run starts as soon as `world_size`
 //! idle workers exist, and no younger run overtakes it (a small run slipping past a large one
 //! forever would starve the large one).
+//!
+//! A gang is drawn from workers of one numeric fingerprint only: ranks whose kernels sum in a
+//! different order would drift apart bit by bit, and the weight checksums would fail the run.
 
 use crate::records::{RunRecord, RunState, WorkerRecord, WorkerState};
 
@@ -12,21 +15,24 @@ pub struct Placement {
 
 /// Decides which queued runs start now and on which workers. Pure: the caller records it.
 pub fn place(runs: &[RunRecord], workers: &[WorkerRecord]) -> Vec<Placement> {
-    let mut idle: Vec<WorkerRecord> = workers
-        .iter()
-        .filter(|w| w.state == WorkerState::Idle)
-        .cloned()
-        .collect();
-    idle.sort_by(|a, b| a.id.cmp(&b.id));
+    // Idle workers by fingerprint, each group in id order.
+    let mut idle: std::collections::BTreeMap<&str, Vec<WorkerRecord>> = Default::default();
+    for w in workers.iter().filter(|w| w.state == WorkerState::Idle) {
+        idle.entry(w.numeric_fingerprint.as_str()).or_default().push(w.clone());
+    }
+    for group in idle.values_mut() {
+        group.sort_by(|a, b| a.id.cmp(&b.id));
+    }
     let mut queued: Vec<&RunRecord> = runs.iter().filter(|r| r.state == RunState::Queued).collect();
     queued.sort_by(|a, b| (a.submitted_unix_ms, &a.id).cmp(&(b.submitted_unix_ms, &b.id)));
     let mut placements = vec![];
     for run in queued {
         let need = run.world_size as usize;
-        if idle.len() < need {
+        // The largest group that fits keeps small groups free for small runs.
+        let Some(group) = idle.values_mut().filter(|g| g.len() >= need).max_by_key(|g| g.len()) else {
             break;
-        }
-        let gang: Vec<WorkerRecord> = idle.drain(..need).collect();
+        };
+        let gang: Vec<WorkerRecord> = group.drain(..need).collect();
         placements.push(Placement {
             run: run.clone(),
             workers: gang,
@@ -58,6 +64,11 @@ mod tests {
             artifacts_url: String::new(),
             finished: Default::default(),
             final_checkpoint: None,
+            attempt: 0,
+            max_retries: 3,
+            interruptions: vec![],
+            resume_step: None,
+            pause_requested: false,
         }
     }
 
@@ -72,6 +83,7 @@ mod tests {
             last_heartbeat_unix_ms: 0,
             state,
             run_id: None,
+            numeric_fingerprint: "x86_64+avx2".into(),
         }
     }
 
@@ -114,6 +126,22 @@ mod tests {
         assert_eq!(
             p.iter().map(|p| p.run.id.as_str()).collect::<Vec<_>>(),
             ["run-000001", "run-000002"]
+        );
+    }
+
+    #[test]
+    fn a_gang_never_mixes_numeric_fingerprints() {
+        let runs = [run("run-000001", 2, 1)];
+        let mut other = worker("w2", WorkerState::Idle);
+        other.numeric_fingerprint = "x86_64+avx512f".into();
+        let mixed = [worker("w1", WorkerState::Idle), other.clone()];
+        assert!(place(&runs, &mixed).is_empty(), "two idle workers, but of different kernels");
+        let mut third = other.clone();
+        third.id = "w3".into();
+        let p = place(&runs, &[worker("w1", WorkerState::Idle), other, third]);
+        assert_eq!(
+            p[0].workers.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+            ["w2", "w3"]
         );
     }
 }

@@ -97,7 +97,7 @@ pub async fn start(
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                if let Err(e) = coordinator.reap_dead_workers().await {
+                if let Err(e) = coordinator.tick().await {
                     tracing::error!("liveness check failed: {e}");
                 }
             }

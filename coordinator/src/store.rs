@@ -7,8 +7,14 @@
 //! - `workers`:     `<worker-id>` → WorkerRecord (JSON)
 //! - `checkpoints`: `<run-id>/<step:020>` → CheckpointRecord (JSON)
 //! - `metrics`:     `<run-id>/<seq:020>` → MetricRecord (JSON); seq is per run, dense from 0
-//! - `checksums`:   `<run-id>/<step:020>/<rank:06>` → weights SHA-256
-//! - `meta`:        counters (`next_run`, `next_worker`, `metric_seq/<run-id>`)
+//! - `checksums`:   `<run-id>/<step:020>/<rank:06>@<attempt:06>` → weights SHA-256 (a resumed
+//!   run re-computes steps under a new attempt; the spine wrote keys without `@<attempt>`)
+//! - `events`:      `<run-id>/<seq:020>` → RunEvent (JSON); seq is per run, dense from 0
+//! - `meta`:        `schema_version`, `cluster_id`, counters (`next_run`, `next_worker`,
+//!   `metric_seq/<run-id>`, `event_seq/<run-id>`)
+//!
+//! Each request the coordinator serves is one sled transaction and one flush: a crash leaves
+//! either all of a report or none of it.
 
 use std::path::Path;
 
@@ -18,7 +24,11 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use thiserror::Error;
 
-use crate::records::{CheckpointRecord, MetricRecord, RunRecord, WorkerRecord};
+use crate::records::{CheckpointRecord, MetricRecord, RunEvent, RunRecord, WorkerRecord};
+
+/// Layout version this build writes. Raise it when a change needs more than new serde-defaulted
+/// fields, and teach `open` to migrate the old one.
+pub const SCHEMA_VERSION: u64 = 1;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -26,6 +36,12 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    #[error(
+        "sled store at {path} has schema version {found}, written by a newer voxelfleet; this \
+         build reads versions up to {SCHEMA_VERSION}. Upgrade the coordinator, or point \
+         --data-dir elsewhere"
+    )]
+    TooNew { path: String, found: u64 },
     #[error("store tree `{tree}` key `{key}` holds an unreadable record: {message}")]
     Corrupt {
         tree: &'static str,
@@ -43,7 +59,18 @@ pub struct Store {
     checkpoints: sled::Tree,
     metrics: sled::Tree,
     checksums: sled::Tree,
+    events: sled::Tree,
     meta: sled::Tree,
+    cluster_id: String,
+}
+
+/// One rank's weight checksum at one step, as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChecksumReport {
+    pub step: u64,
+    pub rank: u32,
+    pub attempt: u32,
+    pub sha256: String,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -63,12 +90,34 @@ fn be_u64(bytes: &[u8]) -> u64 {
     bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<()>>;
+
 /// Our transactions never abort on purpose, so only storage errors can come out of them.
 fn storage_error(e: TransactionError<()>) -> StoreError {
     match e {
         TransactionError::Storage(e) => StoreError::Sled(e),
         TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
     }
+}
+
+/// Appends `events` to a run's event log inside a transaction, with a dense per-run sequence.
+fn append_events(
+    events: &sled::transaction::TransactionalTree,
+    meta: &sled::transaction::TransactionalTree,
+    run_id: &str,
+    encoded: &[Vec<u8>],
+) -> TxResult<()> {
+    if encoded.is_empty() {
+        return Ok(());
+    }
+    let counter = format!("event_seq/{run_id}");
+    let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
+    for value in encoded {
+        events.insert(step_key(run_id, next).as_bytes(), value.clone())?;
+        next += 1;
+    }
+    meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
+    Ok(())
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<T>> {
@@ -96,19 +145,52 @@ fn run_prefix(run_id: &str) -> String {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.display().to_string();
         let db = sled::open(dir).map_err(|source| StoreError::Open {
-            path: dir.display().to_string(),
+            path: path.clone(),
             source,
         })?;
+        let meta = db.open_tree("meta")?;
+        // A store without a version is the spine's: the same layout as version 1.
+        let found = meta.get("schema_version")?.as_deref().map(be_u64).unwrap_or(0);
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew { path, found });
+        }
+        if found < SCHEMA_VERSION {
+            meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+        }
+        let cluster_id = match meta.get("cluster_id")? {
+            Some(id) => String::from_utf8_lossy(&id).into_owned(),
+            None => {
+                // Run ids carry it, so coordinators that share an artifacts bucket never pick
+                // the same run prefix.
+                let id = format!("{:08x}", rand::random::<u32>());
+                meta.insert("cluster_id", id.as_bytes())?;
+                id
+            }
+        };
+        db.flush()?;
         Ok(Store {
             runs: db.open_tree("runs")?,
             workers: db.open_tree("workers")?,
             checkpoints: db.open_tree("checkpoints")?,
             metrics: db.open_tree("metrics")?,
             checksums: db.open_tree("checksums")?,
-            meta: db.open_tree("meta")?,
+            events: db.open_tree("events")?,
+            meta,
+            cluster_id,
             db,
         })
+    }
+
+    /// Random id of this store, part of every run id it hands out.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Makes everything written so far durable (used on shutdown).
+    pub async fn flush_all(&self) -> Result<()> {
+        self.flush().await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -124,8 +206,9 @@ impl Store {
         Ok(next.as_deref().map(be_u64).unwrap_or(1))
     }
 
+    /// `run-<counter>-<cluster id>`: ordered within this store, unique across stores.
     pub fn next_run_id(&self) -> Result<String> {
-        Ok(format!("run-{:06}", self.next_counter("next_run")?))
+        Ok(format!("run-{:06}-{}", self.next_counter("next_run")?, self.cluster_id))
     }
 
     pub fn next_worker_id(&self) -> Result<String> {
@@ -135,8 +218,7 @@ impl Store {
     // ---- runs -------------------------------------------------------------------------------
 
     pub async fn put_run(&self, run: &RunRecord) -> Result<()> {
-        self.runs.insert(run.id.as_bytes(), encode(run))?;
-        self.flush().await
+        self.put_transition(run, &[], &[]).await
     }
 
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
@@ -148,22 +230,29 @@ impl Store {
         scan(self.runs.iter(), "runs")
     }
 
-    /// Writes a run and the workers it touches in one sled transaction, so a crash never leaves
-    /// a worker reserved by a run that does not list it (or the reverse).
-    pub async fn put_run_and_workers(&self, run: &RunRecord, workers: &[WorkerRecord]) -> Result<()> {
+    /// Writes a run, the workers it touches and the events that explain the change in one sled
+    /// transaction, so a crash never leaves a worker reserved by a run that does not list it (or
+    /// the reverse), nor a state change without its reason.
+    pub async fn put_transition(&self, run: &RunRecord, workers: &[WorkerRecord], events: &[RunEvent]) -> Result<()> {
         let run_bytes = encode(run);
         let worker_bytes: Vec<(Vec<u8>, Vec<u8>)> =
             workers.iter().map(|w| (w.id.as_bytes().to_vec(), encode(w))).collect();
-        (&self.runs, &self.workers)
-            .transaction(|(runs, ws)| {
+        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        (&self.runs, &self.workers, &self.events, &self.meta)
+            .transaction(|(runs, ws, evs, meta)| {
                 runs.insert(run.id.as_bytes(), run_bytes.clone())?;
                 for (k, v) in &worker_bytes {
                     ws.insert(k.as_slice(), v.clone())?;
                 }
-                Ok::<(), ConflictableTransactionError<()>>(())
+                append_events(evs, meta, &run.id, &event_bytes)
             })
             .map_err(storage_error)?;
         self.flush().await
+    }
+
+    /// Events of a run, oldest first.
+    pub fn events(&self, run_id: &str) -> Result<Vec<RunEvent>> {
+        scan(self.events.scan_prefix(run_prefix(run_id)), "events")
     }
 
     // ---- workers ----------------------------------------------------------------------------
@@ -183,9 +272,45 @@ impl Store {
 
     // ---- checkpoints ------------------------------------------------------------------------
 
-    pub async fn put_checkpoint(&self, ckpt: &CheckpointRecord) -> Result<()> {
-        self.checkpoints
-            .insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), encode(ckpt))?;
+    /// Commits a checkpoint together with the run change and events it causes.
+    pub async fn put_checkpoint(&self, ckpt: &CheckpointRecord, run: &RunRecord, events: &[RunEvent]) -> Result<()> {
+        let ckpt_bytes = encode(ckpt);
+        let run_bytes = encode(run);
+        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        (&self.checkpoints, &self.runs, &self.events, &self.meta)
+            .transaction(|(ckpts, runs, evs, meta)| {
+                ckpts.insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), ckpt_bytes.clone())?;
+                runs.insert(run.id.as_bytes(), run_bytes.clone())?;
+                append_events(evs, meta, &run.id, &event_bytes)
+            })
+            .map_err(storage_error)?;
+        self.flush().await
+    }
+
+    /// Rewrites one checkpoint record (marking it unusable) with an event saying why.
+    pub async fn update_checkpoint(&self, ckpt: &CheckpointRecord, events: &[RunEvent]) -> Result<()> {
+        let ckpt_bytes = encode(ckpt);
+        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        (&self.checkpoints, &self.events, &self.meta)
+            .transaction(|(ckpts, evs, meta)| {
+                ckpts.insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), ckpt_bytes.clone())?;
+                append_events(evs, meta, &ckpt.run_id, &event_bytes)
+            })
+            .map_err(storage_error)?;
+        self.flush().await
+    }
+
+    /// Removes checkpoint records (their objects are already deleted) with an event.
+    pub async fn delete_checkpoints(&self, run_id: &str, steps: &[u64], events: &[RunEvent]) -> Result<()> {
+        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        (&self.checkpoints, &self.events, &self.meta)
+            .transaction(|(ckpts, evs, meta)| {
+                for step in steps {
+                    ckpts.remove(step_key(run_id, *step).as_bytes())?;
+                }
+                append_events(evs, meta, run_id, &event_bytes)
+            })
+            .map_err(storage_error)?;
         self.flush().await
     }
 
@@ -197,24 +322,59 @@ impl Store {
     // ---- metrics ----------------------------------------------------------------------------
 
     /// Appends metrics with dense per-run sequence numbers; returns the seq after the last one.
-    /// The points and the counter move in one transaction: a crash between them would otherwise
-    /// hand the same sequence numbers out again and overwrite acknowledged points.
     pub async fn append_metrics(&self, run_id: &str, points: &[MetricRecord]) -> Result<u64> {
+        Ok(self.record_report(run_id, None, points, &[], 0).await?.0)
+    }
+
+    /// Stores one rank's report: its metric points (dense per-run sequence numbers), its weight
+    /// checksums, and the run's new progress, in one transaction and one flush. The points and
+    /// their counter move together: a crash between them would hand the same sequence numbers
+    /// out again and overwrite acknowledged points.
+    ///
+    /// Returns the seq after the last point and, for each reported step, the checksums of ranks
+    /// `0..world_size` known for it (read inside the same transaction).
+    pub async fn record_report(
+        &self,
+        run_id: &str,
+        run: Option<&RunRecord>,
+        points: &[MetricRecord],
+        checksums: &[ChecksumReport],
+        world_size: u32,
+    ) -> Result<(u64, Vec<(u64, Vec<(u32, String)>)>)> {
         let counter = format!("metric_seq/{run_id}");
         let encoded: Vec<Vec<u8>> = points.iter().map(encode).collect();
-        let next = (&self.metrics, &self.meta)
-            .transaction(|(metrics, meta)| {
+        let run_bytes = run.map(encode);
+        let out = (&self.metrics, &self.meta, &self.checksums, &self.runs)
+            .transaction(|(metrics, meta, sums, runs)| {
                 let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
-                for value in &encoded {
-                    metrics.insert(step_key(run_id, next).as_bytes(), value.clone())?;
-                    next += 1;
+                if !encoded.is_empty() {
+                    for value in &encoded {
+                        metrics.insert(step_key(run_id, next).as_bytes(), value.clone())?;
+                        next += 1;
+                    }
+                    meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
                 }
-                meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
-                Ok::<u64, ConflictableTransactionError<()>>(next)
+                let mut known = Vec::with_capacity(checksums.len());
+                for c in checksums {
+                    let prefix = format!("{}/", step_key(run_id, c.step));
+                    let key = |rank: u32| format!("{prefix}{rank:06}@{:06}", c.attempt);
+                    sums.insert(key(c.rank).as_bytes(), c.sha256.as_bytes())?;
+                    let mut at = vec![];
+                    for rank in 0..world_size {
+                        if let Some(v) = sums.get(key(rank).as_bytes())? {
+                            at.push((rank, String::from_utf8_lossy(&v).into_owned()));
+                        }
+                    }
+                    known.push((c.step, at));
+                }
+                if let Some(bytes) = &run_bytes {
+                    runs.insert(run_id.as_bytes(), bytes.clone())?;
+                }
+                Ok((next, known))
             })
             .map_err(storage_error)?;
         self.flush().await?;
-        Ok(next)
+        Ok(out)
     }
 
     /// Metrics of a run with seq >= `from_seq`, in order, as (seq, record).
@@ -240,25 +400,6 @@ impl Store {
 
     // ---- weight checksums -------------------------------------------------------------------
 
-    /// Records one rank's checksum for a step; returns every rank's checksum known for that step.
-    pub async fn put_checksum(&self, run_id: &str, step: u64, rank: u32, sha: &str) -> Result<Vec<(u32, String)>> {
-        let prefix = format!("{}/", step_key(run_id, step));
-        self.checksums
-            .insert(format!("{prefix}{rank:06}").as_bytes(), sha.as_bytes())?;
-        self.flush().await?;
-        self.checksums
-            .scan_prefix(prefix.as_bytes())
-            .map(|kv| {
-                let (k, v) = kv?;
-                let rank = std::str::from_utf8(&k[prefix.len()..])
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(u32::MAX);
-                Ok((rank, String::from_utf8_lossy(&v).into_owned()))
-            })
-            .collect()
-    }
-
     /// Every recorded weight checksum of a run as (step, rank, sha256), ordered by step then rank.
     pub fn checksums(&self, run_id: &str) -> Result<Vec<(u64, u32, String)>> {
         self.checksums
@@ -267,7 +408,7 @@ impl Store {
                 let (k, v) = kv?;
                 let key = String::from_utf8_lossy(&k).into_owned();
                 let mut parts = key.rsplitn(3, '/');
-                let rank = parts.next().and_then(|r| r.parse().ok());
+                let rank = parts.next().and_then(|r| r.split('@').next()?.parse().ok());
                 let step = parts.next().and_then(|s| s.parse().ok());
                 match (step, rank) {
                     (Some(step), Some(rank)) => Ok((step, rank, String::from_utf8_lossy(&v).into_owned())),
@@ -317,7 +458,53 @@ mod tests {
             .collect();
         assert_eq!(seqs, [(0, 1), (1, 2), (2, 3)]);
         assert_eq!(store.metrics_from("run-000001", 2).unwrap().len(), 1);
-        assert_eq!(store.next_run_id().unwrap(), "run-000001");
-        assert_eq!(store.next_run_id().unwrap(), "run-000002");
+        let cluster = store.cluster_id().to_string();
+        assert_eq!(store.next_run_id().unwrap(), format!("run-000001-{cluster}"));
+        assert_eq!(store.next_run_id().unwrap(), format!("run-000002-{cluster}"));
+    }
+
+    #[tokio::test]
+    async fn stores_get_distinct_cluster_ids_that_survive_reopen() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = Store::open(a.path()).unwrap().cluster_id().to_string();
+        assert_ne!(first, Store::open(b.path()).unwrap().cluster_id());
+        assert_eq!(first, Store::open(a.path()).unwrap().cluster_id());
+    }
+
+    #[test]
+    fn a_store_from_a_newer_build_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert("schema_version", &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("newer voxelfleet") && err.contains("schema version 2"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_report_lands_whole_and_returns_every_ranks_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sum = |rank, sha: &str| ChecksumReport {
+            step: 4,
+            rank,
+            attempt: 1,
+            sha256: sha.into(),
+        };
+        let (_, known) = store
+            .record_report("r", None, &[point(4)], &[sum(1, "bb")], 2)
+            .await
+            .unwrap();
+        assert_eq!(known, [(4, vec![(1, "bb".to_string())])]);
+        let (next, known) = store
+            .record_report("r", None, &[point(4)], &[sum(0, "aa")], 2)
+            .await
+            .unwrap();
+        assert_eq!(next, 2);
+        assert_eq!(known, [(4, vec![(0, "aa".to_string()), (1, "bb".to_string())])]);
+        assert_eq!(store.checksums("r").unwrap().len(), 2);
     }
 }

@@ -23,10 +23,12 @@ pub fn validate_id(id: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Object prefix of a run's checkpoint for `step`, relative to the artifacts root. Workers write
-/// there and the coordinator verifies there, so the format lives in one place.
-pub fn checkpoint_prefix(run_id: &str, step: u64) -> String {
-    format!("runs/{run_id}/checkpoints/{step}/")
+/// Object prefix of a run's checkpoint for `step`, written by placement `attempt`, relative to the
+/// artifacts root. Workers write there and the coordinator verifies there, so the format lives in
+/// one place. The attempt is part of the prefix so that a retried run re-reaching a step writes
+/// new objects instead of overwriting those of a checkpoint another attempt committed.
+pub fn checkpoint_prefix(run_id: &str, step: u64, attempt: u32) -> String {
+    format!("runs/{run_id}/checkpoints/{step:010}-a{attempt}/")
 }
 
 #[cfg(test)]

@@ -36,6 +36,10 @@ pub struct RunSpec {
     pub model: ModelSpec,
     pub train: TrainSpec,
     pub artifacts: ArtifactsSpec,
+    /// Automatic resumes after an interruption (a lost worker, a lost coordinator) before the
+    /// run is declared Failed. A manual `coordinator resume` gives the budget back.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,9 +75,13 @@ pub struct ModelSpec {
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
     pub steps: u64,
-    /// Per-rank batch size.
-    #[serde(default = "default_batch")]
-    pub batch_size: u32,
+    /// Per-rank batch size. Give this or `global_batch`, not both; neither means 1 per rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    /// Samples per step summed over all ranks; each rank takes global_batch / world_size. A run
+    /// resumed at another world size then keeps the same optimisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch: Option<u32>,
     /// Crop size [D, H, W] in voxels.
     pub patch: [u32; 3],
     pub lr: f64,
@@ -84,6 +92,10 @@ pub struct TrainSpec {
     /// Write a checkpoint every this many steps (0: only the final one).
     #[serde(default)]
     pub checkpoint_every: u64,
+    /// Newest checkpoints kept per run; older ones are deleted (objects first, then records).
+    /// The final checkpoint and the one with the best held-out Dice are always kept.
+    #[serde(default = "default_checkpoint_keep")]
+    pub checkpoint_keep: u32,
     /// Compare weight checksums across ranks every this many steps.
     #[serde(default = "default_checksum_every")]
     pub checksum_every: u64,
@@ -108,8 +120,11 @@ fn default_base_width() -> u32 {
 fn default_depth() -> u32 {
     4
 }
-fn default_batch() -> u32 {
-    1
+fn default_max_retries() -> u32 {
+    3
+}
+fn default_checkpoint_keep() -> u32 {
+    3
 }
 fn default_weight_decay() -> f64 {
     1e-5
@@ -186,11 +201,23 @@ impl RunSpec {
         if t.steps == 0 {
             return Err(invalid("train.steps", "must be at least 1".into()));
         }
-        if t.batch_size == 0 || t.batch_size > 256 {
+        if let Some(b) = t.batch_size.filter(|b| *b == 0 || *b > 256) {
+            return Err(invalid("train.batch_size", format!("must be 1..=256, got {b}")));
+        }
+        if t.batch_size.is_some() && t.global_batch.is_some() {
             return Err(invalid(
-                "train.batch_size",
-                format!("must be 1..=256, got {}", t.batch_size),
+                "train.global_batch",
+                "give either train.batch_size (per rank) or train.global_batch, not both".into(),
             ));
+        }
+        self.train
+            .per_rank_batch(self.world_size)
+            .map_err(|reason| invalid("train.global_batch", reason))?;
+        if t.checkpoint_keep == 0 {
+            return Err(invalid("train.checkpoint_keep", "must be at least 1".into()));
+        }
+        if self.max_retries > 100 {
+            return Err(invalid("max_retries", format!("must be 0..=100, got {}", self.max_retries)));
         }
         let multiple = 1u32 << (self.model.depth - 1);
         if let Some(bad) = t.patch.iter().find(|&&p| p == 0 || p % multiple != 0 || p > 512) {
@@ -227,6 +254,23 @@ impl RunSpec {
     }
 }
 
+impl TrainSpec {
+    /// Samples each rank draws per step at `world_size` ranks.
+    pub fn per_rank_batch(&self, world_size: u32) -> Result<u32, String> {
+        match (self.batch_size, self.global_batch) {
+            (Some(b), _) => Ok(b),
+            (None, None) => Ok(1),
+            (None, Some(g)) if g == 0 || g > 256 * world_size => {
+                Err(format!("must be 1..={}, got {g}", 256 * world_size))
+            }
+            (None, Some(g)) if g % world_size != 0 => Err(format!(
+                "{g} samples do not split evenly over {world_size} ranks"
+            )),
+            (None, Some(g)) => Ok(g / world_size),
+        }
+    }
+}
+
 /// Validates a run id handed in from outside (CLI argument, RPC field) before it is used in a
 /// store key or object path.
 pub fn validate_run_id(id: &str) -> Result<(), String> {
@@ -259,7 +303,24 @@ url = "/tmp/y"
         let spec = RunSpec::from_toml(GOOD, "good.toml").unwrap();
         let again = RunSpec::from_toml(&spec.to_toml(), "canonical").unwrap();
         assert_eq!(spec, again);
-        assert_eq!(spec.train.batch_size, 1);
+        assert_eq!(spec.train.per_rank_batch(2), Ok(1));
+        assert_eq!(spec.max_retries, 3);
+        assert_eq!(spec.train.checkpoint_keep, 3);
+    }
+
+    #[test]
+    fn global_batch_splits_over_ranks_and_excludes_batch_size() {
+        let global = GOOD.replace("lr = 0.001", "lr = 0.001\nglobal_batch = 6");
+        let spec = RunSpec::from_toml(&global, "g.toml").unwrap();
+        assert_eq!(spec.train.per_rank_batch(2), Ok(3));
+        assert_eq!(spec.train.per_rank_batch(3), Ok(2));
+        assert!(spec.train.per_rank_batch(4).unwrap_err().contains("evenly"));
+        let both = global.replace("global_batch = 6", "global_batch = 6\nbatch_size = 2");
+        let err = RunSpec::from_toml(&both, "b.toml").unwrap_err().to_string();
+        assert!(err.contains("train.global_batch"), "{err}");
+        let uneven = GOOD.replace("lr = 0.001", "lr = 0.001\nglobal_batch = 3");
+        let err = RunSpec::from_toml(&uneven, "u.toml").unwrap_err().to_string();
+        assert!(err.contains("train.global_batch") && err.contains("evenly"), "{err}");
     }
 
     #[test]

@@ -288,5 +288,6 @@ pub fn worker_client_request(peer: &str) -> pb::RegisterRequest {
         device_kind: "cpu".into(),
         device_memory_bytes: 0,
         version: "test".into(),
+        ..Default::default()
     }
 }

@@ -2,6 +2,7 @@
 //! heartbeat, take assignments one at a time, train, report, and go back to waiting.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use protocol::pb::worker_service_client::WorkerServiceClient;
 
 use crate::backend::DeviceSpec;
 use crate::collective::{CollectiveHub, Ring, serve_collective};
-use crate::link::{RunLink, StopSignal};
+use crate::fingerprint::numeric_fingerprint;
+use crate::link::{LinkError, RankIdentity, RunLink, StopSignal};
 use crate::train::trainer::{RunSummary, TrainError, train_rank};
 
 /// Everything `worker` (and `coordinator worker`) accepts on its command line.
@@ -41,14 +43,30 @@ pub struct WorkerArgs {
     /// How long to keep retrying the first connection to the coordinator, in seconds.
     #[arg(long, default_value_t = 60)]
     pub connect_timeout_secs: u64,
+    /// How long a run keeps training while the coordinator is unreachable (a restart, an
+    /// upgrade), in seconds. Reports are kept and delivered when it answers again; past this
+    /// the run is given up and resumed from its checkpoint once the coordinator is back.
+    #[arg(long, default_value_t = 300)]
+    pub coordinator_grace_secs: u64,
+}
+
+/// The run a worker is on, as the heartbeat task needs to see it.
+#[derive(Clone)]
+struct ActiveRun {
+    run_id: String,
+    attempt: u32,
+    stop: StopSignal,
+    pause: Arc<AtomicBool>,
 }
 
 /// Shared between the heartbeat task and the run loop.
 #[derive(Default)]
 struct Presence {
     worker_id: String,
-    run: Option<(String, StopSignal)>,
+    run: Option<ActiveRun>,
     reregister: bool,
+    /// The coordinator said it is going away; quiets the warnings while it is.
+    coordinator_away: bool,
 }
 
 pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
@@ -69,7 +87,12 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let mut runs_done = 0u32;
     loop {
         if std::mem::take(&mut presence.lock().expect("presence").reregister) {
-            register(&client, &peer_address, args.device, &presence).await?;
+            if let Err(e) = register(&client, &peer_address, args.device, &presence).await {
+                tracing::warn!("registering again failed: {e}; retrying");
+                presence.lock().expect("presence").reregister = true;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
         }
         let worker_id = presence.lock().expect("presence").worker_id.clone();
         let req = pb::AwaitAssignmentRequest {
@@ -150,12 +173,21 @@ async fn register(
     device: DeviceSpec,
     presence: &Mutex<Presence>,
 ) -> anyhow::Result<Duration> {
+    let (previous_id, run) = {
+        let p = presence.lock().expect("presence");
+        (p.worker_id.clone(), p.run.clone())
+    };
     let req = pb::RegisterRequest {
         host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         peer_address: peer_address.to_string(),
         device_kind: device.to_string(),
         device_memory_bytes: 0,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        // Keep our identity across reconnects.
+        worker_id: previous_id,
+        numeric_fingerprint: numeric_fingerprint(device),
+        run_id: run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default(),
+        attempt: run.as_ref().map_or(0, |r| r.attempt),
     };
     let resp = client.clone().register(req).await?.into_inner();
     tracing::info!(worker = %resp.worker_id, peer = %peer_address, %device, "registered with the coordinator");
@@ -171,21 +203,34 @@ async fn heartbeat_loop(client: WorkerServiceClient<AuthChannel>, presence: Arc<
             let p = presence.lock().expect("presence");
             (p.worker_id.clone(), p.run.clone())
         };
-        let run_id = run.as_ref().map(|(id, _)| id.clone()).unwrap_or_default();
         let req = pb::HeartbeatRequest {
             worker_id,
-            run_id,
+            run_id: run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default(),
             step: 0,
+            attempt: run.as_ref().map_or(0, |r| r.attempt),
         };
         match client.clone().heartbeat(req).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
-                if let (true, Some((_, stop))) = (resp.stop_run, &run) {
-                    stop.raise(&resp.stop_reason);
+                if let Some(run) = &run {
+                    if resp.stop_run {
+                        run.stop.raise(&resp.stop_reason);
+                    }
+                    if resp.pause_run {
+                        run.pause.store(true, Ordering::SeqCst);
+                    }
                 }
+                let mut p = presence.lock().expect("presence");
                 if resp.reregister {
-                    presence.lock().expect("presence").reregister = true;
+                    p.reregister = true;
                 }
+                if resp.coordinator_going_away && !p.coordinator_away {
+                    tracing::info!("the coordinator is going away and will be back; training on");
+                }
+                p.coordinator_away = resp.coordinator_going_away;
+            }
+            Err(status) if presence.lock().expect("presence").coordinator_away => {
+                tracing::debug!("heartbeat failed while the coordinator is away: {status}")
             }
             Err(status) => tracing::warn!("heartbeat failed: {status}"),
         }
@@ -200,21 +245,33 @@ async fn run_assignment(
     assignment: pb::Assignment,
 ) {
     let stop = StopSignal::default();
+    let pause = Arc::new(AtomicBool::new(false));
     let worker_id = {
         let mut p = presence.lock().expect("presence");
-        p.run = Some((assignment.run_id.clone(), stop.clone()));
+        p.run = Some(ActiveRun {
+            run_id: assignment.run_id.clone(),
+            attempt: assignment.attempt,
+            stop: stop.clone(),
+            pause: pause.clone(),
+        });
         p.worker_id.clone()
     };
-    let (run_id, rank) = (assignment.run_id.clone(), assignment.rank);
-    tracing::info!(run = %run_id, rank, world = assignment.world_size, "starting assignment");
+    let (run_id, rank, attempt) = (assignment.run_id.clone(), assignment.rank, assignment.attempt);
+    tracing::info!(run = %run_id, rank, attempt, world = assignment.world_size, resume_step = assignment.resume_step, "starting assignment");
     let timeout = Duration::from_secs(args.collective_timeout_secs);
+    let identity = RankIdentity {
+        worker_id: worker_id.clone(),
+        run_id: run_id.clone(),
+        rank,
+        attempt,
+    };
     let link = RunLink::new(
         client.clone(),
         tokio::runtime::Handle::current(),
-        worker_id.clone(),
-        run_id.clone(),
-        rank,
+        identity,
         stop.clone(),
+        pause,
+        Duration::from_secs(args.coordinator_grace_secs),
     );
     let device = args.device;
     let connected = tokio::select! {
@@ -241,16 +298,36 @@ async fn run_assignment(
         Err(TrainError::Stopped(reason)) => tracing::info!(run = %run_id, rank, %reason, "run stopped"),
         Err(e) => {
             tracing::error!(run = %run_id, rank, "run failed: {e}");
-            let peer_lost = matches!(&e, TrainError::Collective(c) if c.is_peer_loss());
             let req = pb::ReportFailureRequest {
                 worker_id,
                 run_id,
                 rank,
                 message: e.to_string(),
-                peer_lost,
+                peer_lost: matches!(&e, TrainError::Collective(c) if c.is_peer_loss()),
+                attempt,
+                coordinator_lost: matches!(&e, TrainError::Link(LinkError::CoordinatorLost(..))),
+                checkpoint_unusable: matches!(&e, TrainError::Resume(_)),
             };
-            if let Err(status) = client.clone().report_failure(req).await {
+            report_failure(client, req).await;
+        }
+    }
+}
+
+/// Delivers a failure report, waiting for a coordinator that is away: the run stays Running in
+/// its store until it hears, so giving up silently would leave it waiting on heartbeats.
+async fn report_failure(client: &WorkerServiceClient<AuthChannel>, req: pb::ReportFailureRequest) {
+    const PATIENCE: Duration = Duration::from_secs(3600);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match client.clone().report_failure(req.clone()).await {
+            Ok(_) => return,
+            Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tracing::debug!("coordinator unreachable, will report the failure when it is back: {status}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(status) => {
                 tracing::warn!("could not report the failure: {status}");
+                return;
             }
         }
     }

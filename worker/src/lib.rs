@@ -3,9 +3,9 @@
 
 pub mod agent;
 pub mod backend;
-pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod fingerprint;
 pub mod link;
 pub mod model;
 pub mod stop;

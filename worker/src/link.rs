@@ -1,7 +1,14 @@
 //! A rank's line to the coordinator while it trains: buffered metrics, weight checksums,
 //! checkpoint commits and the final report. The training loop runs on a blocking thread, so
 //! every call here blocks on the agent's tokio runtime.
+//!
+//! A coordinator restart must cost no training: while the coordinator is unreachable the rank
+//! keeps training and keeps what it has to say (metrics, checksums, checkpoint commits, its
+//! final report), and delivers it once the coordinator answers again. Only after `grace` without
+//! an answer does the rank give the run up.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use protocol::auth::AuthChannel;
@@ -11,25 +18,42 @@ use tokio::runtime::Handle;
 
 pub use crate::stop::StopSignal;
 
-pub struct RunLink {
-    client: WorkerServiceClient<AuthChannel>,
-    handle: Handle,
+/// Who this rank is within which placement of which run.
+#[derive(Debug, Clone)]
+pub struct RankIdentity {
     pub worker_id: String,
     pub run_id: String,
     pub rank: u32,
-    pub stop: StopSignal,
-    metrics: Vec<pb::Metric>,
-    checksums: Vec<pb::WeightsChecksum>,
-    unreachable_since: Option<Instant>,
+    pub attempt: u32,
 }
 
-/// How long a rank keeps training while the coordinator cannot be reached.
-const COORDINATOR_PATIENCE: Duration = Duration::from_secs(60);
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the coordinator has been unreachable for {0:?}; giving the run up: {1}")]
+    CoordinatorLost(Duration, tonic::Status),
+    #[error("the coordinator refused: {0}")]
+    Refused(tonic::Status),
+}
+
+pub struct RunLink {
+    client: WorkerServiceClient<AuthChannel>,
+    handle: Handle,
+    pub id: RankIdentity,
+    pub stop: StopSignal,
+    /// Raised by the heartbeat when the coordinator asks rank 0 to checkpoint and pause.
+    pause: Arc<AtomicBool>,
+    grace: Duration,
+    metrics: Vec<pb::Metric>,
+    checksums: Vec<pb::WeightsChecksum>,
+    /// Commits not yet acknowledged because the coordinator was away.
+    pending_commits: Vec<pb::CommitCheckpointRequest>,
+    unreachable_since: Option<Instant>,
+}
 
 fn is_transient(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
     )
 }
 
@@ -37,22 +61,31 @@ impl RunLink {
     pub fn new(
         client: WorkerServiceClient<AuthChannel>,
         handle: Handle,
-        worker_id: String,
-        run_id: String,
-        rank: u32,
+        id: RankIdentity,
         stop: StopSignal,
+        pause: Arc<AtomicBool>,
+        grace: Duration,
     ) -> Self {
         RunLink {
             client,
             handle,
-            worker_id,
-            run_id,
-            rank,
+            id,
             stop,
+            pause,
+            grace,
             metrics: vec![],
             checksums: vec![],
+            pending_commits: vec![],
             unreachable_since: None,
         }
+    }
+
+    pub fn rank(&self) -> u32 {
+        self.id.rank
+    }
+
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
     }
 
     pub fn metric(&mut self, step: u64, name: &str, value: f64) {
@@ -61,7 +94,7 @@ impl RunLink {
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         self.metrics.push(pb::Metric {
-            rank: self.rank,
+            rank: self.id.rank,
             step,
             name: name.to_string(),
             value,
@@ -73,76 +106,116 @@ impl RunLink {
         self.checksums.push(pb::WeightsChecksum { step, sha256 });
     }
 
-    /// Sends what is buffered. The coordinator may answer that the run is over; that becomes
-    /// the stop signal.
-    pub fn flush(&mut self) -> Result<(), tonic::Status> {
+    /// Sorts an RPC outcome: an answer clears the unreachable clock; a transient failure within
+    /// the grace period is `None` (try again later); anything else is an error.
+    fn answered<T>(&mut self, result: Result<tonic::Response<T>, tonic::Status>) -> Result<Option<T>, LinkError> {
+        match result {
+            Ok(resp) => {
+                if self.unreachable_since.take().is_some() {
+                    tracing::info!(run = %self.id.run_id, "the coordinator answers again; delivering what was kept");
+                }
+                Ok(Some(resp.into_inner()))
+            }
+            Err(status) if is_transient(&status) => {
+                let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.grace {
+                    return Err(LinkError::CoordinatorLost(self.grace, status));
+                }
+                tracing::warn!(run = %self.id.run_id, "coordinator unreachable, training on and keeping reports: {}", status.message());
+                Ok(None)
+            }
+            Err(status) => Err(LinkError::Refused(status)),
+        }
+    }
+
+    /// Sends what is buffered: commits held back while the coordinator was away first, then
+    /// metrics and checksums. The coordinator may answer that the run is over; that becomes the
+    /// stop signal.
+    pub fn flush(&mut self) -> Result<(), LinkError> {
+        while let Some(commit) = self.pending_commits.first().cloned() {
+            let result = self.handle.block_on(self.client.clone().commit_checkpoint(commit));
+            match self.answered(result)? {
+                Some(resp) => {
+                    self.pending_commits.remove(0);
+                    self.apply_commit_answer(&resp);
+                }
+                None => return Ok(()),
+            }
+        }
         if self.metrics.is_empty() && self.checksums.is_empty() {
             return Ok(());
         }
         let req = pb::ReportMetricsRequest {
-            worker_id: self.worker_id.clone(),
-            run_id: self.run_id.clone(),
-            rank: self.rank,
-            metrics: std::mem::take(&mut self.metrics),
-            checksums: std::mem::take(&mut self.checksums),
+            worker_id: self.id.worker_id.clone(),
+            run_id: self.id.run_id.clone(),
+            rank: self.id.rank,
+            metrics: self.metrics.clone(),
+            checksums: self.checksums.clone(),
+            attempt: self.id.attempt,
         };
-        let mut client = self.client.clone();
-        match self.handle.block_on(client.report_metrics(req.clone())) {
-            Ok(resp) => {
-                self.unreachable_since = None;
-                let resp = resp.into_inner();
-                if resp.stop_run {
-                    self.stop.raise(&resp.stop_reason);
-                }
-                Ok(())
+        let result = self.handle.block_on(self.client.clone().report_metrics(req));
+        if let Some(resp) = self.answered(result)? {
+            self.metrics.clear();
+            self.checksums.clear();
+            if resp.stop_run {
+                self.stop.raise(&resp.stop_reason);
             }
-            // A coordinator restart or a network blip must not throw away training: keep the
-            // points and send them with the next batch, up to COORDINATOR_PATIENCE.
-            Err(status) if is_transient(&status) => {
-                let since = *self.unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > COORDINATOR_PATIENCE {
-                    return Err(status);
-                }
-                tracing::warn!(run = %self.run_id, "coordinator unreachable, keeping metrics for the next report: {}", status.message());
-                let (mut metrics, mut checksums) = (req.metrics, req.checksums);
-                metrics.append(&mut self.metrics);
-                checksums.append(&mut self.checksums);
-                (self.metrics, self.checksums) = (metrics, checksums);
-                Ok(())
-            }
-            Err(status) => Err(status),
+        }
+        Ok(())
+    }
+
+    fn apply_commit_answer(&self, resp: &pb::CommitCheckpointResponse) {
+        if resp.stop_run {
+            self.stop.raise(&resp.stop_reason);
         }
     }
 
+    /// Asks the coordinator to verify and commit a checkpoint; kept for later if it is away.
     pub fn commit_checkpoint(
-        &self,
+        &mut self,
         step: u64,
         files: Vec<pb::CheckpointFile>,
         is_final: bool,
-    ) -> Result<(), tonic::Status> {
-        let req = pb::CommitCheckpointRequest {
-            worker_id: self.worker_id.clone(),
-            run_id: self.run_id.clone(),
+        eval_dice: Option<f64>,
+    ) -> Result<(), LinkError> {
+        self.pending_commits.push(pb::CommitCheckpointRequest {
+            worker_id: self.id.worker_id.clone(),
+            run_id: self.id.run_id.clone(),
             step,
             files,
             is_final,
-        };
-        let mut client = self.client.clone();
-        self.handle.block_on(client.commit_checkpoint(req))?;
-        Ok(())
+            attempt: self.id.attempt,
+            has_eval_dice: eval_dice.is_some(),
+            eval_dice: eval_dice.unwrap_or(0.0),
+        });
+        self.flush()
     }
 
-    pub fn finish(&self, final_step: u64, weights_sha256: String) -> Result<(), tonic::Status> {
+    /// Delivers everything kept and then the final report, waiting out a coordinator restart
+    /// (up to the grace period) rather than losing the run's end.
+    pub fn finish(&mut self, final_step: u64, weights_sha256: String) -> Result<(), LinkError> {
         let req = pb::FinishRunRequest {
-            worker_id: self.worker_id.clone(),
-            run_id: self.run_id.clone(),
-            rank: self.rank,
+            worker_id: self.id.worker_id.clone(),
+            run_id: self.id.run_id.clone(),
+            rank: self.id.rank,
             final_step,
             weights_sha256,
+            attempt: self.id.attempt,
         };
-        let mut client = self.client.clone();
-        self.handle.block_on(client.finish_run(req))?;
-        Ok(())
+        loop {
+            self.flush()?;
+            if self.pending_commits.is_empty() && self.metrics.is_empty() && self.checksums.is_empty() {
+                let result = self.handle.block_on(self.client.clone().finish_run(req.clone()));
+                if self.answered(result)?.is_some() {
+                    return Ok(());
+                }
+            }
+            if let Some(reason) = self.stop.raised() {
+                tracing::info!(run = %self.id.run_id, %reason, "stopped while delivering the final report");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {

@@ -95,7 +95,7 @@ pub async fn runs(remote: &Remote) -> anyhow::Result<ExitCode> {
 }
 
 /// The server's message is written for people; the gRPC code and metadata are not.
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
@@ -117,6 +117,7 @@ pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
                 "eval_cases": detail.eval_cases,
                 "checkpoints": detail.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>(),
                 "latest_metrics": detail.latest_metrics.iter().map(metric_json).collect::<Vec<_>>(),
+                "events": detail.events.iter().map(event_json).collect::<Vec<_>>(),
             })
         );
         return Ok(ExitCode::SUCCESS);
@@ -135,10 +136,10 @@ pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
             .checkpoints
             .iter()
             .map(|c| {
-                let bytes: u64 = c.files.iter().map(|f| f.bytes).sum();
+                let bytes = checkpoint_bytes(c);
                 vec![
                     c.step.to_string(),
-                    if c.is_final { "final".into() } else { String::new() },
+                    checkpoint_marks(c),
                     c.prefix.clone(),
                     bytes.to_string(),
                     unix_ms(c.committed_unix_ms),
@@ -146,6 +147,14 @@ pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
             })
             .collect();
         println!("\n{}", table(&["STEP", "", "PREFIX", "BYTES", "COMMITTED"], &rows));
+    }
+    if !detail.events.is_empty() {
+        let rows: Vec<Vec<String>> = detail
+            .events
+            .iter()
+            .map(|e| vec![unix_ms(e.unix_ms), e.kind.clone(), e.step.to_string(), e.message.clone()])
+            .collect();
+        println!("\n{}", table(&["WHEN", "EVENT", "STEP", "DETAIL"], &rows));
     }
     if !detail.latest_metrics.is_empty() {
         let rows: Vec<Vec<String>> = detail

@@ -181,16 +181,23 @@ async fn follow_progress(
     run_id: &str,
     total: u64,
 ) -> anyhow::Result<String> {
-    let req = pb::StreamMetricsRequest {
+    let req = |from_seq| pb::StreamMetricsRequest {
         run_id: run_id.into(),
         follow: true,
-        from_seq: 0,
+        from_seq,
     };
-    let mut stream = client.stream_metrics(req).await?.into_inner();
+    let mut stream = client.stream_metrics(req(0)).await?.into_inner();
     let started = Instant::now();
     let mut first_step: Option<(u64, Instant)> = None;
     let mut loss = f64::NAN;
     while let Some(record) = stream.message().await? {
+        if record.run_state == "Interrupted" {
+            // The coordinator resumes it from its newest checkpoint by itself; follow on.
+            println!("run interrupted; it resumes from its newest checkpoint as soon as workers are free");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            stream = client.stream_metrics(req(record.seq)).await?.into_inner();
+            continue;
+        }
         if !record.run_state.is_empty() {
             return Ok(record.run_state);
         }

@@ -4,6 +4,7 @@
 
 mod client;
 mod demo;
+mod lifecycle;
 mod output;
 
 use std::net::SocketAddr;
@@ -81,6 +82,32 @@ enum Command {
     },
     /// Cancel a queued or running run; its workers stop and go back to idle.
     Cancel {
+        run: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Pause a run: rank 0 writes a checkpoint at the next step boundary, then the workers are
+    /// released and the run is Paused. A queued run pauses at once.
+    Pause {
+        run: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Queue a Paused run again, or an Interrupted, Failed or Cancelled one that has a committed
+    /// checkpoint. It continues from its newest checkpoint that still verifies, bit-identical to
+    /// an uninterrupted run at the same world size; its retry budget starts over.
+    Resume {
+        run: String,
+        /// Resume on this many workers. The sample order is global, so no sample is skipped or
+        /// repeated; with `train.global_batch` the optimisation is the same too.
+        #[arg(long)]
+        world_size: Option<u32>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List a run's committed checkpoints: step, time, size and hash; `*` marks the one a
+    /// resume would start from.
+    Checkpoints {
         run: String,
         #[command(flatten)]
         remote: Remote,
@@ -170,6 +197,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Metrics { run, follow, remote } => client::metrics(&remote, &run, follow).await,
         Command::Cancel { run, remote } => client::cancel(&remote, &run).await,
         Command::Workers { remote } => client::workers(&remote).await,
+        Command::Pause { run, remote } => lifecycle::pause(&remote, &run).await,
+        Command::Resume {
+            run,
+            world_size,
+            remote,
+        } => lifecycle::resume(&remote, &run, world_size).await,
+        Command::Checkpoints { run, remote } => lifecycle::checkpoints(&remote, &run).await,
         Command::Dataset(DatasetCommand::Synth {
             cases,
             out,
@@ -215,13 +249,18 @@ async fn serve(listen: SocketAddr, data_dir: PathBuf, dead_after_secs: u64) -> a
         server.addr,
         data_dir.display()
     );
-    tokio::select! {
-        r = server.wait() => r?,
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted; shutting down");
-            server.coordinator.begin_shutdown().await;
-            server.stop().await?;
-        }
-    }
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signal = tokio::select! {
+        r = server.wait() => { r?; return Ok(ExitCode::SUCCESS) }
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = sigterm.recv() => "SIGTERM",
+    };
+    // Workers keep training through a restart: tell them at their next heartbeat that this
+    // coordinator is going away and will be back, make every write durable, then stop.
+    let running = server.coordinator.begin_going_away().await?;
+    tracing::info!(signal, running, "stopping; every write is flushed, and running runs keep training for the next coordinator to adopt");
+    tokio::time::sleep(server.coordinator.timing.heartbeat_interval + std::time::Duration::from_millis(500)).await;
+    server.stop().await?;
+    tracing::info!("coordinator stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -56,6 +56,8 @@ pub fn run_json(r: &pb::RunInfo) -> Value {
         "run_id": r.run_id, "name": r.name, "state": r.state, "world_size": r.world_size,
         "step": r.step, "total_steps": r.total_steps, "message": r.message,
         "submitted_unix_ms": r.submitted_unix_ms, "updated_unix_ms": r.updated_unix_ms, "workers": r.workers,
+        "attempt": r.attempt, "retries": r.retries, "max_retries": r.max_retries,
+        "pause_requested": r.pause_requested,
     })
 }
 
@@ -80,8 +82,47 @@ pub fn metric_json(m: &pb::Metric) -> Value {
 pub fn checkpoint_json(c: &pb::CheckpointInfo) -> Value {
     json!({
         "step": c.step, "prefix": c.prefix, "is_final": c.is_final, "committed_unix_ms": c.committed_unix_ms,
+        "attempt": c.attempt, "resume_candidate": c.resume_candidate,
+        "unusable": (!c.unusable.is_empty()).then_some(&c.unusable),
+        "eval_dice": c.has_eval_dice.then_some(c.eval_dice),
+        "bytes": checkpoint_bytes(c), "sha256": checkpoint_digest(c),
         "files": c.files.iter().map(|f| json!({"key": f.key, "sha256": f.sha256, "bytes": f.bytes})).collect::<Vec<_>>(),
     })
+}
+
+pub fn checkpoint_bytes(c: &pb::CheckpointInfo) -> u64 {
+    c.files.iter().map(|f| f.bytes).sum()
+}
+
+/// One hash for a whole checkpoint: SHA-256 over its files' names and hashes, in order. Two
+/// listings show the same digest exactly when every file is the same.
+pub fn checkpoint_digest(c: &pb::CheckpointInfo) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in &c.files {
+        let name = f.key.rsplit('/').next().unwrap_or(&f.key);
+        h.update(format!("{name} {}\n", f.sha256));
+    }
+    hex::encode(h.finalize())
+}
+
+/// Short flags for a checkpoint row: final, best by Dice, unusable.
+pub fn checkpoint_marks(c: &pb::CheckpointInfo) -> String {
+    let mut marks = vec![];
+    if c.is_final {
+        marks.push("final".to_string());
+    }
+    if c.has_eval_dice {
+        marks.push(format!("dice {:.3}", c.eval_dice));
+    }
+    if !c.unusable.is_empty() {
+        marks.push("unusable".into());
+    }
+    marks.join(", ")
+}
+
+pub fn event_json(e: &pb::RunEvent) -> Value {
+    json!({ "unix_ms": e.unix_ms, "kind": e.kind, "step": e.step, "message": e.message })
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! The coordinator's state machine: registration, gang scheduling, assignment hand-off, progress,
-//! checkpoint commits and the end of runs. Both gRPC services are thin shells over this.
+//! checkpoint commits, interruptions and resumes, and the end of runs. Both gRPC services are
+//! thin shells over this.
 //!
 //! Rule: every transition is written to the store (and flushed) before anything acts on it: the
 //! assignment is handed out only after the run and its workers are recorded as Assigned.
 //! All transitions run under one async mutex; the coordinator's state is small and this keeps
-//! the reasoning simple.
+//! the reasoning simple. Object-store reads (checkpoint verification) happen outside it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,6 +41,7 @@ pub enum CoordError {
 
 pub type Result<T> = std::result::Result<T, CoordError>;
 
+mod resume;
 mod run_progress;
 
 #[derive(Debug, Clone)]
@@ -69,11 +71,14 @@ impl Default for Timing {
 #[derive(Default)]
 struct Live {
     /// Last sign of life per worker: monotonic for the liveness check, wall clock for display.
-    /// Kept in memory: flushing sled on every heartbeat would buy nothing, since a restarted
-    /// coordinator makes every worker register again anyway.
+    /// Kept in memory: flushing sled on every heartbeat would buy nothing. A restarted
+    /// coordinator starts every known worker's clock afresh, and reaps those that stay silent.
     last_seen: HashMap<String, (Instant, i64)>,
     pending: HashMap<String, pb::Assignment>,
+    /// Demo teardown: idle workers are told to exit.
     shutting_down: bool,
+    /// SIGTERM: workers are told the coordinator will be back, and keep training.
+    going_away: bool,
 }
 
 pub struct Coordinator {
@@ -86,29 +91,45 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the store and recovers from whatever the last process left: runs that were in
-    /// flight are Interrupted (their workers cannot be trusted to still hold them) and every
-    /// worker must register again.
+    /// Opens the store and takes over from whatever the last process left. Running runs are
+    /// adopted: their workers keep training while the coordinator is away and reattach with
+    /// their own ids; any that do not come back within `dead_after` are reaped as usual.
+    /// Assignments live only in memory, so runs caught between assignment and start go back to
+    /// the queue without spending their retry budget.
     pub async fn open(data_dir: &Path, timing: Timing) -> Result<Arc<Self>> {
         let store = Store::open(data_dir)?;
-        for mut run in store.runs()? {
-            if run.state.is_active() {
-                run.state = RunState::Interrupted;
-                run.message = "coordinator restarted while the run was in flight".into();
-                run.updated_unix_ms = now_unix_ms();
-                store.put_run(&run).await?;
-            }
+        let mut live = Live::default();
+        let now = (Instant::now(), now_unix_ms());
+        let workers = store.workers()?;
+        for w in workers.iter().filter(|w| w.state != WorkerState::Dead) {
+            live.last_seen.insert(w.id.clone(), now);
         }
-        for mut w in store.workers()? {
-            if w.state != WorkerState::Dead {
-                w.state = WorkerState::Dead;
-                w.run_id = None;
-                store.put_worker(&w).await?;
+        for mut run in store.runs()? {
+            match run.state {
+                RunState::Assigned => {
+                    let freed = release_workers(&workers, &run.id);
+                    let event = RunEvent::new(
+                        "requeued",
+                        run.step,
+                        "the coordinator restarted before every rank picked up its assignment",
+                    );
+                    run.state = RunState::Queued;
+                    run.updated_unix_ms = now_unix_ms();
+                    store.put_transition(&run, &freed, &[event]).await?;
+                }
+                RunState::Running => {
+                    let message = format!(
+                        "coordinator restarted; adopting the run from its {} ranks as they reattach",
+                        run.world_size
+                    );
+                    store.put_transition(&run, &[], &[RunEvent::new("adopting", run.step, message)]).await?;
+                }
+                _ => {}
             }
         }
         Ok(Arc::new(Coordinator {
             store,
-            live: Mutex::new(Live::default()),
+            live: Mutex::new(live),
             assignments_changed: Notify::new(),
             progress: watch::channel(0).0,
             timing,
@@ -167,8 +188,18 @@ impl Coordinator {
             artifacts_url: spec.artifacts.url.clone(),
             finished: Default::default(),
             final_checkpoint: None,
+            attempt: 0,
+            max_retries: spec.max_retries,
+            interruptions: vec![],
+            resume_step: None,
+            pause_requested: false,
         };
-        self.store.put_run(&run).await?;
+        let event = RunEvent::new(
+            "submitted",
+            0,
+            format!("from {source_name}, {} workers", spec.world_size),
+        );
+        self.store.put_transition(&run, &[], &[event]).await?;
         drop(transition);
         self.schedule().await?;
         self.bump_progress();
@@ -213,21 +244,63 @@ impl Coordinator {
         self.assignments_changed.notify_waiters();
     }
 
+    /// The coordinator is stopping but will be back (SIGTERM): stop placing runs, tell workers
+    /// at their next heartbeat, and make every write durable. Running runs are left as they are,
+    /// for the next process to adopt.
+    pub async fn begin_going_away(&self) -> Result<usize> {
+        let mut live = self.live.lock().await;
+        live.going_away = true;
+        live.pending.clear();
+        self.store.flush_all().await?;
+        let running = self
+            .store
+            .runs()?
+            .iter()
+            .filter(|r| r.state == RunState::Running)
+            .count();
+        drop(live);
+        self.assignments_changed.notify_waiters();
+        Ok(running)
+    }
+
     // ---- worker side ------------------------------------------------------------------------
 
+    /// A worker that names an id this coordinator knows and has not declared dead keeps it (a
+    /// reconnect after a restart or a blip); a dead one is revived under the same id.
     pub async fn register(&self, req: pb::RegisterRequest) -> Result<WorkerRecord> {
         let mut live = self.live.lock().await;
         let now = now_unix_ms();
-        let worker = WorkerRecord {
-            id: self.store.next_worker_id()?,
-            host: req.host,
-            peer_address: req.peer_address,
-            device_kind: req.device_kind,
-            device_memory_bytes: req.device_memory_bytes,
-            registered_unix_ms: now,
-            last_heartbeat_unix_ms: now,
-            state: WorkerState::Idle,
-            run_id: None,
+        let known = match req.worker_id.as_str() {
+            "" => None,
+            id => self.store.worker(id)?,
+        };
+        let worker = match known {
+            Some(mut w) => {
+                tracing::info!(worker = %w.id, was = %w.state, "worker reattached under its id");
+                w.host = req.host;
+                w.peer_address = req.peer_address;
+                w.device_kind = req.device_kind;
+                w.device_memory_bytes = req.device_memory_bytes;
+                w.numeric_fingerprint = req.numeric_fingerprint;
+                w.last_heartbeat_unix_ms = now;
+                if w.state == WorkerState::Dead {
+                    w.state = WorkerState::Idle;
+                    w.run_id = None;
+                }
+                w
+            }
+            None => WorkerRecord {
+                id: self.store.next_worker_id()?,
+                host: req.host,
+                peer_address: req.peer_address,
+                device_kind: req.device_kind,
+                device_memory_bytes: req.device_memory_bytes,
+                registered_unix_ms: now,
+                last_heartbeat_unix_ms: now,
+                state: WorkerState::Idle,
+                run_id: None,
+                numeric_fingerprint: req.numeric_fingerprint,
+            },
         };
         self.store.put_worker(&worker).await?;
         live.last_seen.insert(worker.id.clone(), (Instant::now(), now));
@@ -240,7 +313,7 @@ impl Coordinator {
         let mut live = self.live.lock().await;
         let known = self.store.worker(&req.worker_id)?;
         let Some(worker) = known.filter(|w| w.state != WorkerState::Dead) else {
-            // Whatever run it thinks it is on was interrupted when it was forgotten.
+            // Whatever run it thinks it is on was interrupted when it was declared dead.
             return Ok(pb::HeartbeatResponse {
                 reregister: true,
                 stop_run: !req.run_id.is_empty(),
@@ -252,13 +325,22 @@ impl Coordinator {
             .insert(worker.id.clone(), (Instant::now(), now_unix_ms()));
         let mut resp = pb::HeartbeatResponse {
             shutdown: live.shutting_down,
+            coordinator_going_away: live.going_away,
             ..Default::default()
         };
         if !req.run_id.is_empty() {
             let still_ours = worker.run_id.as_deref() == Some(req.run_id.as_str());
-            let run = self.store.run(&req.run_id)?;
-            match run {
-                Some(run) if still_ours && run.state.is_active() => {}
+            match self.store.run(&req.run_id)? {
+                Some(run) if still_ours && run.state.is_active() && run.attempt == req.attempt => {
+                    resp.pause_run = run.pause_requested && run.workers.first() == Some(&worker.id);
+                }
+                Some(run) if run.attempt != req.attempt => {
+                    resp.stop_run = true;
+                    resp.stop_reason = format!(
+                        "attempt {} of run {} is over (the run is on attempt {}, {})",
+                        req.attempt, run.id, run.attempt, run.state
+                    );
+                }
                 Some(run) => {
                     resp.stop_run = true;
                     resp.stop_reason = format!("run {} is {}: {}", run.id, run.state, run.message);
@@ -320,16 +402,23 @@ impl Coordinator {
         if !run.started_ranks.contains(&assignment.rank) {
             run.started_ranks.push(assignment.rank);
         }
+        let mut events = vec![];
         if run.state == RunState::Assigned && run.started_ranks.len() == run.world_size as usize {
             run.state = RunState::Running;
+            events.push(RunEvent::new(
+                "running",
+                run.resume_step.unwrap_or(0),
+                format!("attempt {}: all {} ranks started", run.attempt, run.world_size),
+            ));
         }
         run.updated_unix_ms = now_unix_ms();
-        self.store.put_run(&run).await?;
+        self.store.put_transition(&run, &[], &events).await?;
         self.bump_progress();
         Ok(())
     }
 
-    /// Moves a run to a final (or Interrupted) state and frees its workers, in one write.
+    /// Moves a run to a final, Paused or Interrupted state and frees its workers, in one write.
+    /// An interruption past the retry budget fails the run instead, listing every cause.
     async fn end_run(&self, live: &mut Live, mut run: RunRecord, state: RunState, message: String) -> Result<()> {
         if !run.state.can_move_to(state) {
             return Err(CoordError::Rejected(format!(
@@ -337,30 +426,50 @@ impl Coordinator {
                 run.id, run.state
             )));
         }
+        let mut events = vec![];
+        let (state, message) = if state == RunState::Interrupted {
+            run.interruptions.push(message.clone());
+            events.push(RunEvent::new("interrupted", run.step, message.clone()));
+            if run.retries_used() > run.max_retries {
+                let causes: Vec<String> = run
+                    .interruptions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, cause)| format!("{}) {cause}", i + 1))
+                    .collect();
+                let message = format!(
+                    "interrupted {} times, more than max_retries = {}: {}",
+                    run.interruptions.len(),
+                    run.max_retries,
+                    causes.join("; ")
+                );
+                (RunState::Failed, message)
+            } else {
+                (state, message)
+            }
+        } else {
+            (state, message)
+        };
         tracing::info!(run = %run.id, from = %run.state, to = %state, %message, "run transition");
+        events.push(RunEvent::new(&state.to_string().to_lowercase(), run.step, message.clone()));
         run.state = state;
         run.message = message;
+        run.pause_requested = false;
         run.updated_unix_ms = now_unix_ms();
-        let mut freed = vec![];
-        for mut w in self.store.workers()? {
-            if w.run_id.as_deref() == Some(run.id.as_str()) {
-                live.pending.remove(&w.id);
-                w.run_id = None;
-                if w.state == WorkerState::Busy {
-                    w.state = WorkerState::Idle;
-                }
-                freed.push(w);
-            }
+        let freed = release_workers(&self.store.workers()?, &run.id);
+        for w in &freed {
+            live.pending.remove(&w.id);
         }
-        self.store.put_run_and_workers(&run, &freed).await?;
+        self.store.put_transition(&run, &freed, &events).await?;
         self.bump_progress();
         Ok(())
     }
 
-    /// Places queued runs, first in first out, each on a gang of `world_size` idle workers.
+    /// Places queued runs, first in first out, each on a gang of `world_size` idle workers of one
+    /// numeric fingerprint. Every placement is a new attempt of the run.
     pub async fn schedule(&self) -> Result<()> {
         let mut live = self.live.lock().await;
-        if live.shutting_down {
+        if live.shutting_down || live.going_away {
             return Ok(());
         }
         let runs = self.store.runs()?;
@@ -368,9 +477,15 @@ impl Coordinator {
         let mut placed = false;
         for placement in scheduler::place(&runs, &workers) {
             let mut run = placement.run;
+            let resume = match run.resume_step {
+                Some(step) => self.store.checkpoints(&run.id)?.into_iter().find(|c| c.step == step),
+                None => None,
+            };
             run.state = RunState::Assigned;
+            run.attempt += 1;
             run.workers = placement.workers.iter().map(|w| w.id.clone()).collect();
             run.started_ranks.clear();
+            run.finished.clear();
             run.updated_unix_ms = now_unix_ms();
             let reserved: Vec<WorkerRecord> = placement
                 .workers
@@ -381,24 +496,20 @@ impl Coordinator {
                     w
                 })
                 .collect();
-            self.store.put_run_and_workers(&run, &reserved).await?;
-            tracing::info!(run = %run.id, workers = ?run.workers, "run assigned");
+            let from = match &resume {
+                Some(c) => format!("resuming from the checkpoint at step {}", c.step),
+                None => "from step 0".to_string(),
+            };
+            let event = RunEvent::new(
+                "assigned",
+                resume.as_ref().map_or(0, |c| c.step),
+                format!("attempt {} on {} ({from})", run.attempt, run.workers.join(", ")),
+            );
+            self.store.put_transition(&run, &reserved, &[event]).await?;
+            tracing::info!(run = %run.id, attempt = run.attempt, workers = ?run.workers, "run assigned ({from})");
             let peers: Vec<String> = reserved.iter().map(|w| w.peer_address.clone()).collect();
             for (rank, w) in reserved.iter().enumerate() {
-                live.pending.insert(
-                    w.id.clone(),
-                    pb::Assignment {
-                        run_id: run.id.clone(),
-                        rank: rank as u32,
-                        world_size: run.world_size,
-                        peers: peers.clone(),
-                        spec_toml: run.spec_toml.clone(),
-                        train_cases: run.train_cases.clone(),
-                        eval_cases: run.eval_cases.clone(),
-                        artifacts_url: run.artifacts_url.clone(),
-                        resume_from: String::new(),
-                    },
-                );
+                live.pending.insert(w.id.clone(), assignment(&run, rank as u32, &peers, resume.as_ref()));
             }
             placed = true;
         }
@@ -410,7 +521,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Declares silent workers dead and interrupts the runs they held. Called periodically.
+    /// Declares silent workers dead. A run that loses a worker is interrupted, unless that
+    /// worker never picked its assignment up: then the run simply goes back to the queue, at no
+    /// cost to its retry budget.
     pub async fn reap_dead_workers(&self) -> Result<()> {
         let mut live = self.live.lock().await;
         let now = Instant::now();
@@ -430,16 +543,93 @@ impl Coordinator {
             tracing::warn!(worker = %w.id, "worker missed its heartbeats; declaring it dead");
             let run_id = w.run_id.take();
             w.state = WorkerState::Dead;
-            live.pending.remove(&w.id);
+            let never_started = live.pending.remove(&w.id).is_some();
             live.last_seen.remove(&w.id);
             self.store.put_worker(&w).await?;
             let held = run_id.map(|id| self.store.run(&id)).transpose()?.flatten();
-            if let Some(run) = held.filter(|r| r.state.is_active()) {
+            let Some(run) = held.filter(|r| r.state.is_active()) else {
+                continue;
+            };
+            if never_started && run.state == RunState::Assigned {
+                self.requeue_unstarted(&mut live, run, &w.id).await?;
+            } else {
                 let message = format!("worker {} missed its heartbeats for {:?}", w.id, dead_after);
                 self.end_run(&mut live, run, RunState::Interrupted, message).await?;
             }
         }
         drop(live);
         self.schedule().await
+    }
+
+    async fn requeue_unstarted(&self, live: &mut Live, mut run: RunRecord, worker_id: &str) -> Result<()> {
+        let message = format!(
+            "worker {worker_id} died before picking up rank {} of attempt {}; back in the queue",
+            run.workers.iter().position(|w| w == worker_id).unwrap_or(0),
+            run.attempt
+        );
+        tracing::warn!(run = %run.id, "{message}");
+        let freed = release_workers(&self.store.workers()?, &run.id);
+        for w in &freed {
+            live.pending.remove(&w.id);
+        }
+        run.state = RunState::Queued;
+        run.workers.clear();
+        run.started_ranks.clear();
+        run.updated_unix_ms = now_unix_ms();
+        let event = RunEvent::new("requeued", run.resume_step.unwrap_or(0), message);
+        self.store.put_transition(&run, &freed, &[event]).await?;
+        self.bump_progress();
+        Ok(())
+    }
+
+    /// What the liveness monitor does every tick: reap silent workers, put interrupted runs back
+    /// in the queue, and place what can be placed.
+    pub async fn tick(&self) -> Result<()> {
+        self.reap_dead_workers().await?;
+        self.resume_interrupted().await
+    }
+}
+
+/// The workers `run_id` holds, set back to idle (dead ones stay dead).
+fn release_workers(workers: &[WorkerRecord], run_id: &str) -> Vec<WorkerRecord> {
+    workers
+        .iter()
+        .filter(|w| w.run_id.as_deref() == Some(run_id))
+        .map(|w| {
+            let mut w = w.clone();
+            w.run_id = None;
+            if w.state == WorkerState::Busy {
+                w.state = WorkerState::Idle;
+            }
+            w
+        })
+        .collect()
+}
+
+fn assignment(run: &RunRecord, rank: u32, peers: &[String], resume: Option<&CheckpointRecord>) -> pb::Assignment {
+    pb::Assignment {
+        run_id: run.id.clone(),
+        rank,
+        world_size: run.world_size,
+        peers: peers.to_vec(),
+        spec_toml: run.spec_toml.clone(),
+        train_cases: run.train_cases.clone(),
+        eval_cases: run.eval_cases.clone(),
+        artifacts_url: run.artifacts_url.clone(),
+        resume_from: resume.map(|c| c.prefix.clone()).unwrap_or_default(),
+        attempt: run.attempt,
+        resume_files: resume
+            .map(|c| {
+                c.files
+                    .iter()
+                    .map(|f| pb::CheckpointFile {
+                        key: f.key.clone(),
+                        sha256: f.sha256.clone(),
+                        bytes: f.bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        resume_step: resume.map_or(0, |c| c.step),
     }
 }

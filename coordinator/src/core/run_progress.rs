@@ -1,19 +1,29 @@
 //! What ranks tell the coordinator while a run is under way: metrics and weight checksums,
 //! checkpoint commits, the end of their work, and failures. Split from `mod.rs` to keep the
 //! state machine's two halves (placing runs, following them) each readable on its own.
+//!
+//! Every report names the attempt it belongs to; one from an older placement of the run is
+//! stale and gets a stop order back instead of being recorded.
 
 use protocol::pb;
 
 use super::{CoordError, Coordinator, Result};
 use crate::records::*;
+use crate::store::ChecksumReport;
 use crate::verify;
 
 impl Coordinator {
-    /// Checks that `worker_id` holds `rank` of an active `run_id`. A stale or foreign report
-    /// gets the run's end state back instead, so the worker stops.
-    fn check_member(&self, run: &RunRecord, worker_id: &str, rank: u32) -> std::result::Result<(), String> {
+    /// Checks that `worker_id` holds `rank` of the current attempt of an active run. A stale or
+    /// foreign report gets the reason back, so the worker stops.
+    fn check_member(&self, run: &RunRecord, worker_id: &str, rank: u32, attempt: u32) -> std::result::Result<(), String> {
         if !run.state.is_active() {
             return Err(format!("run {} is {}: {}", run.id, run.state, run.message));
+        }
+        if run.attempt != attempt {
+            return Err(format!(
+                "attempt {attempt} of run {} is over; the run is on attempt {}",
+                run.id, run.attempt
+            ));
         }
         if run.workers.get(rank as usize).map(String::as_str) != Some(worker_id) {
             return Err(format!(
@@ -24,10 +34,12 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Stores the points, the checksums and the run's progress in one write, then fails the run
+    /// if the ranks' weights diverged.
     pub async fn report_metrics(&self, req: pb::ReportMetricsRequest) -> Result<pb::ReportMetricsResponse> {
         let mut live = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
-        if let Err(reason) = self.check_member(&run, &req.worker_id, req.rank) {
+        if let Err(reason) = self.check_member(&run, &req.worker_id, req.rank, req.attempt) {
             return Ok(pb::ReportMetricsResponse {
                 stop_run: true,
                 stop_reason: reason,
@@ -44,16 +56,28 @@ impl Coordinator {
                 unix_ms: m.unix_ms,
             })
             .collect();
-        self.store.append_metrics(&run.id, &points).await?;
+        let checksums: Vec<ChecksumReport> = req
+            .checksums
+            .iter()
+            .map(|c| ChecksumReport {
+                step: c.step,
+                rank: req.rank,
+                attempt: req.attempt,
+                sha256: c.sha256.clone(),
+            })
+            .collect();
         let newest = points.iter().map(|p| p.step).max().unwrap_or(0);
-        if newest > run.step {
+        let advanced = newest > run.step;
+        if advanced {
             run.step = newest;
             run.updated_unix_ms = now_unix_ms();
-            self.store.put_run(&run).await?;
         }
-        for c in &req.checksums {
-            let all = self.store.put_checksum(&run.id, c.step, req.rank, &c.sha256).await?;
-            if let Some(reason) = divergence(&all, run.world_size, c.step) {
+        let (_, known) = self
+            .store
+            .record_report(&run.id, advanced.then_some(&run), &points, &checksums, run.world_size)
+            .await?;
+        for (step, all) in known {
+            if let Some(reason) = divergence(&all, run.world_size, step) {
                 self.end_run(&mut live, run, RunState::Failed, reason.clone()).await?;
                 drop(live);
                 self.schedule().await?;
@@ -68,16 +92,16 @@ impl Coordinator {
     }
 
     /// Verifies every file of the checkpoint in the object store against its hash, then commits
-    /// it. Only rank 0 writes checkpoints.
-    pub async fn commit_checkpoint(&self, req: pb::CommitCheckpointRequest) -> Result<CheckpointRecord> {
+    /// it. Only rank 0 writes checkpoints. A commit while a pause is requested pauses the run.
+    pub async fn commit_checkpoint(&self, req: pb::CommitCheckpointRequest) -> Result<pb::CommitCheckpointResponse> {
         let run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, 0)
+        self.check_member(&run, &req.worker_id, 0, req.attempt)
             .map_err(CoordError::Rejected)?;
-        let prefix = verify::checkpoint_prefix(&run.id, req.step);
+        let prefix = verify::checkpoint_prefix(&run.id, req.step, req.attempt);
         let files = verify::verify_files(&run.artifacts_url, &prefix, &req.files).await?;
-        let _transition = self.live.lock().await;
+        let mut live = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, 0)
+        self.check_member(&run, &req.worker_id, 0, req.attempt)
             .map_err(CoordError::Rejected)?;
         let record = CheckpointRecord {
             run_id: run.id.clone(),
@@ -86,21 +110,42 @@ impl Coordinator {
             files,
             is_final: req.is_final,
             committed_unix_ms: now_unix_ms(),
+            attempt: req.attempt,
+            unusable: None,
+            eval_dice: req.has_eval_dice.then_some(req.eval_dice),
         };
-        self.store.put_checkpoint(&record).await?;
         if req.is_final {
             run.final_checkpoint = Some(req.step);
-            run.updated_unix_ms = now_unix_ms();
-            self.store.put_run(&run).await?;
         }
+        run.updated_unix_ms = now_unix_ms();
+        let kind = if req.is_final { "final checkpoint" } else { "checkpoint" };
+        let event = RunEvent::new("checkpoint", req.step, format!("{kind} committed at {}", record.prefix));
+        self.store.put_checkpoint(&record, &run, &[event]).await?;
+        let mut resp = pb::CommitCheckpointResponse::default();
+        if run.pause_requested && !req.is_final && run.state == RunState::Running {
+            let message = format!("paused at step {} on request", req.step);
+            run.resume_step = Some(req.step);
+            self.end_run(&mut live, run, RunState::Paused, message.clone()).await?;
+            resp = pb::CommitCheckpointResponse {
+                stop_run: true,
+                stop_reason: message,
+            };
+        }
+        drop(live);
         self.bump_progress();
-        Ok(record)
+        if let Err(e) = self.collect_garbage(&req.run_id).await {
+            tracing::warn!(run = %req.run_id, "checkpoint garbage collection failed: {e}");
+        }
+        if resp.stop_run {
+            self.schedule().await?;
+        }
+        Ok(resp)
     }
 
     pub async fn finish_run(&self, req: pb::FinishRunRequest) -> Result<()> {
         let mut live = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, req.rank)
+        self.check_member(&run, &req.worker_id, req.rank, req.attempt)
             .map_err(CoordError::Rejected)?;
         run.finished.insert(
             req.rank,
@@ -135,25 +180,33 @@ impl Coordinator {
         self.schedule().await
     }
 
+    /// A rank gave up. A lost peer or a coordinator that stayed away interrupts the run (it is
+    /// resumable); a checkpoint that would not load is marked unusable and interrupts it too, so
+    /// the resume takes an older one; anything else fails it.
     pub async fn report_failure(&self, req: pb::ReportFailureRequest) -> Result<()> {
         let mut live = self.live.lock().await;
         let run = self.run_or_not_found(&req.run_id)?;
-        if self.check_member(&run, &req.worker_id, req.rank).is_err() {
-            return Ok(()); // the run already ended; a late report changes nothing
+        if self.check_member(&run, &req.worker_id, req.rank, req.attempt).is_err() {
+            return Ok(()); // that attempt already ended; a late report changes nothing
         }
-        let (state, message) = if req.peer_lost {
+        let who = format!("rank {} ({})", req.rank, req.worker_id);
+        let (state, message) = if req.checkpoint_unusable {
+            if let Some(step) = run.resume_step {
+                self.mark_unusable(&run.id, step, &req.message).await?;
+            }
             (
                 RunState::Interrupted,
-                format!(
-                    "rank {} ({}) lost a ring peer: {}",
-                    req.rank, req.worker_id, req.message
-                ),
+                format!("{who} could not load its checkpoint: {}", req.message),
+            )
+        } else if req.peer_lost {
+            (RunState::Interrupted, format!("{who} lost a ring peer: {}", req.message))
+        } else if req.coordinator_lost {
+            (
+                RunState::Interrupted,
+                format!("{who} gave the run up while the coordinator was away: {}", req.message),
             )
         } else {
-            (
-                RunState::Failed,
-                format!("rank {} ({}) failed: {}", req.rank, req.worker_id, req.message),
-            )
+            (RunState::Failed, format!("{who} failed: {}", req.message))
         };
         self.end_run(&mut live, run, state, message).await?;
         drop(live);

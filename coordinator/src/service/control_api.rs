@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 
 use super::checked_id;
 use crate::core::Coordinator;
-use crate::records::{CheckpointRecord, MetricRecord, RunRecord, WorkerRecord};
+use crate::core::CoordError;
+use crate::records::{CheckpointRecord, MetricRecord, RunEvent, RunRecord, WorkerRecord};
 
 pub struct ControlApi(pub Arc<Coordinator>);
 
@@ -30,6 +31,10 @@ pub fn run_info(r: &RunRecord) -> pb::RunInfo {
         submitted_unix_ms: r.submitted_unix_ms,
         updated_unix_ms: r.updated_unix_ms,
         workers: r.workers.clone(),
+        attempt: r.attempt,
+        retries: r.retries_used(),
+        max_retries: r.max_retries,
+        pause_requested: r.pause_requested,
     }
 }
 
@@ -43,7 +48,7 @@ fn metric(m: &MetricRecord) -> pb::Metric {
     }
 }
 
-fn checkpoint_info(c: &CheckpointRecord) -> pb::CheckpointInfo {
+fn checkpoint_info(c: &CheckpointRecord, resume_candidate: Option<u64>) -> pb::CheckpointInfo {
     pb::CheckpointInfo {
         step: c.step,
         files: c
@@ -58,6 +63,20 @@ fn checkpoint_info(c: &CheckpointRecord) -> pb::CheckpointInfo {
         is_final: c.is_final,
         committed_unix_ms: c.committed_unix_ms,
         prefix: c.prefix.clone(),
+        attempt: c.attempt,
+        resume_candidate: resume_candidate == Some(c.step),
+        unusable: c.unusable.clone().unwrap_or_default(),
+        eval_dice: c.eval_dice.unwrap_or(0.0),
+        has_eval_dice: c.eval_dice.is_some(),
+    }
+}
+
+fn event_info(e: &RunEvent) -> pb::RunEvent {
+    pb::RunEvent {
+        unix_ms: e.unix_ms,
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        step: e.step,
     }
 }
 
@@ -70,6 +89,7 @@ fn worker_info(w: &WorkerRecord) -> pb::WorkerInfo {
         state: w.state.to_string(),
         run_id: w.run_id.clone().unwrap_or_default(),
         last_heartbeat_unix_ms: w.last_heartbeat_unix_ms,
+        numeric_fingerprint: w.numeric_fingerprint.clone(),
     }
 }
 
@@ -90,7 +110,7 @@ impl ControlService for ControlApi {
     }
 
     async fn list_runs(&self, _: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let runs = self.0.store().runs().map_err(crate::core::CoordError::from)?;
+        let runs = self.0.store().runs().map_err(CoordError::from)?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: runs.iter().map(run_info).collect(),
         }))
@@ -101,9 +121,11 @@ impl ControlService for ControlApi {
         checked_id(&run_id, "run id")?;
         let run = self.0.get_run(&run_id)?;
         let store = self.0.store();
-        let checkpoints = store.checkpoints(&run_id).map_err(crate::core::CoordError::from)?;
+        let checkpoints = store.checkpoints(&run_id).map_err(CoordError::from)?;
+        let candidate = self.0.resume_candidate(&run_id)?;
+        let events = store.events(&run_id).map_err(CoordError::from)?;
         let mut latest: BTreeMap<(String, u32), MetricRecord> = BTreeMap::new();
-        for (_, m) in store.metrics_from(&run_id, 0).map_err(crate::core::CoordError::from)? {
+        for (_, m) in store.metrics_from(&run_id, 0).map_err(CoordError::from)? {
             latest.insert((m.name.clone(), m.rank), m);
         }
         // One value per name: rank 0's where it reports the metric.
@@ -114,10 +136,11 @@ impl ControlService for ControlApi {
         Ok(Response::new(pb::RunDetail {
             run: Some(run_info(&run)),
             spec_toml: run.spec_toml.clone(),
-            checkpoints: checkpoints.iter().map(checkpoint_info).collect(),
+            checkpoints: checkpoints.iter().map(|c| checkpoint_info(c, candidate)).collect(),
             latest_metrics: by_name.values().map(metric).collect(),
             train_cases: run.train_cases.len() as u32,
             eval_cases: run.eval_cases.len() as u32,
+            events: events.iter().map(event_info).collect(),
         }))
     }
 
@@ -136,6 +159,19 @@ impl ControlService for ControlApi {
         let run_id = req.into_inner().run_id;
         checked_id(&run_id, "run id")?;
         Ok(Response::new(run_info(&self.0.cancel(&run_id).await?)))
+    }
+
+    async fn pause_run(&self, req: Request<pb::PauseRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
+        let run_id = req.into_inner().run_id;
+        checked_id(&run_id, "run id")?;
+        Ok(Response::new(run_info(&self.0.pause(&run_id).await?)))
+    }
+
+    async fn resume_run(&self, req: Request<pb::ResumeRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.run_id, "run id")?;
+        let world = (req.world_size > 0).then_some(req.world_size);
+        Ok(Response::new(run_info(&self.0.resume(&req.run_id, world).await?)))
     }
 
     async fn list_workers(
@@ -167,7 +203,7 @@ async fn follow_metrics(
         let (state, points) = match (state, points) {
             (Ok(s), Ok(p)) => (s, p),
             (Err(e), _) => return drop(tx.send(Err(e.into())).await),
-            (_, Err(e)) => return drop(tx.send(Err(crate::core::CoordError::from(e).into())).await),
+            (_, Err(e)) => return drop(tx.send(Err(CoordError::from(e).into())).await),
         };
         for (seq, m) in points {
             next = seq + 1;
@@ -180,7 +216,11 @@ async fn follow_metrics(
                 return; // the client went away
             }
         }
-        if !req.follow || state.is_terminal() || state == crate::records::RunState::Interrupted {
+        // A followed stream ends when the run stops moving: it ended, paused, or was interrupted
+        // (an automatic resume continues under the same id; follow it again).
+        use crate::records::RunState;
+        let stopped = state.is_terminal() || matches!(state, RunState::Interrupted | RunState::Paused);
+        if !req.follow || stopped {
             if req.follow {
                 let _ = tx
                     .send(Ok(pb::MetricRecord {

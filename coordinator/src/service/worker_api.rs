@@ -19,6 +19,9 @@ pub struct WorkerApi(pub Arc<Coordinator>);
 impl WorkerService for WorkerApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
+        if !req.worker_id.is_empty() {
+            checked_id(&req.worker_id, "worker id")?;
+        }
         if req.peer_address.is_empty() {
             return Err(Status::invalid_argument(
                 "peer_address must name the worker's collective endpoint",
@@ -63,9 +66,10 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
         let req = req.into_inner();
         checked_id(&req.run_id, "run id")?;
-        let ckpt = self.0.commit_checkpoint(req).await?;
-        tracing::info!(run = %ckpt.run_id, step = ckpt.step, files = ckpt.files.len(), "checkpoint committed");
-        Ok(Response::new(pb::CommitCheckpointResponse {}))
+        let (run_id, step) = (req.run_id.clone(), req.step);
+        let resp = self.0.commit_checkpoint(req).await?;
+        tracing::info!(run = %run_id, step, "checkpoint committed");
+        Ok(Response::new(resp))
     }
 
     async fn finish_run(&self, req: Request<pb::FinishRunRequest>) -> Result<Response<pb::FinishRunResponse>, Status> {

@@ -1,7 +1,7 @@
 //! One rank's training run, in the shape of burn's custom training loop: sample a batch, forward,
 //! backward, average gradients with the other ranks, step the optimiser. Around it: metrics and
 //! weight checksums to the coordinator, held-out evaluation before and after (rank 0), and
-//! checkpoints (rank 0).
+//! checkpoints (rank 0), from which a run resumes bit-identically.
 //!
 //! Generic over the autodiff backend, so the CPU and CUDA paths are the same code.
 
@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use object_store::ObjectStore;
@@ -19,21 +18,18 @@ use object_store::path::Path as ObjectPath;
 use protocol::classes::NUM_CLASSES;
 use protocol::pb;
 use protocol::spec::RunSpec;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
 
-use crate::checkpoint::write_checkpoint;
 use crate::collective::{CollectiveError, Ring};
 use crate::data::{self, CaseVolume, DataError, sample_patch};
-use crate::link::RunLink;
+use crate::link::{LinkError, RunLink};
 use crate::model::unet::{ModelConfigError, UNet3d, UNet3dConfig};
-use crate::train::codec::{self, CodecError};
+use crate::train::checkpoint::{CheckpointError, CheckpointManager, LoopState, Optim};
 use crate::train::eval::{EvalReport, evaluate};
 use crate::train::loss::bce_dice_loss;
+use crate::train::order::{SampleOrder, rank_slice, sample_rng};
 use crate::train::params::{self, ParamsError};
 use crate::train::schedule::warmup_cosine;
-use crate::train::shard::{Cursor, ShardPlan};
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -47,12 +43,12 @@ pub enum TrainError {
     Collective(#[from] CollectiveError),
     #[error("gradients: {0}")]
     Params(#[from] ParamsError),
-    #[error("checkpoint encoding: {0}")]
-    Codec(#[from] CodecError),
-    #[error("checkpoint upload: {0}")]
-    Upload(#[from] object_store::Error),
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("cannot resume: {0}")]
+    Resume(CheckpointError),
     #[error("coordinator: {0}")]
-    Coordinator(#[from] tonic::Status),
+    Link(#[from] LinkError),
     #[error("assignment: {0}")]
     Assignment(String),
     #[error("stopped by the coordinator: {0}")]
@@ -94,10 +90,6 @@ impl CaseCache {
     }
 }
 
-fn sample_seed(seed: u64, rank: u32, step: u64) -> u64 {
-    seed ^ (rank as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 pub fn train_rank<B: AutodiffBackend>(
     device: B::Device,
     assignment: &pb::Assignment,
@@ -107,16 +99,14 @@ pub fn train_rank<B: AutodiffBackend>(
     let spec = RunSpec::from_toml(&assignment.spec_toml, "assignment")?;
     let t = &spec.train;
     let (rank, world) = (assignment.rank, assignment.world_size);
-    if assignment.train_cases.len() < world as usize {
-        return Err(TrainError::Assignment(format!(
-            "{} training cases for {world} ranks",
-            assignment.train_cases.len()
-        )));
+    let per_rank = t.per_rank_batch(world).map_err(TrainError::Assignment)?;
+    if assignment.train_cases.is_empty() {
+        return Err(TrainError::Assignment("no training cases".into()));
     }
     let config = model_config(&spec);
     let multiple = config.size_multiple();
     let mut model: UNet3d<B> = config.init_seeded(&device, spec.seed)?;
-    let mut optim = AdamWConfig::new()
+    let mut optim: Optim<B, UNet3d<B>> = AdamWConfig::new()
         .with_weight_decay(t.weight_decay as f32)
         .init::<B, UNet3d<B>>();
     let (store, root) = data::store_from_url(&spec.dataset.url)?;
@@ -126,14 +116,26 @@ pub fn train_rank<B: AutodiffBackend>(
         cases: HashMap::new(),
     };
     let (store, root) = data::store_from_url(&assignment.artifacts_url)?;
-    let checkpoints = CheckpointSink {
-        store,
-        root,
-        run_id: assignment.run_id.clone(),
-    };
-    let plan = ShardPlan::new(assignment.train_cases.clone(), spec.seed, rank, world);
+    let checkpoints = CheckpointManager::new(store, root, &assignment.run_id, assignment.attempt);
+    let mut state = LoopState::fresh(spec.seed, world, per_rank);
+    if !assignment.resume_from.is_empty() {
+        let (m, o, s) = link
+            .block_on(checkpoints.load(
+                &assignment.resume_from,
+                &assignment.resume_files,
+                model,
+                optim,
+                &device,
+            ))
+            .map_err(TrainError::Resume)?;
+        (model, optim, state) = (m, o, s);
+        state.rescale(world, per_rank);
+        tracing::info!(run = %assignment.run_id, rank, step = state.step, samples = state.samples_consumed, "resumed from checkpoint");
+    }
+    let start_step = state.step;
+    let order = SampleOrder::new(assignment.train_cases.clone(), spec.seed);
     let patch = t.patch.map(|p| p as usize);
-    let batch = t.batch_size as usize;
+    let batch = per_rank as usize;
     let voxels: usize = patch.iter().product();
     let evaluating = rank == 0 && t.eval && !assignment.eval_cases.is_empty();
 
@@ -152,26 +154,24 @@ pub fn train_rank<B: AutodiffBackend>(
             link.flush()?;
             Ok(report)
         };
-    let eval_before = if evaluating {
+    // A resumed run has done this already.
+    let eval_before = if evaluating && start_step == 0 {
         Some(eval_at(&model, 0, link, &mut cache)?)
     } else {
         None
     };
 
-    let mut cursor = Cursor { epoch: 0, position: 0 };
     let mut window = LossWindow::default();
-    for step in 0..t.steps {
+    for step in start_step..t.steps {
         if let Some(reason) = link.stop.raised() {
             return Err(TrainError::Stopped(reason));
         }
         let started = Instant::now();
-        let (ids, next) = plan.next_batch(cursor, batch);
-        cursor = next;
-        let mut rng = ChaCha8Rng::seed_from_u64(sample_seed(spec.seed, rank, step));
+        let samples = rank_slice(state.samples_consumed, rank, per_rank);
         let mut images = Vec::with_capacity(batch * voxels);
         let mut labels = Vec::with_capacity(batch * NUM_CLASSES * voxels);
-        for id in &ids {
-            let p = sample_patch(cache.get(link, id)?, patch, &mut rng);
+        for (index, id) in samples.clone().zip(order.cases(samples.clone())) {
+            let p = sample_patch(cache.get(link, id)?, patch, &mut sample_rng(spec.seed, index));
             images.extend_from_slice(&p.image);
             labels.extend_from_slice(&p.labels);
         }
@@ -189,10 +189,15 @@ pub fn train_rank<B: AutodiffBackend>(
         let grads = params::unflatten_grads(&model, &flat)?;
         let lr = warmup_cosine(t.lr, step, t.warmup_steps, t.steps);
         model = optim.step(lr, model, grads);
+        state.advance();
 
-        let done = step + 1;
+        let done = state.step;
         let last = done == t.steps;
         window.add(loss.parts(), started.elapsed().as_secs_f64());
+        // The per-step record of which global samples each rank read: resumes are checked
+        // against it for gaps and repeats.
+        link.metric(done, "data/first_sample", samples.start as f64);
+        link.metric(done, "data/samples", per_rank as f64);
         if done % t.metrics_every == 0 || last {
             window.report(link, done, lr, batch);
         }
@@ -202,19 +207,25 @@ pub fn train_rank<B: AutodiffBackend>(
         if done % t.metrics_every == 0 || done % t.checksum_every == 0 || last {
             link.flush()?;
         }
-        if rank == 0 && t.checkpoint_every > 0 && done % t.checkpoint_every == 0 && !last {
-            checkpoints.save(link, &model, &optim, &spec, done, cursor, false)?;
+        let periodic = t.checkpoint_every > 0 && done % t.checkpoint_every == 0;
+        // A pause is honoured at the next boundary with a checkpoint, which the coordinator
+        // turns into Paused when it commits it.
+        if rank == 0 && !last && (periodic || link.pause_requested()) {
+            let files = link.block_on(checkpoints.save(&model, &optim, &state))?;
+            link.commit_checkpoint(done, files, false, None)?;
         }
     }
 
     let weights_sha256 = params::weights_checksum(&model);
-    let eval_after = if evaluating {
+    let eval_after = if evaluating && start_step < t.steps {
         Some(eval_at(&model, t.steps, link, &mut cache)?)
     } else {
         None
     };
-    if rank == 0 {
-        checkpoints.save(link, &model, &optim, &spec, t.steps, cursor, true)?;
+    if rank == 0 && start_step < t.steps {
+        let files = link.block_on(checkpoints.save(&model, &optim, &state))?;
+        let dice = eval_after.as_ref().map(EvalReport::mean);
+        link.commit_checkpoint(t.steps, files, true, dice)?;
     }
     Ok(RunSummary {
         final_step: t.steps,
@@ -222,65 +233,6 @@ pub fn train_rank<B: AutodiffBackend>(
         eval_before,
         eval_after,
     })
-}
-
-/// Where rank 0 writes checkpoints: the run's prefix in the artifacts store.
-struct CheckpointSink {
-    store: Arc<dyn ObjectStore>,
-    root: ObjectPath,
-    run_id: String,
-}
-
-impl CheckpointSink {
-    /// Uploads the checkpoint's files, then has the coordinator verify and commit them.
-    #[allow(clippy::too_many_arguments)] // each is one part of the checkpoint
-    fn save<B: AutodiffBackend>(
-        &self,
-        link: &RunLink,
-        model: &UNet3d<B>,
-        optim: &OptimizerAdaptor<AdamW, UNet3d<B>, B>,
-        spec: &RunSpec,
-        step: u64,
-        cursor: Cursor,
-        is_final: bool,
-    ) -> Result<(), TrainError> {
-        let files = checkpoint_files(model, optim, spec, step, cursor)?;
-        let written = link.block_on(write_checkpoint(
-            self.store.as_ref(),
-            &self.root,
-            &self.run_id,
-            step,
-            files,
-        ))?;
-        link.commit_checkpoint(step, written, is_final)?;
-        Ok(())
-    }
-}
-
-/// What a checkpoint holds: weights, optimiser moments, and the state that makes the next step
-/// reproducible (step, data cursor, seed; crops are re-derived from (seed, rank, step)).
-fn checkpoint_files<B: AutodiffBackend>(
-    model: &UNet3d<B>,
-    optim: &OptimizerAdaptor<AdamW, UNet3d<B>, B>,
-    spec: &RunSpec,
-    step: u64,
-    cursor: Cursor,
-) -> Result<Vec<(&'static str, Vec<u8>)>, TrainError> {
-    let state = serde_json::json!({
-        "step": step,
-        "cursor": cursor,
-        "seed": spec.seed,
-        "weights_sha256": params::weights_checksum(model),
-        "spec": spec.to_toml(),
-    });
-    Ok(vec![
-        ("model.bin", codec::model_to_bytes(model)?),
-        ("optimizer.bin", codec::optimizer_to_bytes(optim)?),
-        (
-            "state.json",
-            serde_json::to_vec_pretty(&state).expect("json value serialises"),
-        ),
-    ])
 }
 
 /// Loss and timing since the last report, averaged so one noisy step does not dominate.

@@ -1,0 +1,86 @@
+//! CLI commands that stop and restart runs: pause, resume, and the checkpoint listing that
+//! says where a resume would start.
+
+use std::process::ExitCode;
+
+use protocol::pb;
+use serde_json::json;
+
+use super::Remote;
+use super::client::{connect, status_error};
+use super::output::*;
+
+fn print_run(remote: &Remote, run: &pb::RunInfo, what: &str) {
+    if remote.json {
+        println!("{}", run_json(run));
+    } else {
+        println!("{} is now {}: {what}", run.run_id, run.state);
+    }
+}
+
+pub async fn pause(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
+    let run = connect(remote)
+        .await?
+        .pause_run(pb::PauseRunRequest { run_id: run_id.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let what = if run.state == "Paused" {
+        "resume it with `coordinator resume`"
+    } else {
+        "rank 0 checkpoints at the next step boundary, then the run pauses"
+    };
+    print_run(remote, &run, what);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn resume(remote: &Remote, run_id: &str, world_size: Option<u32>) -> anyhow::Result<ExitCode> {
+    let req = pb::ResumeRunRequest {
+        run_id: run_id.into(),
+        world_size: world_size.unwrap_or(0),
+    };
+    let run = connect(remote)
+        .await?
+        .resume_run(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_run(remote, &run, &run.message);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn checkpoints(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
+    let detail = connect(remote)
+        .await?
+        .get_run(pb::GetRunRequest { run_id: run_id.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if remote.json {
+        println!("{}", json!(detail.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>()));
+    } else if detail.checkpoints.is_empty() {
+        println!("run {run_id} has no committed checkpoints");
+    } else {
+        let rows: Vec<Vec<String>> = detail
+            .checkpoints
+            .iter()
+            .map(|c| {
+                vec![
+                    if c.resume_candidate { "*".into() } else { String::new() },
+                    c.step.to_string(),
+                    checkpoint_marks(c),
+                    unix_ms(c.committed_unix_ms),
+                    checkpoint_bytes(c).to_string(),
+                    checkpoint_digest(c)[..16].to_string(),
+                    c.unusable.clone(),
+                ]
+            })
+            .collect();
+        println!(
+            "{}",
+            table(&["", "STEP", "KIND", "COMMITTED", "BYTES", "SHA-256", "UNUSABLE"], &rows)
+        );
+        println!("\n* = where `coordinator resume {run_id}` would start");
+    }
+    Ok(ExitCode::SUCCESS)
+}

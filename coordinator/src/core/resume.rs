@@ -1,0 +1,287 @@
+//! Bringing runs back: pause on request, automatic resume of interrupted runs within their retry
+//! budget, manual resume (at the same or another world size), the choice of the checkpoint a
+//! resume starts from, and garbage collection of old checkpoints.
+//!
+//! A checkpoint is only ever resumed from after its objects have been read back and matched
+//! against their committed hashes; one that fails is marked unusable, with an event saying why,
+//! and the newest good one before it is taken instead.
+
+use protocol::spec::RunSpec;
+
+use super::{CoordError, Coordinator, Result};
+use crate::records::*;
+use crate::verify;
+
+impl Coordinator {
+    /// A queued run pauses at once. A running one has rank 0 write a checkpoint at its next step
+    /// boundary; committing it pauses the run and releases the workers.
+    pub async fn pause(&self, run_id: &str) -> Result<RunRecord> {
+        let mut live = self.live.lock().await;
+        let mut run = self.run_or_not_found(run_id)?;
+        match run.state {
+            RunState::Queued => {
+                self.end_run(&mut live, run, RunState::Paused, "paused before it started".into())
+                    .await?;
+            }
+            RunState::Assigned | RunState::Running if !run.pause_requested => {
+                run.pause_requested = true;
+                run.updated_unix_ms = now_unix_ms();
+                let event = RunEvent::new(
+                    "pause-requested",
+                    run.step,
+                    "rank 0 checkpoints at the next step boundary, then the run pauses",
+                );
+                self.store.put_transition(&run, &[], &[event]).await?;
+            }
+            RunState::Assigned | RunState::Running => {}
+            state => {
+                return Err(CoordError::Rejected(format!(
+                    "run {run_id} is {state}; only queued or running runs can be paused"
+                )));
+            }
+        }
+        drop(live);
+        self.bump_progress();
+        self.run_or_not_found(run_id)
+    }
+
+    /// Queues a Paused run again, or an Interrupted, Failed or Cancelled one that has a
+    /// checkpoint that verifies, optionally at another world size. The retry budget starts over.
+    pub async fn resume(&self, run_id: &str, world_size: Option<u32>) -> Result<RunRecord> {
+        let run = self.run_or_not_found(run_id)?;
+        if !run.state.is_resumable() {
+            return Err(CoordError::Rejected(format!(
+                "run {run_id} is {}; only Paused, Interrupted, Failed or Cancelled runs can be resumed",
+                run.state
+            )));
+        }
+        let world = world_size.unwrap_or(run.world_size);
+        check_world_size(&run, world)?;
+        let checkpoint = self.choose_checkpoint(&run).await?;
+        if checkpoint.is_none() && run.state != RunState::Paused && run.step > 0 {
+            return Err(CoordError::Rejected(format!(
+                "run {run_id} has no committed checkpoint that verifies; submit its spec again to start over"
+            )));
+        }
+        let transition = self.live.lock().await;
+        let mut run = self.run_or_not_found(run_id)?;
+        if !run.state.is_resumable() {
+            return Err(CoordError::Rejected(format!(
+                "run {run_id} became {} meanwhile",
+                run.state
+            )));
+        }
+        let from = checkpoint.as_ref().map(|c| c.step);
+        let message = format!(
+            "resumed by the user at world size {world} (was {}) from {}",
+            run.world_size,
+            describe_start(from)
+        );
+        run.world_size = world;
+        run.interruptions.clear();
+        self.requeue(&mut run, from, "resumed", message).await?;
+        drop(transition);
+        self.schedule().await?;
+        self.run_or_not_found(run_id)
+    }
+
+    /// Puts every Interrupted run back in the queue, from its newest checkpoint that verifies.
+    /// The budget was charged when the run was interrupted (see `end_run`).
+    pub async fn resume_interrupted(&self) -> Result<()> {
+        let interrupted: Vec<RunRecord> = self
+            .store
+            .runs()?
+            .into_iter()
+            .filter(|r| r.state == RunState::Interrupted)
+            .collect();
+        if interrupted.is_empty() {
+            return Ok(());
+        }
+        for run in interrupted {
+            let checkpoint = self.choose_checkpoint(&run).await?;
+            let _transition = self.live.lock().await;
+            let mut run = self.run_or_not_found(&run.id)?;
+            if run.state != RunState::Interrupted {
+                continue;
+            }
+            let from = checkpoint.as_ref().map(|c| c.step);
+            let message = format!(
+                "resumed automatically (retry {} of {}) at world size {} from {}",
+                run.retries_used(),
+                run.max_retries,
+                run.world_size,
+                describe_start(from)
+            );
+            self.requeue(&mut run, from, "resumed", message).await?;
+        }
+        self.schedule().await
+    }
+
+    async fn requeue(&self, run: &mut RunRecord, from: Option<u64>, kind: &str, message: String) -> Result<()> {
+        tracing::info!(run = %run.id, "{message}");
+        run.state = RunState::Queued;
+        run.resume_step = from;
+        run.pause_requested = false;
+        run.message = message.clone();
+        run.workers.clear();
+        run.started_ranks.clear();
+        run.updated_unix_ms = now_unix_ms();
+        let event = RunEvent::new(kind, from.unwrap_or(0), message);
+        self.store.put_transition(run, &[], &[event]).await?;
+        self.bump_progress();
+        Ok(())
+    }
+
+    /// The newest committed checkpoint whose objects still match their hashes. Each one that
+    /// does not is marked unusable, with an event, and never tried again.
+    pub(super) async fn choose_checkpoint(&self, run: &RunRecord) -> Result<Option<CheckpointRecord>> {
+        let mut candidates = self.store.checkpoints(&run.id)?;
+        candidates.retain(|c| c.unusable.is_none());
+        while let Some(candidate) = candidates.pop() {
+            match verify::verify_committed(&run.artifacts_url, &candidate).await {
+                Ok(()) => return Ok(Some(candidate)),
+                Err(e) => self.mark_unusable(&run.id, candidate.step, &e.to_string()).await?,
+            }
+        }
+        Ok(None)
+    }
+
+    pub(super) async fn mark_unusable(&self, run_id: &str, step: u64, why: &str) -> Result<()> {
+        let Some(mut record) = self.store.checkpoints(run_id)?.into_iter().find(|c| c.step == step) else {
+            return Ok(());
+        };
+        tracing::warn!(run = %run_id, step, "checkpoint unusable: {why}");
+        record.unusable = Some(why.to_string());
+        let event = RunEvent::new(
+            "checkpoint-unusable",
+            step,
+            format!("the checkpoint at step {step} is unusable ({why}); resuming from an older one"),
+        );
+        self.store.update_checkpoint(&record, &[event]).await?;
+        Ok(())
+    }
+
+    /// The checkpoint `coordinator checkpoints` marks: what a resume would take, without
+    /// re-reading the objects (the resume itself does).
+    pub fn resume_candidate(&self, run_id: &str) -> Result<Option<u64>> {
+        Ok(self
+            .store
+            .checkpoints(run_id)?
+            .iter()
+            .rev()
+            .find(|c| c.unusable.is_none())
+            .map(|c| c.step))
+    }
+
+    /// Keeps the newest `train.checkpoint_keep` usable checkpoints, the final one, the best by
+    /// held-out Dice and the one the current attempt started from; deletes the rest, objects
+    /// first and then records, so a crash in between leaves a record whose verification fails
+    /// (and is skipped) rather than objects no record points to.
+    pub(super) async fn collect_garbage(&self, run_id: &str) -> Result<()> {
+        let run = self.run_or_not_found(run_id)?;
+        let keep_newest = RunSpec::from_toml(&run.spec_toml, "stored spec")
+            .map(|s| s.train.checkpoint_keep)
+            .unwrap_or(3) as usize;
+        let all = self.store.checkpoints(run_id)?;
+        let doomed = garbage(&all, keep_newest, run.resume_step);
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for c in &doomed {
+            verify::delete_checkpoint_objects(&run.artifacts_url, c).await?;
+        }
+        let steps: Vec<u64> = doomed.iter().map(|c| c.step).collect();
+        let event = RunEvent::new(
+            "gc",
+            run.step,
+            format!("deleted the checkpoints at steps {steps:?} (keeping the newest {keep_newest}, the final and the best)"),
+        );
+        self.store.delete_checkpoints(run_id, &steps, &[event]).await?;
+        Ok(())
+    }
+}
+
+/// The checkpoints garbage collection deletes, given all of a run's, oldest first.
+fn garbage(all: &[CheckpointRecord], keep_newest: usize, resume_step: Option<u64>) -> Vec<CheckpointRecord> {
+    let usable: Vec<&CheckpointRecord> = all.iter().filter(|c| c.unusable.is_none()).collect();
+    let newest: Vec<u64> = usable.iter().rev().take(keep_newest).map(|c| c.step).collect();
+    let best = usable
+        .iter()
+        .filter_map(|c| c.eval_dice.map(|d| (d, c.step)))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, step)| step);
+    all.iter()
+        .filter(|c| !(c.is_final || newest.contains(&c.step) || Some(c.step) == best || Some(c.step) == resume_step))
+        .cloned()
+        .collect()
+}
+
+fn describe_start(from: Option<u64>) -> String {
+    match from {
+        Some(step) => format!("the checkpoint at step {step}"),
+        None => "step 0 (no usable checkpoint)".into(),
+    }
+}
+
+/// A world size the run's data and batch can take; errors name the option.
+fn check_world_size(run: &RunRecord, world: u32) -> Result<()> {
+    let bad = |why: String| CoordError::Rejected(format!("--world-size {world}: {why}"));
+    if world == 0 || world > 1024 {
+        return Err(bad("must be 1..=1024".into()));
+    }
+    if run.train_cases.len() < world as usize {
+        return Err(bad(format!("the run has only {} training cases", run.train_cases.len())));
+    }
+    let spec = RunSpec::from_toml(&run.spec_toml, "stored spec")?;
+    spec.train
+        .per_rank_batch(world)
+        .map_err(|why| bad(format!("train.global_batch {why}")))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ckpt(step: u64, dice: Option<f64>, is_final: bool) -> CheckpointRecord {
+        CheckpointRecord {
+            run_id: "r".into(),
+            step,
+            prefix: format!("runs/r/checkpoints/{step:010}-a1/"),
+            files: vec![],
+            is_final,
+            committed_unix_ms: 0,
+            attempt: 1,
+            unusable: None,
+            eval_dice: dice,
+        }
+    }
+
+    fn steps(cs: &[CheckpointRecord]) -> Vec<u64> {
+        cs.iter().map(|c| c.step).collect()
+    }
+
+    #[test]
+    fn gc_keeps_the_newest_the_final_the_best_and_the_resume_point() {
+        let all = [
+            ckpt(10, None, false),
+            ckpt(20, Some(0.9), false),
+            ckpt(30, None, false),
+            ckpt(40, Some(0.5), false),
+            ckpt(50, None, false),
+            ckpt(60, None, false),
+            ckpt(70, None, true),
+        ];
+        assert_eq!(steps(&garbage(&all, 2, None)), [10, 30, 40, 50]);
+        assert_eq!(steps(&garbage(&all, 2, Some(30))), [10, 40, 50]);
+        assert_eq!(steps(&garbage(&all, 10, None)), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn gc_does_not_count_unusable_checkpoints_as_kept() {
+        let mut bad = ckpt(30, None, false);
+        bad.unusable = Some("missing".into());
+        let all = [ckpt(10, None, false), ckpt(20, None, false), bad];
+        assert_eq!(steps(&garbage(&all, 2, None)), [30]);
+    }
+}
