@@ -220,7 +220,16 @@ mod tests {
 
     #[test]
     fn ended_runs_only_come_back_through_the_queue() {
-        let all = [Queued, Assigned, Running, Paused, Completed, Failed, Cancelled, Interrupted];
+        let all = [
+            Queued,
+            Assigned,
+            Running,
+            Paused,
+            Completed,
+            Failed,
+            Cancelled,
+            Interrupted,
+        ];
         for n in all {
             assert!(!Completed.can_move_to(n), "Completed -> {n}");
         }

@@ -135,7 +135,10 @@ mod tests {
         let mut other = worker("w2", WorkerState::Idle);
         other.numeric_fingerprint = "x86_64+avx512f".into();
         let mixed = [worker("w1", WorkerState::Idle), other.clone()];
-        assert!(place(&runs, &mixed).is_empty(), "two idle workers, but of different kernels");
+        assert!(
+            place(&runs, &mixed).is_empty(),
+            "two idle workers, but of different kernels"
+        );
         let mut third = other.clone();
         third.id = "w3".into();
         let p = place(&runs, &[worker("w1", WorkerState::Idle), other, third]);

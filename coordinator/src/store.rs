@@ -477,11 +477,15 @@ mod tests {
         {
             let db = sled::open(dir.path()).unwrap();
             let meta = db.open_tree("meta").unwrap();
-            meta.insert("schema_version", &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            meta.insert("schema_version", &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
             db.flush().unwrap();
         }
         let err = Store::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("newer voxelfleet") && err.contains("schema version 2"), "{err}");
+        assert!(
+            err.contains("newer voxelfleet") && err.contains("schema version 2"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

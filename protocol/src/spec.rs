@@ -217,7 +217,10 @@ impl RunSpec {
             return Err(invalid("train.checkpoint_keep", "must be at least 1".into()));
         }
         if self.max_retries > 100 {
-            return Err(invalid("max_retries", format!("must be 0..=100, got {}", self.max_retries)));
+            return Err(invalid(
+                "max_retries",
+                format!("must be 0..=100, got {}", self.max_retries),
+            ));
         }
         let multiple = 1u32 << (self.model.depth - 1);
         if let Some(bad) = t.patch.iter().find(|&&p| p == 0 || p % multiple != 0 || p > 512) {
@@ -263,9 +266,9 @@ impl TrainSpec {
             (None, Some(g)) if g == 0 || g > 256 * world_size => {
                 Err(format!("must be 1..={}, got {g}", 256 * world_size))
             }
-            (None, Some(g)) if g % world_size != 0 => Err(format!(
-                "{g} samples do not split evenly over {world_size} ranks"
-            )),
+            (None, Some(g)) if g % world_size != 0 => {
+                Err(format!("{g} samples do not split evenly over {world_size} ranks"))
+            }
             (None, Some(g)) => Ok(g / world_size),
         }
     }

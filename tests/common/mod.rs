@@ -142,10 +142,23 @@ impl Cluster {
 
     /// Writes a tiny run spec; `extra_train` lines are appended to its [train] table.
     pub fn write_spec(&self, name: &str, world_size: u32, steps: u64, extra_train: &str) -> PathBuf {
+        self.write_spec_with(name, world_size, steps, "", extra_train)
+    }
+
+    /// As `write_spec`, with `extra_top` lines among the top-level keys (e.g. `max_retries`).
+    pub fn write_spec_with(
+        &self,
+        name: &str,
+        world_size: u32,
+        steps: u64,
+        extra_top: &str,
+        extra_train: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"name = "{name}"
 world_size = {world_size}
 seed = 11
+{extra_top}
 
 [dataset]
 url = "{dataset}"
@@ -224,6 +237,52 @@ url = "{artifacts}"
     /// Stops the coordinator with SIGKILL: whatever it acknowledged must already be durable.
     pub fn kill_coordinator(&mut self) {
         self.coordinator.take();
+    }
+
+    /// SIGKILLs worker `index` (in spawn order): no goodbye, only missing heartbeats and a
+    /// closed ring link.
+    pub fn kill_worker(&mut self, index: usize) {
+        let w = &mut self.workers[index].0;
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+
+    /// The run's step as the coordinator last recorded it.
+    pub fn step(&self, run_id: &str) -> u64 {
+        self.cli_json(&["show", run_id])["run"]["step"].as_u64().unwrap()
+    }
+
+    /// Waits until the run is Running at `min_step` or beyond.
+    pub fn wait_for_step(&self, run_id: &str, min_step: u64, timeout: Duration) {
+        self.wait_until(&format!("{run_id} to reach step {min_step}"), timeout, || {
+            let detail = self.cli_json(&["show", run_id]);
+            detail["run"]["state"] == "Running" && detail["run"]["step"].as_u64().unwrap() >= min_step
+        });
+    }
+
+    /// The weights hash recorded in the run's final checkpoint (its `state.json`).
+    pub fn final_weights(&self, detail: &serde_json::Value) -> String {
+        let finals: Vec<&serde_json::Value> = detail["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["is_final"] == true)
+            .collect();
+        assert_eq!(finals.len(), 1, "{detail}");
+        let prefix = finals[0]["prefix"].as_str().unwrap();
+        let state = std::fs::read(self.path("artifacts").join(prefix).join("state.json")).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+        state["weights_sha256"].as_str().unwrap().to_string()
+    }
+
+    /// Event kinds of a run, in order.
+    pub fn event_kinds(detail: &serde_json::Value) -> Vec<String> {
+        detail["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_string())
+            .collect()
     }
 
     pub fn wait_workers_exit(&mut self, timeout: Duration) {

@@ -259,6 +259,9 @@ async fn run_assignment(
     let (run_id, rank, attempt) = (assignment.run_id.clone(), assignment.rank, assignment.attempt);
     tracing::info!(run = %run_id, rank, attempt, world = assignment.world_size, resume_step = assignment.resume_step, "starting assignment");
     let timeout = Duration::from_secs(args.collective_timeout_secs);
+    // Each placement of a run gets its own ring: links of an attempt that is going away must not
+    // feed the inbox of the one replacing it.
+    let ring_id = format!("{run_id}.a{attempt}");
     let identity = RankIdentity {
         worker_id: worker_id.clone(),
         run_id: run_id.clone(),
@@ -275,7 +278,7 @@ async fn run_assignment(
     );
     let device = args.device;
     let connected = tokio::select! {
-        ring = Ring::connect(hub, &run_id, rank, &assignment.peers, timeout) => ring.map_err(TrainError::from),
+        ring = Ring::connect(hub, &ring_id, rank, &assignment.peers, timeout) => ring.map_err(TrainError::from),
         reason = stop.wait() => Err(TrainError::Stopped(reason)),
     };
     let outcome = match connected {

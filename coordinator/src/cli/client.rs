@@ -152,7 +152,14 @@ pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
         let rows: Vec<Vec<String>> = detail
             .events
             .iter()
-            .map(|e| vec![unix_ms(e.unix_ms), e.kind.clone(), e.step.to_string(), e.message.clone()])
+            .map(|e| {
+                vec![
+                    unix_ms(e.unix_ms),
+                    e.kind.clone(),
+                    e.step.to_string(),
+                    e.message.clone(),
+                ]
+            })
             .collect();
         println!("\n{}", table(&["WHEN", "EVENT", "STEP", "DETAIL"], &rows));
     }

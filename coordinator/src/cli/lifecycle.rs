@@ -57,7 +57,10 @@ pub async fn checkpoints(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCo
         .map_err(status_error)?
         .into_inner();
     if remote.json {
-        println!("{}", json!(detail.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>()));
+        println!(
+            "{}",
+            json!(detail.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>())
+        );
     } else if detail.checkpoints.is_empty() {
         println!("run {run_id} has no committed checkpoints");
     } else {
@@ -78,7 +81,10 @@ pub async fn checkpoints(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCo
             .collect();
         println!(
             "{}",
-            table(&["", "STEP", "KIND", "COMMITTED", "BYTES", "SHA-256", "UNUSABLE"], &rows)
+            table(
+                &["", "STEP", "KIND", "COMMITTED", "BYTES", "SHA-256", "UNUSABLE"],
+                &rows
+            )
         );
         println!("\n* = where `coordinator resume {run_id}` would start");
     }

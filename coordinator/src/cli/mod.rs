@@ -258,7 +258,11 @@ async fn serve(listen: SocketAddr, data_dir: PathBuf, dead_after_secs: u64) -> a
     // Workers keep training through a restart: tell them at their next heartbeat that this
     // coordinator is going away and will be back, make every write durable, then stop.
     let running = server.coordinator.begin_going_away().await?;
-    tracing::info!(signal, running, "stopping; every write is flushed, and running runs keep training for the next coordinator to adopt");
+    tracing::info!(
+        signal,
+        running,
+        "stopping; every write is flushed, and running runs keep training for the next coordinator to adopt"
+    );
     tokio::time::sleep(server.coordinator.timing.heartbeat_interval + std::time::Duration::from_millis(500)).await;
     server.stop().await?;
     tracing::info!("coordinator stopped");

@@ -122,7 +122,9 @@ impl Coordinator {
                         "coordinator restarted; adopting the run from its {} ranks as they reattach",
                         run.world_size
                     );
-                    store.put_transition(&run, &[], &[RunEvent::new("adopting", run.step, message)]).await?;
+                    store
+                        .put_transition(&run, &[], &[RunEvent::new("adopting", run.step, message)])
+                        .await?;
                 }
                 _ => {}
             }
@@ -451,7 +453,13 @@ impl Coordinator {
             (state, message)
         };
         tracing::info!(run = %run.id, from = %run.state, to = %state, %message, "run transition");
-        events.push(RunEvent::new(&state.to_string().to_lowercase(), run.step, message.clone()));
+        if state != RunState::Interrupted {
+            events.push(RunEvent::new(
+                &state.to_string().to_lowercase(),
+                run.step,
+                message.clone(),
+            ));
+        }
         run.state = state;
         run.message = message;
         run.pause_requested = false;
@@ -509,7 +517,8 @@ impl Coordinator {
             tracing::info!(run = %run.id, attempt = run.attempt, workers = ?run.workers, "run assigned ({from})");
             let peers: Vec<String> = reserved.iter().map(|w| w.peer_address.clone()).collect();
             for (rank, w) in reserved.iter().enumerate() {
-                live.pending.insert(w.id.clone(), assignment(&run, rank as u32, &peers, resume.as_ref()));
+                live.pending
+                    .insert(w.id.clone(), assignment(&run, rank as u32, &peers, resume.as_ref()));
             }
             placed = true;
         }

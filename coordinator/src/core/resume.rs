@@ -194,7 +194,9 @@ impl Coordinator {
         let event = RunEvent::new(
             "gc",
             run.step,
-            format!("deleted the checkpoints at steps {steps:?} (keeping the newest {keep_newest}, the final and the best)"),
+            format!(
+                "deleted the checkpoints at steps {steps:?} (keeping the newest {keep_newest}, the final and the best)"
+            ),
         );
         self.store.delete_checkpoints(run_id, &steps, &[event]).await?;
         Ok(())
@@ -230,7 +232,10 @@ fn check_world_size(run: &RunRecord, world: u32) -> Result<()> {
         return Err(bad("must be 1..=1024".into()));
     }
     if run.train_cases.len() < world as usize {
-        return Err(bad(format!("the run has only {} training cases", run.train_cases.len())));
+        return Err(bad(format!(
+            "the run has only {} training cases",
+            run.train_cases.len()
+        )));
     }
     let spec = RunSpec::from_toml(&run.spec_toml, "stored spec")?;
     spec.train

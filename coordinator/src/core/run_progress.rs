@@ -15,7 +15,13 @@ use crate::verify;
 impl Coordinator {
     /// Checks that `worker_id` holds `rank` of the current attempt of an active run. A stale or
     /// foreign report gets the reason back, so the worker stops.
-    fn check_member(&self, run: &RunRecord, worker_id: &str, rank: u32, attempt: u32) -> std::result::Result<(), String> {
+    fn check_member(
+        &self,
+        run: &RunRecord,
+        worker_id: &str,
+        rank: u32,
+        attempt: u32,
+    ) -> std::result::Result<(), String> {
         if !run.state.is_active() {
             return Err(format!("run {} is {}: {}", run.id, run.state, run.message));
         }
@@ -199,7 +205,10 @@ impl Coordinator {
                 format!("{who} could not load its checkpoint: {}", req.message),
             )
         } else if req.peer_lost {
-            (RunState::Interrupted, format!("{who} lost a ring peer: {}", req.message))
+            (
+                RunState::Interrupted,
+                format!("{who} lost a ring peer: {}", req.message),
+            )
         } else if req.coordinator_lost {
             (
                 RunState::Interrupted,

@@ -13,8 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::checked_id;
-use crate::core::Coordinator;
 use crate::core::CoordError;
+use crate::core::Coordinator;
 use crate::records::{CheckpointRecord, MetricRecord, RunEvent, RunRecord, WorkerRecord};
 
 pub struct ControlApi(pub Arc<Coordinator>);

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::AdamW;
+use burn::optim::adaptor::OptimizerAdaptor;
 use burn::tensor::backend::AutodiffBackend;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions};
@@ -262,7 +262,10 @@ mod tests {
         let mut s = LoopState::fresh(7, 3, 2);
         assert_eq!(s.rank_cursors, [0, 2, 4]);
         s.advance();
-        assert_eq!((s.step, s.samples_consumed, s.rank_cursors.clone()), (1, 6, vec![6, 8, 10]));
+        assert_eq!(
+            (s.step, s.samples_consumed, s.rank_cursors.clone()),
+            (1, 6, vec![6, 8, 10])
+        );
         s.rescale(2, 3);
         assert_eq!(s.rank_cursors, [6, 9]);
         s.advance();

@@ -5,7 +5,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod eval;
 pub mod loss;
+pub mod order;
 pub mod params;
 pub mod schedule;
-pub mod order;
 pub mod trainer;

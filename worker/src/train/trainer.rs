@@ -120,13 +120,7 @@ pub fn train_rank<B: AutodiffBackend>(
     let mut state = LoopState::fresh(spec.seed, world, per_rank);
     if !assignment.resume_from.is_empty() {
         let (m, o, s) = link
-            .block_on(checkpoints.load(
-                &assignment.resume_from,
-                &assignment.resume_files,
-                model,
-                optim,
-                &device,
-            ))
+            .block_on(checkpoints.load(&assignment.resume_from, &assignment.resume_files, model, optim, &device))
             .map_err(TrainError::Resume)?;
         (model, optim, state) = (m, o, s);
         state.rescale(world, per_rank);

@@ -1,0 +1,266 @@
+//! Runs that survive anything, checked with real processes on loopback: workers SIGKILLed and
+//! replaced, a coordinator SIGKILLed and restarted within and past the workers' grace period,
+//! pause and resume at another world size, a deleted checkpoint object, and a spent retry
+//! budget. Every run that completes must end with the final weights of the same run left alone,
+//! to the bit.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::Cluster;
+
+const STEPS: u64 = 30;
+const WORLD: u32 = 3;
+const DONE: [&str; 3] = ["Completed", "Failed", "Cancelled"];
+const LONG: Duration = Duration::from_secs(300);
+
+/// The spec every bit-identity check runs: 3 ranks, a checkpoint every 5 steps.
+fn spec(cluster: &Cluster, name: &str) -> PathBuf {
+    cluster.write_spec_with(name, WORLD, STEPS, "", "checkpoint_every = 5")
+}
+
+/// A cluster with the dataset and `workers` long-lived workers; dead after 2 s of silence.
+fn cluster(workers: usize) -> Cluster {
+    let mut cluster = Cluster::start_with_dead_after(2);
+    cluster.write_dataset(6);
+    cluster.spawn_workers_with(workers, &[]);
+    cluster
+}
+
+/// Final weights of the run left alone, computed once per test binary.
+fn uninterrupted() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let cluster = cluster(WORLD as usize);
+        let run = cluster.submit(&spec(&cluster, "uninterrupted"));
+        let detail = cluster.wait_for_state(&run, &DONE, LONG);
+        assert_eq!(detail["run"]["state"], "Completed", "{detail}");
+        assert_eq!(detail["run"]["attempt"], 1);
+        cluster.final_weights(&detail)
+    })
+}
+
+fn completed_bit_identical(cluster: &Cluster, run: &str) -> serde_json::Value {
+    let detail = cluster.wait_for_state(run, &DONE, LONG);
+    assert_eq!(detail["run"]["state"], "Completed", "{detail}");
+    assert_eq!(detail["run"]["step"], STEPS);
+    assert_eq!(
+        cluster.final_weights(&detail),
+        uninterrupted(),
+        "final weights differ from the uninterrupted run: {detail}"
+    );
+    detail
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_the_run_ends_bit_identical() {
+    let expected = uninterrupted();
+    let mut cluster = cluster(WORLD as usize);
+    let run = cluster.submit(&spec(&cluster, "kill-one"));
+    cluster.wait_for_step(&run, 8, LONG);
+    cluster.kill_worker(1);
+    cluster.spawn_workers_with(1, &[]);
+    let detail = completed_bit_identical(&cluster, &run);
+    let kinds = Cluster::event_kinds(&detail);
+    assert!(kinds.contains(&"interrupted".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"resumed".to_string()), "{kinds:?}");
+    // Attempt 2 may land on the killed worker before its heartbeats are missed; it then goes
+    // back to the queue at no cost, and attempt 3 runs.
+    assert!(detail["run"]["attempt"].as_u64().unwrap() >= 2, "{detail}");
+    assert_eq!(detail["run"]["retries"], 1, "{detail}");
+    assert!(!expected.is_empty());
+}
+
+#[test]
+fn two_kills_at_different_steps_still_end_bit_identical() {
+    uninterrupted();
+    let mut cluster = cluster(WORLD as usize);
+    let run = cluster.submit(&spec(&cluster, "kill-two"));
+    cluster.wait_for_step(&run, 7, LONG);
+    cluster.kill_worker(0);
+    cluster.spawn_workers_with(1, &[]);
+    cluster.wait_until("the second attempt to pass step 17", LONG, || {
+        let d = cluster.cli_json(&["show", &run]);
+        d["run"]["attempt"].as_u64().unwrap() >= 2
+            && d["run"]["state"] == "Running"
+            && d["run"]["step"].as_u64().unwrap() >= 17
+    });
+    cluster.kill_worker(2);
+    cluster.spawn_workers_with(1, &[]);
+    let detail = completed_bit_identical(&cluster, &run);
+    let interruptions = Cluster::event_kinds(&detail)
+        .iter()
+        .filter(|k| *k == "interrupted")
+        .count();
+    assert_eq!(interruptions, 2, "{detail}");
+}
+
+#[test]
+fn a_coordinator_restarted_within_the_grace_period_costs_no_training() {
+    uninterrupted();
+    let mut cluster = cluster(WORLD as usize);
+    let run = cluster.submit(&spec(&cluster, "coordinator-blip"));
+    cluster.wait_for_step(&run, 6, LONG);
+    let workers_before = cluster.worker_states();
+    cluster.kill_coordinator();
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.restart_coordinator();
+    let detail = completed_bit_identical(&cluster, &run);
+    // Adopted, never interrupted: still the first attempt, on the same workers under the same ids.
+    assert_eq!(detail["run"]["attempt"], 1, "{detail}");
+    let kinds = Cluster::event_kinds(&detail);
+    assert!(kinds.contains(&"adopting".to_string()), "{kinds:?}");
+    assert!(!kinds.contains(&"interrupted".to_string()), "{kinds:?}");
+    let ids = |states: Vec<(String, String)>| states.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    assert_eq!(ids(cluster.worker_states()), ids(workers_before));
+
+    // No step was lost: every rank's weight checksum is on record for every step, all from
+    // the one attempt.
+    cluster.kill_coordinator();
+    let store = coordinator::store::Store::open(&cluster.path("db")).unwrap();
+    let mut per_step: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for (step, rank, _) in store.checksums(&run).unwrap() {
+        per_step.entry(step).or_default().push(rank);
+    }
+    assert_eq!(per_step.len() as u64, STEPS, "{per_step:?}");
+    assert!(per_step.values().all(|ranks| ranks == &[0, 1, 2]), "{per_step:?}");
+}
+
+#[test]
+fn a_coordinator_down_past_the_grace_period_resumes_from_its_checkpoint() {
+    uninterrupted();
+    let mut cluster = Cluster::start_with_dead_after(2);
+    cluster.write_dataset(6);
+    cluster.spawn_workers_with(WORLD as usize, &["--coordinator-grace-secs", "2"]);
+    let run = cluster.submit(&spec(&cluster, "coordinator-gone"));
+    cluster.wait_for_step(&run, 7, LONG);
+    cluster.kill_coordinator();
+    std::thread::sleep(Duration::from_secs(8));
+    cluster.restart_coordinator();
+    let detail = completed_bit_identical(&cluster, &run);
+    let kinds = Cluster::event_kinds(&detail);
+    assert!(kinds.contains(&"interrupted".to_string()), "{kinds:?}");
+    assert!(detail["run"]["attempt"].as_u64().unwrap() >= 2, "{detail}");
+}
+
+#[test]
+fn pause_then_resume_at_another_world_size_reads_every_sample_once() {
+    let cluster = cluster(WORLD as usize);
+    let path = spec(&cluster, "pause-rescale");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("metrics_every = 2", "metrics_every = 1");
+    std::fs::write(&path, text).unwrap();
+    let run = cluster.submit(&path);
+    cluster.wait_for_step(&run, 6, LONG);
+    let out = cluster.cli(&["pause", &run]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let paused = cluster.wait_for_state(&run, &["Paused"], LONG);
+    let pause_step = paused["run"]["step"].as_u64().unwrap();
+    let listed = cluster.cli_json(&["checkpoints", &run]);
+    let candidate: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["resume_candidate"] == true)
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(candidate, [pause_step], "{listed}");
+    // The workers are released: a pause frees the gang.
+    cluster.wait_until("the paused run's workers to be idle", LONG, || {
+        cluster.worker_states().iter().filter(|(_, s)| s == "Idle").count() == 3
+    });
+
+    let out = cluster.cli(&["resume", &run, "--world-size", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let detail = cluster.wait_for_state(&run, &DONE, LONG);
+    assert_eq!(detail["run"]["state"], "Completed", "{detail}");
+    assert_eq!(detail["run"]["world_size"], 2);
+
+    // Which global samples each rank read at each step: W=3 up to the pause, W=2 after it.
+    let out = cluster.cli(&["metrics", &run, "--json"]);
+    assert!(out.status.success());
+    let mut first_sample: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        if m["name"] == "data/first_sample" {
+            let key = (m["step"].as_u64().unwrap(), m["rank"].as_u64().unwrap());
+            let value = m["value"].as_f64().unwrap() as u64;
+            assert!(first_sample.insert(key, value).is_none(), "step {key:?} recorded twice");
+        }
+    }
+    let mut read: Vec<u64> = first_sample.values().copied().collect();
+    read.sort_unstable();
+    let total = 3 * pause_step + 2 * (STEPS - pause_step);
+    assert_eq!(
+        read,
+        (0..total).collect::<Vec<u64>>(),
+        "a gap or a repeat: {first_sample:?}"
+    );
+    for step in 1..=STEPS {
+        let ranks = first_sample.keys().filter(|(s, _)| *s == step).count();
+        assert_eq!(ranks, if step <= pause_step { 3 } else { 2 }, "step {step}");
+    }
+}
+
+#[test]
+fn a_deleted_checkpoint_object_makes_resume_fall_back_to_the_one_before() {
+    uninterrupted();
+    let cluster = cluster(WORLD as usize);
+    let run = cluster.submit(&spec(&cluster, "lost-object"));
+    cluster.wait_for_step(&run, 11, LONG);
+    assert!(cluster.cli(&["pause", &run]).status.success());
+    let paused = cluster.wait_for_state(&run, &["Paused"], LONG);
+    let newest = paused["checkpoints"].as_array().unwrap().last().unwrap().clone();
+    let newest_step = newest["step"].as_u64().unwrap();
+    let victim = newest["files"][0]["key"].as_str().unwrap();
+    std::fs::remove_file(cluster.path("artifacts").join(victim)).unwrap();
+
+    let out = cluster.cli(&["resume", &run]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let detail = completed_bit_identical(&cluster, &run);
+    let events = detail["events"].as_array().unwrap();
+    let unusable = events
+        .iter()
+        .find(|e| e["kind"] == "checkpoint-unusable")
+        .unwrap_or_else(|| panic!("no checkpoint-unusable event: {detail}"));
+    assert_eq!(unusable["step"].as_u64().unwrap(), newest_step);
+    assert!(unusable["message"].as_str().unwrap().contains(victim), "{unusable}");
+    let resumed = events.iter().rev().find(|e| e["kind"] == "resumed").unwrap();
+    assert!(resumed["step"].as_u64().unwrap() < newest_step, "{resumed}");
+    let marked = detail["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["step"].as_u64() == Some(newest_step));
+    if let Some(marked) = marked {
+        assert!(marked["unusable"].is_string(), "{marked}");
+    }
+}
+
+#[test]
+fn a_run_out_of_retries_fails_with_every_cause_listed() {
+    let mut cluster = cluster(1);
+    let path = cluster.write_spec_with("fragile", 1, 100_000, "max_retries = 1", "checkpoint_every = 2");
+    let run = cluster.submit(&path);
+    cluster.wait_for_step(&run, 3, LONG);
+    cluster.kill_worker(0);
+    cluster.spawn_workers_with(1, &[]);
+    cluster.wait_until("the run to resume on the new worker", LONG, || {
+        let d = cluster.cli_json(&["show", &run]);
+        d["run"]["attempt"].as_u64().unwrap() >= 2 && d["run"]["state"] == "Running"
+    });
+    cluster.kill_worker(1);
+    let detail = cluster.wait_for_state(&run, &DONE, LONG);
+    assert_eq!(detail["run"]["state"], "Failed", "{detail}");
+    let message = detail["run"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("interrupted 2 times") && message.contains("max_retries = 1"),
+        "{message}"
+    );
+    assert_eq!(message.matches("missed its heartbeats").count(), 2, "{message}");
+}
