@@ -109,6 +109,21 @@ pub struct RunRecord {
     pub resume_step: Option<u64>,
     #[serde(default)]
     pub pause_requested: bool,
+    /// The newest training state a surviving rank kept when the run lost a peer (live recovery).
+    #[serde(default)]
+    pub live_state: Option<LiveState>,
+    /// The current (or next) attempt starts from `live_state` rather than a checkpoint.
+    #[serde(default)]
+    pub recovering_live: bool,
+}
+
+/// Where a survivor of a broken ring holds the whole training state, and after which step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveState {
+    pub worker_id: String,
+    pub peer_address: String,
+    pub attempt: u32,
+    pub step: u64,
 }
 
 fn default_max_retries() -> u32 {

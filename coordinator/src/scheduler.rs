@@ -69,6 +69,8 @@ mod tests {
             interruptions: vec![],
             resume_step: None,
             pause_requested: false,
+            live_state: None,
+            recovering_live: false,
         }
     }
 

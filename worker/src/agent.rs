@@ -262,6 +262,8 @@ async fn run_assignment(
     // Each placement of a run gets its own ring: links of an attempt that is going away must not
     // feed the inbox of the one replacing it.
     let ring_id = format!("{run_id}.a{attempt}");
+    // A state held for live recovery of another run is no longer wanted.
+    hub.release_state_unless(&run_id);
     let identity = RankIdentity {
         worker_id: worker_id.clone(),
         run_id: run_id.clone(),
@@ -306,10 +308,16 @@ async fn run_assignment(
                 run_id,
                 rank,
                 message: e.to_string(),
-                peer_lost: matches!(&e, TrainError::Collective(c) if c.is_peer_loss()),
+                peer_lost: matches!(&e, TrainError::Collective(c) if c.is_peer_loss())
+                    || matches!(&e, TrainError::PeerLostHolding { .. }),
                 attempt,
                 coordinator_lost: matches!(&e, TrainError::Link(LinkError::CoordinatorLost(..))),
                 checkpoint_unusable: matches!(&e, TrainError::Resume(_)),
+                holds_state: matches!(&e, TrainError::PeerLostHolding { .. }),
+                held_step: match &e {
+                    TrainError::PeerLostHolding { step, .. } => *step,
+                    _ => 0,
+                },
             };
             report_failure(client, req).await;
         }

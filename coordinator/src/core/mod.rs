@@ -195,6 +195,8 @@ impl Coordinator {
             interruptions: vec![],
             resume_step: None,
             pause_requested: false,
+            live_state: None,
+            recovering_live: false,
         };
         let event = RunEvent::new(
             "submitted",
@@ -504,21 +506,30 @@ impl Coordinator {
                     w
                 })
                 .collect();
-            let from = match &resume {
-                Some(c) => format!("resuming from the checkpoint at step {}", c.step),
-                None => "from step 0".to_string(),
+            let survivor = run.live_state.clone().filter(|_| run.recovering_live);
+            let from = match (&survivor, &resume) {
+                (Some(l), _) => format!("recovering live from the state {} kept at step {}", l.worker_id, l.step),
+                (None, Some(c)) => format!("resuming from the checkpoint at step {}", c.step),
+                (None, None) => "from step 0".to_string(),
             };
             let event = RunEvent::new(
                 "assigned",
-                resume.as_ref().map_or(0, |c| c.step),
+                run.resume_step.unwrap_or(0),
                 format!("attempt {} on {} ({from})", run.attempt, run.workers.join(", ")),
             );
             self.store.put_transition(&run, &reserved, &[event]).await?;
             tracing::info!(run = %run.id, attempt = run.attempt, workers = ?run.workers, "run assigned ({from})");
             let peers: Vec<String> = reserved.iter().map(|w| w.peer_address.clone()).collect();
             for (rank, w) in reserved.iter().enumerate() {
-                live.pending
-                    .insert(w.id.clone(), assignment(&run, rank as u32, &peers, resume.as_ref()));
+                let mut a = assignment(&run, rank as u32, &peers, resume.as_ref());
+                if let Some(l) = &survivor {
+                    a.resume_from.clear();
+                    a.resume_files.clear();
+                    a.resume_step = l.step;
+                    a.recover_from_peer = l.peer_address.clone();
+                    a.recover_attempt = l.attempt;
+                }
+                live.pending.insert(w.id.clone(), a);
             }
             placed = true;
         }
@@ -640,5 +651,7 @@ fn assignment(run: &RunRecord, rank: u32, peers: &[String], resume: Option<&Chec
             })
             .unwrap_or_default(),
         resume_step: resume.map_or(0, |c| c.step),
+        recover_from_peer: String::new(),
+        recover_attempt: 0,
     }
 }

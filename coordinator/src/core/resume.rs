@@ -79,6 +79,8 @@ impl Coordinator {
         );
         run.world_size = world;
         run.interruptions.clear();
+        run.live_state = None;
+        run.recovering_live = false;
         self.requeue(&mut run, from, "resumed", message).await?;
         drop(transition);
         self.schedule().await?;
@@ -104,13 +106,30 @@ impl Coordinator {
             if run.state != RunState::Interrupted {
                 continue;
             }
-            let from = checkpoint.as_ref().map(|c| c.step);
+            let checkpoint_step = checkpoint.as_ref().map(|c| c.step);
+            // Live recovery when a survivor kept a state newer than the last checkpoint and is
+            // still alive to serve it.
+            let survivor = match run.live_state.clone() {
+                Some(l) if checkpoint_step.is_none_or(|c| l.step > c) => self
+                    .store
+                    .worker(&l.worker_id)?
+                    .filter(|w| w.state != WorkerState::Dead)
+                    .map(|_| l),
+                _ => None,
+            };
+            run.recovering_live = survivor.is_some();
+            let (from, start) = match &survivor {
+                Some(l) => (
+                    Some(l.step),
+                    format!("the state {} kept at step {} (live recovery)", l.worker_id, l.step),
+                ),
+                None => (checkpoint_step, describe_start(checkpoint_step)),
+            };
             let message = format!(
-                "resumed automatically (retry {} of {}) at world size {} from {}",
+                "resumed automatically (retry {} of {}) at world size {} from {start}",
                 run.retries_used(),
                 run.max_retries,
                 run.world_size,
-                describe_start(from)
             );
             self.requeue(&mut run, from, "resumed", message).await?;
         }

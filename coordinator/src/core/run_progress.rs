@@ -191,13 +191,20 @@ impl Coordinator {
     /// the resume takes an older one; anything else fails it.
     pub async fn report_failure(&self, req: pb::ReportFailureRequest) -> Result<()> {
         let mut live = self.live.lock().await;
-        let run = self.run_or_not_found(&req.run_id)?;
+        let mut run = self.run_or_not_found(&req.run_id)?;
+        if req.holds_state {
+            self.note_live_state(&mut run, &req).await?;
+        }
         if self.check_member(&run, &req.worker_id, req.rank, req.attempt).is_err() {
             return Ok(()); // that attempt already ended; a late report changes nothing
         }
         let who = format!("rank {} ({})", req.rank, req.worker_id);
         let (state, message) = if req.checkpoint_unusable {
-            if let Some(step) = run.resume_step {
+            if run.recovering_live {
+                // The survivor's state could not be had: fall back to checkpoints.
+                run.live_state = None;
+                run.recovering_live = false;
+            } else if let Some(step) = run.resume_step {
                 self.mark_unusable(&run.id, step, &req.message).await?;
             }
             (
@@ -220,6 +227,34 @@ impl Coordinator {
         self.end_run(&mut live, run, state, message).await?;
         drop(live);
         self.schedule().await
+    }
+}
+
+impl Coordinator {
+    /// Remembers the newest state a rank of the current attempt kept when its ring broke; the
+    /// automatic resume starts from it when it is newer than the last checkpoint. Reports that
+    /// arrive after the run was interrupted still count: every survivor holds a state.
+    async fn note_live_state(&self, run: &mut RunRecord, req: &pb::ReportFailureRequest) -> Result<()> {
+        let ours = run.attempt == req.attempt
+            && (run.state.is_active() || run.state == RunState::Interrupted)
+            && run.workers.get(req.rank as usize) == Some(&req.worker_id);
+        let newer = run
+            .live_state
+            .as_ref()
+            .is_none_or(|l| l.attempt < req.attempt || l.step < req.held_step);
+        let Some(worker) = self.store.worker(&req.worker_id)? else {
+            return Ok(());
+        };
+        if ours && newer {
+            run.live_state = Some(LiveState {
+                worker_id: worker.id,
+                peer_address: worker.peer_address,
+                attempt: req.attempt,
+                step: req.held_step,
+            });
+            self.store.put_run(run).await?;
+        }
+        Ok(())
     }
 }
 

@@ -23,9 +23,20 @@ type Inbox = (
     Option<mpsc::Receiver<pb::CollectiveChunk>>,
 );
 
+/// The training state a rank kept when it lost a peer mid-step, served to the re-formed ring
+/// (live recovery). Parts are named as a checkpoint's are.
+#[derive(Clone)]
+pub struct HeldState {
+    pub run_id: String,
+    pub attempt: u32,
+    pub step: u64,
+    pub parts: Arc<Vec<(String, Vec<u8>)>>,
+}
+
 #[derive(Clone, Default)]
 pub struct CollectiveHub {
     inboxes: Arc<Mutex<HashMap<String, Inbox>>>,
+    held: Arc<Mutex<Option<HeldState>>>,
     /// Required of incoming links and attached to the ones this worker opens.
     pub(crate) token: SharedToken,
 }
@@ -42,6 +53,27 @@ impl CollectiveHub {
         inboxes.entry(run_id.to_string()).or_insert_with(new_inbox).1.take()
     }
 
+    /// Keeps `state` for the ranks of the re-formed ring to fetch; replaces any older one.
+    pub fn hold_state(&self, state: HeldState) {
+        *self.held.lock().expect("hub lock") = Some(state);
+    }
+
+    /// The held state, if it is the one named.
+    pub fn held_state(&self, run_id: &str, attempt: u32, step: u64) -> Option<HeldState> {
+        let held = self.held.lock().expect("hub lock");
+        held.as_ref()
+            .filter(|h| h.run_id == run_id && h.attempt == attempt && h.step == step)
+            .cloned()
+    }
+
+    /// Drops a held state once this worker moves on to another run.
+    pub fn release_state_unless(&self, run_id: &str) {
+        let mut held = self.held.lock().expect("hub lock");
+        if held.as_ref().is_some_and(|h| h.run_id != run_id) {
+            *held = None;
+        }
+    }
+
     /// Forgets a run's inbox once its ring is done, so a later link for it starts clean.
     pub(crate) fn release(&self, run_id: &str) {
         self.inboxes.lock().expect("hub lock").remove(run_id);
@@ -53,8 +85,41 @@ fn new_inbox() -> Inbox {
     (tx, Some(rx))
 }
 
+type PartStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::StatePart, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Collective for CollectiveHub {
+    type FetchStateStream = PartStream;
+
+    async fn fetch_state(&self, req: Request<pb::FetchStateRequest>) -> Result<Response<PartStream>, Status> {
+        let req = req.into_inner();
+        let held = self.held_state(&req.run_id, req.attempt, req.step).ok_or_else(|| {
+            Status::not_found(format!(
+                "this worker holds no state of run {} attempt {} at step {}",
+                req.run_id, req.attempt, req.step
+            ))
+        })?;
+        let mut chunks = vec![];
+        for (name, bytes) in held.parts.iter() {
+            use sha2::Digest;
+            let sha256 = hex::encode(sha2::Sha256::digest(bytes));
+            let pieces: Vec<&[u8]> = if bytes.is_empty() {
+                vec![&[]]
+            } else {
+                bytes.chunks(protocol::MAX_CHUNK_BYTES).collect()
+            };
+            let last = pieces.len() - 1;
+            for (i, piece) in pieces.into_iter().enumerate() {
+                chunks.push(Ok(pb::StatePart {
+                    name: name.clone(),
+                    data: piece.to_vec(),
+                    sha256: if i == last { sha256.clone() } else { String::new() },
+                }));
+            }
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
     async fn link(&self, req: Request<Streaming<pb::CollectiveChunk>>) -> Result<Response<pb::LinkClosed>, Status> {
         let mut stream = req.into_inner();
         let hello = stream
@@ -98,6 +163,7 @@ pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::i
     let addr = listener.local_addr()?;
     let hub = CollectiveHub {
         inboxes: Default::default(),
+        held: Default::default(),
         token: token.clone(),
     };
     let server = CollectiveServer::new(hub.clone())

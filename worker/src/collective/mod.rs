@@ -7,9 +7,11 @@
 
 mod hub;
 mod ring;
+mod transfer;
 
-pub use hub::{CollectiveHub, serve_collective};
+pub use hub::{CollectiveHub, HeldState, serve_collective};
 pub use ring::{Ring, segment_bounds};
+pub use transfer::fetch_state;
 
 use thiserror::Error;
 

@@ -128,6 +128,11 @@ impl Ring {
         self.abort = stop;
     }
 
+    /// This worker's collective endpoint, where a held state is served from.
+    pub fn hub(&self) -> &CollectiveHub {
+        &self.hub
+    }
+
     pub fn world_size(&self) -> u32 {
         self.world
     }

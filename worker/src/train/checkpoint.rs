@@ -105,6 +105,7 @@ pub type Optim<B, M> = OptimizerAdaptor<AdamW, M, B>;
 const MODEL: &str = "model.bin";
 const OPTIMIZER: &str = "optimizer.bin";
 const STATE: &str = "state.json";
+const PARTS: [&str; 3] = [MODEL, OPTIMIZER, STATE];
 
 pub struct CheckpointManager {
     store: Arc<dyn ObjectStore>,
@@ -136,15 +137,8 @@ impl CheckpointManager {
         state: &LoopState,
     ) -> Result<Vec<pb::CheckpointFile>, CheckpointError> {
         let prefix = checkpoint_prefix(&self.run_id, state.step, self.attempt);
-        let mut state = state.clone();
-        state.weights_sha256 = params::weights_checksum(model);
-        let parts: [(&str, Vec<u8>); 3] = [
-            (MODEL, encode(&prefix, MODEL, codec::model_to_bytes(model))?),
-            (OPTIMIZER, encode(&prefix, OPTIMIZER, codec::optimizer_to_bytes(optim))?),
-            (STATE, serde_json::to_vec_pretty(&state).expect("loop state serialises")),
-        ];
-        let mut files = Vec::with_capacity(parts.len());
-        for (name, bytes) in parts {
+        let mut files = vec![];
+        for (name, bytes) in encode_parts(model, optim, state)? {
             let key = format!("{prefix}{name}");
             let sha256 = hex::encode(Sha256::digest(&bytes));
             let size = bytes.len() as u64;
@@ -163,8 +157,7 @@ impl CheckpointManager {
     }
 
     /// Reads every part of the checkpoint at `prefix`, checks each against the hash in `files`,
-    /// and decodes them into `model` and `optim` (freshly built for the same spec). The loaded
-    /// weights must hash to what the writer recorded.
+    /// and decodes them into `model` and `optim` (freshly built for the same spec).
     pub async fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         prefix: &str,
@@ -173,41 +166,11 @@ impl CheckpointManager {
         optim: Optim<B, M>,
         device: &B::Device,
     ) -> Result<(M, Optim<B, M>, LoopState), CheckpointError> {
-        let model_bytes = self.read_part(prefix, files, MODEL).await?;
-        let optim_bytes = self.read_part(prefix, files, OPTIMIZER).await?;
-        let state_bytes = self.read_part(prefix, files, STATE).await?;
-        let key = |name: &str| format!("{prefix}{name}");
-        let state: LoopState = serde_json::from_slice(&state_bytes).map_err(|e| CheckpointError::Part {
-            key: key(STATE),
-            message: format!("not a loop state: {e}"),
-        })?;
-        if state.format != STATE_FORMAT {
-            return Err(CheckpointError::Part {
-                key: key(STATE),
-                message: format!("format {} (this worker reads {STATE_FORMAT})", state.format),
-            });
+        let mut parts = vec![];
+        for name in PARTS {
+            parts.push((name.to_string(), self.read_part(prefix, files, name).await?));
         }
-        let model = codec::model_from_bytes(model, &model_bytes, device).map_err(|source| CheckpointError::Codec {
-            key: key(MODEL),
-            source,
-        })?;
-        let optim = codec::optimizer_from_bytes(optim, &optim_bytes, &model, device).map_err(|source| {
-            CheckpointError::Codec {
-                key: key(OPTIMIZER),
-                source,
-            }
-        })?;
-        let loaded = params::weights_checksum(&model);
-        if loaded != state.weights_sha256 {
-            return Err(CheckpointError::Part {
-                key: key(MODEL),
-                message: format!(
-                    "weights hash to {loaded} once loaded, the writer recorded {}",
-                    state.weights_sha256
-                ),
-            });
-        }
-        Ok((model, optim, state))
+        decode_parts(prefix, &parts, model, optim, device)
     }
 
     async fn read_part(
@@ -246,11 +209,83 @@ impl CheckpointManager {
     }
 }
 
-fn encode(prefix: &str, name: &str, bytes: Result<Vec<u8>, CodecError>) -> Result<Vec<u8>, CheckpointError> {
-    bytes.map_err(|source| CheckpointError::Codec {
-        key: format!("{prefix}{name}"),
+/// The parts of a training state, as a checkpoint stores them and a survivor serves them.
+pub fn encode_parts<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    optim: &Optim<B, M>,
+    state: &LoopState,
+) -> Result<Vec<(String, Vec<u8>)>, CheckpointError> {
+    let codec_err = |name: &str| {
+        let key = name.to_string();
+        move |source| CheckpointError::Codec { key, source }
+    };
+    let mut state = state.clone();
+    state.weights_sha256 = params::weights_checksum(model);
+    Ok(vec![
+        (MODEL.into(), codec::model_to_bytes(model).map_err(codec_err(MODEL))?),
+        (
+            OPTIMIZER.into(),
+            codec::optimizer_to_bytes(optim).map_err(codec_err(OPTIMIZER))?,
+        ),
+        (
+            STATE.into(),
+            serde_json::to_vec_pretty(&state).expect("loop state serialises"),
+        ),
+    ])
+}
+
+/// The mirror of [`encode_parts`]: rebuilds the model, the optimiser and the loop state, and
+/// checks that the loaded weights hash to what the writer recorded. `origin` names where the
+/// parts came from, for errors.
+pub fn decode_parts<B: AutodiffBackend, M: AutodiffModule<B>>(
+    origin: &str,
+    parts: &[(String, Vec<u8>)],
+    model: M,
+    optim: Optim<B, M>,
+    device: &B::Device,
+) -> Result<(M, Optim<B, M>, LoopState), CheckpointError> {
+    let key = |name: &str| format!("{origin}{name}");
+    let part = |name: &'static str| {
+        parts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, bytes)| bytes.as_slice())
+            .ok_or(CheckpointError::Missing {
+                prefix: origin.to_string(),
+                name,
+            })
+    };
+    let state: LoopState = serde_json::from_slice(part(STATE)?).map_err(|e| CheckpointError::Part {
+        key: key(STATE),
+        message: format!("not a loop state: {e}"),
+    })?;
+    if state.format != STATE_FORMAT {
+        return Err(CheckpointError::Part {
+            key: key(STATE),
+            message: format!("format {} (this worker reads {STATE_FORMAT})", state.format),
+        });
+    }
+    let model = codec::model_from_bytes(model, part(MODEL)?, device).map_err(|source| CheckpointError::Codec {
+        key: key(MODEL),
         source,
-    })
+    })?;
+    let optim = codec::optimizer_from_bytes(optim, part(OPTIMIZER)?, &model, device).map_err(|source| {
+        CheckpointError::Codec {
+            key: key(OPTIMIZER),
+            source,
+        }
+    })?;
+    let loaded = params::weights_checksum(&model);
+    if loaded != state.weights_sha256 {
+        return Err(CheckpointError::Part {
+            key: key(MODEL),
+            message: format!(
+                "weights hash to {loaded} once loaded, the writer recorded {}",
+                state.weights_sha256
+            ),
+        });
+    }
+    Ok((model, optim, state))
 }
 
 #[cfg(test)]

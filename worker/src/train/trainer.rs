@@ -20,11 +20,11 @@ use protocol::pb;
 use protocol::spec::RunSpec;
 use thiserror::Error;
 
-use crate::collective::{CollectiveError, Ring};
+use crate::collective::{CollectiveError, HeldState, Ring, fetch_state};
 use crate::data::{self, CaseVolume, DataError, sample_patch};
 use crate::link::{LinkError, RunLink};
 use crate::model::unet::{ModelConfigError, UNet3d, UNet3dConfig};
-use crate::train::checkpoint::{CheckpointError, CheckpointManager, LoopState, Optim};
+use crate::train::checkpoint::{CheckpointError, CheckpointManager, LoopState, Optim, decode_parts, encode_parts};
 use crate::train::eval::{EvalReport, evaluate};
 use crate::train::loss::bce_dice_loss;
 use crate::train::order::{SampleOrder, rank_slice, sample_rng};
@@ -47,6 +47,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("cannot resume: {0}")]
     Resume(CheckpointError),
+    #[error("lost a ring peer after step {step}; holding the state for live recovery: {source}")]
+    PeerLostHolding { step: u64, source: CollectiveError },
     #[error("coordinator: {0}")]
     Link(#[from] LinkError),
     #[error("assignment: {0}")]
@@ -118,7 +120,12 @@ pub fn train_rank<B: AutodiffBackend>(
     let (store, root) = data::store_from_url(&assignment.artifacts_url)?;
     let checkpoints = CheckpointManager::new(store, root, &assignment.run_id, assignment.attempt);
     let mut state = LoopState::fresh(spec.seed, world, per_rank);
-    if !assignment.resume_from.is_empty() {
+    if !assignment.recover_from_peer.is_empty() {
+        let (m, o, s) = recover_live(assignment, ring, model, optim, &device, link)?;
+        (model, optim, state) = (m, o, s);
+        state.rescale(world, per_rank);
+        tracing::info!(run = %assignment.run_id, rank, step = state.step, from = %assignment.recover_from_peer, "recovered live from a surviving rank");
+    } else if !assignment.resume_from.is_empty() {
         let (m, o, s) = link
             .block_on(checkpoints.load(&assignment.resume_from, &assignment.resume_files, model, optim, &device))
             .map_err(TrainError::Resume)?;
@@ -178,6 +185,21 @@ pub fn train_rank<B: AutodiffBackend>(
         let mut flat = params::flatten_grads(&model, &grads);
         match link.block_on(ring.all_reduce_mean(&mut flat)) {
             Err(CollectiveError::Aborted { reason }) => return Err(TrainError::Stopped(reason)),
+            // This rank's weights and optimiser are untouched by the failed step: keep them for
+            // the re-formed ring, so the run loses only the step in flight.
+            Err(e) if e.is_peer_loss() => {
+                let parts = encode_parts(&model, &optim, &state)?;
+                ring.hub().hold_state(HeldState {
+                    run_id: assignment.run_id.clone(),
+                    attempt: assignment.attempt,
+                    step: state.step,
+                    parts: Arc::new(parts),
+                });
+                return Err(TrainError::PeerLostHolding {
+                    step: state.step,
+                    source: e,
+                });
+            }
             other => other?,
         }
         let grads = params::unflatten_grads(&model, &flat)?;
@@ -227,6 +249,39 @@ pub fn train_rank<B: AutodiffBackend>(
         eval_before,
         eval_after,
     })
+}
+
+/// Live recovery: takes the state a surviving rank kept when the old ring broke, from this
+/// worker's own hub when it is that survivor, or over the survivor's collective endpoint.
+fn recover_live<B: AutodiffBackend>(
+    assignment: &pb::Assignment,
+    ring: &Ring,
+    model: UNet3d<B>,
+    optim: Optim<B, UNet3d<B>>,
+    device: &B::Device,
+    link: &RunLink,
+) -> Result<(UNet3d<B>, Optim<B, UNet3d<B>>, LoopState), TrainError> {
+    let (run_id, attempt, step) = (&assignment.run_id, assignment.recover_attempt, assignment.resume_step);
+    let parts = match ring.hub().held_state(run_id, attempt, step) {
+        Some(held) => held.parts.as_ref().clone(),
+        None => link
+            .block_on(fetch_state(
+                &ring.hub().token,
+                &assignment.recover_from_peer,
+                run_id,
+                attempt,
+                step,
+                std::time::Duration::from_secs(120),
+            ))
+            .map_err(|e| {
+                TrainError::Resume(CheckpointError::Part {
+                    key: format!("live state at step {step}"),
+                    message: e.to_string(),
+                })
+            })?,
+    };
+    let origin = format!("live state of {} at step {step}: ", assignment.recover_from_peer);
+    decode_parts(&origin, &parts, model, optim, device).map_err(TrainError::Resume)
 }
 
 /// Loss and timing since the last report, averaged so one noisy step does not dominate.
