@@ -331,3 +331,51 @@ async fn requests_without_the_shared_token_are_refused() {
         .runs;
     assert!(runs.is_empty());
 }
+
+#[tokio::test]
+async fn an_assignment_nobody_picks_up_goes_back_to_the_queue_at_no_cost() {
+    let cluster = Cluster::start_with_dead_after(2);
+    cluster.write_dataset(4);
+    let spec = cluster.write_spec("unpicked", 2, 1000, "");
+    let (mut w0, id0) = fake_worker(&cluster, "127.0.0.1:9").await;
+    let (_w1, _id1) = fake_worker(&cluster, "127.0.0.1:10").await;
+    let run_id = cluster.submit(&spec);
+    // Rank 0 picks its assignment up and keeps heartbeating; rank 1's worker has died after its
+    // last heartbeat and never polls.
+    let Some(Outcome::Assignment(a0)) = poll(&mut w0, &id0, 5000).await else {
+        panic!("no assignment for rank 0")
+    };
+    assert_eq!(a0.attempt, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let run = loop {
+        let hb = pb::HeartbeatRequest {
+            worker_id: id0.clone(),
+            run_id: run_id.clone(),
+            step: 0,
+            attempt: 1,
+        };
+        let told_to_stop = w0.heartbeat(hb).await.unwrap().into_inner().stop_run;
+        let run = state(&cluster, &run_id).await;
+        if run.state == "Queued" {
+            assert!(told_to_stop || run.attempt == 1, "{run:?}");
+            break run;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {} after 15 s", run.state);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Not an interruption: the retry budget is untouched, and no interrupted event was written.
+    assert_eq!(run.retries, 0, "{run:?}");
+    let detail = cluster.cli_json(&["show", &run_id]);
+    let kinds = Cluster::event_kinds(&detail);
+    assert!(kinds.contains(&"requeued".to_string()), "{kinds:?}");
+    assert!(!kinds.contains(&"interrupted".to_string()), "{kinds:?}");
+    // The stale attempt is told to stop at its next heartbeat.
+    let hb = pb::HeartbeatRequest {
+        worker_id: id0.clone(),
+        run_id: run_id.clone(),
+        step: 0,
+        attempt: 1,
+    };
+    let resp = w0.heartbeat(hb).await.unwrap().into_inner();
+    assert!(resp.stop_run, "{resp:?}");
+}

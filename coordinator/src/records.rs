@@ -261,4 +261,20 @@ mod tests {
         assert!(Running.can_move_to(Interrupted));
         assert!(Interrupted.can_move_to(Queued));
     }
+
+    #[test]
+    fn records_written_by_the_spine_still_read() {
+        // A run and a checkpoint exactly as the first release stored them.
+        let run = r#"{"id":"run-000001","name":"demo","spec_toml":"","state":"Interrupted",
+            "world_size":2,"total_steps":800,"step":40,"message":"","submitted_unix_ms":1,
+            "updated_unix_ms":2,"workers":[],"started_ranks":[],"train_cases":["a"],
+            "eval_cases":[],"artifacts_url":"/x","finished":{},"final_checkpoint":null}"#;
+        let run: super::RunRecord = serde_json::from_str(run).unwrap();
+        assert_eq!((run.attempt, run.max_retries, run.resume_step), (0, 3, None));
+        assert!(run.interruptions.is_empty() && run.live_state.is_none());
+        let ckpt = r#"{"run_id":"run-000001","step":20,"prefix":"runs/run-000001/checkpoints/20/",
+            "files":[],"is_final":false,"committed_unix_ms":3}"#;
+        let ckpt: super::CheckpointRecord = serde_json::from_str(ckpt).unwrap();
+        assert_eq!((ckpt.attempt, ckpt.unusable, ckpt.eval_dice), (0, None, None));
+    }
 }

@@ -106,6 +106,11 @@ impl Cluster {
 
     /// Spawns `n` worker processes with extra command-line arguments.
     pub fn spawn_workers_with(&mut self, n: usize, extra: &[&str]) {
+        self.spawn_workers_threads(n, extra, 1);
+    }
+
+    /// As `spawn_workers_with`, each worker's tensor kernels on `threads` rayon threads.
+    pub fn spawn_workers_threads(&mut self, n: usize, extra: &[&str], threads: usize) {
         for _ in 0..n {
             let child = Command::new(BIN)
                 .args([
@@ -116,7 +121,7 @@ impl Cluster {
                     "60",
                 ])
                 .args(extra)
-                .env("RAYON_NUM_THREADS", "1")
+                .env("RAYON_NUM_THREADS", threads.to_string())
                 .env("RUST_LOG", "warn")
                 .env(TOKEN_ENV, TOKEN)
                 .stdout(Stdio::null())

@@ -237,6 +237,7 @@ pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
                 json!({
                     "worker_id": w.worker_id, "host": w.host, "peer_address": w.peer_address, "device": w.device_kind,
                     "state": w.state, "run_id": w.run_id, "last_heartbeat_unix_ms": w.last_heartbeat_unix_ms,
+                    "numeric_fingerprint": w.numeric_fingerprint,
                 })
             })
             .collect();

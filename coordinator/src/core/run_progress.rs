@@ -109,6 +109,7 @@ impl Coordinator {
         let mut run = self.run_or_not_found(&req.run_id)?;
         self.check_member(&run, &req.worker_id, 0, req.attempt)
             .map_err(CoordError::Rejected)?;
+        let run_artifacts = run.artifacts_url.clone();
         let record = CheckpointRecord {
             run_id: run.id.clone(),
             step: req.step,
@@ -125,8 +126,26 @@ impl Coordinator {
         }
         run.updated_unix_ms = now_unix_ms();
         let kind = if req.is_final { "final checkpoint" } else { "checkpoint" };
-        let event = RunEvent::new("checkpoint", req.step, format!("{kind} committed at {}", record.prefix));
-        self.store.put_checkpoint(&record, &run, &[event]).await?;
+        let mut events = vec![RunEvent::new(
+            "checkpoint",
+            req.step,
+            format!("{kind} committed at {}", record.prefix),
+        )];
+        // A resumed attempt that re-reaches a step replaces the older attempt's record there;
+        // that record's objects are deleted once the new one is committed.
+        let replaced = self
+            .store
+            .checkpoints(&run.id)?
+            .into_iter()
+            .find(|c| c.step == req.step && c.prefix != record.prefix);
+        if let Some(old) = &replaced {
+            events.push(RunEvent::new(
+                "checkpoint-replaced",
+                req.step,
+                format!("replaces {} (attempt {})", old.prefix, old.attempt),
+            ));
+        }
+        self.store.put_checkpoint(&record, &run, &events).await?;
         let mut resp = pb::CommitCheckpointResponse::default();
         if run.pause_requested && !req.is_final && run.state == RunState::Running {
             let message = format!("paused at step {} on request", req.step);
@@ -139,6 +158,11 @@ impl Coordinator {
         }
         drop(live);
         self.bump_progress();
+        if let Some(old) = replaced
+            && let Err(e) = verify::delete_checkpoint_objects(&run_artifacts, &old).await
+        {
+            tracing::warn!(run = %req.run_id, "could not delete the replaced checkpoint's objects: {e}");
+        }
         if let Err(e) = self.collect_garbage(&req.run_id).await {
             tracing::warn!(run = %req.run_id, "checkpoint garbage collection failed: {e}");
         }
