@@ -25,6 +25,17 @@ pub enum RunState {
 }
 
 impl RunState {
+    pub const ALL: [RunState; 8] = [
+        RunState::Queued,
+        RunState::Assigned,
+        RunState::Running,
+        RunState::Paused,
+        RunState::Completed,
+        RunState::Failed,
+        RunState::Cancelled,
+        RunState::Interrupted,
+    ];
+
     pub fn is_terminal(self) -> bool {
         matches!(self, RunState::Completed | RunState::Failed | RunState::Cancelled)
     }
@@ -235,16 +246,7 @@ mod tests {
 
     #[test]
     fn ended_runs_only_come_back_through_the_queue() {
-        let all = [
-            Queued,
-            Assigned,
-            Running,
-            Paused,
-            Completed,
-            Failed,
-            Cancelled,
-            Interrupted,
-        ];
+        let all = super::RunState::ALL;
         for n in all {
             assert!(!Completed.can_move_to(n), "Completed -> {n}");
         }

@@ -303,7 +303,13 @@ async fn run_assignment(
         Err(TrainError::Stopped(reason)) => tracing::info!(run = %run_id, rank, %reason, "run stopped"),
         Err(e) => {
             tracing::error!(run = %run_id, rank, "run failed: {e}");
+            let lost_rank = match &e {
+                TrainError::Collective(c) | TrainError::PeerLostHolding { source: c, .. } => c.lost_peer(),
+                _ => None,
+            };
             let req = pb::ReportFailureRequest {
+                names_lost_rank: lost_rank.is_some(),
+                lost_rank: lost_rank.unwrap_or(0),
                 worker_id,
                 run_id,
                 rank,

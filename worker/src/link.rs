@@ -117,11 +117,15 @@ impl RunLink {
                 Ok(Some(resp.into_inner()))
             }
             Err(status) if is_transient(&status) => {
-                let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+                let Some(since) = self.unreachable_since else {
+                    tracing::warn!(run = %self.id.run_id, grace = ?self.grace, "coordinator unreachable, training on and keeping reports: {}", status.message());
+                    self.unreachable_since = Some(Instant::now());
+                    return Ok(None);
+                };
                 if since.elapsed() > self.grace {
                     return Err(LinkError::CoordinatorLost(self.grace, status));
                 }
-                tracing::warn!(run = %self.id.run_id, "coordinator unreachable, training on and keeping reports: {}", status.message());
+                tracing::debug!(run = %self.id.run_id, "coordinator still unreachable: {}", status.message());
                 Ok(None)
             }
             Err(status) => Err(LinkError::Refused(status)),

@@ -99,13 +99,18 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
-pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
-    let detail = connect(remote)
+/// Everything the coordinator knows of one run.
+pub async fn run_detail(remote: &Remote, run_id: &str) -> anyhow::Result<pb::RunDetail> {
+    Ok(connect(remote)
         .await?
         .get_run(pb::GetRunRequest { run_id: run_id.into() })
         .await
         .map_err(status_error)?
-        .into_inner();
+        .into_inner())
+}
+
+pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
+    let detail = run_detail(remote, run_id).await?;
     let run = detail.run.clone().unwrap_or_default();
     if remote.json {
         println!(
@@ -203,21 +208,6 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
     }
     if follow && !remote.json {
         println!("run {run_id} ended: {final_state}");
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn cancel(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
-    let run = connect(remote)
-        .await?
-        .cancel_run(pb::CancelRunRequest { run_id: run_id.into() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    if remote.json {
-        println!("{}", run_json(&run));
-    } else {
-        println!("{} is now {}", run.run_id, run.state);
     }
     Ok(ExitCode::SUCCESS)
 }

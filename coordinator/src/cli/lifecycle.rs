@@ -1,5 +1,5 @@
-//! CLI commands that stop and restart runs: pause, resume, and the checkpoint listing that
-//! says where a resume would start.
+//! CLI commands that stop and restart runs: cancel, pause, resume, and the checkpoint listing
+//! that says where a resume would start.
 
 use std::process::ExitCode;
 
@@ -7,7 +7,7 @@ use protocol::pb;
 use serde_json::json;
 
 use super::Remote;
-use super::client::{connect, status_error};
+use super::client::{connect, run_detail, status_error};
 use super::output::*;
 
 fn print_run(remote: &Remote, run: &pb::RunInfo, what: &str) {
@@ -16,6 +16,17 @@ fn print_run(remote: &Remote, run: &pb::RunInfo, what: &str) {
     } else {
         println!("{} is now {}: {what}", run.run_id, run.state);
     }
+}
+
+pub async fn cancel(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
+    let run = connect(remote)
+        .await?
+        .cancel_run(pb::CancelRunRequest { run_id: run_id.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_run(remote, &run, "its workers stop and take other work");
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn pause(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
@@ -50,12 +61,7 @@ pub async fn resume(remote: &Remote, run_id: &str, world_size: Option<u32>) -> a
 }
 
 pub async fn checkpoints(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
-    let detail = connect(remote)
-        .await?
-        .get_run(pb::GetRunRequest { run_id: run_id.into() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let detail = run_detail(remote, run_id).await?;
     if remote.json {
         println!(
             "{}",

@@ -195,7 +195,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Runs { remote } => client::runs(&remote).await,
         Command::Show { run, remote } => client::show(&remote, &run).await,
         Command::Metrics { run, follow, remote } => client::metrics(&remote, &run, follow).await,
-        Command::Cancel { run, remote } => client::cancel(&remote, &run).await,
+        Command::Cancel { run, remote } => lifecycle::cancel(&remote, &run).await,
         Command::Workers { remote } => client::workers(&remote).await,
         Command::Pause { run, remote } => lifecycle::pause(&remote, &run).await,
         Command::Resume {

@@ -7,7 +7,7 @@
 //! All transitions run under one async mutex; the coordinator's state is small and this keeps
 //! the reasoning simple. Object-store reads (checkpoint verification) happen outside it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +79,17 @@ struct Live {
     shutting_down: bool,
     /// SIGTERM: workers are told the coordinator will be back, and keep training.
     going_away: bool,
+    /// Workers a peer saw vanish (their ring link closed). Left out of new gangs until they show
+    /// a sign of life, so a re-formed ring does not wait `dead_after` on a dead process.
+    suspects: HashSet<String>,
+}
+
+impl Live {
+    fn seen(&mut self, worker_id: &str) {
+        self.last_seen
+            .insert(worker_id.to_string(), (Instant::now(), now_unix_ms()));
+        self.suspects.remove(worker_id);
+    }
 }
 
 pub struct Coordinator {
@@ -307,7 +318,7 @@ impl Coordinator {
             },
         };
         self.store.put_worker(&worker).await?;
-        live.last_seen.insert(worker.id.clone(), (Instant::now(), now));
+        live.seen(&worker.id);
         drop(live);
         self.schedule().await?;
         Ok(worker)
@@ -325,8 +336,7 @@ impl Coordinator {
                 ..Default::default()
             });
         };
-        live.last_seen
-            .insert(worker.id.clone(), (Instant::now(), now_unix_ms()));
+        live.seen(&worker.id);
         let mut resp = pb::HeartbeatResponse {
             shutdown: live.shutting_down,
             coordinator_going_away: live.going_away,
@@ -378,8 +388,7 @@ impl Coordinator {
                         id: worker_id.into(),
                     });
                 }
-                live.last_seen
-                    .insert(worker_id.to_string(), (Instant::now(), now_unix_ms()));
+                live.seen(worker_id);
                 if let Some(assignment) = live.pending.remove(worker_id) {
                     self.mark_started(&assignment).await?;
                     return Ok(pb::AwaitAssignmentResponse {
@@ -483,7 +492,8 @@ impl Coordinator {
             return Ok(());
         }
         let runs = self.store.runs()?;
-        let workers = self.store.workers()?;
+        let mut workers = self.store.workers()?;
+        workers.retain(|w| !live.suspects.contains(&w.id));
         let mut placed = false;
         for placement in scheduler::place(&runs, &workers) {
             let mut run = placement.run;
@@ -565,6 +575,7 @@ impl Coordinator {
             w.state = WorkerState::Dead;
             let never_started = live.pending.remove(&w.id).is_some();
             live.last_seen.remove(&w.id);
+            live.suspects.remove(&w.id);
             self.store.put_worker(&w).await?;
             let held = run_id.map(|id| self.store.run(&id)).transpose()?.flatten();
             let Some(run) = held.filter(|r| r.state.is_active()) else {

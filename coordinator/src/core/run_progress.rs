@@ -222,6 +222,12 @@ impl Coordinator {
         if self.check_member(&run, &req.worker_id, req.rank, req.attempt).is_err() {
             return Ok(()); // that attempt already ended; a late report changes nothing
         }
+        if req.names_lost_rank
+            && let Some(lost) = run.workers.get(req.lost_rank as usize)
+            && *lost != req.worker_id
+        {
+            live.suspects.insert(lost.clone());
+        }
         let who = format!("rank {} ({})", req.rank, req.worker_id);
         let (state, message) = if req.checkpoint_unusable {
             if run.recovering_live {

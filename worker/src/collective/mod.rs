@@ -20,6 +20,15 @@ use thiserror::Error;
 const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 
 impl CollectiveError {
+    /// The neighbour whose link closed or could not be opened: most likely a dead process. A
+    /// timeout names no one, since the silent rank may itself be waiting on another.
+    pub fn lost_peer(&self) -> Option<u32> {
+        match self {
+            CollectiveError::Connect { rank, .. } | CollectiveError::LinkClosed { rank, .. } => Some(*rank),
+            _ => None,
+        }
+    }
+
     /// The error means a peer is gone or unreachable, not that this run is broken.
     pub fn is_peer_loss(&self) -> bool {
         matches!(
