@@ -210,10 +210,11 @@ fn a_coordinator_down_past_the_grace_period_resumes_from_its_checkpoint() {
     );
 }
 
-#[test]
-fn pause_then_resume_at_another_world_size_reads_every_sample_once() {
+/// Runs `name` at 3 ranks, pauses it past step 6, resumes it at 2 ranks, and returns the pause
+/// step and, per (step, rank), the global samples that rank read.
+fn pause_and_rescale(name: &str, train_extra: &str) -> (u64, BTreeMap<(u64, u64), std::ops::Range<u64>>) {
     let cluster = cluster(WORLD as usize);
-    let path = spec(&cluster, "pause-rescale");
+    let path = cluster.write_spec_with(name, WORLD, STEPS, "", train_extra);
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("metrics_every = 2", "metrics_every = 1");
@@ -244,29 +245,56 @@ fn pause_then_resume_at_another_world_size_reads_every_sample_once() {
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     assert_eq!(detail["run"]["world_size"], 2);
 
-    // Which global samples each rank read at each step: W=3 up to the pause, W=2 after it.
     let out = cluster.cli(&["metrics", &run, "--json"]);
     assert!(out.status.success());
-    let mut first_sample: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    let mut first: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    let mut count: BTreeMap<(u64, u64), u64> = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let m: serde_json::Value = serde_json::from_str(line).unwrap();
-        if m["name"] == "data/first_sample" {
-            let key = (m["step"].as_u64().unwrap(), m["rank"].as_u64().unwrap());
-            let value = m["value"].as_f64().unwrap() as u64;
-            assert!(first_sample.insert(key, value).is_none(), "step {key:?} recorded twice");
-        }
+        let key = (m["step"].as_u64().unwrap(), m["rank"].as_u64().unwrap());
+        let value = m["value"].as_f64().unwrap() as u64;
+        let into = match m["name"].as_str().unwrap() {
+            "data/first_sample" => &mut first,
+            "data/samples" => &mut count,
+            _ => continue,
+        };
+        assert!(into.insert(key, value).is_none(), "step {key:?} recorded twice");
     }
-    let mut read: Vec<u64> = first_sample.values().copied().collect();
-    read.sort_unstable();
-    let total = 3 * pause_step + 2 * (STEPS - pause_step);
-    assert_eq!(
-        read,
-        (0..total).collect::<Vec<u64>>(),
-        "a gap or a repeat: {first_sample:?}"
-    );
+    let read = first.iter().map(|(key, f)| (*key, *f..*f + count[key])).collect();
+    (pause_step, read)
+}
+
+/// Every global sample from 0 on was read exactly once.
+fn assert_no_gap_no_repeat(read: &BTreeMap<(u64, u64), std::ops::Range<u64>>) {
+    let mut all: Vec<u64> = read.values().flat_map(|r| r.clone()).collect();
+    all.sort_unstable();
+    let n = all.len() as u64;
+    assert_eq!(all, (0..n).collect::<Vec<u64>>(), "a gap or a repeat: {read:?}");
+}
+
+#[test]
+fn pause_then_resume_at_another_world_size_reads_every_sample_once() {
+    let (pause_step, read) = pause_and_rescale("pause-rescale", "");
+    assert_no_gap_no_repeat(&read);
+    // One sample per rank per step: W=3 up to the pause, W=2 after it.
     for step in 1..=STEPS {
-        let ranks = first_sample.keys().filter(|(s, _)| *s == step).count();
+        let ranks = read.keys().filter(|(s, _)| *s == step).count();
         assert_eq!(ranks, if step <= pause_step { 3 } else { 2 }, "step {step}");
+    }
+    assert_eq!(read.len() as u64, 3 * pause_step + 2 * (STEPS - pause_step));
+}
+
+#[test]
+fn a_global_batch_keeps_the_samples_per_step_across_world_sizes() {
+    let (_, read) = pause_and_rescale("global-batch", "global_batch = 6");
+    assert_no_gap_no_repeat(&read);
+    for step in 1..=STEPS {
+        let per_step: u64 = read
+            .iter()
+            .filter(|((s, _), _)| *s == step)
+            .map(|(_, r)| r.end - r.start)
+            .sum();
+        assert_eq!(per_step, 6, "step {step}: {read:?}");
     }
 }
 
