@@ -41,7 +41,9 @@ pub struct Remote {
 enum Command {
     /// Run the coordinator service (gRPC for workers and this CLI), with its sled store. When
     /// VOXELFLEET_TOKEN is set, every request (workers, CLI) must carry it as a bearer token;
-    /// give workers and CLI users the same variable.
+    /// give workers and CLI users the same variable. Restarting it costs no training: on SIGTERM
+    /// (or SIGINT) it flushes the store and tells workers it will be back; they keep training
+    /// and reattach, and the next process on the same --data-dir adopts their runs.
     Serve {
         /// Address to listen on; port 0 picks a free port (printed on start).
         #[arg(long, default_value = "127.0.0.1:7070")]
