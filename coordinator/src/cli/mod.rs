@@ -68,14 +68,17 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Show one run: state, progress, checkpoints, latest metrics.
+    /// Show one run: state, progress, checkpoints, latest metrics, and its events (interruptions
+    /// with their causes, resumes, recoveries, garbage collection).
     Show {
+        /// Run id, as `coordinator runs` lists it.
         run: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Print a run's metrics; with --follow, keep printing until the run ends.
     Metrics {
+        /// Run id, as `coordinator runs` lists it.
         run: String,
         #[arg(long)]
         follow: bool,
@@ -84,6 +87,7 @@ enum Command {
     },
     /// Cancel a queued or running run; its workers stop and go back to idle.
     Cancel {
+        /// Run id, as `coordinator runs` lists it.
         run: String,
         #[command(flatten)]
         remote: Remote,
@@ -91,6 +95,7 @@ enum Command {
     /// Pause a run: rank 0 writes a checkpoint at the next step boundary, then the workers are
     /// released and the run is Paused. A queued run pauses at once.
     Pause {
+        /// Run id, as `coordinator runs` lists it.
         run: String,
         #[command(flatten)]
         remote: Remote,
@@ -99,6 +104,7 @@ enum Command {
     /// checkpoint. It continues from its newest checkpoint that still verifies, bit-identical to
     /// an uninterrupted run at the same world size; its retry budget starts over.
     Resume {
+        /// Run id, as `coordinator runs` lists it.
         run: String,
         /// Resume on this many workers. The sample order is global, so no sample is skipped or
         /// repeated; with `train.global_batch` the optimisation is the same too.
@@ -110,6 +116,7 @@ enum Command {
     /// List a run's committed checkpoints: step, time, size and hash; `*` marks the one a
     /// resume would start from.
     Checkpoints {
+        /// Run id, as `coordinator runs` lists it.
         run: String,
         #[command(flatten)]
         remote: Remote,
