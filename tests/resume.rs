@@ -13,10 +13,13 @@ use std::time::Duration;
 
 use common::Cluster;
 
-const STEPS: u64 = 30;
+const STEPS: u64 = 60;
 const WORLD: u32 = 3;
 const DONE: [&str; 3] = ["Completed", "Failed", "Cancelled"];
 const LONG: Duration = Duration::from_secs(300);
+/// Long enough that a pause requested past step 6 lands well before the end, however slow the
+/// machine.
+const PAUSED_STEPS: u64 = 80;
 
 /// The spec every bit-identity check runs: 3 ranks, a checkpoint every 5 steps.
 fn spec(cluster: &Cluster, name: &str) -> PathBuf {
@@ -214,7 +217,7 @@ fn a_coordinator_down_past_the_grace_period_resumes_from_its_checkpoint() {
 /// step and, per (step, rank), the global samples that rank read.
 fn pause_and_rescale(name: &str, train_extra: &str) -> (u64, BTreeMap<(u64, u64), std::ops::Range<u64>>) {
     let cluster = cluster(WORLD as usize);
-    let path = cluster.write_spec_with(name, WORLD, STEPS, "", train_extra);
+    let path = cluster.write_spec_with(name, WORLD, PAUSED_STEPS, "", train_extra);
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("metrics_every = 2", "metrics_every = 1");
@@ -277,18 +280,19 @@ fn pause_then_resume_at_another_world_size_reads_every_sample_once() {
     let (pause_step, read) = pause_and_rescale("pause-rescale", "");
     assert_no_gap_no_repeat(&read);
     // One sample per rank per step: W=3 up to the pause, W=2 after it.
-    for step in 1..=STEPS {
+    assert!(pause_step < PAUSED_STEPS, "the run ended before the pause took effect");
+    for step in 1..=PAUSED_STEPS {
         let ranks = read.keys().filter(|(s, _)| *s == step).count();
         assert_eq!(ranks, if step <= pause_step { 3 } else { 2 }, "step {step}");
     }
-    assert_eq!(read.len() as u64, 3 * pause_step + 2 * (STEPS - pause_step));
+    assert_eq!(read.len() as u64, 3 * pause_step + 2 * (PAUSED_STEPS - pause_step));
 }
 
 #[test]
 fn a_global_batch_keeps_the_samples_per_step_across_world_sizes() {
     let (_, read) = pause_and_rescale("global-batch", "global_batch = 6");
     assert_no_gap_no_repeat(&read);
-    for step in 1..=STEPS {
+    for step in 1..=PAUSED_STEPS {
         let per_step: u64 = read
             .iter()
             .filter(|((s, _), _)| *s == step)

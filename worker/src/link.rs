@@ -164,6 +164,9 @@ impl RunLink {
             if resp.stop_run {
                 self.stop.raise(&resp.stop_reason);
             }
+            if resp.pause_run {
+                self.pause.store(true, Ordering::SeqCst);
+            }
         }
         Ok(())
     }

@@ -45,10 +45,21 @@ impl Coordinator {
     pub async fn report_metrics(&self, req: pb::ReportMetricsRequest) -> Result<pb::ReportMetricsResponse> {
         let mut live = self.live.lock().await;
         let mut run = self.run_or_not_found(&req.run_id)?;
-        if let Err(reason) = self.check_member(&run, &req.worker_id, req.rank, req.attempt) {
+        let stopped = self.check_member(&run, &req.worker_id, req.rank, req.attempt).err();
+        // A rank of the attempt that just ended (paused, interrupted) may still be delivering
+        // the steps it completed: those happened, so they are recorded, and the rank is told to
+        // stop. Reports from anyone else, or an older attempt, are not.
+        let late_but_ours = run.attempt == req.attempt
+            && run.workers.get(req.rank as usize) == Some(&req.worker_id)
+            && !run.state.is_active()
+            && run.state != RunState::Queued;
+        if let Some(reason) = &stopped
+            && !late_but_ours
+        {
             return Ok(pb::ReportMetricsResponse {
                 stop_run: true,
-                stop_reason: reason,
+                stop_reason: reason.clone(),
+                ..Default::default()
             });
         }
         let points: Vec<MetricRecord> = req
@@ -73,7 +84,7 @@ impl Coordinator {
             })
             .collect();
         let newest = points.iter().map(|p| p.step).max().unwrap_or(0);
-        let advanced = newest > run.step;
+        let advanced = newest > run.step && stopped.is_none();
         if advanced {
             run.step = newest;
             run.updated_unix_ms = now_unix_ms();
@@ -82,6 +93,14 @@ impl Coordinator {
             .store
             .record_report(&run.id, advanced.then_some(&run), &points, &checksums, run.world_size)
             .await?;
+        if let Some(reason) = stopped {
+            self.bump_progress();
+            return Ok(pb::ReportMetricsResponse {
+                stop_run: true,
+                stop_reason: reason,
+                ..Default::default()
+            });
+        }
         for (step, all) in known {
             if let Some(reason) = divergence(&all, run.world_size, step) {
                 self.end_run(&mut live, run, RunState::Failed, reason.clone()).await?;
@@ -90,11 +109,15 @@ impl Coordinator {
                 return Ok(pb::ReportMetricsResponse {
                     stop_run: true,
                     stop_reason: reason,
+                    ..Default::default()
                 });
             }
         }
         self.bump_progress();
-        Ok(pb::ReportMetricsResponse::default())
+        Ok(pb::ReportMetricsResponse {
+            pause_run: run.pause_requested && req.rank == 0,
+            ..Default::default()
+        })
     }
 
     /// Verifies every file of the checkpoint in the object store against its hash, then commits
