@@ -1,4 +1,4 @@
-//! Binds the gRPC services, runs the liveness monitor, and shuts down cleanly.
+//! Binds the gRPC services, runs the liveness and automatic-resume loops, and shuts down cleanly.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,7 +21,8 @@ pub struct RunningServer {
     pub coordinator: Arc<Coordinator>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
-    monitor: JoinHandle<()>,
+    /// The liveness and automatic-resume loops.
+    monitors: [JoinHandle<()>; 2],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +45,9 @@ impl RunningServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.monitor.abort();
+        for monitor in &self.monitors {
+            monitor.abort();
+        }
         Ok(self.task.await??)
     }
 
@@ -52,6 +55,28 @@ impl RunningServer {
     pub async fn wait(&mut self) -> Result<(), ServerError> {
         Ok((&mut self.task).await??)
     }
+}
+
+/// Runs `job` every `period` for the life of the server, logging its failures.
+fn every<F, Fut>(
+    period: std::time::Duration,
+    coordinator: Arc<Coordinator>,
+    what: &'static str,
+    job: F,
+) -> JoinHandle<()>
+where
+    F: Fn(Arc<Coordinator>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), CoordError>> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = job(coordinator.clone()).await {
+                tracing::error!("{what} failed: {e}");
+            }
+        }
+    })
 }
 
 /// Every request must carry `token` (see `protocol::auth`); `SharedToken::none()` checks nothing.
@@ -87,27 +112,23 @@ pub async fn start(
             let _ = stop_rx.await;
         }),
     );
-    let monitor = {
-        let coordinator = coordinator.clone();
-        tokio::spawn(async move {
-            let period = coordinator
-                .timing
-                .heartbeat_interval
-                .min(std::time::Duration::from_secs(1));
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                if let Err(e) = coordinator.tick().await {
-                    tracing::error!("liveness check failed: {e}");
-                }
-            }
-        })
-    };
+    let period = coordinator
+        .timing
+        .heartbeat_interval
+        .min(std::time::Duration::from_secs(1));
+    // Two loops, so that re-reading a large checkpoint before a resume never delays declaring
+    // a silent worker dead.
+    let liveness = every(period, coordinator.clone(), "liveness check", |c| async move {
+        c.reap_dead_workers().await
+    });
+    let resumer = every(period, coordinator.clone(), "automatic resume", |c| async move {
+        c.resume_interrupted().await
+    });
     Ok(RunningServer {
         addr,
         coordinator,
         stop: Some(stop_tx),
         task,
-        monitor,
+        monitors: [liveness, resumer],
     })
 }

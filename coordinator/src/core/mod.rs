@@ -461,13 +461,6 @@ impl Coordinator {
         self.bump_progress();
         Ok(())
     }
-
-    /// What the liveness monitor does every tick: reap silent workers, put interrupted runs back
-    /// in the queue, and place what can be placed.
-    pub async fn tick(&self) -> Result<()> {
-        self.reap_dead_workers().await?;
-        self.resume_interrupted().await
-    }
 }
 
 /// The workers `run_id` holds, set back to idle (dead ones stay dead).
