@@ -272,15 +272,27 @@ impl Store {
 
     // ---- checkpoints ------------------------------------------------------------------------
 
-    /// Commits a checkpoint together with the run change and events it causes.
-    pub async fn put_checkpoint(&self, ckpt: &CheckpointRecord, run: &RunRecord, events: &[RunEvent]) -> Result<()> {
+    /// Commits a checkpoint together with the run change, the workers it frees (a pause) and the
+    /// events it causes.
+    pub async fn put_checkpoint(
+        &self,
+        ckpt: &CheckpointRecord,
+        run: &RunRecord,
+        workers: &[WorkerRecord],
+        events: &[RunEvent],
+    ) -> Result<()> {
         let ckpt_bytes = encode(ckpt);
         let run_bytes = encode(run);
+        let worker_bytes: Vec<(Vec<u8>, Vec<u8>)> =
+            workers.iter().map(|w| (w.id.as_bytes().to_vec(), encode(w))).collect();
         let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
-        (&self.checkpoints, &self.runs, &self.events, &self.meta)
-            .transaction(|(ckpts, runs, evs, meta)| {
+        (&self.checkpoints, &self.runs, &self.workers, &self.events, &self.meta)
+            .transaction(|(ckpts, runs, ws, evs, meta)| {
                 ckpts.insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), ckpt_bytes.clone())?;
                 runs.insert(run.id.as_bytes(), run_bytes.clone())?;
+                for (k, v) in &worker_bytes {
+                    ws.insert(k.as_slice(), v.clone())?;
+                }
                 append_events(evs, meta, &run.id, &event_bytes)
             })
             .map_err(storage_error)?;

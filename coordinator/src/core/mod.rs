@@ -281,7 +281,17 @@ impl Coordinator {
 
     /// Moves a run to a final, Paused or Interrupted state and frees its workers, in one write.
     /// An interruption past the retry budget fails the run instead, listing every cause.
-    async fn end_run(&self, live: &mut Live, mut run: RunRecord, state: RunState, message: String) -> Result<()> {
+    async fn end_run(&self, live: &mut Live, run: RunRecord, state: RunState, message: String) -> Result<()> {
+        let ending = self.ending(live, run, state, message)?;
+        self.store
+            .put_transition(&ending.run, &ending.freed, &ending.events)
+            .await?;
+        self.bump_progress();
+        Ok(())
+    }
+
+    /// The writes that end a run, for the caller to make (alone, or with a checkpoint commit).
+    fn ending(&self, live: &mut Live, mut run: RunRecord, state: RunState, message: String) -> Result<Ending> {
         if !run.state.can_move_to(state) {
             return Err(CoordError::Rejected(format!(
                 "run {} cannot go from {} to {state}",
@@ -328,9 +338,7 @@ impl Coordinator {
         for w in &freed {
             live.pending.remove(&w.id);
         }
-        self.store.put_transition(&run, &freed, &events).await?;
-        self.bump_progress();
-        Ok(())
+        Ok(Ending { run, freed, events })
     }
 
     /// Places queued runs, first in first out, each on a gang of `world_size` idle workers of one
@@ -461,6 +469,13 @@ impl Coordinator {
         self.bump_progress();
         Ok(())
     }
+}
+
+/// A run's end, as records to write: the run, the workers it frees, the events that say why.
+struct Ending {
+    run: RunRecord,
+    freed: Vec<WorkerRecord>,
+    events: Vec<RunEvent>,
 }
 
 /// The workers `run_id` holds, set back to idle (dead ones stay dead).

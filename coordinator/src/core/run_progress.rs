@@ -168,17 +168,21 @@ impl Coordinator {
                 format!("replaces {} (attempt {})", old.prefix, old.attempt),
             ));
         }
-        self.store.put_checkpoint(&record, &run, &events).await?;
+        // A commit while a pause is requested pauses the run, in the same write.
         let mut resp = pb::CommitCheckpointResponse::default();
+        let mut freed = vec![];
         if run.pause_requested && !req.is_final && run.state == RunState::Running {
             let message = format!("paused at step {} on request", req.step);
             run.resume_step = Some(req.step);
-            self.end_run(&mut live, run, RunState::Paused, message.clone()).await?;
+            let ending = self.ending(&mut live, run, RunState::Paused, message.clone())?;
+            (run, freed) = (ending.run, ending.freed);
+            events.extend(ending.events);
             resp = pb::CommitCheckpointResponse {
                 stop_run: true,
                 stop_reason: message,
             };
         }
+        self.store.put_checkpoint(&record, &run, &freed, &events).await?;
         drop(live);
         self.bump_progress();
         if let Some(old) = replaced
