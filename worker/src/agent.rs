@@ -86,13 +86,13 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
 
     let mut runs_done = 0u32;
     loop {
-        if std::mem::take(&mut presence.lock().expect("presence").reregister) {
-            if let Err(e) = register(&client, &peer_address, args.device, &presence).await {
-                tracing::warn!("registering again failed: {e}; retrying");
-                presence.lock().expect("presence").reregister = true;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                continue;
-            }
+        if std::mem::take(&mut presence.lock().expect("presence").reregister)
+            && let Err(e) = register(&client, &peer_address, args.device, &presence).await
+        {
+            tracing::warn!("registering again failed: {e}; retrying");
+            presence.lock().expect("presence").reregister = true;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
         }
         let worker_id = presence.lock().expect("presence").worker_id.clone();
         let req = pb::AwaitAssignmentRequest {

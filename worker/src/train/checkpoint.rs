@@ -101,6 +101,9 @@ impl LoopState {
 
 pub type Optim<B, M> = OptimizerAdaptor<AdamW, M, B>;
 
+/// What a load gives back: the model, its optimiser, and where the loop stands.
+pub type Restored<B, M> = (M, Optim<B, M>, LoopState);
+
 /// The checkpoint's named parts, in the order they are written and listed.
 const MODEL: &str = "model.bin";
 const OPTIMIZER: &str = "optimizer.bin";
@@ -165,7 +168,7 @@ impl CheckpointManager {
         model: M,
         optim: Optim<B, M>,
         device: &B::Device,
-    ) -> Result<(M, Optim<B, M>, LoopState), CheckpointError> {
+    ) -> Result<Restored<B, M>, CheckpointError> {
         let mut parts = vec![];
         for name in PARTS {
             parts.push((name.to_string(), self.read_part(prefix, files, name).await?));
@@ -243,7 +246,7 @@ pub fn decode_parts<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: M,
     optim: Optim<B, M>,
     device: &B::Device,
-) -> Result<(M, Optim<B, M>, LoopState), CheckpointError> {
+) -> Result<Restored<B, M>, CheckpointError> {
     let key = |name: &str| format!("{origin}{name}");
     let part = |name: &'static str| {
         parts

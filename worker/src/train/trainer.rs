@@ -24,7 +24,9 @@ use crate::collective::{CollectiveError, HeldState, Ring, fetch_state};
 use crate::data::{self, CaseVolume, DataError, sample_patch};
 use crate::link::{LinkError, RunLink};
 use crate::model::unet::{ModelConfigError, UNet3d, UNet3dConfig};
-use crate::train::checkpoint::{CheckpointError, CheckpointManager, LoopState, Optim, decode_parts, encode_parts};
+use crate::train::checkpoint::{
+    CheckpointError, CheckpointManager, LoopState, Optim, Restored, decode_parts, encode_parts,
+};
 use crate::train::eval::{EvalReport, evaluate};
 use crate::train::loss::bce_dice_loss;
 use crate::train::order::{SampleOrder, rank_slice, sample_rng};
@@ -214,16 +216,16 @@ pub fn train_rank<B: AutodiffBackend>(
         // against it for gaps and repeats.
         link.metric(done, "data/first_sample", samples.start as f64);
         link.metric(done, "data/samples", per_rank as f64);
-        if done % t.metrics_every == 0 || last {
+        if done.is_multiple_of(t.metrics_every) || last {
             window.report(link, done, lr, batch);
         }
-        if done % t.checksum_every == 0 || last {
+        if done.is_multiple_of(t.checksum_every) || last {
             link.checksum(done, params::weights_checksum(&model));
         }
-        if done % t.metrics_every == 0 || done % t.checksum_every == 0 || last {
+        if done.is_multiple_of(t.metrics_every) || done.is_multiple_of(t.checksum_every) || last {
             link.flush()?;
         }
-        let periodic = t.checkpoint_every > 0 && done % t.checkpoint_every == 0;
+        let periodic = t.checkpoint_every > 0 && done.is_multiple_of(t.checkpoint_every);
         // A pause is honoured at the next boundary with a checkpoint, which the coordinator
         // turns into Paused when it commits it.
         if rank == 0 && !last && (periodic || link.pause_requested()) {
@@ -260,7 +262,7 @@ fn recover_live<B: AutodiffBackend>(
     optim: Optim<B, UNet3d<B>>,
     device: &B::Device,
     link: &RunLink,
-) -> Result<(UNet3d<B>, Optim<B, UNet3d<B>>, LoopState), TrainError> {
+) -> Result<Restored<B, UNet3d<B>>, TrainError> {
     let (run_id, attempt, step) = (&assignment.run_id, assignment.recover_attempt, assignment.resume_step);
     let parts = match ring.hub().held_state(run_id, attempt, step) {
         Some(held) => held.parts.as_ref().clone(),
