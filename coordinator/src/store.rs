@@ -234,12 +234,27 @@ impl Store {
     /// transaction, so a crash never leaves a worker reserved by a run that does not list it (or
     /// the reverse), nor a state change without its reason.
     pub async fn put_transition(&self, run: &RunRecord, workers: &[WorkerRecord], events: &[RunEvent]) -> Result<()> {
+        self.write_transition(None, run, workers, events).await
+    }
+
+    /// The one transaction behind `put_transition` and `put_checkpoint`.
+    async fn write_transition(
+        &self,
+        ckpt: Option<&CheckpointRecord>,
+        run: &RunRecord,
+        workers: &[WorkerRecord],
+        events: &[RunEvent],
+    ) -> Result<()> {
+        let ckpt_bytes = ckpt.map(|c| (step_key(&c.run_id, c.step), encode(c)));
         let run_bytes = encode(run);
         let worker_bytes: Vec<(Vec<u8>, Vec<u8>)> =
             workers.iter().map(|w| (w.id.as_bytes().to_vec(), encode(w))).collect();
         let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
-        (&self.runs, &self.workers, &self.events, &self.meta)
-            .transaction(|(runs, ws, evs, meta)| {
+        (&self.checkpoints, &self.runs, &self.workers, &self.events, &self.meta)
+            .transaction(|(ckpts, runs, ws, evs, meta)| {
+                if let Some((key, value)) = &ckpt_bytes {
+                    ckpts.insert(key.as_bytes(), value.clone())?;
+                }
                 runs.insert(run.id.as_bytes(), run_bytes.clone())?;
                 for (k, v) in &worker_bytes {
                     ws.insert(k.as_slice(), v.clone())?;
@@ -281,22 +296,7 @@ impl Store {
         workers: &[WorkerRecord],
         events: &[RunEvent],
     ) -> Result<()> {
-        let ckpt_bytes = encode(ckpt);
-        let run_bytes = encode(run);
-        let worker_bytes: Vec<(Vec<u8>, Vec<u8>)> =
-            workers.iter().map(|w| (w.id.as_bytes().to_vec(), encode(w))).collect();
-        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
-        (&self.checkpoints, &self.runs, &self.workers, &self.events, &self.meta)
-            .transaction(|(ckpts, runs, ws, evs, meta)| {
-                ckpts.insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), ckpt_bytes.clone())?;
-                runs.insert(run.id.as_bytes(), run_bytes.clone())?;
-                for (k, v) in &worker_bytes {
-                    ws.insert(k.as_slice(), v.clone())?;
-                }
-                append_events(evs, meta, &run.id, &event_bytes)
-            })
-            .map_err(storage_error)?;
-        self.flush().await
+        self.write_transition(Some(ckpt), run, workers, events).await
     }
 
     /// Rewrites one checkpoint record (marking it unusable) with an event saying why.

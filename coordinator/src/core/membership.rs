@@ -10,8 +10,6 @@ use super::{CoordError, Coordinator, Result};
 use crate::records::*;
 
 impl Coordinator {
-    // ---- worker side ------------------------------------------------------------------------
-
     /// A worker that names an id this coordinator knows and has not declared dead keeps it (a
     /// reconnect after a restart or a blip); a dead one is revived under the same id.
     pub async fn register(&self, req: pb::RegisterRequest) -> Result<WorkerRecord> {

@@ -455,19 +455,12 @@ impl Coordinator {
             run.workers.iter().position(|w| w == worker_id).unwrap_or(0),
             run.attempt
         );
-        tracing::warn!(run = %run.id, "{message}");
         let freed = release_workers(&self.store.workers()?, &run.id);
         for w in &freed {
             live.pending.remove(&w.id);
         }
-        run.state = RunState::Queued;
-        run.workers.clear();
-        run.started_ranks.clear();
-        run.updated_unix_ms = now_unix_ms();
-        let event = RunEvent::new("requeued", run.resume_step.unwrap_or(0), message);
-        self.store.put_transition(&run, &freed, &[event]).await?;
-        self.bump_progress();
-        Ok(())
+        let from = run.resume_step;
+        self.requeue(&mut run, from, "requeued", message, &freed).await
     }
 }
 

@@ -81,7 +81,7 @@ impl Coordinator {
         run.interruptions.clear();
         run.live_state = None;
         run.recovering_live = false;
-        self.requeue(&mut run, from, "resumed", message).await?;
+        self.requeue(&mut run, from, "resumed", message, &[]).await?;
         drop(transition);
         self.schedule().await?;
         self.run_or_not_found(run_id)
@@ -131,22 +131,30 @@ impl Coordinator {
                 run.max_retries,
                 run.world_size,
             );
-            self.requeue(&mut run, from, "resumed", message).await?;
+            self.requeue(&mut run, from, "resumed", message, &[]).await?;
         }
         self.schedule().await
     }
 
-    async fn requeue(&self, run: &mut RunRecord, from: Option<u64>, kind: &str, message: String) -> Result<()> {
+    /// Puts a run back in the queue to start from step `from` (a checkpoint or a live state),
+    /// writing the workers it releases, if any, in the same transaction.
+    pub(super) async fn requeue(
+        &self,
+        run: &mut RunRecord,
+        from: Option<u64>,
+        kind: &str,
+        message: String,
+        freed: &[WorkerRecord],
+    ) -> Result<()> {
         tracing::info!(run = %run.id, "{message}");
         run.state = RunState::Queued;
         run.resume_step = from;
-        run.pause_requested = false;
         run.message = message.clone();
         run.workers.clear();
         run.started_ranks.clear();
         run.updated_unix_ms = now_unix_ms();
         let event = RunEvent::new(kind, from.unwrap_or(0), message);
-        self.store.put_transition(run, &[], &[event]).await?;
+        self.store.put_transition(run, freed, &[event]).await?;
         self.bump_progress();
         Ok(())
     }
