@@ -31,6 +31,50 @@ pub struct HeldState {
     pub attempt: u32,
     pub step: u64,
     pub parts: Arc<Vec<(String, Vec<u8>)>>,
+    /// SHA-256 of each part, computed once when the state is kept, not per fetch.
+    sha256: Arc<Vec<String>>,
+}
+
+impl HeldState {
+    pub fn new(run_id: String, attempt: u32, step: u64, parts: Vec<(String, Vec<u8>)>) -> Self {
+        use sha2::Digest;
+        let sha256 = parts
+            .iter()
+            .map(|(_, bytes)| hex::encode(sha2::Sha256::digest(bytes)))
+            .collect();
+        HeldState {
+            run_id,
+            attempt,
+            step,
+            parts: Arc::new(parts),
+            sha256: Arc::new(sha256),
+        }
+    }
+
+    /// The parts as `StatePart` chunks of at most `MAX_CHUNK_BYTES`, made one at a time as the
+    /// stream is read, so serving a large state never copies it whole. The last chunk of each
+    /// part carries the part's hash.
+    fn chunks(&self) -> impl Iterator<Item = pb::StatePart> + Send + 'static {
+        let (parts, sha256) = (self.parts.clone(), self.sha256.clone());
+        (0..parts.len()).flat_map(move |p| {
+            let (parts, sha256) = (parts.clone(), sha256.clone());
+            let count = parts[p].1.len().div_ceil(protocol::MAX_CHUNK_BYTES).max(1);
+            (0..count).map(move |c| {
+                let (name, bytes) = &parts[p];
+                let start = c * protocol::MAX_CHUNK_BYTES;
+                let end = (start + protocol::MAX_CHUNK_BYTES).min(bytes.len());
+                pb::StatePart {
+                    name: name.clone(),
+                    data: bytes[start..end].to_vec(),
+                    sha256: if c + 1 == count {
+                        sha256[p].clone()
+                    } else {
+                        String::new()
+                    },
+                }
+            })
+        })
+    }
 }
 
 #[derive(Clone, Default)]
@@ -99,25 +143,7 @@ impl Collective for CollectiveHub {
                 req.run_id, req.attempt, req.step
             ))
         })?;
-        let mut chunks = vec![];
-        for (name, bytes) in held.parts.iter() {
-            use sha2::Digest;
-            let sha256 = hex::encode(sha2::Sha256::digest(bytes));
-            let pieces: Vec<&[u8]> = if bytes.is_empty() {
-                vec![&[]]
-            } else {
-                bytes.chunks(protocol::MAX_CHUNK_BYTES).collect()
-            };
-            let last = pieces.len() - 1;
-            for (i, piece) in pieces.into_iter().enumerate() {
-                chunks.push(Ok(pb::StatePart {
-                    name: name.clone(),
-                    data: piece.to_vec(),
-                    sha256: if i == last { sha256.clone() } else { String::new() },
-                }));
-            }
-        }
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        Ok(Response::new(Box::pin(futures::stream::iter(held.chunks().map(Ok)))))
     }
 
     async fn link(&self, req: Request<Streaming<pb::CollectiveChunk>>) -> Result<Response<pb::LinkClosed>, Status> {

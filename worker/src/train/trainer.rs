@@ -191,12 +191,12 @@ pub fn train_rank<B: AutodiffBackend>(
             // the re-formed ring, so the run loses only the step in flight.
             Err(e) if e.is_peer_loss() => {
                 let parts = encode_parts(&model, &optim, &state)?;
-                ring.hub().hold_state(HeldState {
-                    run_id: assignment.run_id.clone(),
-                    attempt: assignment.attempt,
-                    step: state.step,
-                    parts: Arc::new(parts),
-                });
+                ring.hub().hold_state(HeldState::new(
+                    assignment.run_id.clone(),
+                    assignment.attempt,
+                    state.step,
+                    parts,
+                ));
                 return Err(TrainError::PeerLostHolding {
                     step: state.step,
                     source: e,
@@ -264,8 +264,9 @@ fn recover_live<B: AutodiffBackend>(
     link: &RunLink,
 ) -> Result<Restored<B, UNet3d<B>>, TrainError> {
     let (run_id, attempt, step) = (&assignment.run_id, assignment.recover_attempt, assignment.resume_step);
+    // The holder decodes its own copy in place; everyone else fetches one.
     let parts = match ring.hub().held_state(run_id, attempt, step) {
-        Some(held) => held.parts.as_ref().clone(),
+        Some(held) => held.parts,
         None => link
             .block_on(fetch_state(
                 &ring.hub().token,
@@ -280,7 +281,8 @@ fn recover_live<B: AutodiffBackend>(
                     key: format!("live state at step {step}"),
                     message: e.to_string(),
                 })
-            })?,
+            })
+            .map(Arc::new)?,
     };
     let origin = format!("live state of {} at step {step}: ", assignment.recover_from_peer);
     decode_parts(&origin, &parts, model, optim, device).map_err(TrainError::Resume)
