@@ -5,30 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, worker_client_request};
+use common::{Cluster, fake_worker, poll, worker_client_request};
 use protocol::auth::AuthChannel;
 use protocol::pb;
 use protocol::pb::await_assignment_response::Outcome;
 use protocol::pb::worker_service_client::WorkerServiceClient;
-
-async fn fake_worker(cluster: &Cluster, peer: &str) -> (WorkerServiceClient<AuthChannel>, String) {
-    let mut client = WorkerServiceClient::new(cluster.channel().await);
-    let id = client
-        .register(worker_client_request(peer))
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
-    (client, id)
-}
-
-async fn poll(client: &mut WorkerServiceClient<AuthChannel>, worker_id: &str, wait_ms: u32) -> Option<Outcome> {
-    let req = pb::AwaitAssignmentRequest {
-        worker_id: worker_id.into(),
-        wait_ms,
-    };
-    client.await_assignment(req).await.unwrap().into_inner().outcome
-}
 
 async fn told_to_stop(client: &mut WorkerServiceClient<AuthChannel>, req: pb::ReportMetricsRequest) -> bool {
     client.report_metrics(req).await.unwrap().into_inner().stop_run
@@ -73,8 +54,17 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
     };
     assert_eq!((a0.rank, a1.rank, a0.world_size), (0, 1, 2));
     assert_eq!(a0.peers, ["127.0.0.1:9", "127.0.0.1:10"]);
-    assert_eq!(a0.train_cases, a1.train_cases);
-    assert_eq!((a0.train_cases.len(), a0.eval_cases.len()), (3, 2));
+    // Case lists travel as a frozen manifest and two counts, the same for every rank.
+    assert_eq!(a0.manifest_id, a1.manifest_id);
+    assert_eq!((a0.train_count, a0.eval_count), (3, 2));
+    let manifest = w0
+        .get_manifest(pb::GetManifestRequest {
+            manifest_id: a0.manifest_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(manifest.cases.len(), 5);
     assert_eq!(state(&cluster, &run_id).await.state, "Running");
 
     // Matching checksums are fine; a mismatch fails the run and tells the ranks to stop.
@@ -218,7 +208,7 @@ async fn bad_specs_are_rejected_with_the_field_named() {
 
     // Nothing was stored for any rejected spec.
     let runs = control
-        .list_runs(pb::ListRunsRequest {})
+        .list_runs(pb::ListRunsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -301,7 +291,7 @@ async fn requests_without_the_shared_token_are_refused() {
     let mut bare = pb::control_service_client::ControlServiceClient::connect(cluster.endpoint.clone())
         .await
         .unwrap();
-    let err = bare.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
+    let err = bare.list_runs(pb::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("VOXELFLEET_TOKEN"), "{}", err.message());
     let mut bare_worker = WorkerServiceClient::connect(cluster.endpoint.clone()).await.unwrap();
@@ -324,7 +314,7 @@ async fn requests_without_the_shared_token_are_refused() {
     let runs = cluster
         .control()
         .await
-        .list_runs(pb::ListRunsRequest {})
+        .list_runs(pb::ListRunsRequest::default())
         .await
         .unwrap()
         .into_inner()

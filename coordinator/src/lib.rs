@@ -9,4 +9,5 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod sweep;
 pub mod verify;

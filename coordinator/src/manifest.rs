@@ -1,13 +1,21 @@
-//! Turns a dataset URL and a run spec into the run's case lists: one seeded order of the whole
+//! Turns a dataset URL and a run spec into the run's cases: one seeded order of the whole
 //! dataset, held-out cases from its end, and the training subset as a prefix of the rest. Prefixes
 //! of one order make scaling-ablation subsets nest (the 21-case subset lies inside the 100-case
 //! one), and the held-out set is the same for every subset size.
+//!
+//! The order is frozen once per dataset URL and seed, in the store, as a manifest. Later runs
+//! refer to it by id and never list the bucket again, so a bucket that changes between two
+//! submits cannot break the nesting.
 
 use protocol::spec::RunSpec;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
+
+use crate::core::CoordError;
+use crate::records::{ManifestRecord, now_unix_ms};
+use crate::store::{Store, manifest_id};
 
 #[derive(Debug, Error)]
 pub enum ManifestError {
@@ -23,28 +31,63 @@ pub struct CasePlan {
     pub eval: Vec<String>,
 }
 
-/// Lists the dataset through the object store and splits it for `spec`.
-pub async fn plan_cases(spec: &RunSpec) -> Result<CasePlan, ManifestError> {
-    let url = &spec.dataset.url;
+/// Lists the dataset through the object store: the case ids, sorted.
+pub async fn list_dataset(url: &str) -> Result<Vec<String>, ManifestError> {
     let listing = |message: String| ManifestError::Listing {
-        url: url.clone(),
+        url: url.to_string(),
         message,
     };
     let (store, root) = worker::data::store_from_url(url).map_err(|e| listing(e.to_string()))?;
-    let cases = worker::data::list_cases(store.as_ref(), &root)
+    let mut cases = worker::data::list_cases(store.as_ref(), &root)
         .await
         .map_err(|e| listing(e.to_string()))?;
     if cases.is_empty() {
         return Err(listing("no case folders with a ct.nii.gz found".into()));
     }
-    split_cases(cases, spec)
+    cases.sort();
+    cases.dedup();
+    Ok(cases)
 }
 
-/// The pure part of `plan_cases`, kept separate so the ordering rules are testable without a store.
+/// The manifest of `url` under `order_seed`: the stored one, or a new one (not yet stored) made
+/// from the listing another seed's manifest froze, or from a fresh listing of the bucket.
+pub async fn freeze(store: &Store, url: &str, order_seed: u64) -> Result<(ManifestRecord, bool), CoordError> {
+    if let Some(m) = store.manifest_for(url, order_seed)? {
+        return Ok((m, false));
+    }
+    let mut cases = match store.any_manifest_of(url)? {
+        Some(other) => other.cases,
+        None => list_dataset(url).await?,
+    };
+    cases.sort();
+    cases.shuffle(&mut ChaCha8Rng::seed_from_u64(order_seed));
+    let manifest = ManifestRecord {
+        id: manifest_id(url, order_seed, &cases),
+        dataset_url: url.to_string(),
+        order_seed,
+        cases,
+        frozen_unix_ms: now_unix_ms(),
+    };
+    Ok((manifest, true))
+}
+
+/// How many of the manifest's cases `spec` trains on and holds out: (train, eval).
+pub fn split_counts(manifest: &ManifestRecord, spec: &RunSpec) -> Result<(u32, u32), ManifestError> {
+    let plan = split_ordered(manifest.cases.clone(), spec)?;
+    Ok((plan.train.len() as u32, plan.eval.len() as u32))
+}
+
+/// The seeded order and split of a listing, kept pure so the ordering rules are testable
+/// without a store.
 pub fn split_cases(mut cases: Vec<String>, spec: &RunSpec) -> Result<CasePlan, ManifestError> {
     cases.sort();
     cases.dedup();
     cases.shuffle(&mut ChaCha8Rng::seed_from_u64(spec.dataset.order_seed));
+    split_ordered(cases, spec)
+}
+
+/// Held-out cases from the end of an ordered list, training cases as a prefix of the rest.
+fn split_ordered(mut cases: Vec<String>, spec: &RunSpec) -> Result<CasePlan, ManifestError> {
     let n_eval = spec.dataset.eval_cases as usize;
     if n_eval >= cases.len() {
         return Err(ManifestError::TooFew {

@@ -101,8 +101,20 @@ pub struct RunRecord {
     pub workers: Vec<String>,
     /// Ranks that have fetched their assignment.
     pub started_ranks: Vec<u32>,
-    pub train_cases: Vec<String>,
-    pub eval_cases: Vec<String>,
+    /// The frozen case list the run trains on: its first `train_count` cases are the training
+    /// subset, its last `eval_count` the held-out ones.
+    #[serde(default)]
+    pub manifest_id: String,
+    #[serde(default)]
+    pub train_count: u32,
+    #[serde(default)]
+    pub eval_count: u32,
+    /// Case lists as schema 1 stored them in every run; read once to migrate them into a
+    /// manifest (see `store::migrate`), never written again.
+    #[serde(default, rename = "train_cases", skip_serializing)]
+    pub legacy_train_cases: Vec<String>,
+    #[serde(default, rename = "eval_cases", skip_serializing)]
+    pub legacy_eval_cases: Vec<String>,
     pub artifacts_url: String,
     pub finished: BTreeMap<u32, FinishedRank>,
     pub final_checkpoint: Option<u64>,
@@ -126,6 +138,50 @@ pub struct RunRecord {
     /// The current (or next) attempt starts from `live_state` rather than a checkpoint.
     #[serde(default)]
     pub recovering_live: bool,
+    /// Queue order: higher priority first, then `seq` (the run counter), first in first out.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub seq: u64,
+    /// `cuda` or `cpu` when the spec constrains the device kind.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub sweep_id: Option<String>,
+}
+
+/// A data-scaling ablation (or any product of spec axes): the children it queued, and the axis
+/// values of each. The children are ordinary runs that name the sweep.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepRecord {
+    pub id: String,
+    pub name: String,
+    pub priority: i32,
+    pub source_name: String,
+    /// The sweep file as submitted, base spec inlined.
+    pub sweep_toml: String,
+    /// Axis keys (TOML paths into the run spec), in file order.
+    pub axes: Vec<String>,
+    pub children: Vec<SweepChildRecord>,
+    pub submitted_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepChildRecord {
+    pub run_id: String,
+    /// TOML literals, one per axis.
+    pub values: Vec<String>,
+}
+
+/// A dataset's case list frozen once: the listing of `dataset_url`, sorted, then shuffled by
+/// `order_seed`. Runs refer to it by id instead of carrying their own copy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestRecord {
+    pub id: String,
+    pub dataset_url: String,
+    pub order_seed: u64,
+    pub cases: Vec<String>,
+    pub frozen_unix_ms: i64,
 }
 
 /// Where a survivor of a broken ring holds the whole training state, and after which step.
@@ -142,6 +198,11 @@ fn default_max_retries() -> u32 {
 }
 
 impl RunRecord {
+    /// Training cases of the run, from its manifest.
+    pub fn train_cases<'m>(&self, manifest: &'m ManifestRecord) -> &'m [String] {
+        &manifest.cases[..(self.train_count as usize).min(manifest.cases.len())]
+    }
+
     /// Automatic resumes already used.
     pub fn retries_used(&self) -> u32 {
         self.interruptions.len() as u32

@@ -40,6 +40,13 @@ pub struct RunSpec {
     /// run is declared Failed. A manual `coordinator resume` gives the budget back.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
+    /// Queue priority: higher runs first; first in, first out within a priority.
+    #[serde(default)]
+    pub priority: i32,
+    /// Device kind every rank must have, `cuda` or `cpu`; absent means any (one ring never mixes
+    /// the two either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +144,14 @@ fn default_metrics_every() -> u64 {
 }
 fn default_true() -> bool {
     true
+}
+
+/// Device kinds a run can ask for.
+pub const DEVICE_KINDS: [&str; 2] = ["cuda", "cpu"];
+
+/// The device class of a worker's `device_kind` (`cpu`, `cuda:0`, ...), as a run names it.
+pub fn device_class(device_kind: &str) -> &'static str {
+    if device_kind.starts_with("cuda") { "cuda" } else { "cpu" }
 }
 
 /// Architectures this build can train.
@@ -249,6 +264,12 @@ impl RunSpec {
         }
         if t.metrics_every == 0 {
             return Err(invalid("train.metrics_every", "must be at least 1".into()));
+        }
+        if let Some(device) = self.device.as_deref().filter(|d| !DEVICE_KINDS.contains(d)) {
+            return Err(invalid(
+                "device",
+                format!("unknown device `{device}`; known: {}", DEVICE_KINDS.join(", ")),
+            ));
         }
         if self.artifacts.url.trim().is_empty() {
             return Err(invalid("artifacts.url", "must not be empty".into()));

@@ -355,3 +355,37 @@ pub fn worker_client_request(peer: &str) -> pb::RegisterRequest {
         ..Default::default()
     }
 }
+
+/// A worker played by the test over the real gRPC API: registered, never training.
+pub async fn fake_worker(
+    cluster: &Cluster,
+    peer: &str,
+) -> (protocol::pb::worker_service_client::WorkerServiceClient<AuthChannel>, String) {
+    fake_worker_on(cluster, peer, "cpu").await
+}
+
+/// As `fake_worker`, with a device kind (`cpu`, `cuda:0`).
+pub async fn fake_worker_on(
+    cluster: &Cluster,
+    peer: &str,
+    device_kind: &str,
+) -> (protocol::pb::worker_service_client::WorkerServiceClient<AuthChannel>, String) {
+    let mut client = protocol::pb::worker_service_client::WorkerServiceClient::new(cluster.channel().await);
+    let mut req = worker_client_request(peer);
+    req.device_kind = device_kind.into();
+    let id = client.register(req).await.unwrap().into_inner().worker_id;
+    (client, id)
+}
+
+/// One long-poll for an assignment.
+pub async fn poll(
+    client: &mut protocol::pb::worker_service_client::WorkerServiceClient<AuthChannel>,
+    worker_id: &str,
+    wait_ms: u32,
+) -> Option<pb::await_assignment_response::Outcome> {
+    let req = pb::AwaitAssignmentRequest {
+        worker_id: worker_id.into(),
+        wait_ms,
+    };
+    client.await_assignment(req).await.unwrap().into_inner().outcome
+}

@@ -15,6 +15,7 @@ use crate::backend::DeviceSpec;
 use crate::collective::{CollectiveHub, Ring, serve_collective};
 use crate::fingerprint::numeric_fingerprint;
 use crate::link::{LinkError, RankIdentity, RunLink, StopSignal};
+use crate::manifests::{ManifestCache, RunCases};
 use crate::train::trainer::{RunSummary, TrainError, train_rank};
 
 /// Everything `worker` (and `coordinator worker`) accepts on its command line.
@@ -81,6 +82,7 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     )
     .await?;
     let presence = Arc::new(Mutex::new(Presence::default()));
+    let manifests = ManifestCache::default();
     let interval = register(&client, &peer_address, args.device, &presence).await?;
     tokio::spawn(heartbeat_loop(client.clone(), presence.clone(), interval));
 
@@ -114,7 +116,7 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         };
         match outcome {
             Some(Outcome::Assignment(assignment)) => {
-                run_assignment(&args, &client, &hub, &presence, assignment).await;
+                run_assignment(&args, &client, &hub, &presence, &manifests, assignment).await;
                 runs_done += 1;
                 if args.max_runs > 0 && runs_done >= args.max_runs {
                     tracing::info!(runs_done, "reached --max-runs; exiting");
@@ -242,6 +244,7 @@ async fn run_assignment(
     client: &WorkerServiceClient<AuthChannel>,
     hub: &CollectiveHub,
     presence: &Arc<Mutex<Presence>>,
+    manifests: &ManifestCache,
     assignment: pb::Assignment,
 ) {
     let stop = StopSignal::default();
@@ -279,16 +282,18 @@ async fn run_assignment(
         Duration::from_secs(args.coordinator_grace_secs),
     );
     let device = args.device;
+    let cases = manifests.cases_for(client, &assignment).await;
     let connected = tokio::select! {
         ring = Ring::connect(hub, &ring_id, rank, &assignment.peers, timeout) => ring.map_err(TrainError::from),
         reason = stop.wait() => Err(TrainError::Stopped(reason)),
     };
-    let outcome = match connected {
-        Err(e) => Err(e),
-        Ok(mut ring) => tokio::task::spawn_blocking(move || {
+    let outcome = match (connected, cases) {
+        (Err(e), _) => Err(e),
+        (_, Err(e)) => Err(TrainError::Assignment(e)),
+        (Ok(mut ring), Ok(cases)) => tokio::task::spawn_blocking(move || {
             ring.abort_on(stop);
             let mut link = link;
-            let summary = train_on(device, &assignment, &mut ring, &mut link)?;
+            let summary = train_on(device, &assignment, &cases, &mut ring, &mut link)?;
             link.finish(summary.final_step, summary.weights_sha256.clone())?;
             Ok(summary)
         })
@@ -354,14 +359,15 @@ async fn report_failure(client: &WorkerServiceClient<AuthChannel>, req: pb::Repo
 fn train_on(
     device: DeviceSpec,
     assignment: &pb::Assignment,
+    cases: &RunCases,
     ring: &mut Ring,
     link: &mut RunLink,
 ) -> Result<RunSummary, TrainError> {
     match device {
-        DeviceSpec::Cpu => train_rank::<crate::backend::CpuTrain>(Default::default(), assignment, ring, link),
+        DeviceSpec::Cpu => train_rank::<crate::backend::CpuTrain>(Default::default(), assignment, cases, ring, link),
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(index) => {
-            train_rank::<crate::backend::GpuTrain>(crate::backend::GpuDevice::new(index), assignment, ring, link)
+            train_rank::<crate::backend::GpuTrain>(crate::backend::GpuDevice::new(index), assignment, cases, ring, link)
         }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => Err(TrainError::Assignment(

@@ -7,6 +7,7 @@ pub mod collective;
 pub mod data;
 pub mod fingerprint;
 pub mod link;
+pub mod manifests;
 pub mod model;
 pub mod stop;
 pub mod telemetry;

@@ -62,8 +62,11 @@ pub async fn submit_spec(
     Ok(client.submit_run(req).await.map_err(status_error)?.into_inner())
 }
 
-pub async fn submit(remote: &Remote, path: &Path) -> anyhow::Result<ExitCode> {
-    let spec = load_spec(path)?;
+pub async fn submit(remote: &Remote, path: &Path, priority: Option<i32>) -> anyhow::Result<ExitCode> {
+    let mut spec = load_spec(path)?;
+    if let Some(p) = priority {
+        spec.priority = p;
+    }
     let run = submit_spec(&mut connect(remote).await?, &spec, &path.display().to_string()).await?;
     if remote.json {
         println!("{}", run_json(&run));
@@ -76,10 +79,13 @@ pub async fn submit(remote: &Remote, path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn runs(remote: &Remote) -> anyhow::Result<ExitCode> {
+pub async fn runs(remote: &Remote, sweep: Option<&str>) -> anyhow::Result<ExitCode> {
+    let req = pb::ListRunsRequest {
+        sweep_id: sweep.unwrap_or_default().to_string(),
+    };
     let runs = connect(remote)
         .await?
-        .list_runs(pb::ListRunsRequest {})
+        .list_runs(req)
         .await
         .map_err(status_error)?
         .into_inner()

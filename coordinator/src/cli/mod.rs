@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod lifecycle;
 mod output;
+mod sweeps;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,11 +61,40 @@ enum Command {
     Submit {
         /// Run spec file.
         spec: PathBuf,
+        /// Queue priority, overriding the spec's `priority` (higher runs first; 0 by default).
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
         #[command(flatten)]
         remote: Remote,
     },
-    /// List runs.
+    /// List runs. A queued run shows its place in the queue and why it waits ("needs 4 workers,
+    /// 2 idle").
     Runs {
+        /// Only the runs of this sweep.
+        #[arg(long)]
+        sweep: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Queue a sweep: a base run spec and axes over any of its keys (`dataset.train_cases`,
+    /// `seed`, `train.lr`, ...), expanded into the product of their values, all under one sweep
+    /// id. The whole file is validated first; one bad child rejects it and nothing is queued.
+    /// Subsets over `dataset.train_cases` nest: they are prefixes of one frozen case order. See
+    /// configs/demo-scaling.toml. Also: `sweep show S`, `sweep cancel S`, `sweep resume S`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Sweep {
+        /// Sweep file (TOML).
+        file: Option<PathBuf>,
+        /// Expand and validate the file here, print the runs, and queue nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(subcommand)]
+        action: Option<SweepCommand>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List sweeps with a count of their runs in each state.
+    Sweeps {
         #[command(flatten)]
         remote: Remote,
     },
@@ -139,7 +169,38 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum SweepCommand {
+    /// A table of the sweep's runs: axis values, state, step, final training loss and held-out
+    /// Dice (`--json` for the same as JSON).
+    Show {
+        /// Sweep id, as `coordinator sweeps` lists it.
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Cancel every run of the sweep that has not ended.
+    Cancel {
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Resume every run of the sweep that can be resumed (paused, interrupted, or failed or
+    /// cancelled with a usable checkpoint); the others are listed with the reason.
+    Resume {
+        sweep: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
 enum DatasetCommand {
+    /// List the frozen dataset manifests: the case order every run over a dataset shares. The
+    /// first submit over a dataset URL lists it and freezes the order; later ones reuse it.
+    Manifests {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Write synthetic CT phantoms in the AbdomenAtlas 1.1 layout (gzip NIfTI: ct.nii.gz int16
     /// HU, segmentations/<class>.nii.gz uint8 for all 25 classes).
     Synth {
@@ -200,8 +261,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             data_dir,
             dead_after_secs,
         } => serve(listen, data_dir, dead_after_secs).await,
-        Command::Submit { spec, remote } => client::submit(&remote, &spec).await,
-        Command::Runs { remote } => client::runs(&remote).await,
+        Command::Submit { spec, priority, remote } => client::submit(&remote, &spec, priority).await,
+        Command::Runs { sweep, remote } => client::runs(&remote, sweep.as_deref()).await,
+        Command::Sweep {
+            file,
+            dry_run,
+            action,
+            remote,
+        } => match action {
+            Some(SweepCommand::Show { sweep, remote }) => sweeps::show(&remote, &sweep).await,
+            Some(SweepCommand::Cancel { sweep, remote }) => sweeps::act(&remote, &sweep, false).await,
+            Some(SweepCommand::Resume { sweep, remote }) => sweeps::act(&remote, &sweep, true).await,
+            None => sweeps::submit(&remote, sweeps::require_file(file.as_deref())?, dry_run).await,
+        },
+        Command::Sweeps { remote } => sweeps::list(&remote).await,
+        Command::Dataset(DatasetCommand::Manifests { remote }) => sweeps::manifests(&remote).await,
         Command::Show { run, remote } => client::show(&remote, &run).await,
         Command::Metrics { run, follow, remote } => client::metrics(&remote, &run, follow).await,
         Command::Cancel { run, remote } => lifecycle::cancel(&remote, &run).await,

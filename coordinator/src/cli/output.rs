@@ -57,7 +57,11 @@ pub fn run_json(r: &pb::RunInfo) -> Value {
         "step": r.step, "total_steps": r.total_steps, "message": r.message,
         "submitted_unix_ms": r.submitted_unix_ms, "updated_unix_ms": r.updated_unix_ms, "workers": r.workers,
         "attempt": r.attempt, "retries": r.retries, "max_retries": r.max_retries,
-        "pause_requested": r.pause_requested,
+        "pause_requested": r.pause_requested, "priority": r.priority,
+        "queue_position": (r.queue_position > 0).then_some(r.queue_position),
+        "waiting_reason": (!r.waiting_reason.is_empty()).then_some(&r.waiting_reason),
+        "sweep_id": (!r.sweep_id.is_empty()).then_some(&r.sweep_id),
+        "device": (!r.device.is_empty()).then_some(&r.device),
     })
 }
 
@@ -68,12 +72,22 @@ pub fn run_row(r: &pb::RunInfo) -> Vec<String> {
         r.state.clone(),
         format!("{}/{}", r.step, r.total_steps),
         r.world_size.to_string(),
+        r.priority.to_string(),
         unix_ms(r.submitted_unix_ms),
-        r.message.clone(),
+        run_message(r),
     ]
 }
 
-pub const RUN_HEADERS: [&str; 7] = ["RUN", "NAME", "STATE", "STEP", "WORKERS", "SUBMITTED", "MESSAGE"];
+/// A queued run's place in the queue and why it waits, else the run's last message.
+pub fn run_message(r: &pb::RunInfo) -> String {
+    match (r.queue_position, r.waiting_reason.is_empty()) {
+        (0, _) => r.message.clone(),
+        (pos, true) => format!("#{pos} in the queue"),
+        (pos, false) => format!("#{pos} in the queue: {}", r.waiting_reason),
+    }
+}
+
+pub const RUN_HEADERS: [&str; 8] = ["RUN", "NAME", "STATE", "STEP", "WORKERS", "PRI", "SUBMITTED", "MESSAGE"];
 
 pub fn metric_json(m: &pb::Metric) -> Value {
     json!({ "rank": m.rank, "step": m.step, "name": m.name, "value": m.value, "unix_ms": m.unix_ms })

@@ -6,58 +6,62 @@ use std::time::Duration;
 
 use protocol::pb;
 
+use super::model::Model;
 use super::{CoordError, Coordinator, Result};
 use crate::records::*;
 
 impl Coordinator {
-    /// A worker that names an id this coordinator knows and has not declared dead keeps it (a
-    /// reconnect after a restart or a blip); a dead one is revived under the same id.
+    /// A worker that names an id this coordinator knows keeps it (a reconnect after a restart
+    /// or a blip); a dead one is revived under the same id.
     pub async fn register(&self, req: pb::RegisterRequest) -> Result<WorkerRecord> {
-        let mut live = self.live.lock().await;
-        let now = now_unix_ms();
-        let known = match req.worker_id.as_str() {
-            "" => None,
-            id => self.store.worker(id)?,
-        };
-        let worker = match known {
-            Some(mut w) => {
-                tracing::info!(worker = %w.id, was = %w.state, "worker reattached under its id");
-                w.host = req.host;
-                w.peer_address = req.peer_address;
-                w.device_kind = req.device_kind;
-                w.device_memory_bytes = req.device_memory_bytes;
-                w.numeric_fingerprint = req.numeric_fingerprint;
-                w.last_heartbeat_unix_ms = now;
-                if w.state == WorkerState::Dead {
-                    w.state = WorkerState::Idle;
-                    w.run_id = None;
+        let worker = {
+            let mut m = self.lock();
+            let now = now_unix_ms();
+            let known = match req.worker_id.as_str() {
+                "" => None,
+                id => m.worker(id).cloned(),
+            };
+            let worker = match known {
+                Some(mut w) => {
+                    tracing::info!(worker = %w.id, was = %w.state, "worker reattached under its id");
+                    w.host = req.host;
+                    w.peer_address = req.peer_address;
+                    w.device_kind = req.device_kind;
+                    w.device_memory_bytes = req.device_memory_bytes;
+                    w.numeric_fingerprint = req.numeric_fingerprint;
+                    w.last_heartbeat_unix_ms = now;
+                    if w.state == WorkerState::Dead {
+                        w.state = WorkerState::Idle;
+                        w.run_id = None;
+                    }
+                    w
                 }
-                w
-            }
-            None => WorkerRecord {
-                id: self.store.next_worker_id()?,
-                host: req.host,
-                peer_address: req.peer_address,
-                device_kind: req.device_kind,
-                device_memory_bytes: req.device_memory_bytes,
-                registered_unix_ms: now,
-                last_heartbeat_unix_ms: now,
-                state: WorkerState::Idle,
-                run_id: None,
-                numeric_fingerprint: req.numeric_fingerprint,
-            },
+                None => WorkerRecord {
+                    id: self.store.next_worker_id()?,
+                    host: req.host,
+                    peer_address: req.peer_address,
+                    device_kind: req.device_kind,
+                    device_memory_bytes: req.device_memory_bytes,
+                    registered_unix_ms: now,
+                    last_heartbeat_unix_ms: now,
+                    state: WorkerState::Idle,
+                    run_id: None,
+                    numeric_fingerprint: req.numeric_fingerprint,
+                },
+            };
+            m.put_worker(&self.store, worker.clone())?;
+            m.seen(&worker.id);
+            worker
         };
-        self.store.put_worker(&worker).await?;
-        live.seen(&worker.id);
-        drop(live);
+        self.store.durable().await?;
         self.schedule().await?;
         Ok(worker)
     }
 
-    pub async fn heartbeat(&self, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
-        let mut live = self.live.lock().await;
-        let known = self.store.worker(&req.worker_id)?;
-        let Some(worker) = known.filter(|w| w.state != WorkerState::Dead) else {
+    /// Answers from memory alone: a heartbeat writes nothing and reads nothing from the store.
+    pub fn heartbeat(&self, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
+        let mut m = self.lock();
+        let Some(worker) = m.worker(&req.worker_id).filter(|w| w.state != WorkerState::Dead).cloned() else {
             // Whatever run it thinks it is on was interrupted when it was declared dead.
             return Ok(pb::HeartbeatResponse {
                 reregister: true,
@@ -66,15 +70,15 @@ impl Coordinator {
                 ..Default::default()
             });
         };
-        live.seen(&worker.id);
+        m.seen(&worker.id);
         let mut resp = pb::HeartbeatResponse {
-            shutdown: live.shutting_down,
-            coordinator_going_away: live.going_away,
+            shutdown: m.shutting_down,
+            coordinator_going_away: m.going_away,
             ..Default::default()
         };
         if !req.run_id.is_empty() {
             let still_ours = worker.run_id.as_deref() == Some(req.run_id.as_str());
-            match self.store.run(&req.run_id)? {
+            match m.run(&req.run_id).ok() {
                 Some(run) if still_ours && run.state.is_active() && run.attempt == req.attempt => {
                     resp.pause_run = run.pause_requested && run.workers.first() == Some(&worker.id);
                 }
@@ -106,31 +110,32 @@ impl Coordinator {
             let changed = self.assignments_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            {
-                let mut live = self.live.lock().await;
-                let known = self
-                    .store
-                    .worker(worker_id)?
-                    .is_some_and(|w| w.state != WorkerState::Dead);
-                if !known {
+            let outcome = {
+                let mut m = self.lock();
+                if !m.worker(worker_id).is_some_and(|w| w.state != WorkerState::Dead) {
                     return Err(CoordError::NotFound {
                         what: "worker (register again)",
                         id: worker_id.into(),
                     });
                 }
-                live.seen(worker_id);
-                if let Some(assignment) = live.pending.remove(worker_id) {
-                    self.mark_started(&assignment).await?;
-                    return Ok(pb::AwaitAssignmentResponse {
-                        outcome: Some(Outcome::Assignment(assignment)),
-                    });
-                }
-                if live.shutting_down {
+                m.seen(worker_id);
+                if let Some(assignment) = m.pending.remove(worker_id) {
+                    self.mark_started(&mut m, &assignment)?;
+                    Some(Outcome::Assignment(assignment))
+                } else if m.shutting_down {
                     let reason = "coordinator is shutting down".to_string();
-                    return Ok(pb::AwaitAssignmentResponse {
-                        outcome: Some(Outcome::Shutdown(pb::Shutdown { reason })),
-                    });
+                    Some(Outcome::Shutdown(pb::Shutdown { reason }))
+                } else {
+                    None
                 }
+            };
+            if let Some(outcome) = outcome {
+                // The assignment was recorded before it was queued; this flush also covers the
+                // rank's start, written just now.
+                if let Outcome::Assignment(a) = &outcome {
+                    self.settle(&[a.run_id.as_str()], false).await?;
+                }
+                return Ok(pb::AwaitAssignmentResponse { outcome: Some(outcome) });
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Ok(pb::AwaitAssignmentResponse {
@@ -140,8 +145,8 @@ impl Coordinator {
         }
     }
 
-    async fn mark_started(&self, assignment: &pb::Assignment) -> Result<()> {
-        let mut run = self.run_or_not_found(&assignment.run_id)?;
+    fn mark_started(&self, m: &mut Model, assignment: &pb::Assignment) -> Result<()> {
+        let mut run = m.run(&assignment.run_id)?.clone();
         if !run.started_ranks.contains(&assignment.rank) {
             run.started_ranks.push(assignment.rank);
         }
@@ -155,8 +160,14 @@ impl Coordinator {
             ));
         }
         run.updated_unix_ms = now_unix_ms();
-        self.store.put_transition(&run, &[], &events).await?;
-        self.bump_progress();
-        Ok(())
+        m.put_transition(&self.store, run, &[], &events)
+    }
+
+    /// The frozen case list an assignment names.
+    pub fn manifest(&self, manifest_id: &str) -> Result<ManifestRecord> {
+        self.store.manifest(manifest_id)?.ok_or_else(|| CoordError::NotFound {
+            what: "manifest",
+            id: manifest_id.into(),
+        })
     }
 }

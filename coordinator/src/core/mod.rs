@@ -1,23 +1,23 @@
 //! The coordinator's state machine: registration, gang scheduling, assignment hand-off, progress,
-//! checkpoint commits, interruptions and resumes, and the end of runs. Both gRPC services are
-//! thin shells over this.
+//! checkpoint commits, interruptions and resumes, sweeps, and the end of runs. Both gRPC services
+//! are thin shells over this.
 //!
-//! Rule: every transition is written to the store (and flushed) before anything acts on it: the
-//! assignment is handed out only after the run and its workers are recorded as Assigned.
-//! All transitions run under one async mutex; the coordinator's state is small and this keeps
-//! the reasoning simple. Object-store reads (checkpoint verification) happen outside it.
+//! Decisions are made from an in-memory model (`model`) under one plain mutex, never held across
+//! an await. Every change is written to the store under that lock and made durable after it is
+//! released, before the caller answers or anything acts on it: an assignment is handed out only
+//! after the run and its workers are recorded as Assigned and flushed. Object-store reads
+//! (checkpoint verification, dataset listing) happen outside the lock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use protocol::pb;
-use protocol::spec::RunSpec;
 use thiserror::Error;
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Notify, watch};
 
-use crate::manifest::{self, ManifestError};
+use crate::manifest::ManifestError;
 use crate::records::*;
 use crate::scheduler;
 use crate::store::{Store, StoreError};
@@ -42,14 +42,22 @@ pub enum CoordError {
 pub type Result<T> = std::result::Result<T, CoordError>;
 
 mod membership;
+mod model;
 mod resume;
 mod run_progress;
+mod submission;
+
+pub use submission::SweepView;
+
+use model::Model;
 
 #[derive(Debug, Clone)]
 pub struct Timing {
     pub heartbeat_interval: Duration,
-    /// A worker silent for this long is dead and its run is interrupted.
+    /// A worker silent for this long is dead and its run interrupted.
     pub dead_after: Duration,
+    /// A dead worker is forgotten (its record deleted) this long after its last sign of life.
+    pub forget_dead_after: Duration,
 }
 
 impl Timing {
@@ -59,7 +67,14 @@ impl Timing {
         Timing {
             heartbeat_interval: (dead_after / 4).min(Duration::from_secs(2)),
             dead_after,
+            forget_dead_after: Duration::from_secs(3600).max(dead_after * 10),
         }
+    }
+
+    /// A worker silent this long gets no new assignment, though it is not dead yet: two and a
+    /// half missed beats.
+    pub fn stale_after(&self) -> Duration {
+        self.heartbeat_interval * 5 / 2
     }
 }
 
@@ -69,57 +84,32 @@ impl Default for Timing {
     }
 }
 
-#[derive(Default)]
-struct Live {
-    /// Last sign of life per worker: monotonic for the liveness check, wall clock for display.
-    /// Kept in memory: flushing sled on every heartbeat would buy nothing. A restarted
-    /// coordinator starts every known worker's clock afresh, and reaps those that stay silent.
-    last_seen: HashMap<String, (Instant, i64)>,
-    pending: HashMap<String, pb::Assignment>,
-    /// Demo teardown: idle workers are told to exit.
-    shutting_down: bool,
-    /// SIGTERM: workers are told the coordinator will be back, and keep training.
-    going_away: bool,
-    /// Workers a peer saw vanish (their ring link closed). Left out of new gangs until they show
-    /// a sign of life, so a re-formed ring does not wait `dead_after` on a dead process.
-    suspects: HashSet<String>,
-}
-
-impl Live {
-    fn seen(&mut self, worker_id: &str) {
-        self.last_seen
-            .insert(worker_id.to_string(), (Instant::now(), now_unix_ms()));
-        self.suspects.remove(worker_id);
-    }
-}
-
 pub struct Coordinator {
     store: Store,
-    live: Mutex<Live>,
+    model: Mutex<Model>,
+    /// Serialises submissions: a dataset is listed and its manifest frozen once, even when two
+    /// submits for a new dataset race.
+    submitting: tokio::sync::Mutex<()>,
     assignments_changed: Notify,
-    /// Bumped whenever metrics or a run's state change, so followers re-read.
-    progress: watch::Sender<u64>,
+    /// Per-run wake-ups for metric followers: a report wakes only the followers of its own run.
+    followers: Mutex<HashMap<String, watch::Sender<u64>>>,
     pub timing: Timing,
 }
 
 impl Coordinator {
-    /// Opens the store and takes over from whatever the last process left. Running runs are
-    /// adopted: their workers keep training while the coordinator is away and reattach with
-    /// their own ids; any that do not come back within `dead_after` are reaped as usual.
-    /// Assignments live only in memory, so runs caught between assignment and start go back to
-    /// the queue without spending their retry budget.
+    /// Opens the store, loads the model and takes over from whatever the last process left.
+    /// Running runs are adopted: their workers keep training while the coordinator is away and
+    /// reattach with their own ids; any that do not come back within `dead_after` are reaped as
+    /// usual. Assignments live only in memory, so runs caught between assignment and start go
+    /// back to the queue without spending their retry budget.
     pub async fn open(data_dir: &Path, timing: Timing) -> Result<Arc<Self>> {
         let store = Store::open(data_dir)?;
-        let mut live = Live::default();
-        let now = (Instant::now(), now_unix_ms());
-        let workers = store.workers()?;
-        for w in workers.iter().filter(|w| w.state != WorkerState::Dead) {
-            live.last_seen.insert(w.id.clone(), now);
-        }
-        for mut run in store.runs()? {
-            match run.state {
-                RunState::Assigned => {
-                    let freed = release_workers(&workers, &run.id);
+        let mut model = Model::load(&store)?;
+        for state in [RunState::Assigned, RunState::Running] {
+            let runs: Vec<RunRecord> = model.runs_in(state).into_iter().cloned().collect();
+            for mut run in runs {
+                if state == RunState::Assigned {
+                    let freed = model.release_workers(&run.id);
                     let event = RunEvent::new(
                         "requeued",
                         run.step,
@@ -127,25 +117,24 @@ impl Coordinator {
                     );
                     run.state = RunState::Queued;
                     run.updated_unix_ms = now_unix_ms();
-                    store.put_transition(&run, &freed, &[event]).await?;
-                }
-                RunState::Running => {
+                    model.put_transition(&store, run, &freed, &[event])?;
+                } else {
                     let message = format!(
                         "coordinator restarted; adopting the run from its {} ranks as they reattach",
                         run.world_size
                     );
-                    store
-                        .put_transition(&run, &[], &[RunEvent::new("adopting", run.step, message)])
-                        .await?;
+                    let event = RunEvent::new("adopting", run.step, message);
+                    model.put_transition(&store, run, &[], &[event])?;
                 }
-                _ => {}
             }
         }
+        store.durable().await?;
         Ok(Arc::new(Coordinator {
             store,
-            live: Mutex::new(live),
+            model: Mutex::new(model),
+            submitting: tokio::sync::Mutex::new(()),
             assignments_changed: Notify::new(),
-            progress: watch::channel(0).0,
+            followers: Mutex::new(HashMap::new()),
             timing,
         }))
     }
@@ -154,109 +143,120 @@ impl Coordinator {
         &self.store
     }
 
-    pub fn subscribe_progress(&self) -> watch::Receiver<u64> {
-        self.progress.subscribe()
+    /// The model. A panic while it was held leaves it as the last completed write made it (every
+    /// change is applied only after its store write), so a poisoned lock is taken over.
+    fn lock(&self) -> MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn bump_progress(&self) {
-        self.progress.send_modify(|n| *n += 1);
+    /// Wakes for every change of `run_id`'s metrics or state.
+    pub fn follow(&self, run_id: &str) -> watch::Receiver<u64> {
+        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        followers
+            .entry(run_id.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
-    fn run_or_not_found(&self, run_id: &str) -> Result<RunRecord> {
-        self.store.run(run_id)?.ok_or_else(|| CoordError::NotFound {
-            what: "run",
-            id: run_id.into(),
-        })
+    fn touch(&self, run_id: &str) {
+        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = followers.get(run_id) {
+            if tx.receiver_count() == 0 {
+                followers.remove(run_id);
+            } else {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+    }
+
+    /// Makes the writes so far durable, then wakes what they concern.
+    async fn settle(&self, touched: &[&str], placed: bool) -> Result<()> {
+        self.store.durable().await?;
+        for run_id in touched {
+            self.touch(run_id);
+        }
+        if placed {
+            self.assignments_changed.notify_waiters();
+        }
+        Ok(())
     }
 
     // ---- CLI side ---------------------------------------------------------------------------
 
-    pub async fn submit(&self, spec_toml: &str, source_name: &str) -> Result<RunRecord> {
-        let spec = RunSpec::from_toml(spec_toml, source_name)?;
-        let plan = manifest::plan_cases(&spec).await?;
-        if plan.train.len() < spec.world_size as usize {
-            return Err(CoordError::Rejected(format!(
-                "{source_name}: field `world_size`: {} ranks but only {} training cases",
-                spec.world_size,
-                plan.train.len()
-            )));
-        }
-        // Held while the run is written, so no transition interleaves with its creation.
-        let transition = self.live.lock().await;
-        let now = now_unix_ms();
-        let run = RunRecord {
-            id: self.store.next_run_id()?,
-            name: spec.name.clone(),
-            spec_toml: spec.to_toml(),
-            state: RunState::Queued,
-            world_size: spec.world_size,
-            total_steps: spec.train.steps,
-            step: 0,
-            message: String::new(),
-            submitted_unix_ms: now,
-            updated_unix_ms: now,
-            workers: vec![],
-            started_ranks: vec![],
-            train_cases: plan.train,
-            eval_cases: plan.eval,
-            artifacts_url: spec.artifacts.url.clone(),
-            finished: Default::default(),
-            final_checkpoint: None,
-            attempt: 0,
-            max_retries: spec.max_retries,
-            interruptions: vec![],
-            resume_step: None,
-            pause_requested: false,
-            live_state: None,
-            recovering_live: false,
-        };
-        let event = RunEvent::new(
-            "submitted",
-            0,
-            format!("from {source_name}, {} workers", spec.world_size),
-        );
-        self.store.put_transition(&run, &[], &[event]).await?;
-        drop(transition);
-        self.schedule().await?;
-        self.bump_progress();
-        self.run_or_not_found(&run.id)
-    }
-
     pub async fn cancel(&self, run_id: &str) -> Result<RunRecord> {
-        let mut live = self.live.lock().await;
-        let run = self.run_or_not_found(run_id)?;
-        if run.state.is_terminal() {
-            return Err(CoordError::Rejected(format!(
-                "run {run_id} already ended: {}",
-                run.state
-            )));
-        }
-        self.end_run(&mut live, run, RunState::Cancelled, "cancelled by user".into())
-            .await?;
-        drop(live);
+        let run = {
+            let mut m = self.lock();
+            let run = m.run(run_id)?.clone();
+            if run.state.is_terminal() {
+                return Err(CoordError::Rejected(format!(
+                    "run {run_id} already ended: {}",
+                    run.state
+                )));
+            }
+            self.end_run(&mut m, run, RunState::Cancelled, "cancelled by user".into())?;
+            m.run(run_id)?.clone()
+        };
+        self.settle(&[run_id], false).await?;
         self.schedule().await?;
-        self.run_or_not_found(run_id)
+        Ok(run)
     }
 
     pub fn get_run(&self, run_id: &str) -> Result<RunRecord> {
-        self.run_or_not_found(run_id)
+        self.lock().run(run_id).cloned()
     }
 
-    /// Workers with the wall-clock time of their last heartbeat filled in from memory.
-    pub async fn workers(&self) -> Result<Vec<WorkerRecord>> {
-        let live = self.live.lock().await;
-        let mut workers = self.store.workers()?;
-        for w in &mut workers {
-            if let Some((_, unix_ms)) = live.last_seen.get(&w.id) {
-                w.last_heartbeat_unix_ms = *unix_ms;
+    /// Runs in submission order (only `sweep_id`'s children when given), each queued one with
+    /// its place in the queue and why it waits.
+    pub fn list_runs(&self, sweep_id: Option<&str>) -> Result<Vec<(RunRecord, Option<scheduler::Waiting>)>> {
+        let m = self.lock();
+        let runs: Vec<&RunRecord> = match sweep_id {
+            None => m.runs(),
+            Some(id) => {
+                let sweep = m.sweeps.get(id).ok_or_else(|| CoordError::NotFound {
+                    what: "sweep",
+                    id: id.into(),
+                })?;
+                sweep.children.iter().filter_map(|c| m.run(&c.run_id).ok()).collect()
             }
+        };
+        let mut waiting: HashMap<String, scheduler::Waiting> = self
+            .plan(&m, true)
+            .waiting
+            .into_iter()
+            .map(|w| (w.run_id.clone(), w))
+            .collect();
+        Ok(runs
+            .into_iter()
+            .map(|r| (r.clone(), waiting.remove(&r.id)))
+            .collect())
+    }
+
+    /// Why a queued run waits, and its place in the queue; None for any other run.
+    pub fn why_waiting(&self, run: &RunRecord) -> Option<scheduler::Waiting> {
+        if run.state != RunState::Queued {
+            return None;
         }
-        Ok(workers)
+        let m = self.lock();
+        self.plan(&m, true).waiting.into_iter().find(|w| w.run_id == run.id)
+    }
+
+    /// Workers with the wall-clock time of their last sign of life filled in.
+    pub fn workers(&self) -> Vec<WorkerRecord> {
+        let m = self.lock();
+        m.workers()
+            .map(|w| {
+                let mut w = w.clone();
+                if let Some((_, unix_ms)) = m.last_seen.get(&w.id) {
+                    w.last_heartbeat_unix_ms = *unix_ms;
+                }
+                w
+            })
+            .collect()
     }
 
     /// Stops handing out work: idle workers are told to exit at their next poll.
     pub async fn begin_shutdown(&self) {
-        self.live.lock().await.shutting_down = true;
+        self.lock().shutting_down = true;
         self.assignments_changed.notify_waiters();
     }
 
@@ -264,109 +264,80 @@ impl Coordinator {
     /// at their next heartbeat, and make every write durable. Running runs are left as they are,
     /// for the next process to adopt.
     pub async fn begin_going_away(&self) -> Result<usize> {
-        let mut live = self.live.lock().await;
-        live.going_away = true;
-        live.pending.clear();
-        self.store.flush_all().await?;
-        let running = self
-            .store
-            .runs()?
-            .iter()
-            .filter(|r| r.state == RunState::Running)
-            .count();
-        drop(live);
+        let running = {
+            let mut m = self.lock();
+            m.going_away = true;
+            m.pending.clear();
+            m.runs_in(RunState::Running).len()
+        };
+        self.store.durable().await?;
         self.assignments_changed.notify_waiters();
         Ok(running)
     }
 
     /// Moves a run to a final, Paused or Interrupted state and frees its workers, in one write.
     /// An interruption past the retry budget fails the run instead, listing every cause.
-    async fn end_run(&self, live: &mut Live, run: RunRecord, state: RunState, message: String) -> Result<()> {
-        let ending = self.ending(live, run, state, message)?;
-        self.store
-            .put_transition(&ending.run, &ending.freed, &ending.events)
-            .await?;
-        self.bump_progress();
-        Ok(())
+    fn end_run(&self, m: &mut Model, run: RunRecord, state: RunState, message: String) -> Result<()> {
+        let ending = ending(m, run, state, message)?;
+        m.put_transition(&self.store, ending.run, &ending.freed, &ending.events)
     }
 
-    /// The writes that end a run, for the caller to make (alone, or with a checkpoint commit).
-    fn ending(&self, live: &mut Live, mut run: RunRecord, state: RunState, message: String) -> Result<Ending> {
-        if !run.state.can_move_to(state) {
-            return Err(CoordError::Rejected(format!(
-                "run {} cannot go from {} to {state}",
-                run.id, run.state
-            )));
-        }
-        let mut events = vec![];
-        let (state, message) = if state == RunState::Interrupted {
-            run.interruptions.push(message.clone());
-            events.push(RunEvent::new("interrupted", run.step, message.clone()));
-            if run.retries_used() > run.max_retries {
-                let causes: Vec<String> = run
-                    .interruptions
-                    .iter()
-                    .enumerate()
-                    .map(|(i, cause)| format!("{}) {cause}", i + 1))
-                    .collect();
-                let message = format!(
-                    "interrupted {} times, more than max_retries = {}: {}",
-                    run.interruptions.len(),
-                    run.max_retries,
-                    causes.join("; ")
-                );
-                (RunState::Failed, message)
-            } else {
-                (state, message)
-            }
-        } else {
-            (state, message)
-        };
-        tracing::info!(run = %run.id, from = %run.state, to = %state, %message, "run transition");
-        if state != RunState::Interrupted {
-            events.push(RunEvent::new(
-                &state.to_string().to_lowercase(),
-                run.step,
-                message.clone(),
-            ));
-        }
-        run.state = state;
-        run.message = message;
-        run.pause_requested = false;
-        run.updated_unix_ms = now_unix_ms();
-        let freed = release_workers(&self.store.workers()?, &run.id);
-        for w in &freed {
-            live.pending.remove(&w.id);
-        }
-        Ok(Ending { run, freed, events })
-    }
-
-    /// Places queued runs, first in first out, each on a gang of `world_size` idle workers of one
-    /// numeric fingerprint. Every placement is a new attempt of the run.
+    /// Places queued runs, by priority and then first in first out, each on a gang of
+    /// `world_size` idle workers of one pool (see `scheduler`). Every placement is a new attempt
+    /// of the run.
     pub async fn schedule(&self) -> Result<()> {
-        let mut live = self.live.lock().await;
-        if live.shutting_down || live.going_away {
-            return Ok(());
+        let placed = {
+            let mut m = self.lock();
+            self.schedule_locked(&mut m)?
+        };
+        self.settle(&placed.iter().map(String::as_str).collect::<Vec<_>>(), !placed.is_empty())
+            .await
+    }
+
+    /// One pass of the scheduler over the model; `explain` fills in why each queued run waits.
+    fn plan(&self, m: &Model, explain: bool) -> scheduler::Plan {
+        let now = Instant::now();
+        let stale_after = self.timing.stale_after();
+        let fresh = |w: &WorkerRecord| {
+            !m.suspects.contains(&w.id)
+                && m.last_seen
+                    .get(&w.id)
+                    .is_some_and(|(t, _)| now.duration_since(*t) <= stale_after)
+        };
+        let alive: Vec<&WorkerRecord> = m
+            .workers()
+            .filter(|w| w.state != WorkerState::Dead && !m.suspects.contains(&w.id))
+            .collect();
+        let idle: Vec<&WorkerRecord> = alive
+            .iter()
+            .copied()
+            .filter(|w| w.state == WorkerState::Idle && fresh(w))
+            .collect();
+        scheduler::plan(m.queued(), &idle, &alive, explain)
+    }
+
+    /// Records this pass's placements and queues their assignments; returns the runs placed.
+    fn schedule_locked(&self, m: &mut Model) -> Result<Vec<String>> {
+        if m.shutting_down || m.going_away {
+            return Ok(vec![]);
         }
-        let runs = self.store.runs()?;
-        let mut workers = self.store.workers()?;
-        workers.retain(|w| !live.suspects.contains(&w.id));
-        let mut placed = false;
-        for placement in scheduler::place(&runs, &workers) {
-            let mut run = placement.run;
+        let plan = self.plan(m, false);
+        let mut placed = vec![];
+        for (run_id, gang) in plan.placements {
+            let mut run = m.run(&run_id)?.clone();
             let resume = match run.resume_step {
                 Some(step) => self.store.checkpoints(&run.id)?.into_iter().find(|c| c.step == step),
                 None => None,
             };
             run.state = RunState::Assigned;
             run.attempt += 1;
-            run.workers = placement.workers.iter().map(|w| w.id.clone()).collect();
+            run.workers = gang.clone();
             run.started_ranks.clear();
             run.finished.clear();
             run.updated_unix_ms = now_unix_ms();
-            let reserved: Vec<WorkerRecord> = placement
-                .workers
-                .into_iter()
+            let reserved: Vec<WorkerRecord> = gang
+                .iter()
+                .filter_map(|id| m.worker(id).cloned())
                 .map(|mut w| {
                     w.state = WorkerState::Busy;
                     w.run_id = Some(run.id.clone());
@@ -384,83 +355,103 @@ impl Coordinator {
                 run.resume_step.unwrap_or(0),
                 format!("attempt {} on {} ({from})", run.attempt, run.workers.join(", ")),
             );
-            self.store.put_transition(&run, &reserved, &[event]).await?;
             tracing::info!(run = %run.id, attempt = run.attempt, workers = ?run.workers, "run assigned ({from})");
             let peers: Vec<String> = reserved.iter().map(|w| w.peer_address.clone()).collect();
-            for (rank, w) in reserved.iter().enumerate() {
-                let mut a = assignment(&run, rank as u32, &peers, resume.as_ref());
-                if let Some(l) = &survivor {
-                    a.resume_from.clear();
-                    a.resume_files.clear();
-                    a.resume_step = l.step;
-                    a.recover_from_peer = l.peer_address.clone();
-                    a.recover_attempt = l.attempt;
-                }
-                live.pending.insert(w.id.clone(), a);
-            }
-            placed = true;
+            let assignments: Vec<(String, pb::Assignment)> = reserved
+                .iter()
+                .enumerate()
+                .map(|(rank, w)| {
+                    let mut a = assignment(&run, rank as u32, &peers, resume.as_ref());
+                    if let Some(l) = &survivor {
+                        a.resume_from.clear();
+                        a.resume_files.clear();
+                        a.resume_step = l.step;
+                        a.recover_from_peer = l.peer_address.clone();
+                        a.recover_attempt = l.attempt;
+                    }
+                    (w.id.clone(), a)
+                })
+                .collect();
+            m.put_transition(&self.store, run, &reserved, &[event])?;
+            m.pending.extend(assignments);
+            placed.push(run_id);
         }
-        drop(live);
-        if placed {
-            self.assignments_changed.notify_waiters();
-            self.bump_progress();
-        }
-        Ok(())
+        Ok(placed)
     }
 
-    /// Declares silent workers dead. A run that loses a worker is interrupted, unless that
-    /// worker never picked its assignment up: then the run simply goes back to the queue, at no
-    /// cost to its retry budget.
+    /// Declares silent workers dead, and forgets those dead for `forget_dead_after`. A run that
+    /// loses a worker is interrupted, unless that worker never picked its assignment up: then
+    /// the run simply goes back to the queue, at no cost to its retry budget.
     pub async fn reap_dead_workers(&self) -> Result<()> {
-        let mut live = self.live.lock().await;
-        let now = Instant::now();
-        let dead_after = self.timing.dead_after;
-        for mut w in self.store.workers()? {
-            if w.state == WorkerState::Dead {
-                continue;
-            }
-            let silent = live
-                .last_seen
-                .get(&w.id)
-                .map(|(t, _)| now.duration_since(*t) > dead_after)
-                .unwrap_or(true);
-            if !silent {
-                continue;
-            }
-            tracing::warn!(worker = %w.id, "worker missed its heartbeats; declaring it dead");
-            let run_id = w.run_id.take();
-            w.state = WorkerState::Dead;
-            let never_started = live.pending.remove(&w.id).is_some();
-            live.last_seen.remove(&w.id);
-            live.suspects.remove(&w.id);
-            self.store.put_worker(&w).await?;
-            let held = run_id.map(|id| self.store.run(&id)).transpose()?.flatten();
-            let Some(run) = held.filter(|r| r.state.is_active()) else {
-                continue;
-            };
-            if never_started && run.state == RunState::Assigned {
-                self.requeue_unstarted(&mut live, run, &w.id).await?;
-            } else {
-                let message = format!("worker {} missed its heartbeats for {:?}", w.id, dead_after);
-                self.end_run(&mut live, run, RunState::Interrupted, message).await?;
-            }
-        }
-        drop(live);
+        let touched = {
+            let mut m = self.lock();
+            self.reap_locked(&mut m)?
+        };
+        self.settle(&touched.iter().map(String::as_str).collect::<Vec<_>>(), false)
+            .await?;
         self.schedule().await
     }
 
-    async fn requeue_unstarted(&self, live: &mut Live, mut run: RunRecord, worker_id: &str) -> Result<()> {
+    fn reap_locked(&self, m: &mut Model) -> Result<Vec<String>> {
+        let now = Instant::now();
+        let dead_after = self.timing.dead_after;
+        let forget_before = now_unix_ms() - self.timing.forget_dead_after.as_millis() as i64;
+        let silent: Vec<WorkerRecord> = m
+            .workers()
+            .filter(|w| w.state != WorkerState::Dead)
+            .filter(|w| {
+                m.last_seen
+                    .get(&w.id)
+                    .is_none_or(|(t, _)| now.duration_since(*t) > dead_after)
+            })
+            .cloned()
+            .collect();
+        let forgotten: Vec<String> = m
+            .workers()
+            .filter(|w| w.state == WorkerState::Dead && w.last_heartbeat_unix_ms < forget_before)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in forgotten {
+            tracing::info!(worker = %id, "forgetting a worker dead for longer than {:?}", self.timing.forget_dead_after);
+            m.forget_worker(&self.store, &id)?;
+        }
+        let mut touched = vec![];
+        for mut w in silent {
+            tracing::warn!(worker = %w.id, "worker missed its heartbeats; declaring it dead");
+            let run_id = w.run_id.take();
+            w.state = WorkerState::Dead;
+            if let Some((_, unix_ms)) = m.last_seen.remove(&w.id) {
+                w.last_heartbeat_unix_ms = unix_ms;
+            }
+            let never_started = m.pending.remove(&w.id).is_some();
+            m.suspects.remove(&w.id);
+            m.put_worker(&self.store, w.clone())?;
+            let Some(run) = run_id
+                .and_then(|id| m.run(&id).ok().cloned())
+                .filter(|r| r.state.is_active())
+            else {
+                continue;
+            };
+            touched.push(run.id.clone());
+            if never_started && run.state == RunState::Assigned {
+                self.requeue_unstarted(m, run, &w.id)?;
+            } else {
+                let message = format!("worker {} missed its heartbeats for {:?}", w.id, dead_after);
+                self.end_run(m, run, RunState::Interrupted, message)?;
+            }
+        }
+        Ok(touched)
+    }
+
+    fn requeue_unstarted(&self, m: &mut Model, mut run: RunRecord, worker_id: &str) -> Result<()> {
         let message = format!(
             "worker {worker_id} died before picking up rank {} of attempt {}; back in the queue",
             run.workers.iter().position(|w| w == worker_id).unwrap_or(0),
             run.attempt
         );
-        let freed = release_workers(&self.store.workers()?, &run.id);
-        for w in &freed {
-            live.pending.remove(&w.id);
-        }
+        let freed = m.release_workers(&run.id);
         let from = run.resume_step;
-        self.requeue(&mut run, from, "requeued", message, &freed).await
+        self.requeue(m, &mut run, from, "requeued", message, &freed)
     }
 }
 
@@ -471,20 +462,52 @@ struct Ending {
     events: Vec<RunEvent>,
 }
 
-/// The workers `run_id` holds, set back to idle (dead ones stay dead).
-fn release_workers(workers: &[WorkerRecord], run_id: &str) -> Vec<WorkerRecord> {
-    workers
-        .iter()
-        .filter(|w| w.run_id.as_deref() == Some(run_id))
-        .map(|w| {
-            let mut w = w.clone();
-            w.run_id = None;
-            if w.state == WorkerState::Busy {
-                w.state = WorkerState::Idle;
-            }
-            w
-        })
-        .collect()
+/// The writes that end a run, for the caller to make (alone, or with a checkpoint commit).
+fn ending(m: &mut Model, mut run: RunRecord, state: RunState, message: String) -> Result<Ending> {
+    if !run.state.can_move_to(state) {
+        return Err(CoordError::Rejected(format!(
+            "run {} cannot go from {} to {state}",
+            run.id, run.state
+        )));
+    }
+    let mut events = vec![];
+    let (state, message) = if state == RunState::Interrupted {
+        run.interruptions.push(message.clone());
+        events.push(RunEvent::new("interrupted", run.step, message.clone()));
+        if run.retries_used() > run.max_retries {
+            let causes: Vec<String> = run
+                .interruptions
+                .iter()
+                .enumerate()
+                .map(|(i, cause)| format!("{}) {cause}", i + 1))
+                .collect();
+            let message = format!(
+                "interrupted {} times, more than max_retries = {}: {}",
+                run.interruptions.len(),
+                run.max_retries,
+                causes.join("; ")
+            );
+            (RunState::Failed, message)
+        } else {
+            (state, message)
+        }
+    } else {
+        (state, message)
+    };
+    tracing::info!(run = %run.id, from = %run.state, to = %state, %message, "run transition");
+    if state != RunState::Interrupted {
+        events.push(RunEvent::new(
+            &state.to_string().to_lowercase(),
+            run.step,
+            message.clone(),
+        ));
+    }
+    run.state = state;
+    run.message = message;
+    run.pause_requested = false;
+    run.updated_unix_ms = now_unix_ms();
+    let freed = m.release_workers(&run.id);
+    Ok(Ending { run, freed, events })
 }
 
 fn assignment(run: &RunRecord, rank: u32, peers: &[String], resume: Option<&CheckpointRecord>) -> pb::Assignment {
@@ -494,8 +517,9 @@ fn assignment(run: &RunRecord, rank: u32, peers: &[String], resume: Option<&Chec
         world_size: run.world_size,
         peers: peers.to_vec(),
         spec_toml: run.spec_toml.clone(),
-        train_cases: run.train_cases.clone(),
-        eval_cases: run.eval_cases.clone(),
+        manifest_id: run.manifest_id.clone(),
+        train_count: run.train_count,
+        eval_count: run.eval_count,
         artifacts_url: run.artifacts_url.clone(),
         resume_from: resume.map(|c| c.prefix.clone()).unwrap_or_default(),
         attempt: run.attempt,

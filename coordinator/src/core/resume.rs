@@ -8,6 +8,7 @@
 
 use protocol::spec::RunSpec;
 
+use super::model::Model;
 use super::{CoordError, Coordinator, Result};
 use crate::records::*;
 use crate::verify;
@@ -16,39 +17,40 @@ impl Coordinator {
     /// A queued run pauses at once. A running one has rank 0 write a checkpoint at its next step
     /// boundary; committing it pauses the run and releases the workers.
     pub async fn pause(&self, run_id: &str) -> Result<RunRecord> {
-        let mut live = self.live.lock().await;
-        let mut run = self.run_or_not_found(run_id)?;
-        match run.state {
-            RunState::Queued => {
-                self.end_run(&mut live, run, RunState::Paused, "paused before it started".into())
-                    .await?;
+        let run = {
+            let mut m = self.lock();
+            let mut run = m.run(run_id)?.clone();
+            match run.state {
+                RunState::Queued => {
+                    self.end_run(&mut m, run, RunState::Paused, "paused before it started".into())?;
+                }
+                RunState::Assigned | RunState::Running if !run.pause_requested => {
+                    run.pause_requested = true;
+                    run.updated_unix_ms = now_unix_ms();
+                    let event = RunEvent::new(
+                        "pause-requested",
+                        run.step,
+                        "rank 0 checkpoints at the next step boundary, then the run pauses",
+                    );
+                    m.put_transition(&self.store, run, &[], &[event])?;
+                }
+                RunState::Assigned | RunState::Running => {}
+                state => {
+                    return Err(CoordError::Rejected(format!(
+                        "run {run_id} is {state}; only queued or running runs can be paused"
+                    )));
+                }
             }
-            RunState::Assigned | RunState::Running if !run.pause_requested => {
-                run.pause_requested = true;
-                run.updated_unix_ms = now_unix_ms();
-                let event = RunEvent::new(
-                    "pause-requested",
-                    run.step,
-                    "rank 0 checkpoints at the next step boundary, then the run pauses",
-                );
-                self.store.put_transition(&run, &[], &[event]).await?;
-            }
-            RunState::Assigned | RunState::Running => {}
-            state => {
-                return Err(CoordError::Rejected(format!(
-                    "run {run_id} is {state}; only queued or running runs can be paused"
-                )));
-            }
-        }
-        drop(live);
-        self.bump_progress();
-        self.run_or_not_found(run_id)
+            m.run(run_id)?.clone()
+        };
+        self.settle(&[run_id], false).await?;
+        Ok(run)
     }
 
     /// Queues a Paused run again, or an Interrupted, Failed or Cancelled one that has a
     /// checkpoint that verifies, optionally at another world size. The retry budget starts over.
     pub async fn resume(&self, run_id: &str, world_size: Option<u32>) -> Result<RunRecord> {
-        let run = self.run_or_not_found(run_id)?;
+        let run = self.get_run(run_id)?;
         if !run.state.is_resumable() {
             return Err(CoordError::Rejected(format!(
                 "run {run_id} is {}; only Paused, Interrupted, Failed or Cancelled runs can be resumed",
@@ -63,83 +65,89 @@ impl Coordinator {
                 "run {run_id} has no committed checkpoint that verifies; submit its spec again to start over"
             )));
         }
-        let transition = self.live.lock().await;
-        let mut run = self.run_or_not_found(run_id)?;
-        if !run.state.is_resumable() {
-            return Err(CoordError::Rejected(format!(
-                "run {run_id} became {} meanwhile",
-                run.state
-            )));
-        }
-        let from = checkpoint.as_ref().map(|c| c.step);
-        let message = format!(
-            "resumed by the user at world size {world} (was {}) from {}",
-            run.world_size,
-            describe_start(from)
-        );
-        run.world_size = world;
-        run.interruptions.clear();
-        run.live_state = None;
-        run.recovering_live = false;
-        self.requeue(&mut run, from, "resumed", message, &[]).await?;
-        drop(transition);
+        let run = {
+            let mut m = self.lock();
+            let mut run = m.run(run_id)?.clone();
+            if !run.state.is_resumable() {
+                return Err(CoordError::Rejected(format!(
+                    "run {run_id} became {} meanwhile",
+                    run.state
+                )));
+            }
+            let from = checkpoint.as_ref().map(|c| c.step);
+            let message = format!(
+                "resumed by the user at world size {world} (was {}) from {}",
+                run.world_size,
+                describe_start(from)
+            );
+            run.world_size = world;
+            run.interruptions.clear();
+            run.live_state = None;
+            run.recovering_live = false;
+            self.requeue(&mut m, &mut run, from, "resumed", message, &[])?;
+            m.run(run_id)?.clone()
+        };
+        self.settle(&[run_id], false).await?;
         self.schedule().await?;
-        self.run_or_not_found(run_id)
+        Ok(run)
     }
 
     /// Puts every Interrupted run back in the queue, from its newest checkpoint that verifies.
-    /// The budget was charged when the run was interrupted (see `end_run`).
+    /// The budget was charged when the run was interrupted (see `ending`).
     pub async fn resume_interrupted(&self) -> Result<()> {
         let interrupted: Vec<RunRecord> = self
-            .store
-            .runs()?
+            .lock()
+            .runs_in(RunState::Interrupted)
             .into_iter()
-            .filter(|r| r.state == RunState::Interrupted)
+            .cloned()
             .collect();
         if interrupted.is_empty() {
             return Ok(());
         }
         for run in interrupted {
             let checkpoint = self.choose_checkpoint(&run).await?;
-            let _transition = self.live.lock().await;
-            let mut run = self.run_or_not_found(&run.id)?;
-            if run.state != RunState::Interrupted {
-                continue;
+            {
+                let mut m = self.lock();
+                let mut run = m.run(&run.id)?.clone();
+                if run.state != RunState::Interrupted {
+                    continue;
+                }
+                let checkpoint_step = checkpoint.as_ref().map(|c| c.step);
+                // Live recovery when a survivor kept a state newer than the last checkpoint and
+                // is still alive to serve it.
+                let survivor = match run.live_state.clone() {
+                    Some(l) if checkpoint_step.is_none_or(|c| l.step > c) => m
+                        .worker(&l.worker_id)
+                        .filter(|w| w.state != WorkerState::Dead)
+                        .map(|_| l),
+                    _ => None,
+                };
+                run.recovering_live = survivor.is_some();
+                let (from, start) = match &survivor {
+                    Some(l) => (
+                        Some(l.step),
+                        format!("the state {} kept at step {} (live recovery)", l.worker_id, l.step),
+                    ),
+                    None => (checkpoint_step, describe_start(checkpoint_step)),
+                };
+                let message = format!(
+                    "resumed automatically (retry {} of {}) at world size {} from {start}",
+                    run.retries_used(),
+                    run.max_retries,
+                    run.world_size,
+                );
+                self.requeue(&mut m, &mut run, from, "resumed", message, &[])?;
             }
-            let checkpoint_step = checkpoint.as_ref().map(|c| c.step);
-            // Live recovery when a survivor kept a state newer than the last checkpoint and is
-            // still alive to serve it.
-            let survivor = match run.live_state.clone() {
-                Some(l) if checkpoint_step.is_none_or(|c| l.step > c) => self
-                    .store
-                    .worker(&l.worker_id)?
-                    .filter(|w| w.state != WorkerState::Dead)
-                    .map(|_| l),
-                _ => None,
-            };
-            run.recovering_live = survivor.is_some();
-            let (from, start) = match &survivor {
-                Some(l) => (
-                    Some(l.step),
-                    format!("the state {} kept at step {} (live recovery)", l.worker_id, l.step),
-                ),
-                None => (checkpoint_step, describe_start(checkpoint_step)),
-            };
-            let message = format!(
-                "resumed automatically (retry {} of {}) at world size {} from {start}",
-                run.retries_used(),
-                run.max_retries,
-                run.world_size,
-            );
-            self.requeue(&mut run, from, "resumed", message, &[]).await?;
+            self.settle(&[run.id.as_str()], false).await?;
         }
         self.schedule().await
     }
 
     /// Puts a run back in the queue to start from step `from` (a checkpoint or a live state),
     /// writing the workers it releases, if any, in the same transaction.
-    pub(super) async fn requeue(
+    pub(super) fn requeue(
         &self,
+        m: &mut Model,
         run: &mut RunRecord,
         from: Option<u64>,
         kind: &str,
@@ -154,9 +162,7 @@ impl Coordinator {
         run.started_ranks.clear();
         run.updated_unix_ms = now_unix_ms();
         let event = RunEvent::new(kind, from.unwrap_or(0), message);
-        self.store.put_transition(run, freed, &[event]).await?;
-        self.bump_progress();
-        Ok(())
+        m.put_transition(&self.store, run.clone(), freed, &[event])
     }
 
     /// The newest committed checkpoint whose objects still match their hashes. Each one that
@@ -164,16 +170,25 @@ impl Coordinator {
     pub(super) async fn choose_checkpoint(&self, run: &RunRecord) -> Result<Option<CheckpointRecord>> {
         let mut candidates = self.store.checkpoints(&run.id)?;
         candidates.retain(|c| c.unusable.is_none());
+        let mut chosen = None;
         while let Some(candidate) = candidates.pop() {
             match verify::verify_committed(&run.artifacts_url, &candidate).await {
-                Ok(()) => return Ok(Some(candidate)),
-                Err(e) => self.mark_unusable(&run.id, candidate.step, &e.to_string()).await?,
+                Ok(()) => {
+                    chosen = Some(candidate);
+                    break;
+                }
+                Err(e) => {
+                    let _model = self.lock();
+                    self.mark_unusable(&run.id, candidate.step, &e.to_string())?;
+                }
             }
         }
-        Ok(None)
+        self.store.durable().await?;
+        Ok(chosen)
     }
 
-    pub(super) async fn mark_unusable(&self, run_id: &str, step: u64, why: &str) -> Result<()> {
+    /// Call with the model locked, so the record is not rewritten by a concurrent commit.
+    pub(super) fn mark_unusable(&self, run_id: &str, step: u64, why: &str) -> Result<()> {
         let Some(mut record) = self.store.checkpoints(run_id)?.into_iter().find(|c| c.step == step) else {
             return Ok(());
         };
@@ -184,7 +199,7 @@ impl Coordinator {
             step,
             format!("the checkpoint at step {step} is unusable ({why}); resuming from an older one"),
         );
-        self.store.update_checkpoint(&record, &[event]).await?;
+        self.store.update_checkpoint(&record, &[event])?;
         Ok(())
     }
 
@@ -205,7 +220,7 @@ impl Coordinator {
     /// first and then records, so a crash in between leaves a record whose verification fails
     /// (and is skipped) rather than objects no record points to.
     pub(super) async fn collect_garbage(&self, run_id: &str) -> Result<()> {
-        let run = self.run_or_not_found(run_id)?;
+        let run = self.get_run(run_id)?;
         let keep_newest = RunSpec::from_toml(&run.spec_toml, "stored spec")
             .map(|s| s.train.checkpoint_keep)
             .unwrap_or(3) as usize;
@@ -225,7 +240,11 @@ impl Coordinator {
                 "deleted the checkpoints at steps {steps:?} (keeping the newest {keep_newest}, the final and the best)"
             ),
         );
-        self.store.delete_checkpoints(run_id, &steps, &[event]).await?;
+        {
+            let _model = self.lock();
+            self.store.delete_checkpoints(run_id, &steps, &[event])?;
+        }
+        self.store.durable().await?;
         Ok(())
     }
 }
@@ -258,11 +277,8 @@ fn check_world_size(run: &RunRecord, world: u32) -> Result<()> {
     if world == 0 || world > 1024 {
         return Err(bad("must be 1..=1024".into()));
     }
-    if run.train_cases.len() < world as usize {
-        return Err(bad(format!(
-            "the run has only {} training cases",
-            run.train_cases.len()
-        )));
+    if run.train_count < world {
+        return Err(bad(format!("the run has only {} training cases", run.train_count)));
     }
     let spec = RunSpec::from_toml(&run.spec_toml, "stored spec")?;
     spec.train

@@ -7,7 +7,8 @@
 
 use protocol::pb;
 
-use super::{CoordError, Coordinator, Result};
+use super::model::Model;
+use super::{CoordError, Coordinator, Result, ending};
 use crate::records::*;
 use crate::store::ChecksumReport;
 use crate::verify;
@@ -31,6 +32,12 @@ impl Coordinator {
                 run.id, run.attempt
             ));
         }
+        if rank >= run.world_size {
+            return Err(format!(
+                "rank {rank} is out of range: run {} has {} ranks",
+                run.id, run.world_size
+            ));
+        }
         if run.workers.get(rank as usize).map(String::as_str) != Some(worker_id) {
             return Err(format!(
                 "worker {worker_id} does not hold rank {rank} of run {}",
@@ -43,9 +50,21 @@ impl Coordinator {
     /// Stores the points, the checksums and the run's progress in one write, then fails the run
     /// if the ranks' weights diverged.
     pub async fn report_metrics(&self, req: pb::ReportMetricsRequest) -> Result<pb::ReportMetricsResponse> {
-        let mut live = self.live.lock().await;
-        let mut run = self.run_or_not_found(&req.run_id)?;
-        let stopped = self.check_member(&run, &req.worker_id, req.rank, req.attempt).err();
+        let (resp, ended) = {
+            let mut m = self.lock();
+            self.record_metrics(&mut m, &req)?
+        };
+        self.settle(&[req.run_id.as_str()], false).await?;
+        if ended {
+            self.schedule().await?;
+        }
+        Ok(resp)
+    }
+
+    /// The locked half of `report_metrics`: the reply, and whether the run ended.
+    fn record_metrics(&self, m: &mut Model, req: &pb::ReportMetricsRequest) -> Result<(pb::ReportMetricsResponse, bool)> {
+        let run = m.run(&req.run_id)?;
+        let stopped = self.check_member(run, &req.worker_id, req.rank, req.attempt).err();
         // A rank of the attempt that just ended (paused, interrupted) may still be delivering
         // the steps it completed: those happened, so they are recorded, and the rank is told to
         // stop. Reports from anyone else, or an older attempt, are not.
@@ -53,24 +72,25 @@ impl Coordinator {
             && run.workers.get(req.rank as usize) == Some(&req.worker_id)
             && !run.state.is_active()
             && run.state != RunState::Queued;
+        let stop = |reason: String| pb::ReportMetricsResponse {
+            stop_run: true,
+            stop_reason: reason,
+            ..Default::default()
+        };
         if let Some(reason) = &stopped
             && !late_but_ours
         {
-            return Ok(pb::ReportMetricsResponse {
-                stop_run: true,
-                stop_reason: reason.clone(),
-                ..Default::default()
-            });
+            return Ok((stop(reason.clone()), false));
         }
         let points: Vec<MetricRecord> = req
             .metrics
             .iter()
-            .map(|m| MetricRecord {
+            .map(|p| MetricRecord {
                 rank: req.rank,
-                step: m.step,
-                name: m.name.clone(),
-                value: m.value,
-                unix_ms: m.unix_ms,
+                step: p.step,
+                name: p.name.clone(),
+                value: p.value,
+                unix_ms: p.unix_ms,
             })
             .collect();
         let checksums: Vec<ChecksumReport> = req
@@ -85,106 +105,107 @@ impl Coordinator {
             .collect();
         let newest = points.iter().map(|p| p.step).max().unwrap_or(0);
         let advanced = newest > run.step && stopped.is_none();
+        let mut run = run.clone();
         if advanced {
             run.step = newest;
             run.updated_unix_ms = now_unix_ms();
         }
-        let (_, known) = self
-            .store
-            .record_report(&run.id, advanced.then_some(&run), &points, &checksums, run.world_size)
-            .await?;
+        let (_, known) = self.store.record_report(
+            &run.id,
+            advanced.then_some(&run),
+            &points,
+            &checksums,
+            run.world_size,
+        )?;
+        if advanced {
+            m.note_step(&run.id, run.step, run.updated_unix_ms);
+        }
         if let Some(reason) = stopped {
-            self.bump_progress();
-            return Ok(pb::ReportMetricsResponse {
-                stop_run: true,
-                stop_reason: reason,
-                ..Default::default()
-            });
+            return Ok((stop(reason), false));
         }
         for (step, all) in known {
             if let Some(reason) = divergence(&all, run.world_size, step) {
-                self.end_run(&mut live, run, RunState::Failed, reason.clone()).await?;
-                drop(live);
-                self.schedule().await?;
-                return Ok(pb::ReportMetricsResponse {
-                    stop_run: true,
-                    stop_reason: reason,
-                    ..Default::default()
-                });
+                self.end_run(m, run, RunState::Failed, reason.clone())?;
+                return Ok((stop(reason), true));
             }
         }
-        self.bump_progress();
-        Ok(pb::ReportMetricsResponse {
-            pause_run: run.pause_requested && req.rank == 0,
-            ..Default::default()
-        })
+        let pause_run = run.pause_requested && req.rank == 0;
+        Ok((
+            pb::ReportMetricsResponse {
+                pause_run,
+                ..Default::default()
+            },
+            false,
+        ))
     }
 
     /// Verifies every file of the checkpoint in the object store against its hash, then commits
     /// it. Only rank 0 writes checkpoints. A commit while a pause is requested pauses the run.
     pub async fn commit_checkpoint(&self, req: pb::CommitCheckpointRequest) -> Result<pb::CommitCheckpointResponse> {
-        let run = self.run_or_not_found(&req.run_id)?;
+        let run = self.get_run(&req.run_id)?;
         self.check_member(&run, &req.worker_id, 0, req.attempt)
             .map_err(CoordError::Rejected)?;
         let prefix = verify::checkpoint_prefix(&run.id, req.step, req.attempt);
         let files = verify::verify_files(&run.artifacts_url, &prefix, &req.files).await?;
-        let mut live = self.live.lock().await;
-        let mut run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, 0, req.attempt)
-            .map_err(CoordError::Rejected)?;
-        let run_artifacts = run.artifacts_url.clone();
-        let record = CheckpointRecord {
-            run_id: run.id.clone(),
-            step: req.step,
-            prefix,
-            files,
-            is_final: req.is_final,
-            committed_unix_ms: now_unix_ms(),
-            attempt: req.attempt,
-            unusable: None,
-            eval_dice: req.has_eval_dice.then_some(req.eval_dice),
-        };
-        if req.is_final {
-            run.final_checkpoint = Some(req.step);
-        }
-        run.updated_unix_ms = now_unix_ms();
-        let kind = if req.is_final { "final checkpoint" } else { "checkpoint" };
-        let mut events = vec![RunEvent::new(
-            "checkpoint",
-            req.step,
-            format!("{kind} committed at {}", record.prefix),
-        )];
-        // A resumed attempt that re-reaches a step replaces the older attempt's record there;
-        // that record's objects are deleted once the new one is committed.
-        let replaced = self
-            .store
-            .checkpoints(&run.id)?
-            .into_iter()
-            .find(|c| c.step == req.step && c.prefix != record.prefix);
-        if let Some(old) = &replaced {
-            events.push(RunEvent::new(
-                "checkpoint-replaced",
-                req.step,
-                format!("replaces {} (attempt {})", old.prefix, old.attempt),
-            ));
-        }
-        // A commit while a pause is requested pauses the run, in the same write.
-        let mut resp = pb::CommitCheckpointResponse::default();
-        let mut freed = vec![];
-        if run.pause_requested && !req.is_final && run.state == RunState::Running {
-            let message = format!("paused at step {} on request", req.step);
-            run.resume_step = Some(req.step);
-            let ending = self.ending(&mut live, run, RunState::Paused, message.clone())?;
-            (run, freed) = (ending.run, ending.freed);
-            events.extend(ending.events);
-            resp = pb::CommitCheckpointResponse {
-                stop_run: true,
-                stop_reason: message,
+        let (resp, replaced, run_artifacts) = {
+            let mut m = self.lock();
+            let mut run = m.run(&req.run_id)?.clone();
+            self.check_member(&run, &req.worker_id, 0, req.attempt)
+                .map_err(CoordError::Rejected)?;
+            let run_artifacts = run.artifacts_url.clone();
+            let record = CheckpointRecord {
+                run_id: run.id.clone(),
+                step: req.step,
+                prefix,
+                files,
+                is_final: req.is_final,
+                committed_unix_ms: now_unix_ms(),
+                attempt: req.attempt,
+                unusable: None,
+                eval_dice: req.has_eval_dice.then_some(req.eval_dice),
             };
-        }
-        self.store.put_checkpoint(&record, &run, &freed, &events).await?;
-        drop(live);
-        self.bump_progress();
+            if req.is_final {
+                run.final_checkpoint = Some(req.step);
+            }
+            run.updated_unix_ms = now_unix_ms();
+            let kind = if req.is_final { "final checkpoint" } else { "checkpoint" };
+            let mut events = vec![RunEvent::new(
+                "checkpoint",
+                req.step,
+                format!("{kind} committed at {}", record.prefix),
+            )];
+            // A resumed attempt that re-reaches a step replaces the older attempt's record
+            // there; that record's objects are deleted once the new one is committed.
+            let replaced = self
+                .store
+                .checkpoints(&run.id)?
+                .into_iter()
+                .find(|c| c.step == req.step && c.prefix != record.prefix);
+            if let Some(old) = &replaced {
+                events.push(RunEvent::new(
+                    "checkpoint-replaced",
+                    req.step,
+                    format!("replaces {} (attempt {})", old.prefix, old.attempt),
+                ));
+            }
+            // A commit while a pause is requested pauses the run, in the same write.
+            let mut resp = pb::CommitCheckpointResponse::default();
+            let mut freed = vec![];
+            if run.pause_requested && !req.is_final && run.state == RunState::Running {
+                let message = format!("paused at step {} on request", req.step);
+                run.resume_step = Some(req.step);
+                let ending = ending(&mut m, run, RunState::Paused, message.clone())?;
+                (run, freed) = (ending.run, ending.freed);
+                events.extend(ending.events);
+                resp = pb::CommitCheckpointResponse {
+                    stop_run: true,
+                    stop_reason: message,
+                };
+            }
+            m.put_checkpoint(&self.store, &record, run, &freed, &events)?;
+            (resp, replaced, run_artifacts)
+        };
+        self.settle(&[req.run_id.as_str()], false).await?;
         if let Some(old) = replaced
             && let Err(e) = verify::delete_checkpoint_objects(&run_artifacts, &old).await
         {
@@ -200,60 +221,78 @@ impl Coordinator {
     }
 
     pub async fn finish_run(&self, req: pb::FinishRunRequest) -> Result<()> {
-        let mut live = self.live.lock().await;
-        let mut run = self.run_or_not_found(&req.run_id)?;
-        self.check_member(&run, &req.worker_id, req.rank, req.attempt)
-            .map_err(CoordError::Rejected)?;
-        run.finished.insert(
-            req.rank,
-            FinishedRank {
-                final_step: req.final_step,
-                weights_sha256: req.weights_sha256,
-            },
-        );
-        if run.finished.len() < run.world_size as usize {
-            run.updated_unix_ms = now_unix_ms();
-            self.store.put_run(&run).await?;
-            return Ok(());
-        }
-        let checksums: Vec<(u32, String)> = run
-            .finished
-            .iter()
-            .map(|(r, f)| (*r, f.weights_sha256.clone()))
-            .collect();
-        let (state, message) = if let Some(reason) = divergence(&checksums, run.world_size, req.final_step) {
-            (RunState::Failed, reason)
-        } else if run.final_checkpoint.is_none() {
-            (
-                RunState::Failed,
-                "all ranks finished but no final checkpoint was committed".to_string(),
-            )
-        } else {
-            (RunState::Completed, String::new())
+        let ended = {
+            let mut m = self.lock();
+            let mut run = m.run(&req.run_id)?.clone();
+            self.check_member(&run, &req.worker_id, req.rank, req.attempt)
+                .map_err(CoordError::Rejected)?;
+            run.finished.insert(
+                req.rank,
+                FinishedRank {
+                    final_step: req.final_step,
+                    weights_sha256: req.weights_sha256.clone(),
+                },
+            );
+            if run.finished.len() < run.world_size as usize {
+                run.updated_unix_ms = now_unix_ms();
+                m.put_transition(&self.store, run, &[], &[])?;
+                false
+            } else {
+                let checksums: Vec<(u32, String)> = run
+                    .finished
+                    .iter()
+                    .map(|(r, f)| (*r, f.weights_sha256.clone()))
+                    .collect();
+                let (state, message) = if let Some(reason) = divergence(&checksums, run.world_size, req.final_step) {
+                    (RunState::Failed, reason)
+                } else if run.final_checkpoint.is_none() {
+                    (
+                        RunState::Failed,
+                        "all ranks finished but no final checkpoint was committed".to_string(),
+                    )
+                } else {
+                    (RunState::Completed, String::new())
+                };
+                run.step = run.step.max(req.final_step);
+                self.end_run(&mut m, run, state, message)?;
+                true
+            }
         };
-        run.step = run.step.max(req.final_step);
-        self.end_run(&mut live, run, state, message).await?;
-        drop(live);
-        self.schedule().await
+        self.settle(&[req.run_id.as_str()], false).await?;
+        if ended {
+            self.schedule().await?;
+        }
+        Ok(())
     }
 
     /// A rank gave up. A lost peer or a coordinator that stayed away interrupts the run (it is
     /// resumable); a checkpoint that would not load is marked unusable and interrupts it too, so
     /// the resume takes an older one; anything else fails it.
     pub async fn report_failure(&self, req: pb::ReportFailureRequest) -> Result<()> {
-        let mut live = self.live.lock().await;
-        let mut run = self.run_or_not_found(&req.run_id)?;
+        let ended = {
+            let mut m = self.lock();
+            self.record_failure(&mut m, &req)?
+        };
+        self.settle(&[req.run_id.as_str()], false).await?;
+        if ended {
+            self.schedule().await?;
+        }
+        Ok(())
+    }
+
+    fn record_failure(&self, m: &mut Model, req: &pb::ReportFailureRequest) -> Result<bool> {
+        let mut run = m.run(&req.run_id)?.clone();
         if req.holds_state {
-            self.note_live_state(&mut run, &req).await?;
+            self.note_live_state(m, &mut run, req)?;
         }
         if self.check_member(&run, &req.worker_id, req.rank, req.attempt).is_err() {
-            return Ok(()); // that attempt already ended; a late report changes nothing
+            return Ok(false); // that attempt already ended; a late report changes nothing
         }
         if req.names_lost_rank
             && let Some(lost) = run.workers.get(req.lost_rank as usize)
             && *lost != req.worker_id
         {
-            live.suspects.insert(lost.clone());
+            m.suspects.insert(lost.clone());
         }
         let who = format!("rank {} ({})", req.rank, req.worker_id);
         let (state, message) = if req.checkpoint_unusable {
@@ -262,7 +301,7 @@ impl Coordinator {
                 run.live_state = None;
                 run.recovering_live = false;
             } else if let Some(step) = run.resume_step {
-                self.mark_unusable(&run.id, step, &req.message).await?;
+                self.mark_unusable(&run.id, step, &req.message)?;
             }
             (
                 RunState::Interrupted,
@@ -281,17 +320,14 @@ impl Coordinator {
         } else {
             (RunState::Failed, format!("{who} failed: {}", req.message))
         };
-        self.end_run(&mut live, run, state, message).await?;
-        drop(live);
-        self.schedule().await
+        self.end_run(m, run, state, message)?;
+        Ok(true)
     }
-}
 
-impl Coordinator {
     /// Remembers the newest state a rank of the current attempt kept when its ring broke; the
     /// automatic resume starts from it when it is newer than the last checkpoint. Reports that
     /// arrive after the run was interrupted still count: every survivor holds a state.
-    async fn note_live_state(&self, run: &mut RunRecord, req: &pb::ReportFailureRequest) -> Result<()> {
+    fn note_live_state(&self, m: &mut Model, run: &mut RunRecord, req: &pb::ReportFailureRequest) -> Result<()> {
         let ours = run.attempt == req.attempt
             && (run.state.is_active() || run.state == RunState::Interrupted)
             && run.workers.get(req.rank as usize) == Some(&req.worker_id);
@@ -299,7 +335,7 @@ impl Coordinator {
             .live_state
             .as_ref()
             .is_none_or(|l| l.attempt < req.attempt || l.step < req.held_step);
-        let Some(worker) = self.store.worker(&req.worker_id)? else {
+        let Some(worker) = m.worker(&req.worker_id).cloned() else {
             return Ok(());
         };
         if ours && newer {
@@ -309,7 +345,7 @@ impl Coordinator {
                 attempt: req.attempt,
                 step: req.held_step,
             });
-            self.store.put_run(run).await?;
+            m.put_transition(&self.store, run.clone(), &[], &[])?;
         }
         Ok(())
     }
@@ -327,7 +363,7 @@ fn divergence(checksums: &[(u32, String)], world_size: u32, step: u64) -> Option
     }
     let listing: Vec<String> = checksums
         .iter()
-        .map(|(r, c)| format!("rank {r}: {}", &c[..c.len().min(16)]))
+        .map(|(r, c)| format!("rank {r}: {}", c.chars().take(16).collect::<String>()))
         .collect();
     Some(format!(
         "weights diverged across ranks at step {step} ({})",

@@ -13,14 +13,40 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::checked_id;
+use super::sweep_info::{manifest_info, sweep_action, sweep_detail, sweep_info};
 use crate::core::CoordError;
 use crate::core::Coordinator;
 use crate::records::{CheckpointRecord, MetricRecord, RunEvent, RunRecord, WorkerRecord};
+use crate::scheduler::Waiting;
+
+/// One value per metric name: rank 0's where it reports the metric, else the lowest rank's.
+pub fn latest_by_name(latest: Vec<MetricRecord>) -> BTreeMap<String, MetricRecord> {
+    let mut by_name: BTreeMap<String, MetricRecord> = BTreeMap::new();
+    for m in latest {
+        match by_name.get(&m.name) {
+            Some(held) if held.rank <= m.rank => {}
+            _ => {
+                by_name.insert(m.name.clone(), m);
+            }
+        }
+    }
+    by_name
+}
 
 pub struct ControlApi(pub Arc<Coordinator>);
 
 pub fn run_info(r: &RunRecord) -> pb::RunInfo {
+    run_info_waiting(r, None)
+}
+
+/// A run as the CLI sees it; queued runs carry their queue position and why they wait.
+fn run_info_waiting(r: &RunRecord, waiting: Option<&Waiting>) -> pb::RunInfo {
     pb::RunInfo {
+        priority: r.priority,
+        queue_position: waiting.map_or(0, |w| w.position),
+        waiting_reason: waiting.map(|w| w.reason.clone()).unwrap_or_default(),
+        sweep_id: r.sweep_id.clone().unwrap_or_default(),
+        device: r.device.clone().unwrap_or_default(),
         run_id: r.id.clone(),
         name: r.name.clone(),
         state: r.state.to_string(),
@@ -109,10 +135,15 @@ impl ControlService for ControlApi {
         Ok(Response::new(run_info(&run)))
     }
 
-    async fn list_runs(&self, _: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let runs = self.0.store().runs().map_err(CoordError::from)?;
+    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let sweep_id = req.into_inner().sweep_id;
+        let sweep = match sweep_id.as_str() {
+            "" => None,
+            id => Some(checked_id(id, "sweep id")?),
+        };
+        let runs = self.0.list_runs(sweep)?;
         Ok(Response::new(pb::ListRunsResponse {
-            runs: runs.iter().map(run_info).collect(),
+            runs: runs.iter().map(|(r, w)| run_info_waiting(r, w.as_ref())).collect(),
         }))
     }
 
@@ -124,22 +155,16 @@ impl ControlService for ControlApi {
         let checkpoints = store.checkpoints(&run_id).map_err(CoordError::from)?;
         let candidate = self.0.resume_candidate(&run_id)?;
         let events = store.events(&run_id).map_err(CoordError::from)?;
-        let mut latest: BTreeMap<(String, u32), MetricRecord> = BTreeMap::new();
-        for (_, m) in store.metrics_from(&run_id, 0).map_err(CoordError::from)? {
-            latest.insert((m.name.clone(), m.rank), m);
-        }
-        // One value per name: rank 0's where it reports the metric.
-        let mut by_name: BTreeMap<String, MetricRecord> = BTreeMap::new();
-        for ((name, _), m) in latest.into_iter().rev() {
-            by_name.insert(name, m);
-        }
+        let by_name = latest_by_name(store.latest_metrics(&run_id).map_err(CoordError::from)?);
+        let waiting = self.0.why_waiting(&run);
         Ok(Response::new(pb::RunDetail {
-            run: Some(run_info(&run)),
+            manifest_id: run.manifest_id.clone(),
+            run: Some(run_info_waiting(&run, waiting.as_ref())),
             spec_toml: run.spec_toml.clone(),
             checkpoints: checkpoints.iter().map(|c| checkpoint_info(c, candidate)).collect(),
             latest_metrics: by_name.values().map(metric).collect(),
-            train_cases: run.train_cases.len() as u32,
-            eval_cases: run.eval_cases.len() as u32,
+            train_cases: run.train_count,
+            eval_cases: run.eval_count,
             events: events.iter().map(event_info).collect(),
         }))
     }
@@ -174,11 +199,60 @@ impl ControlService for ControlApi {
         Ok(Response::new(run_info(&self.0.resume(&req.run_id, world).await?)))
     }
 
+    async fn submit_sweep(&self, req: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SweepInfo>, Status> {
+        let req = req.into_inner();
+        let source = if req.source_name.is_empty() {
+            "submitted sweep"
+        } else {
+            req.source_name.as_str()
+        };
+        let view = self.0.submit_sweep(&req.sweep_toml, source).await?;
+        tracing::info!(sweep = %view.sweep.id, runs = view.children.len(), "sweep submitted");
+        Ok(Response::new(sweep_info(&view)))
+    }
+
+    async fn list_sweeps(&self, _: Request<pb::ListSweepsRequest>) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        Ok(Response::new(pb::ListSweepsResponse {
+            sweeps: self.0.sweeps().iter().map(sweep_info).collect(),
+        }))
+    }
+
+    async fn get_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepDetail>, Status> {
+        let sweep_id = req.into_inner().sweep_id;
+        checked_id(&sweep_id, "sweep id")?;
+        let view = self.0.sweep(&sweep_id)?;
+        Ok(Response::new(sweep_detail(&self.0, &view)?))
+    }
+
+    async fn cancel_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepActionResponse>, Status> {
+        let sweep_id = req.into_inner().sweep_id;
+        checked_id(&sweep_id, "sweep id")?;
+        let (view, results) = self.0.cancel_sweep(&sweep_id).await?;
+        Ok(Response::new(sweep_action(&view, results)))
+    }
+
+    async fn resume_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepActionResponse>, Status> {
+        let sweep_id = req.into_inner().sweep_id;
+        checked_id(&sweep_id, "sweep id")?;
+        let (view, results) = self.0.resume_sweep(&sweep_id).await?;
+        Ok(Response::new(sweep_action(&view, results)))
+    }
+
+    async fn list_manifests(
+        &self,
+        _: Request<pb::ListManifestsRequest>,
+    ) -> Result<Response<pb::ListManifestsResponse>, Status> {
+        let manifests = self.0.store().manifests().map_err(CoordError::from)?;
+        Ok(Response::new(pb::ListManifestsResponse {
+            manifests: manifests.iter().map(manifest_info).collect(),
+        }))
+    }
+
     async fn list_workers(
         &self,
         _: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self.0.workers().await?;
+        let workers = self.0.workers();
         Ok(Response::new(pb::ListWorkersResponse {
             workers: workers.iter().map(worker_info).collect(),
         }))
@@ -192,7 +266,7 @@ async fn follow_metrics(
     req: pb::StreamMetricsRequest,
     tx: mpsc::Sender<Result<pb::MetricRecord, Status>>,
 ) {
-    let mut progress = coord.subscribe_progress();
+    let mut progress = coord.follow(&req.run_id);
     let mut next = req.from_seq;
     loop {
         progress.borrow_and_update();

@@ -1,6 +1,7 @@
 //! gRPC shells over `core::Coordinator`: decode, call, encode. No state lives here.
 
 pub mod control_api;
+mod sweep_info;
 pub mod worker_api;
 
 use tonic::Status;

@@ -38,7 +38,7 @@ impl WorkerService for WorkerApi {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         checked_id(&req.worker_id, "worker id")?;
-        Ok(Response::new(self.0.heartbeat(req).await?))
+        Ok(Response::new(self.0.heartbeat(req)?))
     }
 
     async fn await_assignment(
@@ -88,5 +88,12 @@ impl WorkerService for WorkerApi {
         tracing::warn!(run = %req.run_id, rank = req.rank, message = %req.message, "worker reported a failure");
         self.0.report_failure(req).await?;
         Ok(Response::new(pb::ReportFailureResponse {}))
+    }
+
+    async fn get_manifest(&self, req: Request<pb::GetManifestRequest>) -> Result<Response<pb::Manifest>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.manifest_id, "manifest id")?;
+        let manifest = self.0.manifest(&req.manifest_id)?;
+        Ok(Response::new(super::sweep_info::manifest_info(&manifest)))
     }
 }

@@ -17,6 +17,8 @@ use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
 use protocol::classes::NUM_CLASSES;
 use protocol::pb;
+
+use crate::manifests::RunCases;
 use protocol::spec::RunSpec;
 use thiserror::Error;
 
@@ -97,6 +99,7 @@ impl CaseCache {
 pub fn train_rank<B: AutodiffBackend>(
     device: B::Device,
     assignment: &pb::Assignment,
+    cases: &RunCases,
     ring: &mut Ring,
     link: &mut RunLink,
 ) -> Result<RunSummary, TrainError> {
@@ -104,7 +107,7 @@ pub fn train_rank<B: AutodiffBackend>(
     let t = &spec.train;
     let (rank, world) = (assignment.rank, assignment.world_size);
     let per_rank = t.per_rank_batch(world).map_err(TrainError::Assignment)?;
-    if assignment.train_cases.is_empty() {
+    if cases.train.is_empty() {
         return Err(TrainError::Assignment("no training cases".into()));
     }
     let config = model_config(&spec);
@@ -136,19 +139,19 @@ pub fn train_rank<B: AutodiffBackend>(
         tracing::info!(run = %assignment.run_id, rank, step = state.step, samples = state.samples_consumed, "resumed from checkpoint");
     }
     let start_step = state.step;
-    let order = SampleOrder::new(assignment.train_cases.clone(), spec.seed);
+    let order = SampleOrder::new(cases.train.clone(), spec.seed);
     let patch = t.patch.map(|p| p as usize);
     let batch = per_rank as usize;
     let voxels: usize = patch.iter().product();
-    let evaluating = rank == 0 && t.eval && !assignment.eval_cases.is_empty();
+    let evaluating = rank == 0 && t.eval && !cases.eval.is_empty();
 
     let eval_at =
         |model: &UNet3d<B>, step: u64, link: &mut RunLink, cache: &mut CaseCache| -> Result<EvalReport, TrainError> {
             let started = Instant::now();
-            for id in &assignment.eval_cases {
+            for id in &cases.eval {
                 cache.get(link, id)?;
             }
-            let vols: Vec<&CaseVolume> = assignment.eval_cases.iter().map(|id| &cache.cases[id]).collect();
+            let vols: Vec<&CaseVolume> = cases.eval.iter().map(|id| &cache.cases[id]).collect();
             let report = evaluate(&model.valid(), &vols, multiple, &device);
             for (name, value) in report.metrics() {
                 link.metric(step, &name, value);

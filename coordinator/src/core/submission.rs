@@ -1,0 +1,241 @@
+//! New work: a single run or a whole sweep, each validated whole (spec, frozen manifest, case
+//! counts) before anything is stored, then written in one transaction. Also the sweep-wide
+//! actions: listing, cancel and resume of every child.
+
+use std::collections::{BTreeMap, HashMap};
+
+use protocol::spec::RunSpec;
+
+use super::model::count_states;
+use super::{CoordError, Coordinator, Result};
+use crate::manifest;
+use crate::records::*;
+use crate::sweep::{SweepFile, literal};
+
+/// A sweep with its children as they are now.
+#[derive(Debug, Clone)]
+pub struct SweepView {
+    pub sweep: SweepRecord,
+    pub states: BTreeMap<String, u32>,
+    pub children: Vec<(SweepChildRecord, RunRecord)>,
+}
+
+/// A run checked against its frozen manifest, ready to be stored.
+struct Prepared {
+    spec: RunSpec,
+    manifest_id: String,
+    train_count: u32,
+    eval_count: u32,
+}
+
+impl Coordinator {
+    pub async fn submit(&self, spec_toml: &str, source_name: &str) -> Result<RunRecord> {
+        let spec = RunSpec::from_toml(spec_toml, source_name)?;
+        let _one_at_a_time = self.submitting.lock().await;
+        let mut frozen = HashMap::new();
+        let prepared = self.prepare(spec, source_name, &mut frozen).await?;
+        let run_id = {
+            let mut m = self.lock();
+            let (run, event) = self.new_run(prepared, None, format!("from {source_name}"))?;
+            let id = run.id.clone();
+            let manifests: Vec<ManifestRecord> = frozen.into_values().filter(|(_, new)| *new).map(|(m, _)| m).collect();
+            m.put_submission(&self.store, &manifests, None, vec![(run, event)])?;
+            id
+        };
+        self.settle(&[], false).await?;
+        self.schedule().await?;
+        self.get_run(&run_id)
+    }
+
+    /// Expands a sweep file (base inlined) and queues every child under one sweep id, or, when
+    /// any child is invalid, stores nothing and names the axis.
+    pub async fn submit_sweep(&self, sweep_toml: &str, source_name: &str) -> Result<SweepView> {
+        let file = SweepFile::parse(sweep_toml, source_name, |path| {
+            Err(format!("`{path}`: inline the base spec as a [base] table (the CLI does this)"))
+        })
+        .map_err(|e| CoordError::Rejected(e.to_string()))?;
+        let children = file
+            .expand(source_name)
+            .map_err(|e| CoordError::Rejected(e.to_string()))?;
+        let _one_at_a_time = self.submitting.lock().await;
+        // Manifests are frozen once per dataset and seed, shared by every child: their
+        // training subsets are prefixes of one order, so they nest.
+        let mut frozen = HashMap::new();
+        let mut prepared = Vec::with_capacity(children.len());
+        for child in children {
+            let label: Vec<String> = file
+                .axes
+                .iter()
+                .zip(&child.values)
+                .map(|((k, _), v)| format!("{k} = {}", literal(v)))
+                .collect();
+            let source = format!("{source_name} ({})", label.join(", "));
+            let values = child.values.iter().map(literal).collect();
+            prepared.push((self.prepare(child.spec, &source, &mut frozen).await?, values));
+        }
+        let sweep_id = {
+            let mut m = self.lock();
+            let sweep_id = self.store.next_sweep_id()?;
+            let mut runs = vec![];
+            let mut records = vec![];
+            for (p, values) in prepared {
+                let (run, event) = self.new_run(p, Some(&sweep_id), format!("from sweep {sweep_id} ({source_name})"))?;
+                records.push(SweepChildRecord {
+                    run_id: run.id.clone(),
+                    values,
+                });
+                runs.push((run, event));
+            }
+            let sweep = SweepRecord {
+                id: sweep_id.clone(),
+                name: file.name.clone(),
+                priority: file.priority.unwrap_or(0),
+                source_name: source_name.to_string(),
+                sweep_toml: file.to_toml(),
+                axes: file.axis_keys(),
+                children: records,
+                submitted_unix_ms: now_unix_ms(),
+            };
+            let manifests: Vec<ManifestRecord> = frozen.into_values().filter(|(_, new)| *new).map(|(m, _)| m).collect();
+            m.put_submission(&self.store, &manifests, Some(sweep), runs)?;
+            sweep_id
+        };
+        self.settle(&[], false).await?;
+        self.schedule().await?;
+        self.sweep(&sweep_id)
+    }
+
+    /// Checks a spec against the data: its manifest (frozen now if new, kept in `frozen` until
+    /// the caller stores it) must hold the cases it asks for, and at least one per rank.
+    async fn prepare(
+        &self,
+        spec: RunSpec,
+        source_name: &str,
+        frozen: &mut HashMap<(String, u64), (ManifestRecord, bool)>,
+    ) -> Result<Prepared> {
+        let key = (spec.dataset.url.clone(), spec.dataset.order_seed);
+        if !frozen.contains_key(&key) {
+            let found = manifest::freeze(&self.store, &key.0, key.1).await?;
+            frozen.insert(key.clone(), found);
+        }
+        let manifest = &frozen[&key].0;
+        let (train_count, eval_count) = manifest::split_counts(manifest, &spec)
+            .map_err(|e| CoordError::Rejected(format!("{source_name}: {e}")))?;
+        if train_count < spec.world_size {
+            return Err(CoordError::Rejected(format!(
+                "{source_name}: field `world_size`: {} ranks but only {train_count} training cases",
+                spec.world_size
+            )));
+        }
+        Ok(Prepared {
+            manifest_id: manifest.id.clone(),
+            spec,
+            train_count,
+            eval_count,
+        })
+    }
+
+    fn new_run(&self, p: Prepared, sweep_id: Option<&str>, from: String) -> Result<(RunRecord, RunEvent)> {
+        let (seq, id) = self.store.next_run_id()?;
+        let now = now_unix_ms();
+        let spec = p.spec;
+        let run = RunRecord {
+            id,
+            name: spec.name.clone(),
+            spec_toml: spec.to_toml(),
+            state: RunState::Queued,
+            world_size: spec.world_size,
+            total_steps: spec.train.steps,
+            step: 0,
+            message: String::new(),
+            submitted_unix_ms: now,
+            updated_unix_ms: now,
+            workers: vec![],
+            started_ranks: vec![],
+            manifest_id: p.manifest_id,
+            train_count: p.train_count,
+            eval_count: p.eval_count,
+            legacy_train_cases: vec![],
+            legacy_eval_cases: vec![],
+            artifacts_url: spec.artifacts.url.clone(),
+            finished: Default::default(),
+            final_checkpoint: None,
+            attempt: 0,
+            max_retries: spec.max_retries,
+            interruptions: vec![],
+            resume_step: None,
+            pause_requested: false,
+            live_state: None,
+            recovering_live: false,
+            priority: spec.priority,
+            seq,
+            device: spec.device.clone(),
+            sweep_id: sweep_id.map(str::to_string),
+        };
+        let event = RunEvent::new(
+            "submitted",
+            0,
+            format!(
+                "{from}, {} workers, priority {}, {} training cases",
+                spec.world_size, spec.priority, p.train_count
+            ),
+        );
+        Ok((run, event))
+    }
+
+    pub fn sweep(&self, sweep_id: &str) -> Result<SweepView> {
+        let m = self.lock();
+        let sweep = m.sweeps.get(sweep_id).cloned().ok_or_else(|| CoordError::NotFound {
+            what: "sweep",
+            id: sweep_id.into(),
+        })?;
+        let children: Vec<(SweepChildRecord, RunRecord)> = sweep
+            .children
+            .iter()
+            .filter_map(|c| m.run(&c.run_id).ok().map(|r| (c.clone(), r.clone())))
+            .collect();
+        Ok(SweepView {
+            states: count_states(children.iter().map(|(_, r)| r)),
+            sweep,
+            children,
+        })
+    }
+
+    pub fn sweeps(&self) -> Vec<SweepView> {
+        let ids: Vec<String> = self.lock().sweeps.keys().cloned().collect();
+        ids.iter().filter_map(|id| self.sweep(id).ok()).collect()
+    }
+
+    /// Cancels every child that has not ended; one line per child says what happened.
+    pub async fn cancel_sweep(&self, sweep_id: &str) -> Result<(SweepView, Vec<(String, bool, String)>)> {
+        let view = self.sweep(sweep_id)?;
+        let mut results = vec![];
+        for (_, run) in &view.children {
+            let result = match self.cancel(&run.id).await {
+                Ok(_) => (run.id.clone(), true, "cancelled".to_string()),
+                Err(e) => (run.id.clone(), false, e.to_string()),
+            };
+            results.push(result);
+        }
+        Ok((self.sweep(sweep_id)?, results))
+    }
+
+    /// Resumes every child that can be resumed (Paused, Interrupted, Failed or Cancelled with a
+    /// usable checkpoint); the others are listed with the reason.
+    pub async fn resume_sweep(&self, sweep_id: &str) -> Result<(SweepView, Vec<(String, bool, String)>)> {
+        let view = self.sweep(sweep_id)?;
+        let mut results = vec![];
+        for (_, run) in &view.children {
+            let result = if !run.state.is_resumable() {
+                (run.id.clone(), false, format!("left alone: {}", run.state))
+            } else {
+                match self.resume(&run.id, None).await {
+                    Ok(r) => (run.id.clone(), true, r.message),
+                    Err(e) => (run.id.clone(), false, e.to_string()),
+                }
+            };
+            results.push(result);
+        }
+        Ok((self.sweep(sweep_id)?, results))
+    }
+}

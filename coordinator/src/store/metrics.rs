@@ -1,0 +1,257 @@
+//! Metric points, their newest values, and weight checksums: the high-volume half of the store,
+//! written by every rank's reports.
+
+use std::collections::BTreeMap;
+
+use sled::Transactional;
+
+use super::*;
+use crate::records::MetricRecord;
+
+/// One rank's weight checksum at one step, as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChecksumReport {
+    pub step: u64,
+    pub rank: u32,
+    pub attempt: u32,
+    pub sha256: String,
+}
+
+fn latest_key(run_id: &str, rank: u32, name: &str) -> String {
+    format!("{run_id}/{rank:06}/{name}")
+}
+
+impl Store {
+    /// Appends metrics with dense per-run sequence numbers; returns the seq after the last one.
+    pub fn append_metrics(&self, run_id: &str, points: &[MetricRecord]) -> Result<u64> {
+        Ok(self.record_report(run_id, None, points, &[], 0)?.0)
+    }
+
+    /// Stores one rank's report: its metric points (dense per-run sequence numbers), the newest
+    /// value of each metric it names, its weight checksums, and the run's new progress, in one
+    /// transaction. The points and their counter move together: a crash between them would hand
+    /// the same sequence numbers out again and overwrite acknowledged points.
+    ///
+    /// Returns the seq after the last point and, for each reported step, the checksums of ranks
+    /// `0..world_size` known for it (read inside the same transaction).
+    pub fn record_report(
+        &self,
+        run_id: &str,
+        run: Option<&RunRecord>,
+        points: &[MetricRecord],
+        checksums: &[ChecksumReport],
+        world_size: u32,
+    ) -> Result<(u64, Vec<(u64, Vec<(u32, String)>)>)> {
+        let counter = format!("metric_seq/{run_id}");
+        let encoded: Vec<Vec<u8>> = points.iter().map(encode).collect();
+        let run_bytes = run.map(encode);
+        // Only the newest point of each (rank, name) in this report can replace the stored one.
+        let mut newest: BTreeMap<String, &MetricRecord> = BTreeMap::new();
+        for p in points {
+            let key = latest_key(run_id, p.rank, &p.name);
+            if newest.get(&key).is_none_or(|q| q.step <= p.step) {
+                newest.insert(key, p);
+            }
+        }
+        let newest: Vec<(String, u64, Vec<u8>)> =
+            newest.into_iter().map(|(k, p)| (k, p.step, encode(p))).collect();
+        (&self.metrics, &self.meta, &self.checksums, &self.runs, &self.latest)
+            .transaction(|(metrics, meta, sums, runs, latest)| {
+                let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
+                if !encoded.is_empty() {
+                    for value in &encoded {
+                        metrics.insert(step_key(run_id, next).as_bytes(), value.clone())?;
+                        next += 1;
+                    }
+                    meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
+                }
+                let mut known = Vec::with_capacity(checksums.len());
+                for c in checksums {
+                    let prefix = format!("{}/", step_key(run_id, c.step));
+                    let key = |rank: u32| format!("{prefix}{rank:06}@{:06}", c.attempt);
+                    sums.insert(key(c.rank).as_bytes(), c.sha256.as_bytes())?;
+                    let mut at = vec![];
+                    for rank in 0..world_size {
+                        if let Some(v) = sums.get(key(rank).as_bytes())? {
+                            at.push((rank, String::from_utf8_lossy(&v).into_owned()));
+                        }
+                    }
+                    known.push((c.step, at));
+                }
+                for (key, step, value) in &newest {
+                    let stored_step = latest
+                        .get(key.as_bytes())?
+                        .and_then(|v| serde_json::from_slice::<MetricRecord>(&v).ok())
+                        .map(|m| m.step);
+                    if stored_step.is_none_or(|s| s <= *step) {
+                        latest.insert(key.as_bytes(), value.clone())?;
+                    }
+                }
+                if let Some(bytes) = &run_bytes {
+                    runs.insert(run_id.as_bytes(), bytes.clone())?;
+                }
+                Ok((next, known))
+            })
+            .map_err(storage_error)
+    }
+
+    /// The newest value of each metric of a run, per rank: as many records as the run has metric
+    /// names times ranks, however long it trained.
+    pub fn latest_metrics(&self, run_id: &str) -> Result<Vec<MetricRecord>> {
+        scan(self.latest.scan_prefix(run_prefix(run_id)), "latest")
+    }
+
+    /// Metrics of a run with seq >= `from_seq`, in order, as (seq, record).
+    pub fn metrics_from(&self, run_id: &str, from_seq: u64) -> Result<Vec<(u64, MetricRecord)>> {
+        let start = step_key(run_id, from_seq);
+        let end = format!("{run_id}0"); // '0' sorts right after '/', ending the run's range
+        self.metrics
+            .range(start.as_bytes()..end.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = std::str::from_utf8(&k[run_id.len() + 1..])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        tree: "metrics",
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        message: "bad sequence number".into(),
+                    })?;
+                Ok((seq, decode("metrics", &k, &v)?))
+            })
+            .collect()
+    }
+
+    // ---- weight checksums -------------------------------------------------------------------
+
+    /// Every recorded weight checksum of a run as (step, rank, sha256), ordered by step then rank.
+    pub fn checksums(&self, run_id: &str) -> Result<Vec<(u64, u32, String)>> {
+        self.checksums
+            .scan_prefix(run_prefix(run_id))
+            .map(|kv| {
+                let (k, v) = kv?;
+                let key = String::from_utf8_lossy(&k).into_owned();
+                let mut parts = key.rsplitn(3, '/');
+                let rank = parts.next().and_then(|r| r.split('@').next()?.parse().ok());
+                let step = parts.next().and_then(|s| s.parse().ok());
+                match (step, rank) {
+                    (Some(step), Some(rank)) => Ok((step, rank, String::from_utf8_lossy(&v).into_owned())),
+                    _ => Err(StoreError::Corrupt {
+                        tree: "checksums",
+                        key,
+                        message: "expected <run>/<step>/<rank>".into(),
+                    }),
+                }
+            })
+            .collect()
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::MetricRecord;
+
+    fn point(step: u64) -> MetricRecord {
+        MetricRecord {
+            rank: 0,
+            step,
+            name: "train/loss".into(),
+            value: step as f64,
+            unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn metric_sequence_numbers_stay_dense_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                store.append_metrics("run-000001", &[point(1), point(2)]).unwrap(),
+                2
+            );
+            assert_eq!(store.append_metrics("run-000002", &[point(9)]).unwrap(), 1);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.append_metrics("run-000001", &[point(3)]).unwrap(), 3);
+        let seqs: Vec<(u64, u64)> = store
+            .metrics_from("run-000001", 0)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, m)| (seq, m.step))
+            .collect();
+        assert_eq!(seqs, [(0, 1), (1, 2), (2, 3)]);
+        assert_eq!(store.metrics_from("run-000001", 2).unwrap().len(), 1);
+        let cluster = store.cluster_id().to_string();
+        assert_eq!(store.next_run_id().unwrap().1, format!("run-000001-{cluster}"));
+        assert_eq!(store.next_run_id().unwrap().1, format!("run-000002-{cluster}"));
+    }
+
+    #[test]
+    fn stores_get_distinct_cluster_ids_that_survive_reopen() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = Store::open(a.path()).unwrap().cluster_id().to_string();
+        assert_ne!(first, Store::open(b.path()).unwrap().cluster_id());
+        assert_eq!(first, Store::open(a.path()).unwrap().cluster_id());
+    }
+
+    #[test]
+    fn a_store_from_a_newer_build_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert("schema_version", &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("newer voxelfleet") && err.contains("schema version 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_report_lands_whole_and_returns_every_ranks_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sum = |rank, sha: &str| ChecksumReport {
+            step: 4,
+            rank,
+            attempt: 1,
+            sha256: sha.into(),
+        };
+        let (_, known) = store
+            .record_report("r", None, &[point(4)], &[sum(1, "bb")], 2)
+            .unwrap();
+        assert_eq!(known, [(4, vec![(1, "bb".to_string())])]);
+        let (next, known) = store
+            .record_report("r", None, &[point(4)], &[sum(0, "aa")], 2)
+            .unwrap();
+        assert_eq!(next, 2);
+        assert_eq!(known, [(4, vec![(0, "aa".to_string()), (1, "bb".to_string())])]);
+        assert_eq!(store.checksums("r").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn only_the_newest_value_of_each_metric_is_kept_as_latest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.append_metrics("r", &[point(3), point(5), point(4)]).unwrap();
+        store.append_metrics("r", &[point(2)]).unwrap(); // late and older: not the latest
+        let mut lr = point(6);
+        lr.name = "train/lr".into();
+        store.append_metrics("r", &[lr]).unwrap();
+        let latest: Vec<(String, u64)> = store
+            .latest_metrics("r")
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.name, m.step))
+            .collect();
+        assert_eq!(latest, [("train/loss".to_string(), 5), ("train/lr".to_string(), 6)]);
+        assert!(store.latest_metrics("r2").unwrap().is_empty());
+    }
+}

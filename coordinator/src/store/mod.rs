@@ -1,0 +1,358 @@
+//! The only module that touches sled. It owns the trees, the key formats and the durability
+//! rule: writes are applied at once (each request's writes in one transaction) and made
+//! durable by `durable()`, which callers await before they answer or act on what they wrote
+//! (sled 0.34 is durable only after a flush). Splitting the two lets the coordinator write under
+//! its model lock and flush after releasing it; sled's log is ordered, so a later flush covers
+//! every earlier write, and concurrent flushes share the work.
+//!
+//! Trees and keys:
+//! - `runs`:        `<run-id>` → RunRecord (JSON)
+//! - `workers`:     `<worker-id>` → WorkerRecord (JSON)
+//! - `checkpoints`: `<run-id>/<step:020>` → CheckpointRecord (JSON)
+//! - `metrics`:     `<run-id>/<seq:020>` → MetricRecord (JSON); seq is per run, dense from 0
+//! - `checksums`:   `<run-id>/<step:020>/<rank:06>@<attempt:06>` → weights SHA-256 (a resumed
+//!   run re-computes steps under a new attempt; the spine wrote keys without `@<attempt>`)
+//! - `events`:      `<run-id>/<seq:020>` → RunEvent (JSON); seq is per run, dense from 0
+//! - `latest`:      `<run-id>/<rank:06>/<metric name>` → newest MetricRecord of that name (JSON)
+//! - `manifests`:   `<manifest-id>` → ManifestRecord (JSON); `manifest_index`:
+//!   `<order_seed:020>/<dataset url>` → manifest id
+//! - `sweeps`:      `<sweep-id>` → SweepRecord (JSON)
+//! - `meta`:        `schema_version`, `cluster_id`, counters (`next_run`, `next_worker`,
+//!   `next_sweep`, `metric_seq/<run-id>`, `event_seq/<run-id>`)
+//!
+//! Each request the coordinator serves is one sled transaction: a crash leaves either all of a
+//! report or none of it.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use thiserror::Error;
+
+use crate::records::{CheckpointRecord, RunEvent, RunRecord, WorkerRecord};
+
+mod catalog;
+mod metrics;
+
+pub use catalog::manifest_id;
+pub use metrics::ChecksumReport;
+
+/// Layout version this build writes. Raise it when a change needs more than new serde-defaulted
+/// fields, and teach `open` to migrate the old one. Version 2 moved case lists out of run
+/// records into frozen manifests.
+pub const SCHEMA_VERSION: u64 = 2;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("sled store at {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error(
+        "sled store at {path} has schema version {found}, written by a newer voxelfleet; this \
+         build reads versions up to {SCHEMA_VERSION}. Upgrade the coordinator, or point \
+         --data-dir elsewhere"
+    )]
+    TooNew { path: String, found: u64 },
+    #[error("store tree `{tree}` key `{key}` holds an unreadable record: {message}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        message: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+pub struct Store {
+    db: sled::Db,
+    runs: sled::Tree,
+    workers: sled::Tree,
+    checkpoints: sled::Tree,
+    metrics: sled::Tree,
+    checksums: sled::Tree,
+    events: sled::Tree,
+    latest: sled::Tree,
+    manifests: sled::Tree,
+    manifest_index: sled::Tree,
+    sweeps: sled::Tree,
+    meta: sled::Tree,
+    cluster_id: String,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialise")
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Counters are stored as 8 big-endian bytes; anything else reads as 0.
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<()>>;
+
+/// Our transactions never abort on purpose, so only storage errors can come out of them.
+fn storage_error(e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(e) => StoreError::Sled(e),
+        TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+    }
+}
+
+/// Appends `events` to a run's event log inside a transaction, with a dense per-run sequence.
+fn append_events(
+    events: &sled::transaction::TransactionalTree,
+    meta: &sled::transaction::TransactionalTree,
+    run_id: &str,
+    encoded: &[Vec<u8>],
+) -> TxResult<()> {
+    if encoded.is_empty() {
+        return Ok(());
+    }
+    let counter = format!("event_seq/{run_id}");
+    let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
+    for value in encoded {
+        events.insert(step_key(run_id, next).as_bytes(), value.clone())?;
+        next += 1;
+    }
+    meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
+    Ok(())
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<T>> {
+    tree.get(key.as_bytes())?
+        .map(|v| decode(name, key.as_bytes(), &v))
+        .transpose()
+}
+
+fn scan<T: DeserializeOwned>(entries: sled::Iter, name: &'static str) -> Result<Vec<T>> {
+    entries
+        .map(|kv| {
+            let (k, v) = kv?;
+            decode(name, &k, &v)
+        })
+        .collect()
+}
+
+fn step_key(run_id: &str, n: u64) -> String {
+    format!("{run_id}/{n:020}")
+}
+
+fn run_prefix(run_id: &str) -> String {
+    format!("{run_id}/")
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.display().to_string();
+        let db = sled::open(dir).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let meta = db.open_tree("meta")?;
+        // A store without a version is the spine's: the same layout as version 1.
+        let found = meta.get("schema_version")?.as_deref().map(be_u64).unwrap_or(0);
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew { path, found });
+        }
+        let cluster_id = match meta.get("cluster_id")? {
+            Some(id) => String::from_utf8_lossy(&id).into_owned(),
+            None => {
+                // Run ids carry it, so coordinators that share an artifacts bucket never pick
+                // the same run prefix.
+                let id = format!("{:08x}", rand::random::<u32>());
+                meta.insert("cluster_id", id.as_bytes())?;
+                id
+            }
+        };
+        let store = Store {
+            runs: db.open_tree("runs")?,
+            workers: db.open_tree("workers")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            metrics: db.open_tree("metrics")?,
+            checksums: db.open_tree("checksums")?,
+            events: db.open_tree("events")?,
+            latest: db.open_tree("latest")?,
+            manifests: db.open_tree("manifests")?,
+            manifest_index: db.open_tree("manifest_index")?,
+            sweeps: db.open_tree("sweeps")?,
+            meta,
+            cluster_id,
+            db,
+        };
+        if found < 2 {
+            store.migrate_case_lists()?;
+        }
+        if found < SCHEMA_VERSION {
+            store.meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+        }
+        store.db.flush()?;
+        Ok(store)
+    }
+
+    /// Random id of this store, part of every run id it hands out.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Makes everything written so far durable. Await it before answering a request or acting
+    /// on a write.
+    pub async fn durable(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Next value of a durable counter, starting at 1. Flushed by the caller's write.
+    fn next_counter(&self, name: &str) -> Result<u64> {
+        let next = self.meta.update_and_fetch(name, |old| {
+            Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
+        })?;
+        Ok(next.as_deref().map(be_u64).unwrap_or(1))
+    }
+
+    /// `run-<counter>-<cluster id>`: ordered within this store, unique across stores. The
+    /// counter also orders the queue within a priority.
+    pub fn next_run_id(&self) -> Result<(u64, String)> {
+        let seq = self.next_counter("next_run")?;
+        Ok((seq, format!("run-{seq:06}-{}", self.cluster_id)))
+    }
+
+    pub fn next_sweep_id(&self) -> Result<String> {
+        Ok(format!("sweep-{:06}-{}", self.next_counter("next_sweep")?, self.cluster_id))
+    }
+
+    pub fn next_worker_id(&self) -> Result<String> {
+        Ok(format!("worker-{:06}", self.next_counter("next_worker")?))
+    }
+
+    // ---- runs -------------------------------------------------------------------------------
+
+    pub fn put_run(&self, run: &RunRecord) -> Result<()> {
+        self.put_transition(run, &[], &[])
+    }
+
+    pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        get(&self.runs, "runs", run_id)
+    }
+
+    /// All runs in submission order (ids are zero-padded counters).
+    pub fn runs(&self) -> Result<Vec<RunRecord>> {
+        scan(self.runs.iter(), "runs")
+    }
+
+    /// Writes a run, the workers it touches and the events that explain the change in one sled
+    /// transaction, so a crash never leaves a worker reserved by a run that does not list it (or
+    /// the reverse), nor a state change without its reason.
+    pub fn put_transition(&self, run: &RunRecord, workers: &[WorkerRecord], events: &[RunEvent]) -> Result<()> {
+        self.write_transition(None, run, workers, events)
+    }
+
+    /// The one transaction behind `put_transition` and `put_checkpoint`.
+    fn write_transition(
+        &self,
+        ckpt: Option<&CheckpointRecord>,
+        run: &RunRecord,
+        workers: &[WorkerRecord],
+        events: &[RunEvent],
+    ) -> Result<()> {
+        let ckpt_bytes = ckpt.map(|c| (step_key(&c.run_id, c.step), encode(c)));
+        let run_bytes = encode(run);
+        let worker_bytes: Vec<(Vec<u8>, Vec<u8>)> =
+            workers.iter().map(|w| (w.id.as_bytes().to_vec(), encode(w))).collect();
+        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        (&self.checkpoints, &self.runs, &self.workers, &self.events, &self.meta)
+            .transaction(|(ckpts, runs, ws, evs, meta)| {
+                if let Some((key, value)) = &ckpt_bytes {
+                    ckpts.insert(key.as_bytes(), value.clone())?;
+                }
+                runs.insert(run.id.as_bytes(), run_bytes.clone())?;
+                for (k, v) in &worker_bytes {
+                    ws.insert(k.as_slice(), v.clone())?;
+                }
+                append_events(evs, meta, &run.id, &event_bytes)
+            })
+            .map_err(storage_error)
+    }
+
+    /// Events of a run, oldest first.
+    pub fn events(&self, run_id: &str) -> Result<Vec<RunEvent>> {
+        scan(self.events.scan_prefix(run_prefix(run_id)), "events")
+    }
+
+    // ---- workers ----------------------------------------------------------------------------
+
+    pub fn put_worker(&self, worker: &WorkerRecord) -> Result<()> {
+        self.workers.insert(worker.id.as_bytes(), encode(worker))?;
+        Ok(())
+    }
+
+    /// Forgets a worker long dead.
+    pub fn delete_worker(&self, worker_id: &str) -> Result<()> {
+        self.workers.remove(worker_id.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn worker(&self, worker_id: &str) -> Result<Option<WorkerRecord>> {
+        get(&self.workers, "workers", worker_id)
+    }
+
+    pub fn workers(&self) -> Result<Vec<WorkerRecord>> {
+        scan(self.workers.iter(), "workers")
+    }
+
+    // ---- checkpoints ------------------------------------------------------------------------
+
+    /// Commits a checkpoint together with the run change, the workers it frees (a pause) and the
+    /// events it causes.
+    pub fn put_checkpoint(
+        &self,
+        ckpt: &CheckpointRecord,
+        run: &RunRecord,
+        workers: &[WorkerRecord],
+        events: &[RunEvent],
+    ) -> Result<()> {
+        self.write_transition(Some(ckpt), run, workers, events)
+    }
+
+    /// Rewrites one checkpoint record (marking it unusable) with an event saying why.
+    pub fn update_checkpoint(&self, ckpt: &CheckpointRecord, events: &[RunEvent]) -> Result<()> {
+        let ckpt_bytes = encode(ckpt);
+        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        (&self.checkpoints, &self.events, &self.meta)
+            .transaction(|(ckpts, evs, meta)| {
+                ckpts.insert(step_key(&ckpt.run_id, ckpt.step).as_bytes(), ckpt_bytes.clone())?;
+                append_events(evs, meta, &ckpt.run_id, &event_bytes)
+            })
+            .map_err(storage_error)
+    }
+
+    /// Removes checkpoint records (their objects are already deleted) with an event.
+    pub fn delete_checkpoints(&self, run_id: &str, steps: &[u64], events: &[RunEvent]) -> Result<()> {
+        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        (&self.checkpoints, &self.events, &self.meta)
+            .transaction(|(ckpts, evs, meta)| {
+                for step in steps {
+                    ckpts.remove(step_key(run_id, *step).as_bytes())?;
+                }
+                append_events(evs, meta, run_id, &event_bytes)
+            })
+            .map_err(storage_error)
+    }
+
+    /// Committed checkpoints of a run, oldest first.
+    pub fn checkpoints(&self, run_id: &str) -> Result<Vec<CheckpointRecord>> {
+        scan(self.checkpoints.scan_prefix(run_prefix(run_id)), "checkpoints")
+    }
+
+}
+

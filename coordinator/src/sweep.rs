@@ -1,0 +1,347 @@
+//! Sweep files: a base run spec and axes, expanded into the product of their values. A
+//! data-scaling ablation is one axis over `dataset.train_cases`; any key of the spec can be an
+//! axis, named by its TOML path (`train.lr`, `model.arch`, `seed`).
+//!
+//! ```toml
+//! name = "demo-scaling"
+//! priority = 0             # optional; every child's queue priority
+//! base = "demo.toml"       # a run spec next to this file, or an inline [base] table
+//! [axes]
+//! "dataset.train_cases" = [4, 8, 16]
+//! seed = [1, 2]
+//! ```
+//!
+//! The CLI expands a file to check it and inlines its base; the coordinator expands it again on
+//! receipt (one schema on both sides) and queues every child or none.
+
+use protocol::spec::RunSpec;
+use thiserror::Error;
+use toml::{Table, Value};
+
+/// More children than this is almost certainly a typo in an axis, not an experiment.
+pub const MAX_CHILDREN: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum SweepError {
+    #[error("{source_name}: {message}")]
+    Invalid { source_name: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepFile {
+    pub name: String,
+    pub priority: Option<i32>,
+    /// The base run spec, as a TOML table.
+    pub base: Table,
+    /// Axis keys and their values, in file order.
+    pub axes: Vec<(String, Vec<Value>)>,
+}
+
+/// One run of the product: its axis values (in axis order) and its validated spec.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub values: Vec<Value>,
+    pub spec: RunSpec,
+}
+
+/// How a value reads in listings and child names: `4`, `"unet"`, `0.001`.
+pub fn literal(value: &Value) -> String {
+    value.to_string()
+}
+
+impl SweepFile {
+    /// Parses a sweep file. `load_base` reads a `base = "path"` reference (the CLI resolves it
+    /// next to the sweep file; the coordinator accepts only inlined bases).
+    pub fn parse(
+        text: &str,
+        source_name: &str,
+        load_base: impl FnOnce(&str) -> Result<String, String>,
+    ) -> Result<Self, SweepError> {
+        let invalid = |message: String| SweepError::Invalid {
+            source_name: source_name.to_string(),
+            message,
+        };
+        let mut table: Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let name = match table.remove("name") {
+            Some(Value::String(name)) if !name.trim().is_empty() => name,
+            Some(_) => return Err(invalid("field `name`: must be a non-empty string".into())),
+            None => return Err(invalid("field `name`: missing (the sweep's name)".into())),
+        };
+        let priority = match table.remove("priority") {
+            None => None,
+            Some(Value::Integer(p)) => Some(
+                i32::try_from(p).map_err(|_| invalid(format!("field `priority`: {p} is out of range")))?,
+            ),
+            Some(_) => return Err(invalid("field `priority`: must be an integer".into())),
+        };
+        let base = match table.remove("base") {
+            Some(Value::Table(base)) => base,
+            Some(Value::String(path)) => {
+                let text = load_base(&path).map_err(|e| invalid(format!("field `base`: {e}")))?;
+                toml::from_str(&text).map_err(|e| invalid(format!("base spec {path}: {e}")))?
+            }
+            Some(_) => return Err(invalid("field `base`: must be a file name or a [base] table".into())),
+            None => return Err(invalid("field `base`: missing (a run spec file, or a [base] table)".into())),
+        };
+        let axes = match table.remove("axes") {
+            Some(Value::Table(axes)) => axes,
+            Some(_) => return Err(invalid("field `axes`: must be a table of key = [values]".into())),
+            None => return Err(invalid("field `axes`: missing (e.g. \"dataset.train_cases\" = [21, 100])".into())),
+        };
+        if let Some(key) = table.keys().next() {
+            return Err(invalid(format!(
+                "unknown field `{key}`; a sweep has name, priority, base and axes"
+            )));
+        }
+        let mut parsed = vec![];
+        for (key, values) in axes {
+            let values = match values {
+                Value::Array(values) if !values.is_empty() => values,
+                _ => return Err(invalid(format!("axis `{key}`: must be a non-empty array of values"))),
+            };
+            parsed.push((key, values));
+        }
+        if parsed.is_empty() {
+            return Err(invalid("field `axes`: give at least one axis".into()));
+        }
+        Ok(SweepFile {
+            name,
+            priority,
+            base,
+            axes: parsed,
+        })
+    }
+
+    /// The file with its base inlined: what travels to the coordinator and is stored.
+    pub fn to_toml(&self) -> String {
+        let mut table = Table::new();
+        table.insert("name".into(), Value::String(self.name.clone()));
+        if let Some(p) = self.priority {
+            table.insert("priority".into(), Value::Integer(p.into()));
+        }
+        table.insert("base".into(), Value::Table(self.base.clone()));
+        let axes: Table = self
+            .axes
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::Array(v.clone())))
+            .collect();
+        table.insert("axes".into(), Value::Table(axes));
+        toml::to_string(&table).expect("a TOML table always serialises")
+    }
+
+    pub fn axis_keys(&self) -> Vec<String> {
+        self.axes.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Every child, validated; the first problem rejects the whole sweep, naming the axis.
+    pub fn expand(&self, source_name: &str) -> Result<Vec<Child>, SweepError> {
+        let invalid = |message: String| SweepError::Invalid {
+            source_name: source_name.to_string(),
+            message,
+        };
+        let total = self
+            .axes
+            .iter()
+            .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()))
+            .filter(|n| *n <= MAX_CHILDREN)
+            .ok_or_else(|| invalid(format!("the axes expand to more than {MAX_CHILDREN} runs")))?;
+        // The base alone must be a valid spec, so its errors are not blamed on an axis.
+        let base_spec = RunSpec::from_toml(
+            &toml::to_string(&self.base).expect("a TOML table always serialises"),
+            &format!("{source_name} [base]"),
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        let canonical: Table = toml::from_str(&base_spec.to_toml()).expect("canonical specs parse");
+        let mut children = Vec::with_capacity(total);
+        for index in 0..total {
+            let mut table = self.base.clone();
+            let mut values = Vec::with_capacity(self.axes.len());
+            let mut rest = index;
+            // The last axis varies fastest, like nested loops written in file order.
+            let mut picks = vec![0; self.axes.len()];
+            for (i, (_, axis)) in self.axes.iter().enumerate().rev() {
+                picks[i] = rest % axis.len();
+                rest /= axis.len();
+            }
+            for ((key, axis), pick) in self.axes.iter().zip(&picks) {
+                let value = axis[*pick].clone();
+                set_path(&mut table, key).map_err(|e| invalid(format!("axis `{key}`: {e}")))?;
+                *lookup_mut(&mut table, key).expect("set_path made the path") = value.clone();
+                values.push(value);
+            }
+            let label: Vec<String> = self
+                .axes
+                .iter()
+                .zip(&values)
+                .map(|((key, _), v)| format!("{}={}", key.rsplit('.').next().unwrap_or(key), literal(v)))
+                .collect();
+            table.insert("name".into(), Value::String(format!("{} {}", self.name, label.join(" "))));
+            if let Some(p) = self.priority {
+                table.insert("priority".into(), Value::Integer(p.into()));
+            }
+            let text = toml::to_string(&table).expect("a TOML table always serialises");
+            let spec = RunSpec::from_toml(&text, source_name).map_err(|e| {
+                let key = self
+                    .axes
+                    .iter()
+                    .map(|(k, _)| k)
+                    .find(|k| lookup(&canonical, k).is_none() && e.to_string().contains("unknown field"));
+                match key {
+                    Some(key) => invalid(format!("axis `{key}` is not a key of the run spec ({e})")),
+                    None => {
+                        let full: Vec<String> = self
+                            .axes
+                            .iter()
+                            .zip(&values)
+                            .map(|((k, _), v)| format!("axis `{k}` = {}", literal(v)))
+                            .collect();
+                        invalid(format!("{} makes an invalid spec: {e}", full.join(", ")))
+                    }
+                }
+            })?;
+            children.push(Child { values, spec });
+        }
+        Ok(children)
+    }
+}
+
+/// Makes sure every table on the way to `key` exists, so the leaf can be set.
+fn set_path(table: &mut Table, key: &str) -> Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err("not a TOML path (empty segment)".into());
+    }
+    let mut here = table;
+    for part in &parts[..parts.len() - 1] {
+        let next = here
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        here = match next {
+            Value::Table(t) => t,
+            _ => return Err(format!("`{part}` is a value, not a table")),
+        };
+    }
+    here.entry(parts[parts.len() - 1].to_string())
+        .or_insert(Value::Boolean(false));
+    Ok(())
+}
+
+fn lookup<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
+    let (head, rest) = key.split_once('.').map_or((key, None), |(h, r)| (h, Some(r)));
+    match (table.get(head)?, rest) {
+        (value, None) => Some(value),
+        (Value::Table(t), Some(rest)) => lookup(t, rest),
+        _ => None,
+    }
+}
+
+fn lookup_mut<'a>(table: &'a mut Table, key: &str) -> Option<&'a mut Value> {
+    let (head, rest) = key.split_once('.').map_or((key, None), |(h, r)| (h, Some(r)));
+    match (table.get_mut(head)?, rest) {
+        (value, None) => Some(value),
+        (Value::Table(t), Some(rest)) => lookup_mut(t, rest),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SWEEP: &str = r#"
+name = "scaling"
+priority = 5
+[base]
+name = "b"
+world_size = 1
+[base.dataset]
+url = "/data"
+eval_cases = 2
+[base.model]
+arch = "unet"
+depth = 2
+[base.train]
+steps = 4
+patch = [8, 8, 8]
+lr = 0.01
+[base.artifacts]
+url = "/art"
+[axes]
+"dataset.train_cases" = [4, 8, 16]
+seed = [1, 2]
+"#;
+
+    fn no_base(_: &str) -> Result<String, String> {
+        Err("no files here".into())
+    }
+
+    #[test]
+    fn the_product_expands_in_file_order_with_the_last_axis_fastest() {
+        let sweep = SweepFile::parse(SWEEP, "s.toml", no_base).unwrap();
+        assert_eq!(sweep.axis_keys(), ["dataset.train_cases", "seed"]);
+        let children = sweep.expand("s.toml").unwrap();
+        let got: Vec<(u32, u64, i32)> = children
+            .iter()
+            .map(|c| (c.spec.dataset.train_cases, c.spec.seed, c.spec.priority))
+            .collect();
+        assert_eq!(
+            got,
+            [(4, 1, 5), (4, 2, 5), (8, 1, 5), (8, 2, 5), (16, 1, 5), (16, 2, 5)]
+        );
+        assert_eq!(children[3].spec.name, "scaling train_cases=8 seed=2");
+        assert_eq!(children[3].values.iter().map(literal).collect::<Vec<_>>(), ["8", "2"]);
+        // The inlined form round-trips.
+        let again = SweepFile::parse(&sweep.to_toml(), "inlined", no_base).unwrap();
+        assert_eq!(again, sweep);
+    }
+
+    #[test]
+    fn an_unknown_axis_or_a_bad_value_names_the_key() {
+        let unknown = SWEEP.replace("seed = [1, 2]", "\"train.lrr\" = [0.1]");
+        let err = SweepFile::parse(&unknown, "s.toml", no_base)
+            .unwrap()
+            .expand("s.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("axis `train.lrr` is not a key"), "{err}");
+        let bad = SWEEP.replace("seed = [1, 2]", "\"train.lr\" = [0.1, -1.0]");
+        let err = SweepFile::parse(&bad, "s.toml", no_base)
+            .unwrap()
+            .expand("s.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("axis `train.lr` = -1.0") && err.contains("field `train.lr`"), "{err}");
+        let nested = SWEEP.replace("seed = [1, 2]", "\"seed.x\" = [1]");
+        let err = SweepFile::parse(&nested, "s.toml", no_base)
+            .unwrap()
+            .expand("s.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("axis `seed.x`"), "{err}");
+        // A key the base leaves out but the spec knows is fine.
+        let optional = SWEEP.replace("seed = [1, 2]", "\"train.warmup_steps\" = [0, 1]");
+        let children = SweepFile::parse(&optional, "s.toml", no_base).unwrap().expand("s").unwrap();
+        assert_eq!(children[1].spec.train.warmup_steps, 1);
+    }
+
+    #[test]
+    fn malformed_files_are_refused_by_field() {
+        let cases = [
+            (SWEEP.replace("name = \"scaling\"", ""), "field `name`"),
+            (SWEEP.replace("priority = 5", "priority = \"high\""), "field `priority`"),
+            (SWEEP.replace("seed = [1, 2]", "seed = []"), "axis `seed`"),
+            (SWEEP.replace("priority = 5", "prio = 5"), "unknown field `prio`"),
+            (format!("{SWEEP}\n\"model.depth\" = [2, 3, 4, 5, 6, 7, 8]\n\"train.steps\" = {:?}", (1..2000).collect::<Vec<_>>()), "more than"),
+        ];
+        for (text, expect) in cases {
+            let err = SweepFile::parse(&text, "s.toml", no_base)
+                .and_then(|s| s.expand("s.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect) && err.contains("s.toml"), "{expect}: {err}");
+        }
+        let by_file = "name = 'x'\nbase = 'base.toml'\n[axes]\nseed = [1]\n";
+        let err = SweepFile::parse(by_file, "s.toml", no_base).unwrap_err().to_string();
+        assert!(err.contains("field `base`: no files here"), "{err}");
+    }
+}
