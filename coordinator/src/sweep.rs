@@ -345,3 +345,28 @@ seed = [1, 2]
         assert!(err.contains("field `base`: no files here"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::SweepFile;
+
+    /// The sweeps in configs/ expand into the runs their comments promise.
+    #[test]
+    fn the_shipped_sweeps_validate() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
+        let load = |name: &str| {
+            let path = format!("{dir}/{name}");
+            let text = std::fs::read_to_string(&path).unwrap();
+            SweepFile::parse(&text, &path, |_| Err("inline".into()))
+                .and_then(|s| s.expand(&path))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let suprem = load("suprem-scaling.toml");
+        let sizes: Vec<u32> = suprem.iter().map(|c| c.spec.dataset.train_cases).collect();
+        assert_eq!(sizes, [21, 100, 1000, 3000, 9262]);
+        assert!(suprem.iter().all(|c| c.spec.priority == 10 && c.spec.device.as_deref() == Some("cuda")));
+        let demo = load("demo-scaling.toml");
+        let grid: Vec<(u32, u64)> = demo.iter().map(|c| (c.spec.dataset.train_cases, c.spec.seed)).collect();
+        assert_eq!(grid, [(4, 1), (4, 2), (8, 1), (8, 2), (16, 1), (16, 2)]);
+    }
+}

@@ -540,3 +540,54 @@ fn assignment(run: &RunRecord, rank: u32, peers: &[String], resume: Option<&Chec
         recover_attempt: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register_request(peer: &str) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            host: "h".into(),
+            peer_address: peer.into(),
+            device_kind: "cpu".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_workers_die_and_are_forgotten_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let timing = Timing {
+            heartbeat_interval: Duration::from_millis(20),
+            dead_after: Duration::from_millis(100),
+            forget_dead_after: Duration::from_millis(400),
+        };
+        let coord = Coordinator::open(dir.path(), timing).await.unwrap();
+        let quiet = coord.register(register_request("127.0.0.1:1")).await.unwrap();
+        let chatty = coord.register(register_request("127.0.0.1:2")).await.unwrap();
+        let state = |id: &str| coord.workers().into_iter().find(|w| w.id == id).map(|w| w.state);
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            coord
+                .heartbeat(pb::HeartbeatRequest {
+                    worker_id: chatty.id.clone(),
+                    ..Default::default()
+                })
+                .unwrap();
+            coord.reap_dead_workers().await.unwrap();
+        }
+        assert_eq!(state(&quiet.id), Some(WorkerState::Dead));
+        assert_eq!(state(&chatty.id), Some(WorkerState::Idle));
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        coord
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: chatty.id.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        coord.reap_dead_workers().await.unwrap();
+        assert_eq!(state(&quiet.id), None, "forgotten, in memory");
+        assert!(coord.store().worker(&quiet.id).unwrap().is_none(), "and in the store");
+        assert_eq!(state(&chatty.id), Some(WorkerState::Idle));
+    }
+}
