@@ -34,7 +34,11 @@ fn run_by_id<'a>(runs: &'a [Value], id: &str) -> &'a Value {
 fn a_sweep_expands_into_children_whose_subsets_nest() {
     let cluster = Cluster::start();
     cluster.write_dataset(12);
-    let sweep = write_sweep(&cluster, "scaling", "\"dataset.train_cases\" = [2, 4, 8]\nseed = [1, 2]");
+    let sweep = write_sweep(
+        &cluster,
+        "scaling",
+        "\"dataset.train_cases\" = [2, 4, 8]\nseed = [1, 2]",
+    );
     let info = cluster.cli_json(&["sweep", sweep.to_str().unwrap()]);
     let sweep_id = info["sweep_id"].as_str().unwrap().to_string();
     assert_eq!(info["runs"], 6);
@@ -90,7 +94,10 @@ fn a_sweep_expands_into_children_whose_subsets_nest() {
     let listed = cluster.cli_json(&["sweeps"]);
     assert_eq!(listed[0]["states"]["Cancelled"], 6);
     let resumed = cluster.cli_json(&["sweep", "resume", &sweep_id]);
-    assert_eq!(resumed["sweep"]["states"]["Queued"], 6, "never-started children resume from step 0: {resumed}");
+    assert_eq!(
+        resumed["sweep"]["states"]["Queued"], 6,
+        "never-started children resume from step 0: {resumed}"
+    );
 }
 
 #[test]
@@ -150,9 +157,15 @@ async fn priorities_order_the_queue_and_a_large_head_run_is_not_starved() {
         .collect();
     assert!(matches!(poll(&mut w3, &id3, 1500).await, Some(Outcome::Idle(_))));
     let queue = runs(&cluster);
-    let reason = run_by_id(&queue, &large)["waiting_reason"].as_str().unwrap().to_string();
+    let reason = run_by_id(&queue, &large)["waiting_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(reason.contains("needs 3 workers, 1 idle"), "{reason}");
-    let behind = run_by_id(&queue, &small[0])["waiting_reason"].as_str().unwrap().to_string();
+    let behind = run_by_id(&queue, &small[0])["waiting_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(behind.contains(&format!("waiting behind {large}")), "{behind}");
     let table = String::from_utf8_lossy(&cluster.cli(&["runs"]).stdout).to_string();
     assert!(table.contains("#1 in the queue: needs 3 workers"), "{table}");
@@ -168,11 +181,7 @@ async fn priorities_order_the_queue_and_a_large_head_run_is_not_starved() {
         }
     }
     assert_eq!(got, [large.clone(), large.clone(), large.clone()]);
-    assert!(
-        small
-            .iter()
-            .all(|s| run_by_id(&runs(&cluster), s)["state"] == "Queued")
-    );
+    assert!(small.iter().all(|s| run_by_id(&runs(&cluster), s)["state"] == "Queued"));
 }
 
 #[tokio::test]
@@ -190,7 +199,10 @@ async fn a_run_no_group_can_hold_does_not_block_the_queue() {
     assert_eq!(a.run_id, small);
     let queue = runs(&cluster);
     let reason = run_by_id(&queue, &big)["waiting_reason"].as_str().unwrap().to_string();
-    assert!(reason.contains("needs 3 workers") && reason.contains("largest group"), "{reason}");
+    assert!(
+        reason.contains("needs 3 workers") && reason.contains("largest group"),
+        "{reason}"
+    );
 }
 
 #[tokio::test]
@@ -204,7 +216,10 @@ async fn a_cuda_run_never_gets_a_cpu_worker() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(reason.contains("cuda") && reason.contains("none are registered"), "{reason}");
+    assert!(
+        reason.contains("cuda") && reason.contains("none are registered"),
+        "{reason}"
+    );
     let (mut cuda, cuda_id) = fake_worker_on(&cluster, "127.0.0.1:12", "cuda:0").await;
     let Some(Outcome::Assignment(a)) = poll(&mut cuda, &cuda_id, 5000).await else {
         panic!("the cuda worker got nothing")
@@ -226,7 +241,11 @@ async fn a_worker_that_stopped_beating_gets_no_new_work() {
     let run_id = cluster.submit(&cluster.write_spec("r", 1, 4, ""));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let queue = runs(&cluster);
-    assert_eq!(run_by_id(&queue, &run_id)["state"], "Queued", "placed on a silent worker");
+    assert_eq!(
+        run_by_id(&queue, &run_id)["state"],
+        "Queued",
+        "placed on a silent worker"
+    );
     // It speaks again: it is fresh, and takes the run.
     let beat = pb::HeartbeatRequest {
         worker_id: silent_id.clone(),

@@ -121,7 +121,10 @@ pub fn plan<'a>(
             plan.placements.push((run.id.clone(), gang));
             continue;
         }
-        let free = candidates.iter().find(|(_, p)| p.reserved_for.is_none()).map(|(key, p)| ((*key).clone(), p.idle.len()));
+        let free = candidates
+            .iter()
+            .find(|(_, p)| p.reserved_for.is_none())
+            .map(|(key, p)| ((*key).clone(), p.idle.len()));
         let reason = match free {
             Some((key, idle)) => {
                 pools.get_mut(&key).expect("candidate pools exist").reserved_for = Some(run.id.clone());
@@ -192,7 +195,11 @@ mod tests {
         let plan = plan(&runs, &[&w1, &w2], &[&w1, &w2, &w3], true);
         assert!(plan.placements.is_empty());
         assert_eq!(plan.waiting[0].position, 1);
-        assert!(plan.waiting[0].reason.contains("needs 3 workers, 2 idle"), "{:?}", plan.waiting);
+        assert!(
+            plan.waiting[0].reason.contains("needs 3 workers, 2 idle"),
+            "{:?}",
+            plan.waiting
+        );
         let p = super::plan(&runs, &[&w1, &w2, &w3], &[&w1, &w2, &w3], true);
         assert_eq!(placed(&p), [("r1", vec!["w1", "w2", "w3"])]);
     }
@@ -215,8 +222,16 @@ mod tests {
         // w3 is busy: two idle workers are held for the large run.
         let plan = plan(&runs, &[&w1, &w2], &[&w1, &w2, &w3], true);
         assert!(plan.placements.is_empty(), "{:?}", plan.placements);
-        assert!(plan.waiting[0].reason.contains("holding them until 1 more"), "{:?}", plan.waiting);
-        assert!(plan.waiting[1].reason.contains("waiting behind large"), "{:?}", plan.waiting);
+        assert!(
+            plan.waiting[0].reason.contains("holding them until 1 more"),
+            "{:?}",
+            plan.waiting
+        );
+        assert!(
+            plan.waiting[1].reason.contains("waiting behind large"),
+            "{:?}",
+            plan.waiting
+        );
         assert_eq!(plan.waiting[2].position, 3);
     }
 
@@ -248,7 +263,13 @@ mod tests {
         let c1 = worker("c1", "cpu");
         let plan = plan([&gpu], &[&c1], &[&c1], true);
         assert!(plan.placements.is_empty());
-        assert!(plan.waiting[0].reason.contains("needs 1 cuda workers; none are registered"), "{:?}", plan.waiting);
+        assert!(
+            plan.waiting[0]
+                .reason
+                .contains("needs 1 cuda workers; none are registered"),
+            "{:?}",
+            plan.waiting
+        );
         let g1 = worker("g1", "cuda:0");
         let plan = super::plan([&gpu], &[&c1, &g1], &[&c1, &g1], true);
         assert_eq!(placed(&plan), [("gpu", vec!["g1"])]);

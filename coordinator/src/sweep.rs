@@ -69,9 +69,9 @@ impl SweepFile {
         };
         let priority = match table.remove("priority") {
             None => None,
-            Some(Value::Integer(p)) => Some(
-                i32::try_from(p).map_err(|_| invalid(format!("field `priority`: {p} is out of range")))?,
-            ),
+            Some(Value::Integer(p)) => {
+                Some(i32::try_from(p).map_err(|_| invalid(format!("field `priority`: {p} is out of range")))?)
+            }
             Some(_) => return Err(invalid("field `priority`: must be an integer".into())),
         };
         let base = match table.remove("base") {
@@ -81,12 +81,20 @@ impl SweepFile {
                 toml::from_str(&text).map_err(|e| invalid(format!("base spec {path}: {e}")))?
             }
             Some(_) => return Err(invalid("field `base`: must be a file name or a [base] table".into())),
-            None => return Err(invalid("field `base`: missing (a run spec file, or a [base] table)".into())),
+            None => {
+                return Err(invalid(
+                    "field `base`: missing (a run spec file, or a [base] table)".into(),
+                ));
+            }
         };
         let axes = match table.remove("axes") {
             Some(Value::Table(axes)) => axes,
             Some(_) => return Err(invalid("field `axes`: must be a table of key = [values]".into())),
-            None => return Err(invalid("field `axes`: missing (e.g. \"dataset.train_cases\" = [21, 100])".into())),
+            None => {
+                return Err(invalid(
+                    "field `axes`: missing (e.g. \"dataset.train_cases\" = [21, 100])".into(),
+                ));
+            }
         };
         if let Some(key) = table.keys().next() {
             return Err(invalid(format!(
@@ -175,7 +183,10 @@ impl SweepFile {
                 .zip(&values)
                 .map(|((key, _), v)| format!("{}={}", key.rsplit('.').next().unwrap_or(key), literal(v)))
                 .collect();
-            table.insert("name".into(), Value::String(format!("{} {}", self.name, label.join(" "))));
+            table.insert(
+                "name".into(),
+                Value::String(format!("{} {}", self.name, label.join(" "))),
+            );
             if let Some(p) = self.priority {
                 table.insert("priority".into(), Value::Integer(p.into()));
             }
@@ -310,7 +321,10 @@ seed = [1, 2]
             .expand("s.toml")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("axis `train.lr` = -1.0") && err.contains("field `train.lr`"), "{err}");
+        assert!(
+            err.contains("axis `train.lr` = -1.0") && err.contains("field `train.lr`"),
+            "{err}"
+        );
         let nested = SWEEP.replace("seed = [1, 2]", "\"seed.x\" = [1]");
         let err = SweepFile::parse(&nested, "s.toml", no_base)
             .unwrap()
@@ -320,7 +334,10 @@ seed = [1, 2]
         assert!(err.contains("axis `seed.x`"), "{err}");
         // A key the base leaves out but the spec knows is fine.
         let optional = SWEEP.replace("seed = [1, 2]", "\"train.warmup_steps\" = [0, 1]");
-        let children = SweepFile::parse(&optional, "s.toml", no_base).unwrap().expand("s").unwrap();
+        let children = SweepFile::parse(&optional, "s.toml", no_base)
+            .unwrap()
+            .expand("s")
+            .unwrap();
         assert_eq!(children[1].spec.train.warmup_steps, 1);
     }
 
@@ -331,7 +348,13 @@ seed = [1, 2]
             (SWEEP.replace("priority = 5", "priority = \"high\""), "field `priority`"),
             (SWEEP.replace("seed = [1, 2]", "seed = []"), "axis `seed`"),
             (SWEEP.replace("priority = 5", "prio = 5"), "unknown field `prio`"),
-            (format!("{SWEEP}\n\"model.depth\" = [2, 3, 4, 5, 6, 7, 8]\n\"train.steps\" = {:?}", (1..2000).collect::<Vec<_>>()), "more than"),
+            (
+                format!(
+                    "{SWEEP}\n\"model.depth\" = [2, 3, 4, 5, 6, 7, 8]\n\"train.steps\" = {:?}",
+                    (1..2000).collect::<Vec<_>>()
+                ),
+                "more than",
+            ),
         ];
         for (text, expect) in cases {
             let err = SweepFile::parse(&text, "s.toml", no_base)
@@ -364,7 +387,11 @@ mod shipped {
         let suprem = load("suprem-scaling.toml");
         let sizes: Vec<u32> = suprem.iter().map(|c| c.spec.dataset.train_cases).collect();
         assert_eq!(sizes, [21, 100, 1000, 3000, 9262]);
-        assert!(suprem.iter().all(|c| c.spec.priority == 10 && c.spec.device.as_deref() == Some("cuda")));
+        assert!(
+            suprem
+                .iter()
+                .all(|c| c.spec.priority == 10 && c.spec.device.as_deref() == Some("cuda"))
+        );
         let demo = load("demo-scaling.toml");
         let grid: Vec<(u32, u64)> = demo.iter().map(|c| (c.spec.dataset.train_cases, c.spec.seed)).collect();
         assert_eq!(grid, [(4, 1), (4, 2), (8, 1), (8, 2), (16, 1), (16, 2)]);

@@ -360,7 +360,10 @@ pub fn worker_client_request(peer: &str) -> pb::RegisterRequest {
 pub async fn fake_worker(
     cluster: &Cluster,
     peer: &str,
-) -> (protocol::pb::worker_service_client::WorkerServiceClient<AuthChannel>, String) {
+) -> (
+    protocol::pb::worker_service_client::WorkerServiceClient<AuthChannel>,
+    String,
+) {
     fake_worker_on(cluster, peer, "cpu").await
 }
 
@@ -369,7 +372,10 @@ pub async fn fake_worker_on(
     cluster: &Cluster,
     peer: &str,
     device_kind: &str,
-) -> (protocol::pb::worker_service_client::WorkerServiceClient<AuthChannel>, String) {
+) -> (
+    protocol::pb::worker_service_client::WorkerServiceClient<AuthChannel>,
+    String,
+) {
     let mut client = protocol::pb::worker_service_client::WorkerServiceClient::new(cluster.channel().await);
     let mut req = worker_client_request(peer);
     req.device_kind = device_kind.into();

@@ -16,9 +16,12 @@ pub struct RunCases {
     pub eval: Vec<String>,
 }
 
-/// The last manifest fetched, by id.
+/// A manifest's id and its cases.
+type Held = (String, Arc<Vec<String>>);
+
+/// The last manifest fetched.
 #[derive(Clone, Default)]
-pub struct ManifestCache(Arc<Mutex<Option<(String, Arc<Vec<String>>)>>>);
+pub struct ManifestCache(Arc<Mutex<Option<Held>>>);
 
 impl ManifestCache {
     pub async fn cases_for(
@@ -31,7 +34,9 @@ impl ManifestCache {
         let cases = match held {
             Some((held_id, cases)) if held_id == *id => cases,
             _ => {
-                let req = pb::GetManifestRequest { manifest_id: id.clone() };
+                let req = pb::GetManifestRequest {
+                    manifest_id: id.clone(),
+                };
                 let manifest = client
                     .clone()
                     .get_manifest(req)

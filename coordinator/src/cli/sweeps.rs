@@ -55,7 +55,10 @@ pub async fn submit(remote: &Remote, path: &Path, dry_run: bool) -> anyhow::Resu
                 .iter()
                 .map(|c| json!({"name": c.spec.name, "values": c.values.iter().map(coordinator::sweep::literal).collect::<Vec<_>>()}))
                 .collect();
-            println!("{}", json!({"name": sweep.name, "axes": sweep.axis_keys(), "runs": list}));
+            println!(
+                "{}",
+                json!({"name": sweep.name, "axes": sweep.axis_keys(), "runs": list})
+            );
         } else {
             println!("{} expands to {children} valid runs:", path.display());
             for c in expanded {
@@ -99,7 +102,11 @@ fn sweep_json(s: &pb::SweepInfo) -> Value {
 fn states_summary(s: &pb::SweepInfo) -> String {
     let mut states: Vec<(&String, &u32)> = s.states.iter().collect();
     states.sort();
-    states.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+    states
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn list(remote: &Remote) -> anyhow::Result<ExitCode> {
@@ -128,7 +135,10 @@ pub async fn list(remote: &Remote) -> anyhow::Result<ExitCode> {
                 ]
             })
             .collect();
-        println!("{}", table(&["SWEEP", "NAME", "PRI", "RUNS", "STATES", "SUBMITTED"], &rows));
+        println!(
+            "{}",
+            table(&["SWEEP", "NAME", "PRI", "RUNS", "STATES", "SUBMITTED"], &rows)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -140,7 +150,9 @@ fn optional(has: bool, value: f64) -> Option<f64> {
 pub async fn show(remote: &Remote, sweep_id: &str) -> anyhow::Result<ExitCode> {
     let detail = connect(remote)
         .await?
-        .get_sweep(pb::GetSweepRequest { sweep_id: sweep_id.into() })
+        .get_sweep(pb::GetSweepRequest {
+            sweep_id: sweep_id.into(),
+        })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -167,7 +179,10 @@ pub async fn show(remote: &Remote, sweep_id: &str) -> anyhow::Result<ExitCode> {
             })
             .collect();
         let manifests: Vec<&str> = detail.manifest_ids.split(',').filter(|m| !m.is_empty()).collect();
-        println!("{}", json!({"sweep": sweep_json(&info), "manifests": manifests, "children": children}));
+        println!(
+            "{}",
+            json!({"sweep": sweep_json(&info), "manifests": manifests, "children": children})
+        );
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -214,7 +229,9 @@ fn toml_literal_json(literal: &str) -> Value {
 
 pub async fn act(remote: &Remote, sweep_id: &str, resume: bool) -> anyhow::Result<ExitCode> {
     let mut client = connect(remote).await?;
-    let req = pb::GetSweepRequest { sweep_id: sweep_id.into() };
+    let req = pb::GetSweepRequest {
+        sweep_id: sweep_id.into(),
+    };
     let resp = if resume {
         client.resume_sweep(req).await
     } else {
@@ -234,7 +251,13 @@ pub async fn act(remote: &Remote, sweep_id: &str, resume: bool) -> anyhow::Resul
         let rows: Vec<Vec<String>> = resp
             .results
             .iter()
-            .map(|r| vec![r.run_id.clone(), if r.changed { "yes" } else { "no" }.into(), r.message.clone()])
+            .map(|r| {
+                vec![
+                    r.run_id.clone(),
+                    if r.changed { "yes" } else { "no" }.into(),
+                    r.message.clone(),
+                ]
+            })
             .collect();
         let verb = if resume { "RESUMED" } else { "CANCELLED" };
         println!("{}", table(&["RUN", verb, "DETAIL"], &rows));
@@ -271,12 +294,19 @@ pub async fn manifests(remote: &Remote) -> anyhow::Result<ExitCode> {
                 ]
             })
             .collect();
-        println!("{}", table(&["MANIFEST", "DATASET", "ORDER SEED", "CASES", "FROZEN"], &rows));
+        println!(
+            "{}",
+            table(&["MANIFEST", "DATASET", "ORDER SEED", "CASES", "FROZEN"], &rows)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Path-or-subcommand parsing lives in clap; this checks the one combination it cannot.
 pub fn require_file(file: Option<&Path>) -> anyhow::Result<&Path> {
-    file.ok_or_else(|| anyhow::anyhow!("give a sweep file (`coordinator sweep configs/demo-scaling.toml`) or a subcommand (show, cancel, resume)"))
+    file.ok_or_else(|| {
+        anyhow::anyhow!(
+            "give a sweep file (`coordinator sweep configs/demo-scaling.toml`) or a subcommand (show, cancel, resume)"
+        )
+    })
 }

@@ -61,7 +61,11 @@ impl Coordinator {
     /// Answers from memory alone: a heartbeat writes nothing and reads nothing from the store.
     pub fn heartbeat(&self, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
         let mut m = self.lock();
-        let Some(worker) = m.worker(&req.worker_id).filter(|w| w.state != WorkerState::Dead).cloned() else {
+        let Some(worker) = m
+            .worker(&req.worker_id)
+            .filter(|w| w.state != WorkerState::Dead)
+            .cloned()
+        else {
             // Whatever run it thinks it is on was interrupted when it was declared dead.
             return Ok(pb::HeartbeatResponse {
                 reregister: true,

@@ -206,8 +206,13 @@ impl Coordinator {
     }
 
     /// Runs in submission order (only `sweep_id`'s children when given), each queued one with
-    /// its place in the queue and why it waits.
-    pub fn list_runs(&self, sweep_id: Option<&str>) -> Result<Vec<(RunRecord, Option<scheduler::Waiting>)>> {
+    /// its place in the queue and why it waits, as `view` renders them (under the lock, so a
+    /// listing of many runs copies nothing it does not show).
+    pub fn list_runs<T>(
+        &self,
+        sweep_id: Option<&str>,
+        view: impl Fn(&RunRecord, Option<&scheduler::Waiting>) -> T,
+    ) -> Result<Vec<T>> {
         let m = self.lock();
         let runs: Vec<&RunRecord> = match sweep_id {
             None => m.runs(),
@@ -219,16 +224,13 @@ impl Coordinator {
                 sweep.children.iter().filter_map(|c| m.run(&c.run_id).ok()).collect()
             }
         };
-        let mut waiting: HashMap<String, scheduler::Waiting> = self
+        let waiting: HashMap<String, scheduler::Waiting> = self
             .plan(&m, true)
             .waiting
             .into_iter()
             .map(|w| (w.run_id.clone(), w))
             .collect();
-        Ok(runs
-            .into_iter()
-            .map(|r| (r.clone(), waiting.remove(&r.id)))
-            .collect())
+        Ok(runs.into_iter().map(|r| view(r, waiting.get(&r.id))).collect())
     }
 
     /// Why a queued run waits, and its place in the queue; None for any other run.
@@ -290,8 +292,11 @@ impl Coordinator {
             let mut m = self.lock();
             self.schedule_locked(&mut m)?
         };
-        self.settle(&placed.iter().map(String::as_str).collect::<Vec<_>>(), !placed.is_empty())
-            .await
+        self.settle(
+            &placed.iter().map(String::as_str).collect::<Vec<_>>(),
+            !placed.is_empty(),
+        )
+        .await
     }
 
     /// One pass of the scheduler over the model; `explain` fills in why each queued run waits.

@@ -62,7 +62,11 @@ impl Coordinator {
     }
 
     /// The locked half of `report_metrics`: the reply, and whether the run ended.
-    fn record_metrics(&self, m: &mut Model, req: &pb::ReportMetricsRequest) -> Result<(pb::ReportMetricsResponse, bool)> {
+    fn record_metrics(
+        &self,
+        m: &mut Model,
+        req: &pb::ReportMetricsRequest,
+    ) -> Result<(pb::ReportMetricsResponse, bool)> {
         let run = m.run(&req.run_id)?;
         let stopped = self.check_member(run, &req.worker_id, req.rank, req.attempt).err();
         // A rank of the attempt that just ended (paused, interrupted) may still be delivering
@@ -110,13 +114,9 @@ impl Coordinator {
             run.step = newest;
             run.updated_unix_ms = now_unix_ms();
         }
-        let (_, known) = self.store.record_report(
-            &run.id,
-            advanced.then_some(&run),
-            &points,
-            &checksums,
-            run.world_size,
-        )?;
+        let (_, known) =
+            self.store
+                .record_report(&run.id, advanced.then_some(&run), &points, &checksums, run.world_size)?;
         if advanced {
             m.note_step(&run.id, run.step, run.updated_unix_ms);
         }

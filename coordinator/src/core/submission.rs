@@ -51,7 +51,9 @@ impl Coordinator {
     /// any child is invalid, stores nothing and names the axis.
     pub async fn submit_sweep(&self, sweep_toml: &str, source_name: &str) -> Result<SweepView> {
         let file = SweepFile::parse(sweep_toml, source_name, |path| {
-            Err(format!("`{path}`: inline the base spec as a [base] table (the CLI does this)"))
+            Err(format!(
+                "`{path}`: inline the base spec as a [base] table (the CLI does this)"
+            ))
         })
         .map_err(|e| CoordError::Rejected(e.to_string()))?;
         let children = file
@@ -79,7 +81,8 @@ impl Coordinator {
             let mut runs = vec![];
             let mut records = vec![];
             for (p, values) in prepared {
-                let (run, event) = self.new_run(p, Some(&sweep_id), format!("from sweep {sweep_id} ({source_name})"))?;
+                let (run, event) =
+                    self.new_run(p, Some(&sweep_id), format!("from sweep {sweep_id} ({source_name})"))?;
                 records.push(SweepChildRecord {
                     run_id: run.id.clone(),
                     values,
@@ -119,8 +122,8 @@ impl Coordinator {
             frozen.insert(key.clone(), found);
         }
         let manifest = &frozen[&key].0;
-        let (train_count, eval_count) = manifest::split_counts(manifest, &spec)
-            .map_err(|e| CoordError::Rejected(format!("{source_name}: {e}")))?;
+        let (train_count, eval_count) =
+            manifest::split_counts(manifest, &spec).map_err(|e| CoordError::Rejected(format!("{source_name}: {e}")))?;
         if train_count < spec.world_size {
             return Err(CoordError::Rejected(format!(
                 "{source_name}: field `world_size`: {} ranks but only {train_count} training cases",

@@ -141,9 +141,8 @@ impl ControlService for ControlApi {
             "" => None,
             id => Some(checked_id(id, "sweep id")?),
         };
-        let runs = self.0.list_runs(sweep)?;
         Ok(Response::new(pb::ListRunsResponse {
-            runs: runs.iter().map(|(r, w)| run_info_waiting(r, w.as_ref())).collect(),
+            runs: self.0.list_runs(sweep, run_info_waiting)?,
         }))
     }
 
@@ -224,14 +223,20 @@ impl ControlService for ControlApi {
         Ok(Response::new(sweep_detail(&self.0, &view)?))
     }
 
-    async fn cancel_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepActionResponse>, Status> {
+    async fn cancel_sweep(
+        &self,
+        req: Request<pb::GetSweepRequest>,
+    ) -> Result<Response<pb::SweepActionResponse>, Status> {
         let sweep_id = req.into_inner().sweep_id;
         checked_id(&sweep_id, "sweep id")?;
         let (view, results) = self.0.cancel_sweep(&sweep_id).await?;
         Ok(Response::new(sweep_action(&view, results)))
     }
 
-    async fn resume_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepActionResponse>, Status> {
+    async fn resume_sweep(
+        &self,
+        req: Request<pb::GetSweepRequest>,
+    ) -> Result<Response<pb::SweepActionResponse>, Status> {
         let sweep_id = req.into_inner().sweep_id;
         checked_id(&sweep_id, "sweep id")?;
         let (view, results) = self.0.resume_sweep(&sweep_id).await?;

@@ -71,11 +71,16 @@ impl Store {
             .map(|m| (m.id.clone(), index_key(&m.dataset_url, m.order_seed), encode(m)))
             .collect();
         let sweep_bytes = sweep.map(|s| (s.id.clone(), encode(s)));
-        let run_bytes: Vec<(String, Vec<u8>, Vec<u8>)> = runs
-            .iter()
-            .map(|(r, e)| (r.id.clone(), encode(r), encode(e)))
-            .collect();
-        (&self.manifests, &self.manifest_index, &self.sweeps, &self.runs, &self.events, &self.meta)
+        let run_bytes: Vec<(String, Vec<u8>, Vec<u8>)> =
+            runs.iter().map(|(r, e)| (r.id.clone(), encode(r), encode(e))).collect();
+        (
+            &self.manifests,
+            &self.manifest_index,
+            &self.sweeps,
+            &self.runs,
+            &self.events,
+            &self.meta,
+        )
             .transaction(|(mans, index, sweeps, rs, evs, meta)| {
                 for (id, key, value) in &manifest_bytes {
                     mans.insert(id.as_bytes(), value.clone())?;
@@ -142,7 +147,10 @@ mod tests {
                 "world_size":2,"total_steps":8,"step":8,"message":"","submitted_unix_ms":1,
                 "updated_unix_ms":2,"workers":[],"started_ranks":[],"train_cases":["a","b"],
                 "eval_cases":["c"],"artifacts_url":"/x","finished":{},"final_checkpoint":null}"#;
-            db.open_tree("runs").unwrap().insert("run-000007-abcd1234", run).unwrap();
+            db.open_tree("runs")
+                .unwrap()
+                .insert("run-000007-abcd1234", run)
+                .unwrap();
             db.open_tree("meta")
                 .unwrap()
                 .insert("schema_version", &1u64.to_be_bytes())

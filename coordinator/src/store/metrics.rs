@@ -17,6 +17,9 @@ pub struct ChecksumReport {
     pub sha256: String,
 }
 
+/// Per reported step, the checksums of every rank known for it: (step, [(rank, sha256)]).
+pub type KnownChecksums = Vec<(u64, Vec<(u32, String)>)>;
+
 fn latest_key(run_id: &str, rank: u32, name: &str) -> String {
     format!("{run_id}/{rank:06}/{name}")
 }
@@ -41,7 +44,7 @@ impl Store {
         points: &[MetricRecord],
         checksums: &[ChecksumReport],
         world_size: u32,
-    ) -> Result<(u64, Vec<(u64, Vec<(u32, String)>)>)> {
+    ) -> Result<(u64, KnownChecksums)> {
         let counter = format!("metric_seq/{run_id}");
         let encoded: Vec<Vec<u8>> = points.iter().map(encode).collect();
         let run_bytes = run.map(encode);
@@ -53,8 +56,7 @@ impl Store {
                 newest.insert(key, p);
             }
         }
-        let newest: Vec<(String, u64, Vec<u8>)> =
-            newest.into_iter().map(|(k, p)| (k, p.step, encode(p))).collect();
+        let newest: Vec<(String, u64, Vec<u8>)> = newest.into_iter().map(|(k, p)| (k, p.step, encode(p))).collect();
         (&self.metrics, &self.meta, &self.checksums, &self.runs, &self.latest)
             .transaction(|(metrics, meta, sums, runs, latest)| {
                 let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
@@ -147,7 +149,6 @@ impl Store {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,10 +169,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            assert_eq!(
-                store.append_metrics("run-000001", &[point(1), point(2)]).unwrap(),
-                2
-            );
+            assert_eq!(store.append_metrics("run-000001", &[point(1), point(2)]).unwrap(), 2);
             assert_eq!(store.append_metrics("run-000002", &[point(9)]).unwrap(), 1);
         }
         let store = Store::open(dir.path()).unwrap();
@@ -224,13 +222,9 @@ mod tests {
             attempt: 1,
             sha256: sha.into(),
         };
-        let (_, known) = store
-            .record_report("r", None, &[point(4)], &[sum(1, "bb")], 2)
-            .unwrap();
+        let (_, known) = store.record_report("r", None, &[point(4)], &[sum(1, "bb")], 2).unwrap();
         assert_eq!(known, [(4, vec![(1, "bb".to_string())])]);
-        let (next, known) = store
-            .record_report("r", None, &[point(4)], &[sum(0, "aa")], 2)
-            .unwrap();
+        let (next, known) = store.record_report("r", None, &[point(4)], &[sum(0, "aa")], 2).unwrap();
         assert_eq!(next, 2);
         assert_eq!(known, [(4, vec![(0, "aa".to_string()), (1, "bb".to_string())])]);
         assert_eq!(store.checksums("r").unwrap().len(), 2);

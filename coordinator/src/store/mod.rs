@@ -228,7 +228,11 @@ impl Store {
     }
 
     pub fn next_sweep_id(&self) -> Result<String> {
-        Ok(format!("sweep-{:06}-{}", self.next_counter("next_sweep")?, self.cluster_id))
+        Ok(format!(
+            "sweep-{:06}-{}",
+            self.next_counter("next_sweep")?,
+            self.cluster_id
+        ))
     }
 
     pub fn next_worker_id(&self) -> Result<String> {
@@ -353,6 +357,4 @@ impl Store {
     pub fn checkpoints(&self, run_id: &str) -> Result<Vec<CheckpointRecord>> {
         scan(self.checkpoints.scan_prefix(run_prefix(run_id)), "checkpoints")
     }
-
 }
-
