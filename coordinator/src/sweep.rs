@@ -306,31 +306,23 @@ seed = [1, 2]
         assert_eq!(again, sweep);
     }
 
+    /// The error expanding SWEEP with its seed axis replaced by `axis`.
+    fn expand_err(axis: &str) -> String {
+        let text = SWEEP.replace("seed = [1, 2]", axis);
+        let sweep = SweepFile::parse(&text, "s.toml", no_base).unwrap();
+        sweep.expand("s.toml").unwrap_err().to_string()
+    }
+
     #[test]
     fn an_unknown_axis_or_a_bad_value_names_the_key() {
-        let unknown = SWEEP.replace("seed = [1, 2]", "\"train.lrr\" = [0.1]");
-        let err = SweepFile::parse(&unknown, "s.toml", no_base)
-            .unwrap()
-            .expand("s.toml")
-            .unwrap_err()
-            .to_string();
+        let err = expand_err(r#""train.lrr" = [0.1]"#);
         assert!(err.contains("axis `train.lrr` is not a key"), "{err}");
-        let bad = SWEEP.replace("seed = [1, 2]", "\"train.lr\" = [0.1, -1.0]");
-        let err = SweepFile::parse(&bad, "s.toml", no_base)
-            .unwrap()
-            .expand("s.toml")
-            .unwrap_err()
-            .to_string();
+        let err = expand_err(r#""train.lr" = [0.1, -1.0]"#);
         assert!(
             err.contains("axis `train.lr` = -1.0") && err.contains("field `train.lr`"),
             "{err}"
         );
-        let nested = SWEEP.replace("seed = [1, 2]", "\"seed.x\" = [1]");
-        let err = SweepFile::parse(&nested, "s.toml", no_base)
-            .unwrap()
-            .expand("s.toml")
-            .unwrap_err()
-            .to_string();
+        let err = expand_err(r#""seed.x" = [1]"#);
         assert!(err.contains("axis `seed.x`"), "{err}");
         // A key the base leaves out but the spec knows is fine.
         let optional = SWEEP.replace("seed = [1, 2]", "\"train.warmup_steps\" = [0, 1]");

@@ -571,25 +571,22 @@ mod tests {
         let quiet = coord.register(register_request("127.0.0.1:1")).await.unwrap();
         let chatty = coord.register(register_request("127.0.0.1:2")).await.unwrap();
         let state = |id: &str| coord.workers().into_iter().find(|w| w.id == id).map(|w| w.state);
+        let beat = || {
+            let req = pb::HeartbeatRequest {
+                worker_id: chatty.id.clone(),
+                ..Default::default()
+            };
+            coord.heartbeat(req).unwrap();
+        };
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(60)).await;
-            coord
-                .heartbeat(pb::HeartbeatRequest {
-                    worker_id: chatty.id.clone(),
-                    ..Default::default()
-                })
-                .unwrap();
+            beat();
             coord.reap_dead_workers().await.unwrap();
         }
         assert_eq!(state(&quiet.id), Some(WorkerState::Dead));
         assert_eq!(state(&chatty.id), Some(WorkerState::Idle));
         tokio::time::sleep(Duration::from_millis(450)).await;
-        coord
-            .heartbeat(pb::HeartbeatRequest {
-                worker_id: chatty.id.clone(),
-                ..Default::default()
-            })
-            .unwrap();
+        beat();
         coord.reap_dead_workers().await.unwrap();
         assert_eq!(state(&quiet.id), None, "forgotten, in memory");
         assert!(coord.store().worker(&quiet.id).unwrap().is_none(), "and in the store");
