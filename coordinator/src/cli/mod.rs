@@ -180,6 +180,7 @@ enum SweepCommand {
     },
     /// Cancel every run of the sweep that has not ended.
     Cancel {
+        /// Sweep id, as `coordinator sweeps` lists it.
         sweep: String,
         #[command(flatten)]
         remote: Remote,
@@ -187,6 +188,7 @@ enum SweepCommand {
     /// Resume every run of the sweep that can be resumed (paused, interrupted, or failed or
     /// cancelled with a usable checkpoint); the others are listed with the reason.
     Resume {
+        /// Sweep id, as `coordinator sweeps` lists it.
         sweep: String,
         #[command(flatten)]
         remote: Remote,
