@@ -4,6 +4,7 @@
 
 pub mod core;
 pub mod manifest;
+pub mod probe;
 pub mod records;
 pub mod scheduler;
 pub mod server;

@@ -37,6 +37,8 @@ pub enum CoordError {
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     Rejected(String),
+    #[error("{0}")]
+    Probe(#[from] crate::probe::ProbeError),
 }
 
 pub type Result<T> = std::result::Result<T, CoordError>;
@@ -173,6 +175,9 @@ impl Coordinator {
 
     pub async fn submit(&self, spec_toml: &str, source_name: &str) -> Result<RunRecord> {
         let spec = RunSpec::from_toml(spec_toml, source_name)?;
+        // submit-time probes (security branch)
+        crate::probe::probe_dataset(&spec.dataset.url).await?;
+        crate::probe::probe_artifacts(&spec.artifacts.url).await?;
         let plan = manifest::plan_cases(&spec).await?;
         if plan.train.len() < spec.world_size as usize {
             return Err(CoordError::Rejected(format!(

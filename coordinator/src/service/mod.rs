@@ -10,9 +10,10 @@ use crate::core::CoordError;
 impl From<CoordError> for Status {
     fn from(e: CoordError) -> Status {
         match &e {
-            CoordError::InvalidSpec(_) | CoordError::Manifest(_) | CoordError::Checkpoint(_) => {
-                Status::invalid_argument(e.to_string())
-            }
+            CoordError::InvalidSpec(_)
+            | CoordError::Manifest(_)
+            | CoordError::Checkpoint(_)
+            | CoordError::Probe(_) => Status::invalid_argument(e.to_string()),
             CoordError::NotFound { .. } => Status::not_found(e.to_string()),
             CoordError::Rejected(_) => Status::failed_precondition(e.to_string()),
             CoordError::Store(_) => Status::internal(e.to_string()),
