@@ -321,13 +321,13 @@ fn divergence(checksums: &[(u32, String)], world_size: u32, step: u64) -> Option
     if checksums.len() < world_size as usize {
         return None;
     }
-    let first = &checksums[0].1;
+    let (_, first) = checksums.first()?;
     if checksums.iter().all(|(_, c)| c == first) {
         return None;
     }
     let listing: Vec<String> = checksums
         .iter()
-        .map(|(r, c)| format!("rank {r}: {}", &c[..c.len().min(16)]))
+        .map(|(r, c)| format!("rank {r}: {}", c.chars().take(16).collect::<String>()))
         .collect();
     Some(format!(
         "weights diverged across ranks at step {step} ({})",
