@@ -10,4 +10,5 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod token_file;
 pub mod verify;
