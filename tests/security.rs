@@ -178,7 +178,9 @@ fn make_pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
@@ -220,7 +222,11 @@ fn tls_connects_clients_and_workers_that_trust_the_ca_and_refuses_others() {
     assert_refused(&out, "certificate");
     assert_refused(&cli(&https, &["runs"], &token), "--tls-ca");
     // Plain HTTP to a TLS port gets nowhere, within the deadline.
-    let out = cli(&format!("http://{}", serve.addr), &["runs", "--timeout-secs", "5"], &token);
+    let out = cli(
+        &format!("http://{}", serve.addr),
+        &["runs", "--timeout-secs", "5"],
+        &token,
+    );
     assert!(!out.status.success());
 
     // A worker trusting the CA registers over TLS.
@@ -407,7 +413,11 @@ fn a_cli_call_to_a_coordinator_that_never_answers_fails_within_its_deadline() {
     // Accepts connections (the kernel completes the handshakes) and never answers.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    for args in [&["runs"][..], &["show", "run-000001-00000000"], &["metrics", "run-000001-00000000"]] {
+    for args in [
+        &["runs"][..],
+        &["show", "run-000001-00000000"],
+        &["metrics", "run-000001-00000000"],
+    ] {
         let started = Instant::now();
         let mut full = args.to_vec();
         full.extend(["--timeout-secs", "2"]);

@@ -98,7 +98,9 @@ mod tests {
         let err = probe_artifacts("/proc/x").await.unwrap_err().to_string();
         assert!(err.contains("artifacts.url") && err.contains("/proc/x"), "{err}");
         let artifacts = dir.path().join("artifacts");
-        probe_artifacts(&format!("file://{}", artifacts.display())).await.unwrap();
+        probe_artifacts(&format!("file://{}", artifacts.display()))
+            .await
+            .unwrap();
         // The probe leaves nothing behind but the directory the workers would create anyway.
         assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 0);
     }

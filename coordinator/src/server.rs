@@ -8,10 +8,10 @@ use protocol::auth::SharedToken;
 use protocol::pb::control_service_server::ControlServiceServer;
 use protocol::pb::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
-use tonic::transport::ServerTlsConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::ServerTlsConfig;
 
 use crate::core::{CoordError, Coordinator, Timing};
 use crate::service::control_api::ControlApi;

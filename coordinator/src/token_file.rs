@@ -56,11 +56,7 @@ pub fn load_or_create(path: &Path) -> Result<(SharedToken, Origin), TokenFileErr
         rand::random::<u32>()
     ));
     let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         file.write_all(format!("{token}\n").as_bytes())?;
         file.sync_all()
     })();

@@ -50,7 +50,9 @@ pub fn read_pem(flag: &'static str, path: &Path, kind: &str) -> Result<Vec<u8>, 
         message,
     };
     if std::fs::metadata(path).map_err(read)?.len() > MAX_PEM_BYTES {
-        return Err(pem_error(format!("larger than {MAX_PEM_BYTES} bytes; is it a PEM file?")));
+        return Err(pem_error(format!(
+            "larger than {MAX_PEM_BYTES} bytes; is it a PEM file?"
+        )));
     }
     let pem = std::fs::read(path).map_err(read)?;
     let text = String::from_utf8_lossy(&pem);
@@ -111,16 +113,26 @@ mod tests {
     fn endpoints_and_pems_are_checked_and_errors_name_flag_and_file() {
         assert!(client_endpoint("http://127.0.0.1:7070", None).is_ok());
         let err = client_endpoint("https://127.0.0.1:7070", None).unwrap_err().to_string();
-        assert!(err.contains("--tls-ca") && err.contains("https://127.0.0.1:7070"), "{err}");
+        assert!(
+            err.contains("--tls-ca") && err.contains("https://127.0.0.1:7070"),
+            "{err}"
+        );
 
         let dir = std::env::temp_dir().join(format!("voxelfleet-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, "not a certificate\n").unwrap();
-        let err = client_endpoint("http://127.0.0.1:7070", Some(&ca)).unwrap_err().to_string();
+        let err = client_endpoint("http://127.0.0.1:7070", Some(&ca))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must be https://"), "{err}");
-        let err = client_endpoint("https://127.0.0.1:7070", Some(&ca)).unwrap_err().to_string();
-        assert!(err.contains("--tls-ca") && err.contains("ca.pem") && err.contains("CERTIFICATE"), "{err}");
+        let err = client_endpoint("https://127.0.0.1:7070", Some(&ca))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--tls-ca") && err.contains("ca.pem") && err.contains("CERTIFICATE"),
+            "{err}"
+        );
 
         let missing = dir.join("missing.pem");
         let err = server_config(&missing, &ca).unwrap_err().to_string();

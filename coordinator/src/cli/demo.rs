@@ -44,7 +44,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // The demo runs with authentication on, as a deployment should: the caller's token, or a
     // fresh one that only this demo's processes know.
-    let token = match SharedToken::resolve(std::env::var_os(TOKEN_FILE_ENV).filter(|v| !v.is_empty()).as_deref().map(Path::new))? {
+    let token = match SharedToken::resolve(
+        std::env::var_os(TOKEN_FILE_ENV)
+            .filter(|v| !v.is_empty())
+            .as_deref()
+            .map(Path::new),
+    )? {
         t if t.is_set() => t,
         _ => SharedToken::new(&hex::encode(rand::random::<[u8; 16]>()))?,
     };

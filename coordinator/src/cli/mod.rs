@@ -226,7 +226,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let started = std::time::Instant::now();
             let ids = tokio::task::spawn_blocking(move || worker::data::write_phantom_dataset(&out, &opts)).await??;
-            let (first, last) = (ids.first().cloned().unwrap_or_default(), ids.last().cloned().unwrap_or_default());
+            let (first, last) = (
+                ids.first().cloned().unwrap_or_default(),
+                ids.last().cloned().unwrap_or_default(),
+            );
             println!(
                 "wrote {} cases ({first} .. {last}) in {:.1}s",
                 ids.len(),

@@ -35,8 +35,8 @@ impl Remote {
     pub async fn connect(&self) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
         // Read before dialling: a wrong path is the user's to fix, whatever the network does.
         let token = SharedToken::resolve(self.token_file.as_deref())?;
-        let endpoint = protocol::tls::client_endpoint(&self.coordinator, self.tls_ca.as_deref())?
-            .connect_timeout(self.timeout());
+        let endpoint =
+            protocol::tls::client_endpoint(&self.coordinator, self.tls_ca.as_deref())?.connect_timeout(self.timeout());
         let channel = tokio::time::timeout(self.timeout(), endpoint.connect())
             .await
             .map_err(|_| self.no_answer("accept a connection"))?

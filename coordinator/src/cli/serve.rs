@@ -76,7 +76,10 @@ fn token(args: &ServeArgs) -> anyhow::Result<(SharedToken, TokenSource)> {
 
 /// An absolute path to print, so it can be pasted into --token-file from anywhere.
 fn shown(path: &Path) -> String {
-    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -88,8 +91,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut server =
-        coordinator::server::start_with_tls(args.listen, &args.data_dir, timing, &token, tls).await?;
+    let mut server = coordinator::server::start_with_tls(args.listen, &args.data_dir, timing, &token, tls).await?;
     if let TokenSource::Insecure = source {
         tracing::warn!(
             "--insecure: no bearer token is required; any process that can reach {} may use this coordinator",

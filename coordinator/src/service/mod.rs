@@ -10,10 +10,9 @@ use crate::core::CoordError;
 impl From<CoordError> for Status {
     fn from(e: CoordError) -> Status {
         match &e {
-            CoordError::InvalidSpec(_)
-            | CoordError::Manifest(_)
-            | CoordError::Checkpoint(_)
-            | CoordError::Probe(_) => Status::invalid_argument(e.to_string()),
+            CoordError::InvalidSpec(_) | CoordError::Manifest(_) | CoordError::Checkpoint(_) | CoordError::Probe(_) => {
+                Status::invalid_argument(e.to_string())
+            }
             CoordError::NotFound { .. } => Status::not_found(e.to_string()),
             CoordError::Rejected(_) => Status::failed_precondition(e.to_string()),
             CoordError::Store(_) => Status::internal(e.to_string()),
@@ -36,7 +35,11 @@ fn checked_sha256(hash: &str, field: &str) -> Result<(), Status> {
         return Err(Status::invalid_argument(format!(
             "{field} must be a SHA-256 as 64 lowercase hex characters, got {} bytes{}",
             hash.len(),
-            if hash.len() == 64 { " that are not all lowercase hex" } else { "" }
+            if hash.len() == 64 {
+                " that are not all lowercase hex"
+            } else {
+                ""
+            }
         )));
     }
     Ok(())
@@ -49,7 +52,13 @@ mod tests {
     #[test]
     fn hashes_must_be_64_lowercase_hex() {
         assert!(checked_sha256(&"0a".repeat(32), "weights_sha256").is_ok());
-        for bad in [String::new(), "ab".into(), "0A".repeat(32), "é".repeat(32), "g".repeat(64)] {
+        for bad in [
+            String::new(),
+            "ab".into(),
+            "0A".repeat(32),
+            "é".repeat(32),
+            "g".repeat(64),
+        ] {
             let err = checked_sha256(&bad, "weights_sha256").unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().contains("weights_sha256"), "{}", err.message());

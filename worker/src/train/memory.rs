@@ -243,8 +243,8 @@ fn parse_nvidia_smi(text: &str) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
     use crate::backend::Cpu;
-    use burn::module::Module;
     use crate::model::unet::UNet3dConfig;
+    use burn::module::Module;
 
     const GIB: u64 = 1 << 30;
 
@@ -318,7 +318,10 @@ mod tests {
             assert!(need >= measured_mib, "{width}/{depth}/{patch}: {need} < {measured_mib}");
             // Conservative, not absurd: the step itself within twice what was measured.
             let step = need - (PROCESS_OVERHEAD >> 20);
-            assert!(step < measured_mib * 2, "{width}/{depth}/{patch}: {need} vs {measured_mib}");
+            assert!(
+                step < measured_mib * 2,
+                "{width}/{depth}/{patch}: {need} vs {measured_mib}"
+            );
         }
     }
 
