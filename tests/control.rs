@@ -81,7 +81,8 @@ async fn gang_assignment_cycle_and_checksum_divergence() {
         }],
         checksums: vec![pb::WeightsChecksum {
             step,
-            sha256: sha.into(),
+            // 64 hex characters, the shape of a SHA-256; the coordinator refuses any other.
+            sha256: sha.repeat(16),
         }],
         attempt: 1,
     };

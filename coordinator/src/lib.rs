@@ -4,10 +4,12 @@
 
 pub mod core;
 pub mod manifest;
+pub mod probe;
 pub mod records;
 pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod sweep;
+pub mod token_file;
 pub mod verify;

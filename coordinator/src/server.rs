@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::ServerTlsConfig;
 
 use crate::core::{CoordError, Coordinator, Timing};
 use crate::service::control_api::ControlApi;
@@ -37,6 +38,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC server task: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("--tls-cert/--tls-key: not a usable certificate and private key: {0}")]
+    Tls(String),
 }
 
 impl RunningServer {
@@ -55,6 +58,19 @@ impl RunningServer {
     pub async fn wait(&mut self) -> Result<(), ServerError> {
         Ok((&mut self.task).await??)
     }
+}
+
+/// An error and its causes on one line: tonic's transport errors say only "transport error" at
+/// the top and keep the reason (a PEM that does not parse) in their sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Runs `job` every `period` for the life of the server, logging its failures.
@@ -86,6 +102,24 @@ pub async fn start(
     timing: Timing,
     token: &SharedToken,
 ) -> Result<RunningServer, ServerError> {
+    start_with_tls(listen, data_dir, timing, token, None).await
+}
+
+/// As [`start`]; with `tls`, every connection is TLS (see `protocol::tls`).
+pub async fn start_with_tls(
+    listen: SocketAddr,
+    data_dir: &Path,
+    timing: Timing,
+    token: &SharedToken,
+    tls: Option<ServerTlsConfig>,
+) -> Result<RunningServer, ServerError> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        // A client that opens a connection and never finishes its handshake is dropped.
+        builder = builder
+            .tls_config(tls.timeout(std::time::Duration::from_secs(10)))
+            .map_err(|e| ServerError::Tls(error_chain(&e)))?;
+    }
     std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
         source,
@@ -98,7 +132,7 @@ pub async fn start(
         .local_addr()
         .map_err(|source| ServerError::Bind { addr: listen, source })?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let router = builder
         .add_service(WorkerServiceServer::with_interceptor(
             WorkerApi(coordinator.clone()),
             token.require(),

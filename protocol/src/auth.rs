@@ -1,8 +1,10 @@
 //! The shared bearer token that every RPC carries, coordinator and peer alike. One secret for
-//! the whole deployment, read from `VOXELFLEET_TOKEN`, so a stray process on the network can
-//! neither submit runs nor inject gradients. With no token configured, nothing is checked
-//! (a single-user machine, tests of the open path).
+//! the whole deployment, so a stray process on the network can neither submit runs nor inject
+//! gradients. It comes from a file (`--token-file`, or `VOXELFLEET_TOKEN_FILE`) or from
+//! `VOXELFLEET_TOKEN`; `coordinator serve` creates one when given neither. With no token
+//! configured, nothing is checked: only an explicit `serve --insecure` gets there.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tonic::metadata::{Ascii, MetadataValue};
@@ -13,13 +15,27 @@ use tonic::{Request, Status};
 
 /// Environment variable every voxelfleet process reads its token from.
 pub const TOKEN_ENV: &str = "VOXELFLEET_TOKEN";
+/// Environment variable naming a file that holds the token; `--token-file` overrides it.
+pub const TOKEN_FILE_ENV: &str = "VOXELFLEET_TOKEN_FILE";
+
+/// Longest token file read: a token is at most 512 characters, so anything much larger is the
+/// wrong file, and reading it whole would be a waste.
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
 
 /// A gRPC channel whose requests carry the token.
 pub type AuthChannel = InterceptedService<Channel, AttachToken>;
 
 #[derive(Debug, thiserror::Error)]
-#[error("{TOKEN_ENV}: the token must be 16 to 512 visible ASCII characters without spaces")]
-pub struct BadToken;
+pub enum TokenError {
+    /// `origin` says where the token came from: the variable or the file.
+    #[error("{origin}: the token must be 16 to 512 visible ASCII characters without spaces")]
+    Malformed { origin: String },
+    // The io error is shown, not chained: anyhow's `{:#}` would print it twice.
+    #[error("token file {}: {error}", path.display())]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("token file {}: larger than {MAX_TOKEN_FILE_BYTES} bytes; is it the right file?", path.display())]
+    TooLarge { path: PathBuf },
+}
 
 #[derive(Clone, Default)]
 pub struct SharedToken(Option<Arc<str>>);
@@ -39,19 +55,56 @@ impl SharedToken {
         SharedToken(None)
     }
 
-    pub fn new(token: &str) -> Result<Self, BadToken> {
+    pub fn new(token: &str) -> Result<Self, TokenError> {
+        SharedToken::parse(token, "token")
+    }
+
+    /// Validates `token`; errors name `origin` (a variable or a file), never the token itself.
+    fn parse(token: &str, origin: &str) -> Result<Self, TokenError> {
         let ok = (16..=512).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_graphic());
         if !ok {
-            return Err(BadToken);
+            return Err(TokenError::Malformed {
+                origin: origin.to_string(),
+            });
         }
         Ok(SharedToken(Some(token.into())))
     }
 
     /// `VOXELFLEET_TOKEN` if set and non-empty, else no token.
-    pub fn from_env() -> Result<Self, BadToken> {
+    pub fn from_env() -> Result<Self, TokenError> {
         match std::env::var(TOKEN_ENV) {
-            Ok(t) if !t.is_empty() => SharedToken::new(&t),
+            Ok(t) if !t.is_empty() => SharedToken::parse(&t, TOKEN_ENV),
             _ => Ok(SharedToken::none()),
+        }
+    }
+
+    /// The token in `path`: its whole content, less the line break an editor or `echo` leaves at
+    /// the end. An empty file is an error, not "no token": a file was asked for.
+    pub fn from_file(path: &Path) -> Result<Self, TokenError> {
+        let read = |error| TokenError::Read {
+            path: path.to_path_buf(),
+            error,
+        };
+        let len = std::fs::metadata(path).map_err(read)?.len();
+        if len > MAX_TOKEN_FILE_BYTES {
+            return Err(TokenError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        SharedToken::parse(
+            text.trim_end_matches(['\n', '\r']),
+            &format!("token file {}", path.display()),
+        )
+    }
+
+    /// The token a process was given: the file (from `--token-file`, or `VOXELFLEET_TOKEN_FILE`
+    /// when the caller's flag reads that variable) when there is one, else `VOXELFLEET_TOKEN`,
+    /// else none.
+    pub fn resolve(token_file: Option<&Path>) -> Result<Self, TokenError> {
+        match token_file {
+            Some(path) => SharedToken::from_file(path),
+            None => SharedToken::from_env(),
         }
     }
 
@@ -110,10 +163,10 @@ impl Interceptor for RequireToken {
         match req.metadata().get("authorization") {
             Some(given) if constant_time_eq(given.as_bytes(), expected) => Ok(req),
             Some(_) => Err(Status::unauthenticated(format!(
-                "wrong bearer token (check {TOKEN_ENV})"
+                "wrong bearer token (check --token-file or {TOKEN_ENV})"
             ))),
             None => Err(Status::unauthenticated(format!(
-                "missing bearer token: set {TOKEN_ENV}"
+                "missing bearer token: pass --token-file or set {TOKEN_ENV}"
             ))),
         }
     }
@@ -147,5 +200,35 @@ mod tests {
         // Without a token configured, everything passes.
         assert!(SharedToken::none().require().call(Request::new(())).is_ok());
         assert!(format!("{token:?}").contains("set") && !format!("{token:?}").contains("secret"));
+    }
+
+    #[test]
+    fn token_files_are_read_and_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("voxelfleet-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("token");
+        std::fs::write(&good, "0123456789abcdef-from-a-file\n").unwrap();
+        let token = SharedToken::from_file(&good).unwrap();
+        assert_eq!(token.expose(), Some("0123456789abcdef-from-a-file"));
+        assert_eq!(SharedToken::resolve(Some(&good)).unwrap().expose(), token.expose());
+
+        let missing = dir.join("nope");
+        let err = SharedToken::from_file(&missing).unwrap_err().to_string();
+        assert!(err.contains("token file") && err.contains("nope"), "{err}");
+
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "").unwrap();
+        let err = SharedToken::from_file(&empty).unwrap_err().to_string();
+        assert!(err.contains("empty") && err.contains("16 to 512"), "{err}");
+
+        let spaced = dir.join("spaced");
+        std::fs::write(&spaced, "a token with spaces in it").unwrap();
+        let err = SharedToken::from_file(&spaced).unwrap_err().to_string();
+        assert!(err.contains("spaced") && !err.contains("with spaces"), "{err}");
+
+        let big = dir.join("big");
+        std::fs::write(&big, "x".repeat(10_000)).unwrap();
+        assert!(matches!(SharedToken::from_file(&big), Err(TokenError::TooLarge { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,10 +1,11 @@
 //! Every voxelfleet wire contract, plus the few types both sides share (run spec, class list,
-//! identifiers). No logic beyond parsing and validation lives here.
+//! identifiers, the bearer token, TLS settings). No logic beyond parsing and validation lives here.
 
 pub mod auth;
 pub mod classes;
 pub mod ids;
 pub mod spec;
+pub mod tls;
 
 /// Generated gRPC types and services (package `voxelfleet.v1`). An assignment outweighs the
 /// other outcomes of a poll, but it is sent once per run, so boxing it would buy nothing.

@@ -2,6 +2,7 @@
 //! heartbeat, take assignments one at a time, train, report, and go back to waiting.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +45,14 @@ pub struct WorkerArgs {
     /// How long to keep retrying the first connection to the coordinator, in seconds.
     #[arg(long, default_value_t = 60)]
     pub connect_timeout_secs: u64,
+    /// File holding the bearer token shared with the coordinator and the peers (else
+    /// VOXELFLEET_TOKEN).
+    #[arg(long, env = protocol::auth::TOKEN_FILE_ENV)]
+    pub token_file: Option<PathBuf>,
+    /// PEM of the CA that signed the coordinator's certificate; the --coordinator URL is then
+    /// https://. Peer links are not TLS: they carry the token and gradients on the cluster network.
+    #[arg(long, env = protocol::tls::TLS_CA_ENV)]
+    pub tls_ca: Option<PathBuf>,
     /// How long a run keeps training while the coordinator is unreachable (a restart, an
     /// upgrade), in seconds. Reports are kept and delivered when it answers again; past this
     /// the run is given up and resumed from its checkpoint once the coordinator is back.
@@ -72,11 +81,12 @@ struct Presence {
 
 pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     // One shared secret for the coordinator and the peers (see protocol::auth).
-    let token = SharedToken::from_env()?;
+    let token = SharedToken::resolve(args.token_file.as_deref())?;
     let (bound, hub) = serve_collective(args.peer_listen, &token).await?;
     let peer_address = advertised_address(args.advertise.as_deref(), bound)?;
     let client = connect(
         &args.coordinator,
+        args.tls_ca.as_deref(),
         &token,
         Duration::from_secs(args.connect_timeout_secs),
     )
@@ -149,17 +159,15 @@ fn advertised_address(advertise: Option<&str>, bound: SocketAddr) -> anyhow::Res
 
 async fn connect(
     endpoint: &str,
+    tls_ca: Option<&Path>,
     token: &SharedToken,
     patience: Duration,
 ) -> anyhow::Result<WorkerServiceClient<AuthChannel>> {
+    // A bad URL or an unreadable CA is not worth retrying.
+    let target = protocol::tls::client_endpoint(endpoint, tls_ca)?.connect_timeout(Duration::from_secs(10));
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let attempt = async {
-            tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-                .connect()
-                .await
-        };
-        match attempt.await {
+        match target.connect().await {
             Ok(channel) => return Ok(WorkerServiceClient::new(token.channel(channel))),
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 anyhow::bail!("cannot reach the coordinator at {endpoint} after {patience:?}: {e}")
@@ -183,7 +191,7 @@ async fn register(
         host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         peer_address: peer_address.to_string(),
         device_kind: device.to_string(),
-        device_memory_bytes: 0,
+        device_memory_bytes: crate::train::memory::device_memory_total(device),
         version: env!("CARGO_PKG_VERSION").to_string(),
         // Keep our identity across reconnects.
         worker_id: previous_id,
@@ -355,7 +363,8 @@ async fn report_failure(client: &WorkerServiceClient<AuthChannel>, req: pb::Repo
     }
 }
 
-/// The one place a device spec picks a backend type.
+/// The one place a device spec picks a backend type. Before the trainer allocates anything, a
+/// step that cannot fit in the device's memory fails the run with the fields to change.
 fn train_on(
     device: DeviceSpec,
     assignment: &pb::Assignment,
@@ -363,6 +372,24 @@ fn train_on(
     ring: &mut Ring,
     link: &mut RunLink,
 ) -> Result<RunSummary, TrainError> {
+    let spec = protocol::spec::RunSpec::from_toml(&assignment.spec_toml, "assignment")?;
+    let available = crate::train::memory::available_memory(device);
+    let need = crate::train::memory::check_step_fits(&spec, assignment.world_size, available)?;
+    match available {
+        Some(a) => tracing::info!(
+            run = %assignment.run_id,
+            need_mib = need.total() >> 20,
+            available_mib = a.bytes >> 20,
+            "the step fits in memory ({})",
+            a.source
+        ),
+        None => tracing::warn!(
+            run = %assignment.run_id,
+            need_mib = need.total() >> 20,
+            %device,
+            "cannot read this device's free memory; the step's estimate is not checked"
+        ),
+    }
     match device {
         DeviceSpec::Cpu => train_rank::<crate::backend::CpuTrain>(Default::default(), assignment, cases, ring, link),
         #[cfg(feature = "cuda")]

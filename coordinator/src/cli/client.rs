@@ -14,10 +14,10 @@ use super::Remote;
 use super::output::*;
 
 pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
-    connect_with(&remote.coordinator, &SharedToken::from_env()?).await
+    remote.connect().await
 }
 
-/// A CLI client whose requests carry `token`.
+/// A client of an in-process coordinator (the demo's) whose requests carry `token`.
 pub async fn connect_with(endpoint: &str, token: &SharedToken) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
     let channel = async {
         tonic::transport::Endpoint::from_shared(endpoint.to_string())?
@@ -50,15 +50,20 @@ pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
     Ok(spec)
 }
 
+pub fn submit_request(spec: &RunSpec, source: &str) -> pb::SubmitRunRequest {
+    pb::SubmitRunRequest {
+        spec_toml: spec.to_toml(),
+        source_name: source.to_string(),
+    }
+}
+
+/// Submits without a deadline: the demo's own coordinator, in this process.
 pub async fn submit_spec(
     client: &mut ControlServiceClient<AuthChannel>,
     spec: &RunSpec,
     source: &str,
 ) -> anyhow::Result<pb::RunInfo> {
-    let req = pb::SubmitRunRequest {
-        spec_toml: spec.to_toml(),
-        source_name: source.to_string(),
-    };
+    let req = submit_request(spec, source);
     Ok(client.submit_run(req).await.map_err(status_error)?.into_inner())
 }
 
@@ -67,7 +72,8 @@ pub async fn submit(remote: &Remote, path: &Path, priority: Option<i32>) -> anyh
     if let Some(p) = priority {
         spec.priority = p;
     }
-    let run = submit_spec(&mut connect(remote).await?, &spec, &path.display().to_string()).await?;
+    let req = submit_request(&spec, &path.display().to_string());
+    let run = remote.call(connect(remote).await?.submit_run(req)).await?;
     if remote.json {
         println!("{}", run_json(&run));
     } else {
@@ -83,13 +89,7 @@ pub async fn runs(remote: &Remote, sweep: Option<&str>) -> anyhow::Result<ExitCo
     let req = pb::ListRunsRequest {
         sweep_id: sweep.unwrap_or_default().to_string(),
     };
-    let runs = connect(remote)
-        .await?
-        .list_runs(req)
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .runs;
+    let runs = remote.call(connect(remote).await?.list_runs(req)).await?.runs;
     if remote.json {
         println!("{}", json!(runs.iter().map(run_json).collect::<Vec<_>>()));
     } else if runs.is_empty() {
@@ -107,12 +107,8 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 
 /// Everything the coordinator knows of one run.
 pub async fn run_detail(remote: &Remote, run_id: &str) -> anyhow::Result<pb::RunDetail> {
-    Ok(connect(remote)
-        .await?
-        .get_run(pb::GetRunRequest { run_id: run_id.into() })
-        .await
-        .map_err(status_error)?
-        .into_inner())
+    let req = pb::GetRunRequest { run_id: run_id.into() };
+    remote.call(connect(remote).await?.get_run(req)).await
 }
 
 pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
@@ -191,17 +187,20 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
         follow,
         from_seq: 0,
     };
-    let mut stream = connect(remote)
-        .await?
-        .stream_metrics(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let mut stream = remote.call(connect(remote).await?.stream_metrics(req)).await?;
     if !remote.json {
         println!("{}", table(&["STEP", "RANK", "METRIC", "VALUE"], &[]));
     }
     let mut final_state = String::new();
-    while let Some(record) = stream.message().await.map_err(status_error)? {
+    loop {
+        // Points of a followed run come as it trains, however slowly; only a finite listing
+        // has a deadline per message.
+        let next = if follow {
+            stream.message().await.map_err(status_error)?
+        } else {
+            remote.within(stream.message()).await?
+        };
+        let Some(record) = next else { break };
         if !record.run_state.is_empty() {
             final_state = record.run_state;
         }
@@ -219,12 +218,9 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
 }
 
 pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
-    let workers = connect(remote)
+    let workers = remote
+        .call(connect(remote).await?.list_workers(pb::ListWorkersRequest {}))
         .await?
-        .list_workers(pb::ListWorkersRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner()
         .workers;
     if remote.json {
         let list: Vec<_> = workers

@@ -13,7 +13,7 @@ use protocol::pb;
 use protocol::spec::RunSpec;
 use tokio::process::{Child, Command};
 
-use protocol::auth::{AuthChannel, SharedToken, TOKEN_ENV};
+use protocol::auth::{AuthChannel, SharedToken, TOKEN_ENV, TOKEN_FILE_ENV};
 
 use super::client::{connect_with, submit_spec};
 
@@ -30,8 +30,8 @@ pub struct DemoArgs {
     /// Training steps (default: the value in configs/demo.toml).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Phantoms to synthesise when the dataset folder is empty.
-    #[arg(long, default_value_t = 24)]
+    /// Phantoms to synthesise when the dataset folder is empty (at least 1).
+    #[arg(long, default_value_t = 24, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     pub cases: usize,
 }
 
@@ -44,7 +44,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // The demo runs with authentication on, as a deployment should: the caller's token, or a
     // fresh one that only this demo's processes know.
-    let token = match SharedToken::from_env()? {
+    let token = match SharedToken::resolve(
+        std::env::var_os(TOKEN_FILE_ENV)
+            .filter(|v| !v.is_empty())
+            .as_deref()
+            .map(Path::new),
+    )? {
         t if t.is_set() => t,
         _ => SharedToken::new(&hex::encode(rand::random::<[u8; 16]>()))?,
     };
@@ -165,6 +170,10 @@ fn spawn_workers(dir: &Path, endpoint: &str, token: &SharedToken, n: u32) -> any
                 .args(["worker", "--coordinator", endpoint, "--max-runs", "1"])
                 .env("RAYON_NUM_THREADS", &threads)
                 .env(TOKEN_ENV, token.expose().unwrap_or_default())
+                // The workers take the token above and dial the demo's plain-HTTP coordinator,
+                // whatever the caller's shell says.
+                .env_remove(TOKEN_FILE_ENV)
+                .env_remove(protocol::tls::TLS_CA_ENV)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

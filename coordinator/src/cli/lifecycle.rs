@@ -7,7 +7,7 @@ use protocol::pb;
 use serde_json::json;
 
 use super::Remote;
-use super::client::{connect, run_detail, status_error};
+use super::client::{connect, run_detail};
 use super::output::*;
 
 fn print_run(remote: &Remote, run: &pb::RunInfo, what: &str) {
@@ -19,23 +19,15 @@ fn print_run(remote: &Remote, run: &pb::RunInfo, what: &str) {
 }
 
 pub async fn cancel(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
-    let run = connect(remote)
-        .await?
-        .cancel_run(pb::CancelRunRequest { run_id: run_id.into() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let req = pb::CancelRunRequest { run_id: run_id.into() };
+    let run = remote.call(connect(remote).await?.cancel_run(req)).await?;
     print_run(remote, &run, "its workers stop and take other work");
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn pause(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
-    let run = connect(remote)
-        .await?
-        .pause_run(pb::PauseRunRequest { run_id: run_id.into() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let req = pb::PauseRunRequest { run_id: run_id.into() };
+    let run = remote.call(connect(remote).await?.pause_run(req)).await?;
     let what = if run.state == "Paused" {
         "resume it with `coordinator resume`"
     } else {
@@ -50,12 +42,7 @@ pub async fn resume(remote: &Remote, run_id: &str, world_size: Option<u32>) -> a
         run_id: run_id.into(),
         world_size: world_size.unwrap_or(0),
     };
-    let run = connect(remote)
-        .await?
-        .resume_run(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let run = remote.call(connect(remote).await?.resume_run(req)).await?;
     print_run(remote, &run, &run.message);
     Ok(ExitCode::SUCCESS)
 }

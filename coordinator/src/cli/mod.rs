@@ -6,9 +6,10 @@ mod client;
 mod demo;
 mod lifecycle;
 mod output;
+mod remote;
+mod serve;
 mod sweeps;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,26 +37,28 @@ pub struct Remote {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// File holding the bearer token (what `serve` printed; else VOXELFLEET_TOKEN).
+    #[arg(long, global = true, env = protocol::auth::TOKEN_FILE_ENV)]
+    pub token_file: Option<PathBuf>,
+    /// PEM of the CA that signed the coordinator's TLS certificate; --coordinator is then https://.
+    #[arg(long, global = true, env = protocol::tls::TLS_CA_ENV)]
+    pub tls_ca: Option<PathBuf>,
+    /// Seconds to wait for the coordinator to accept the connection and to answer each request
+    /// (`metrics --follow` waits for new points as long as the run lasts).
+    #[arg(long, global = true, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout_secs: u64,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the coordinator service (gRPC for workers and this CLI), with its sled store. When
-    /// VOXELFLEET_TOKEN is set, every request (workers, CLI) must carry it as a bearer token;
-    /// give workers and CLI users the same variable. Restarting it costs no training: on SIGTERM
-    /// (or SIGINT) it flushes the store and tells workers it will be back; they keep training
-    /// and reattach, and the next process on the same --data-dir adopts their runs.
-    Serve {
-        /// Address to listen on; port 0 picks a free port (printed on start).
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        listen: SocketAddr,
-        /// Directory of the sled store (runs, workers, checkpoints, metrics).
-        #[arg(long, default_value = "./.voxelfleet")]
-        data_dir: PathBuf,
-        /// Seconds without a heartbeat after which a worker is dead and its run interrupted.
-        #[arg(long, default_value_t = 10)]
-        dead_after_secs: u64,
-    },
+    /// Run the coordinator service (gRPC for workers and this CLI), with its sled store. Every
+    /// request (workers, CLI) must carry the bearer token: from --token-file, VOXELFLEET_TOKEN,
+    /// or, given neither, `<data-dir>/token`, created on first start (its path is printed);
+    /// give workers and CLI users the same token. --insecure serves without one. With
+    /// --tls-cert/--tls-key it serves TLS. Restarting it costs no training: on SIGTERM (or
+    /// SIGINT) it flushes the store and tells workers it will be back; they keep training and
+    /// reattach, and the next process on the same --data-dir adopts their runs.
+    Serve(serve::ServeArgs),
     /// Submit a run from a TOML spec (see configs/). Relative local paths in `dataset.url` and
     /// `artifacts.url` are resolved against the current directory.
     Submit {
@@ -206,8 +209,8 @@ enum DatasetCommand {
     /// Write synthetic CT phantoms in the AbdomenAtlas 1.1 layout (gzip NIfTI: ct.nii.gz int16
     /// HU, segmentations/<class>.nii.gz uint8 for all 25 classes).
     Synth {
-        /// Number of cases.
-        #[arg(long, default_value_t = 24)]
+        /// Number of cases (at least 1).
+        #[arg(long, default_value_t = 24, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
         cases: usize,
         /// Output directory (case folders BDMAP_XXXXXXXX/ are created inside).
         #[arg(long)]
@@ -258,11 +261,7 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve {
-            listen,
-            data_dir,
-            dead_after_secs,
-        } => serve(listen, data_dir, dead_after_secs).await,
+        Command::Serve(args) => serve::serve(args).await,
         Command::Submit { spec, priority, remote } => client::submit(&remote, &spec, priority).await,
         Command::Runs { sweep, remote } => client::runs(&remote, sweep.as_deref()).await,
         Command::Sweep {
@@ -303,11 +302,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let started = std::time::Instant::now();
             let ids = tokio::task::spawn_blocking(move || worker::data::write_phantom_dataset(&out, &opts)).await??;
+            let (first, last) = (
+                ids.first().cloned().unwrap_or_default(),
+                ids.last().cloned().unwrap_or_default(),
+            );
             println!(
-                "wrote {} cases ({} .. {}) in {:.1}s",
+                "wrote {} cases ({first} .. {last}) in {:.1}s",
                 ids.len(),
-                ids[0],
-                ids[ids.len() - 1],
                 started.elapsed().as_secs_f64()
             );
             Ok(ExitCode::SUCCESS)
@@ -318,38 +319,4 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-async fn serve(listen: SocketAddr, data_dir: PathBuf, dead_after_secs: u64) -> anyhow::Result<ExitCode> {
-    let timing = coordinator::core::Timing::with_dead_after(std::time::Duration::from_secs(dead_after_secs.max(1)));
-    let token = protocol::auth::SharedToken::from_env()?;
-    if !token.is_set() {
-        let var = protocol::auth::TOKEN_ENV;
-        tracing::warn!("{var} is not set: any process that can reach {listen} may use this coordinator");
-    }
-    let mut server = coordinator::server::start(listen, &data_dir, timing, &token).await?;
-    // Tests and scripts read the bound address from this line.
-    println!(
-        "coordinator listening on {} (store: {})",
-        server.addr,
-        data_dir.display()
-    );
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let signal = tokio::select! {
-        r = server.wait() => { r?; return Ok(ExitCode::SUCCESS) }
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = sigterm.recv() => "SIGTERM",
-    };
-    // Workers keep training through a restart: tell them at their next heartbeat that this
-    // coordinator is going away and will be back, make every write durable, then stop.
-    let running = server.coordinator.begin_going_away().await?;
-    tracing::info!(
-        signal,
-        running,
-        "stopping; every write is flushed, and running runs keep training for the next coordinator to adopt"
-    );
-    tokio::time::sleep(server.coordinator.timing.heartbeat_interval + std::time::Duration::from_millis(500)).await;
-    server.stop().await?;
-    tracing::info!("coordinator stopped");
-    Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,7 @@ use protocol::pb;
 use serde_json::{Value, json};
 
 use super::Remote;
-use super::client::{connect, status_error};
+use super::client::connect;
 use super::output::*;
 
 /// Reads a sweep file, inlines its base spec (a path relative to the sweep file), makes local
@@ -71,12 +71,7 @@ pub async fn submit(remote: &Remote, path: &Path, dry_run: bool) -> anyhow::Resu
         sweep_toml: sweep.to_toml(),
         source_name: path.display().to_string(),
     };
-    let info = connect(remote)
-        .await?
-        .submit_sweep(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let info = remote.call(connect(remote).await?.submit_sweep(req)).await?;
     if remote.json {
         println!("{}", sweep_json(&info));
     } else {
@@ -110,12 +105,9 @@ fn states_summary(s: &pb::SweepInfo) -> String {
 }
 
 pub async fn list(remote: &Remote) -> anyhow::Result<ExitCode> {
-    let sweeps = connect(remote)
+    let sweeps = remote
+        .call(connect(remote).await?.list_sweeps(pb::ListSweepsRequest {}))
         .await?
-        .list_sweeps(pb::ListSweepsRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner()
         .sweeps;
     if remote.json {
         println!("{}", json!(sweeps.iter().map(sweep_json).collect::<Vec<_>>()));
@@ -148,14 +140,11 @@ fn optional(has: bool, value: f64) -> Option<f64> {
 }
 
 pub async fn show(remote: &Remote, sweep_id: &str) -> anyhow::Result<ExitCode> {
-    let detail = connect(remote)
-        .await?
-        .get_sweep(pb::GetSweepRequest {
+    let detail = remote
+        .call(connect(remote).await?.get_sweep(pb::GetSweepRequest {
             sweep_id: sweep_id.into(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+        }))
+        .await?;
     let info = detail.sweep.clone().unwrap_or_default();
     if remote.json {
         let children: Vec<Value> = detail
@@ -233,12 +222,10 @@ pub async fn act(remote: &Remote, sweep_id: &str, resume: bool) -> anyhow::Resul
         sweep_id: sweep_id.into(),
     };
     let resp = if resume {
-        client.resume_sweep(req).await
+        remote.call(client.resume_sweep(req)).await?
     } else {
-        client.cancel_sweep(req).await
-    }
-    .map_err(status_error)?
-    .into_inner();
+        remote.call(client.cancel_sweep(req)).await?
+    };
     if remote.json {
         let results: Vec<Value> = resp
             .results
@@ -266,12 +253,9 @@ pub async fn act(remote: &Remote, sweep_id: &str, resume: bool) -> anyhow::Resul
 }
 
 pub async fn manifests(remote: &Remote) -> anyhow::Result<ExitCode> {
-    let manifests = connect(remote)
+    let manifests = remote
+        .call(connect(remote).await?.list_manifests(pb::ListManifestsRequest {}))
         .await?
-        .list_manifests(pb::ListManifestsRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner()
         .manifests;
     if remote.json {
         let list: Vec<Value> = manifests

@@ -357,7 +357,7 @@ fn divergence(checksums: &[(u32, String)], world_size: u32, step: u64) -> Option
     if checksums.len() < world_size as usize {
         return None;
     }
-    let first = &checksums[0].1;
+    let (_, first) = checksums.first()?;
     if checksums.iter().all(|(_, c)| c == first) {
         return None;
     }

@@ -2,7 +2,7 @@
 //! counts) before anything is stored, then written in one transaction. Also the sweep-wide
 //! actions: listing, cancel and resume of every child.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use protocol::spec::RunSpec;
 
@@ -20,6 +20,25 @@ pub struct SweepView {
     pub children: Vec<(SweepChildRecord, RunRecord)>,
 }
 
+/// What one submission has checked so far: the manifests it froze or found (and whether they are
+/// new), and the locations it probed. A sweep's children share them.
+#[derive(Default)]
+struct Checked {
+    manifests: HashMap<(String, u64), (ManifestRecord, bool)>,
+    probed: HashSet<String>,
+}
+
+impl Checked {
+    /// The manifests this submission froze, for the caller to store with its runs.
+    fn new_manifests(self) -> Vec<ManifestRecord> {
+        self.manifests
+            .into_values()
+            .filter(|(_, new)| *new)
+            .map(|(m, _)| m)
+            .collect()
+    }
+}
+
 /// A run checked against its frozen manifest, ready to be stored.
 struct Prepared {
     spec: RunSpec,
@@ -32,14 +51,13 @@ impl Coordinator {
     pub async fn submit(&self, spec_toml: &str, source_name: &str) -> Result<RunRecord> {
         let spec = RunSpec::from_toml(spec_toml, source_name)?;
         let _one_at_a_time = self.submitting.lock().await;
-        let mut frozen = HashMap::new();
-        let prepared = self.prepare(spec, source_name, &mut frozen).await?;
+        let mut checked = Checked::default();
+        let prepared = self.prepare(spec, source_name, &mut checked).await?;
         let run_id = {
             let mut m = self.lock();
             let (run, event) = self.new_run(prepared, None, format!("from {source_name}"))?;
             let id = run.id.clone();
-            let manifests: Vec<ManifestRecord> = frozen.into_values().filter(|(_, new)| *new).map(|(m, _)| m).collect();
-            m.put_submission(&self.store, &manifests, None, vec![(run, event)])?;
+            m.put_submission(&self.store, &checked.new_manifests(), None, vec![(run, event)])?;
             id
         };
         self.settle(&[], false).await?;
@@ -62,7 +80,7 @@ impl Coordinator {
         let _one_at_a_time = self.submitting.lock().await;
         // Manifests are frozen once per dataset and seed, shared by every child: their
         // training subsets are prefixes of one order, so they nest.
-        let mut frozen = HashMap::new();
+        let mut checked = Checked::default();
         let mut prepared = Vec::with_capacity(children.len());
         for child in children {
             let label: Vec<String> = file
@@ -73,7 +91,7 @@ impl Coordinator {
                 .collect();
             let source = format!("{source_name} ({})", label.join(", "));
             let values = child.values.iter().map(literal).collect();
-            prepared.push((self.prepare(child.spec, &source, &mut frozen).await?, values));
+            prepared.push((self.prepare(child.spec, &source, &mut checked).await?, values));
         }
         let sweep_id = {
             let mut m = self.lock();
@@ -99,8 +117,7 @@ impl Coordinator {
                 children: records,
                 submitted_unix_ms: now_unix_ms(),
             };
-            let manifests: Vec<ManifestRecord> = frozen.into_values().filter(|(_, new)| *new).map(|(m, _)| m).collect();
-            m.put_submission(&self.store, &manifests, Some(sweep), runs)?;
+            m.put_submission(&self.store, &checked.new_manifests(), Some(sweep), runs)?;
             sweep_id
         };
         self.settle(&[], false).await?;
@@ -108,20 +125,27 @@ impl Coordinator {
         self.sweep(&sweep_id)
     }
 
-    /// Checks a spec against the data: its manifest (frozen now if new, kept in `frozen` until
-    /// the caller stores it) must hold the cases it asks for, and at least one per rank.
-    async fn prepare(
-        &self,
-        spec: RunSpec,
-        source_name: &str,
-        frozen: &mut HashMap<(String, u64), (ManifestRecord, bool)>,
-    ) -> Result<Prepared> {
-        let key = (spec.dataset.url.clone(), spec.dataset.order_seed);
-        if !frozen.contains_key(&key) {
-            let found = manifest::freeze(&self.store, &key.0, key.1).await?;
-            frozen.insert(key.clone(), found);
+    /// Checks a spec against the world: its dataset and artifacts locations (probed once per
+    /// submission), and its manifest (frozen now if new, kept in `checked` until the caller
+    /// stores it), which must hold the cases it asks for, and at least one per rank.
+    async fn prepare(&self, spec: RunSpec, source_name: &str, checked: &mut Checked) -> Result<Prepared> {
+        let in_source = |e: crate::probe::ProbeError| CoordError::Rejected(format!("{source_name}: {e}"));
+        if checked.probed.insert(format!("dataset {}", spec.dataset.url)) {
+            crate::probe::probe_dataset(&spec.dataset.url)
+                .await
+                .map_err(in_source)?;
         }
-        let manifest = &frozen[&key].0;
+        if checked.probed.insert(format!("artifacts {}", spec.artifacts.url)) {
+            crate::probe::probe_artifacts(&spec.artifacts.url)
+                .await
+                .map_err(in_source)?;
+        }
+        let key = (spec.dataset.url.clone(), spec.dataset.order_seed);
+        if !checked.manifests.contains_key(&key) {
+            let found = manifest::freeze(&self.store, &key.0, key.1).await?;
+            checked.manifests.insert(key.clone(), found);
+        }
+        let manifest = &checked.manifests[&key].0;
         let (train_count, eval_count) =
             manifest::split_counts(manifest, &spec).map_err(|e| CoordError::Rejected(format!("{source_name}: {e}")))?;
         if train_count < spec.world_size {

@@ -1,4 +1,6 @@
-//! The worker-facing gRPC service.
+//! The worker-facing gRPC service. Whatever a worker sends is checked here before the core
+//! sees it: ids before they become keys, hashes before they are stored or compared, ranks
+//! against the run's world size.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,13 +9,32 @@ use protocol::pb;
 use protocol::pb::worker_service_server::WorkerService;
 use tonic::{Request, Response, Status};
 
-use super::checked_id;
+use super::{checked_id, checked_sha256};
 use crate::core::Coordinator;
 
 /// Longest a single AwaitAssignment call may hold the connection.
 const MAX_POLL: Duration = Duration::from_secs(30);
 
+/// Longest failure message kept: it lands in the run record and its events, shown by `show`.
+const MAX_FAILURE_MESSAGE_CHARS: usize = 4000;
+
 pub struct WorkerApi(pub Arc<Coordinator>);
+
+impl WorkerApi {
+    /// A rank the run's current attempt cannot have is malformed, not merely stale (a stale
+    /// report names an older attempt, whose world size may have differed), so it is refused
+    /// rather than answered with a stop order.
+    fn checked_rank(&self, run_id: &str, rank: u32, attempt: u32) -> Result<(), Status> {
+        let run = self.0.get_run(run_id)?;
+        if attempt == run.attempt && rank >= run.world_size {
+            return Err(Status::invalid_argument(format!(
+                "rank {rank} is out of range: run {run_id} has {} ranks",
+                run.world_size
+            )));
+        }
+        Ok(())
+    }
+}
 
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
@@ -38,6 +59,9 @@ impl WorkerService for WorkerApi {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         checked_id(&req.worker_id, "worker id")?;
+        if !req.run_id.is_empty() {
+            checked_id(&req.run_id, "run id")?;
+        }
         Ok(Response::new(self.0.heartbeat(req)?))
     }
 
@@ -57,6 +81,11 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let req = req.into_inner();
         checked_id(&req.run_id, "run id")?;
+        checked_id(&req.worker_id, "worker id")?;
+        for c in &req.checksums {
+            checked_sha256(&c.sha256, "checksums.sha256")?;
+        }
+        self.checked_rank(&req.run_id, req.rank, req.attempt)?;
         Ok(Response::new(self.0.report_metrics(req).await?))
     }
 
@@ -66,6 +95,10 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
         let req = req.into_inner();
         checked_id(&req.run_id, "run id")?;
+        checked_id(&req.worker_id, "worker id")?;
+        for f in &req.files {
+            checked_sha256(&f.sha256, "files.sha256")?;
+        }
         let (run_id, step) = (req.run_id.clone(), req.step);
         let resp = self.0.commit_checkpoint(req).await?;
         tracing::info!(run = %run_id, step, "checkpoint committed");
@@ -75,6 +108,9 @@ impl WorkerService for WorkerApi {
     async fn finish_run(&self, req: Request<pb::FinishRunRequest>) -> Result<Response<pb::FinishRunResponse>, Status> {
         let req = req.into_inner();
         checked_id(&req.run_id, "run id")?;
+        checked_id(&req.worker_id, "worker id")?;
+        checked_sha256(&req.weights_sha256, "weights_sha256")?;
+        self.checked_rank(&req.run_id, req.rank, req.attempt)?;
         self.0.finish_run(req).await?;
         Ok(Response::new(pb::FinishRunResponse {}))
     }
@@ -83,8 +119,14 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::ReportFailureRequest>,
     ) -> Result<Response<pb::ReportFailureResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         checked_id(&req.run_id, "run id")?;
+        checked_id(&req.worker_id, "worker id")?;
+        self.checked_rank(&req.run_id, req.rank, req.attempt)?;
+        if let Some((cut, _)) = req.message.char_indices().nth(MAX_FAILURE_MESSAGE_CHARS) {
+            req.message.truncate(cut);
+            req.message.push_str(" [truncated]");
+        }
         tracing::warn!(run = %req.run_id, rank = req.rank, message = %req.message, "worker reported a failure");
         self.0.report_failure(req).await?;
         Ok(Response::new(pb::ReportFailureResponse {}))

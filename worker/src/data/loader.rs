@@ -22,35 +22,14 @@ use super::volume::{CaseVolume, window_hu};
 /// that compressed masks of a full-resolution case stay small in memory.
 const FETCH_CONCURRENCY: usize = 8;
 
-/// Accepts case folder names like `BDMAP_00000001`: ASCII letters, digits, `_`, `.` and `-`, at
-/// most 128 of them, not starting with `.` (that also rules out `.` and `..`, and keeps hidden
-/// staging folders out of listings) and never containing `..`.
+/// Case folder names like `BDMAP_00000001`, by the one id rule every voxelfleet id follows
+/// (`protocol::ids::validate_id`): ASCII letters, digits, `_`, `.` and `-`, at most 128 of them,
+/// not starting with `.` and never containing `..`. Only the error type is the data plane's own.
 pub fn validate_case_id(id: &str) -> Result<(), DataError> {
-    let reject = |reason| {
-        Err(DataError::InvalidCaseId {
-            id: id.to_string(),
-            reason,
-        })
-    };
-    if id.is_empty() {
-        return reject("empty");
-    }
-    if id.len() > 128 {
-        return reject("longer than 128 characters");
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
-        return reject("only ASCII letters, digits, '_', '.' and '-' are allowed");
-    }
-    if id.starts_with('.') {
-        return reject("must not start with '.'");
-    }
-    if id.contains("..") {
-        return reject("must not contain '..'");
-    }
-    Ok(())
+    protocol::ids::validate_id(id, "case id").map_err(|reason| DataError::InvalidCaseId {
+        id: id.to_string(),
+        reason,
+    })
 }
 
 fn ct_key(root: &Path, case_id: &str) -> Path {
@@ -152,16 +131,28 @@ pub async fn list_cases(store: &dyn ObjectStore, root: &Path) -> Result<Vec<Stri
 /// the current directory). The directory is created if missing, and the store is a
 /// `LocalFileSystem` rooted *at that directory* with an empty prefix, so keys are dataset-relative
 /// (`BDMAP_00000001/ct.nii.gz`) and cannot reach outside it.
+pub fn store_from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), DataError> {
+    let dir = local_dir_from_url(url)?;
+    std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+    let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| DataError::Store {
+        key: dir.display().to_string(),
+        source: e,
+    })?;
+    Ok((Arc::new(store), Path::default()))
+}
+
+/// The local directory a store URL names, without touching the file system, so a caller can
+/// check it before [`store_from_url`] creates it.
 ///
 /// `object_store::parse_url` is not used because for `file://` it keeps percent-escapes of the URL
 /// path in the object path and roots the store at `/`; `url::Url::to_file_path` decodes correctly.
 /// Other schemes (`s3://`, `gs://`, …) are refused by name: this build has only the `fs` feature.
-pub fn store_from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), DataError> {
+pub fn local_dir_from_url(url: &str) -> Result<PathBuf, DataError> {
     let invalid = |reason: String| DataError::InvalidUrl {
         url: url.to_string(),
         reason,
     };
-    let dir: PathBuf = match url::Url::parse(url) {
+    match url::Url::parse(url) {
         // One-letter "schemes" are Windows drive letters, i.e. plain paths.
         Ok(parsed) if parsed.scheme().len() > 1 => {
             if parsed.scheme() != "file" {
@@ -172,7 +163,7 @@ pub fn store_from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), DataErr
             }
             parsed
                 .to_file_path()
-                .map_err(|()| invalid("not an absolute local path".into()))?
+                .map_err(|()| invalid("not an absolute local path".into()))
         }
         _ => {
             if url.is_empty() {
@@ -180,18 +171,12 @@ pub fn store_from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), DataErr
             }
             let path = PathBuf::from(url);
             if path.is_absolute() {
-                path
+                Ok(path)
             } else {
-                std::env::current_dir().map_err(|e| DataError::io(".", e))?.join(path)
+                Ok(std::env::current_dir().map_err(|e| DataError::io(".", e))?.join(path))
             }
         }
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
-    let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| DataError::Store {
-        key: dir.display().to_string(),
-        source: e,
-    })?;
-    Ok((Arc::new(store), Path::default()))
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ mod synth_anatomy;
 mod synth_raster;
 pub mod volume;
 
-pub use loader::{list_cases, load_case, store_from_url, validate_case_id};
+pub use loader::{list_cases, load_case, local_dir_from_url, store_from_url, validate_case_id};
 pub use patch::{Patch, sample_patch, whole_volume};
 pub use synth::{SynthOptions, write_phantom_dataset};
 pub use volume::{CaseVolume, window_hu};
@@ -25,8 +25,9 @@ use std::path::PathBuf;
 /// to find the offending object from the message alone.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("invalid case id {id:?}: {reason}")]
-    InvalidCaseId { id: String, reason: &'static str },
+    /// `reason` already names the id (see `protocol::ids::validate_id`).
+    #[error("{reason}")]
+    InvalidCaseId { id: String, reason: String },
 
     #[error("object {key} does not exist")]
     Missing { key: String },

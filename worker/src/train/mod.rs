@@ -1,10 +1,12 @@
 //! Training: the model's loss, the bridge from burn gradients to the all-reduce, checkpoint
-//! encoding, the data order, evaluation, and the loop that ties them together.
+//! encoding, the data order, evaluation, the memory a step needs, and the loop that ties them
+//! together.
 
 pub mod checkpoint;
 pub mod codec;
 pub mod eval;
 pub mod loss;
+pub mod memory;
 pub mod order;
 pub mod params;
 pub mod schedule;

@@ -57,6 +57,9 @@ pub enum TrainError {
     Link(#[from] LinkError),
     #[error("assignment: {0}")]
     Assignment(String),
+    /// The step cannot fit in this worker's memory: retrying elsewhere would not help.
+    #[error("{0}")]
+    Memory(#[from] crate::train::memory::MemoryError),
     #[error("stopped by the coordinator: {0}")]
     Stopped(String),
 }
