@@ -59,9 +59,13 @@ pub struct Shared {
     pub acked_points: AtomicU64,
     pub acked_reports: AtomicU64,
     pub stop_orders: AtomicU64,
+    /// Times the coordinator declared one of these workers dead (they never stop beating) and
+    /// told it to register again.
     pub reregistrations: AtomicU64,
     /// RPCs still outstanding (any kind): any left once the drain gives up are reported.
     pub in_flight: AtomicU64,
+    /// Calls answered so far (any kind, success or failure): the hang detector watches it.
+    pub answered: AtomicU64,
     /// Run ids handed out, for the CLI probe's GetRun.
     pub assigned_runs: Mutex<Vec<String>>,
 }
@@ -80,6 +84,7 @@ impl Shared {
             stop_orders: AtomicU64::new(0),
             reregistrations: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
             assigned_runs: Mutex::new(vec![]),
         }
     }
@@ -128,6 +133,7 @@ impl Shared {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let result = call.await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(resp) => {
                 if counted {
@@ -135,6 +141,9 @@ impl Shared {
                 }
                 Ok(resp.into_inner())
             }
+            // "Register again" is the protocol's answer to a worker it declared dead, not a
+            // failure of the call: the worker registers again, and that is counted apart.
+            Err(status) if kind == Kind::Await && status.code() == tonic::Code::NotFound => Err(status),
             Err(status) => {
                 if counted {
                     self.stats.error(kind, &status);

@@ -89,6 +89,9 @@ struct Args {
     /// and measure with the workers that have one.
     #[arg(long, default_value_t = 300)]
     ramp_timeout_secs: u64,
+    /// Fail when calls are outstanding and none has been answered for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    stall_secs: u64,
     /// Give up on a single call after this many seconds (it then counts as an error).
     #[arg(long, default_value_t = 120)]
     rpc_timeout_secs: u64,
@@ -176,8 +179,19 @@ struct Measured {
 }
 
 async fn run(cfg: &Config) -> anyhow::Result<()> {
+    let begun = Instant::now();
     let bin = cluster::resolve_coordinator_bin(cfg.args.coordinator_bin.as_deref())?;
-    let work = WorkDir::create(cfg.args.work_dir.as_deref(), cfg.args.keep_data)?;
+    let mut work = WorkDir::create(cfg.args.work_dir.as_deref(), cfg.args.keep_data)?;
+    let result = bench(cfg, &bin, &work, begun).await;
+    if result.is_err() && work.path.join("coordinator.log").exists() {
+        // The coordinator's log and store are what explain a failure: keep them.
+        work.keep = true;
+        return result.with_context(|| format!("scratch directory kept for inspection: {}", work.path.display()));
+    }
+    result
+}
+
+async fn bench(cfg: &Config, bin: &std::path::Path, work: &WorkDir, begun: Instant) -> anyhow::Result<()> {
     let dataset = work.path.join("dataset");
     let artifacts = work.path.join("artifacts");
     std::fs::create_dir_all(&artifacts).with_context(|| format!("cannot create {}", artifacts.display()))?;
@@ -190,14 +204,25 @@ async fn run(cfg: &Config) -> anyhow::Result<()> {
         "bench-coordinator: {} runs, {} workers, {} s window, {} points/report, {} channels, {} client thread(s)",
         cfg.runs, cfg.workers, cfg.seconds, cfg.args.points_per_report, cfg.args.channels, cfg.args.client_threads
     );
-    println!("  coordinator: {}", bin.display());
+    // The binary under test may be rebuilt between runs: say which one this was.
+    let meta = std::fs::metadata(bin).with_context(|| format!("cannot read {}", bin.display()))?;
+    let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+    println!(
+        "  coordinator: {} ({} bytes, built {})",
+        bin.display(),
+        meta.len(),
+        age.map_or("at an unknown time".to_string(), |a| format!(
+            "{} min ago",
+            a.as_secs() / 60
+        ))
+    );
     println!("  scratch dir: {}", work.path.display());
-    cluster::synth_dataset(&bin, std::path::Path::new(&dataset), 4, "16,16,16").await?;
+    cluster::synth_dataset(bin, std::path::Path::new(&dataset), 4, "16,16,16").await?;
 
     let token_text = cluster::random_token()?;
     let token = SharedToken::new(&token_text).context("generated token")?;
     let log = work.path.join("coordinator.log");
-    let mut coord = CoordinatorProc::spawn(&bin, &work.path.join("db"), &log, &token_text).await?;
+    let mut coord = CoordinatorProc::spawn(bin, &work.path.join("db"), &log, &token_text).await?;
     println!("  coordinator pid {} listening on {}", coord.pid, coord.addr);
 
     let shared = Arc::new(Shared::new());
@@ -211,7 +236,7 @@ async fn run(cfg: &Config) -> anyhow::Result<()> {
     let measured = measured?;
     println!("  coordinator {stopped}");
 
-    report(cfg, &shared, &measured, &rss);
+    report(cfg, &shared, &measured, &rss, begun.elapsed());
     if cfg.args.keep_data {
         println!("  kept {}", work.path.display());
     }
@@ -279,6 +304,7 @@ async fn measure(
         submitted.clone(),
     ));
     let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS, PROGRESS);
+    let mut watchdog = Watchdog::new(cfg.args.stall_secs);
     loop {
         tokio::select! {
             joined = &mut submit => { joined.context("submit task")??; break }
@@ -288,6 +314,7 @@ async fn measure(
                 println!("  submitted {n}/{} runs ({:.0}/s)", cfg.runs, n as f64 / started.elapsed().as_secs_f64());
             }
         }
+        watchdog.check(shared, coord)?;
     }
     let submit_secs = started.elapsed().as_secs_f64();
     println!(
@@ -329,6 +356,7 @@ async fn measure(
                 shared.assigned.load(Ordering::Relaxed),
             ),
         }
+        watchdog.check(shared, coord)?;
         let registered = shared.registered.load(Ordering::Relaxed);
         let assigned = shared.assigned.load(Ordering::Relaxed);
         if registered == cfg.workers && assigned >= expected {
@@ -358,9 +386,13 @@ async fn measure(
     shared.window.set((start, end)).expect("the window opens once");
     shared.phase.send_replace(());
     println!("  measuring for {} s ...", cfg.seconds);
-    tokio::select! {
-        how = coord.exited() => return Err(coord.died(&how)),
-        _ = tokio::time::sleep_until(end.into()) => {}
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    while Instant::now() < end {
+        tokio::select! {
+            how = coord.exited() => return Err(coord.died(&how)),
+            _ = tokio::time::sleep_until(end.into()) => {}
+            _ = check.tick() => watchdog.check(shared, coord)?,
+        }
     }
     shared.done.store(true, Ordering::Release);
     shared.phase.send_replace(());
@@ -394,7 +426,46 @@ async fn measure(
 
 const PROGRESS: Duration = Duration::from_secs(5);
 
-fn report(cfg: &Config, shared: &Shared, m: &Measured, rss: &cluster::RssPeaks) {
+/// Fails the benchmark when calls are outstanding but none has been answered for a while: a
+/// hung coordinator (a lock never released, a flush that never returns) would otherwise leave
+/// it waiting for timeouts.
+struct Watchdog {
+    limit: Duration,
+    answered: u64,
+    since: Instant,
+}
+
+impl Watchdog {
+    fn new(secs: u64) -> Watchdog {
+        Watchdog {
+            limit: Duration::from_secs(secs.max(1)),
+            answered: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn check(&mut self, shared: &Shared, coord: &CoordinatorProc) -> anyhow::Result<()> {
+        let answered = shared.answered.load(Ordering::Relaxed);
+        let waiting = shared.in_flight.load(Ordering::Relaxed);
+        if answered != self.answered || waiting == 0 {
+            self.answered = answered;
+            self.since = Instant::now();
+            return Ok(());
+        }
+        if self.since.elapsed() >= self.limit {
+            anyhow::bail!(
+                "the coordinator has answered none of {waiting} outstanding call(s) for {:?}: it looks hung (CPU \
+                 time so far {}){}",
+                self.limit,
+                cluster::cpu_seconds(&coord.pid.to_string()).map_or("?".into(), |s| format!("{s:.1} s")),
+                cluster::log_tail(&coord.log)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn report(cfg: &Config, shared: &Shared, m: &Measured, rss: &cluster::RssPeaks, total: Duration) {
     let rows = shared.stats.rows();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mib = |kib: u64| kib as f64 / 1024.0;
@@ -404,8 +475,14 @@ fn report(cfg: &Config, shared: &Shared, m: &Measured, rss: &cluster::RssPeaks) 
     println!();
     println!("== voxelfleet coordinator benchmark ==");
     println!(
-        "setup:  {} runs queued in {:.1} s; {}/{} workers registered and {} given a run in {:.1} s",
-        cfg.runs, m.submit_secs, m.registered, cfg.workers, m.assigned, m.ramp_secs
+        "setup:  {} runs queued in {:.1} s; {}/{} workers registered and {} given a run in {:.1} s; {:.0} s in all",
+        cfg.runs,
+        m.submit_secs,
+        m.registered,
+        cfg.workers,
+        m.assigned,
+        m.ramp_secs,
+        total.as_secs_f64()
     );
     println!(
         "window: {:.1} s; {} workers reporting {} points per call (checksum every {} calls), all {} beating every {} ms, \
@@ -442,9 +519,15 @@ fn report(cfg: &Config, shared: &Shared, m: &Measured, rss: &cluster::RssPeaks) 
         pct(m.coordinator_cpu),
         pct(m.bench_cpu)
     );
-    let stops = shared.stop_orders.load(Ordering::Relaxed);
     let rereg = shared.reregistrations.load(Ordering::Relaxed);
-    if stops > 0 || rereg > 0 {
-        println!("note: {stops} stop order(s) and {rereg} re-registration(s) during the benchmark");
+    if rereg > 0 {
+        println!(
+            "note: the coordinator declared live workers dead {rereg} time(s) (their heartbeats waited past \
+             --dead-after-secs 30) and they registered again"
+        );
+    }
+    let stops = shared.stop_orders.load(Ordering::Relaxed);
+    if stops > 0 {
+        println!("note: {stops} stop order(s) for a worker's run; the worker went back to waiting for a run");
     }
 }
