@@ -78,7 +78,10 @@ pub fn resolve_coordinator_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> 
         tried.push(dir.join("coordinator"));
     }
     if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
-        tried.push(PathBuf::from(target).join("release").join("coordinator"));
+        let candidate = PathBuf::from(target).join("release").join("coordinator");
+        if !tried.contains(&candidate) {
+            tried.push(candidate);
+        }
     }
     if let Some(found) = tried.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
