@@ -10,8 +10,8 @@ use protocol::pb::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::ServerTlsConfig;
+use tonic::transport::server::TcpIncoming;
 
 use crate::core::{CoordError, Coordinator, Timing};
 use crate::service::control_api::ControlApi;
@@ -142,7 +142,8 @@ pub async fn start_with_tls(
             token.require(),
         ));
     let task = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        // No Nagle: small replies would otherwise wait on the client's delayed ACK (~40 ms).
+        router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             let _ = stop_rx.await;
         }),
     );

@@ -231,6 +231,8 @@ pub async fn submit_runs(
 
 pub struct WorkerConfig {
     pub points_per_report: usize,
+    /// Period of each worker's reports; zero reports in a closed loop (as fast as answered).
+    pub report_every: Duration,
     pub checksum_every: u64,
     pub heartbeat: Duration,
     pub poll_wait_ms: u32,
@@ -316,6 +318,10 @@ pub async fn worker(
 
     let mut template = MetricBatch::new(cfg.points_per_report);
     let mut reports: u64 = 0;
+    // Open loop: each worker reports once a period at its own offset, as trainers do at
+    // `metrics_every`, so the offered load does not depend on how fast the coordinator answers.
+    let offset = cfg.report_every.mul_f64(n as f64 / cfg.workers.max(1) as f64);
+    let mut next_report = tokio::time::Instant::now() + offset;
     let mut ever_assigned = false;
     while !shared.is_done() {
         let current = presence.lock().expect("presence").current.clone();
@@ -364,7 +370,10 @@ pub async fn worker(
             shared.until_window().await;
             continue;
         }
-        // Closed loop: the next report goes out as soon as this one is answered.
+        if !cfg.report_every.is_zero() {
+            tokio::time::sleep_until(next_report).await;
+            next_report += cfg.report_every;
+        }
         let (deadline, worker_id) = (
             shared.window.get().expect("window is open").1,
             presence.lock().expect("presence").worker_id.clone(),
@@ -550,7 +559,7 @@ pub async fn cli_probe(shared: Arc<Shared>, mut client: ControlServiceClient<Aut
             return;
         }
         let _ = shared
-            .timed(Kind::ListRuns, client.list_runs(pb::ListRunsRequest {}))
+            .timed(Kind::ListRuns, client.list_runs(pb::ListRunsRequest::default()))
             .await;
         let run_id = {
             let runs = shared.assigned_runs.lock().expect("runs");

@@ -114,9 +114,13 @@ impl Coordinator {
             run.step = newest;
             run.updated_unix_ms = now_unix_ms();
         }
-        let (_, known) =
-            self.store
-                .record_report(&run.id, advanced.then_some(&run), &points, &checksums, run.world_size)?;
+        let (_, known) = self.store.record_report(
+            &run.id,
+            advanced.then_some(run.step),
+            &points,
+            &checksums,
+            run.world_size,
+        )?;
         if advanced {
             m.note_step(&run.id, run.step, run.updated_unix_ms);
         }

@@ -66,6 +66,7 @@ impl Store {
         sweep: Option<&SweepRecord>,
         runs: &[(RunRecord, RunEvent)],
     ) -> Result<()> {
+        let _io = self.writing();
         let manifest_bytes: Vec<(String, String, Vec<u8>)> = manifests
             .iter()
             .map(|m| (m.id.clone(), index_key(&m.dataset_url, m.order_seed), encode(m)))

@@ -30,24 +30,25 @@ impl Store {
         Ok(self.record_report(run_id, None, points, &[], 0)?.0)
     }
 
-    /// Stores one rank's report: its metric points (dense per-run sequence numbers), the newest
-    /// value of each metric it names, its weight checksums, and the run's new progress, in one
-    /// transaction. The points and their counter move together: a crash between them would hand
-    /// the same sequence numbers out again and overwrite acknowledged points.
+    /// Stores one rank's report: its metric points (dense per-run sequence numbers, one record
+    /// for the whole batch, keyed by its first), the newest value of each metric it names, its
+    /// weight checksums, and the run's newest step, in one transaction. The points and their
+    /// counter move together: a crash between them would hand the same sequence numbers out
+    /// again and overwrite acknowledged points.
     ///
     /// Returns the seq after the last point and, for each reported step, the checksums of ranks
     /// `0..world_size` known for it (read inside the same transaction).
     pub fn record_report(
         &self,
         run_id: &str,
-        run: Option<&RunRecord>,
+        step: Option<u64>,
         points: &[MetricRecord],
         checksums: &[ChecksumReport],
         world_size: u32,
     ) -> Result<(u64, KnownChecksums)> {
+        let _io = self.writing();
         let counter = format!("metric_seq/{run_id}");
-        let encoded: Vec<Vec<u8>> = points.iter().map(encode).collect();
-        let run_bytes = run.map(encode);
+        let batch = (!points.is_empty()).then(|| encode(&points));
         // Only the newest point of each (rank, name) in this report can replace the stored one.
         let mut newest: BTreeMap<String, &MetricRecord> = BTreeMap::new();
         for p in points {
@@ -57,14 +58,12 @@ impl Store {
             }
         }
         let newest: Vec<(String, u64, Vec<u8>)> = newest.into_iter().map(|(k, p)| (k, p.step, encode(p))).collect();
-        (&self.metrics, &self.meta, &self.checksums, &self.runs, &self.latest)
-            .transaction(|(metrics, meta, sums, runs, latest)| {
+        (&self.metrics, &self.meta, &self.checksums, &self.progress, &self.latest)
+            .transaction(|(metrics, meta, sums, progress, latest)| {
                 let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
-                if !encoded.is_empty() {
-                    for value in &encoded {
-                        metrics.insert(step_key(run_id, next).as_bytes(), value.clone())?;
-                        next += 1;
-                    }
+                if let Some(batch) = &batch {
+                    metrics.insert(step_key(run_id, next).as_bytes(), batch.clone())?;
+                    next += points.len() as u64;
                     meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
                 }
                 let mut known = Vec::with_capacity(checksums.len());
@@ -89,8 +88,8 @@ impl Store {
                         latest.insert(key.as_bytes(), value.clone())?;
                     }
                 }
-                if let Some(bytes) = &run_bytes {
-                    runs.insert(run_id.as_bytes(), bytes.clone())?;
+                if let Some(step) = step {
+                    progress.insert(run_id.as_bytes(), &step.to_be_bytes())?;
                 }
                 Ok((next, known))
             })
@@ -105,23 +104,44 @@ impl Store {
 
     /// Metrics of a run with seq >= `from_seq`, in order, as (seq, record).
     pub fn metrics_from(&self, run_id: &str, from_seq: u64) -> Result<Vec<(u64, MetricRecord)>> {
-        let start = step_key(run_id, from_seq);
+        let prefix = run_prefix(run_id);
+        let wanted = step_key(run_id, from_seq);
         let end = format!("{run_id}0"); // '0' sorts right after '/', ending the run's range
-        self.metrics
-            .range(start.as_bytes()..end.as_bytes())
-            .map(|kv| {
-                let (k, v) = kv?;
-                let seq = std::str::from_utf8(&k[run_id.len() + 1..])
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| StoreError::Corrupt {
-                        tree: "metrics",
-                        key: String::from_utf8_lossy(&k).into_owned(),
-                        message: "bad sequence number".into(),
-                    })?;
-                Ok((seq, decode("metrics", &k, &v)?))
-            })
-            .collect()
+        // The batch holding `from_seq` starts at or before it.
+        let start = match self.metrics.range(prefix.as_bytes()..=wanted.as_bytes()).next_back() {
+            Some(kv) => kv?.0.to_vec(),
+            None => wanted.into_bytes(),
+        };
+        let mut out = vec![];
+        for kv in self.metrics.range(start.as_slice()..end.as_bytes()) {
+            let (k, v) = kv?;
+            let first: u64 = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    tree: "metrics",
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    message: "bad sequence number".into(),
+                })?;
+            // Schema 1 stored one point per key; schema 2 one batch per report.
+            let points: Vec<MetricRecord> = if v.first() == Some(&b'[') {
+                decode("metrics", &k, &v)?
+            } else {
+                vec![decode("metrics", &k, &v)?]
+            };
+            for (i, point) in points.into_iter().enumerate() {
+                let seq = first + i as u64;
+                if seq >= from_seq {
+                    out.push((seq, point));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest step a report recorded for the run, when newer than its record says.
+    pub(super) fn reported_step(&self, run_id: &str) -> Result<Option<u64>> {
+        Ok(self.progress.get(run_id)?.as_deref().map(be_u64))
     }
 
     // ---- weight checksums -------------------------------------------------------------------
@@ -235,6 +255,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.append_metrics("r", &[point(3), point(5), point(4)]).unwrap();
+        let from_inside: Vec<u64> = store
+            .metrics_from("r", 1)
+            .unwrap()
+            .iter()
+            .map(|(seq, m)| seq * 10 + m.step)
+            .collect();
+        assert_eq!(from_inside, [15, 24], "a read can start inside a report's batch");
         store.append_metrics("r", &[point(2)]).unwrap(); // late and older: not the latest
         let mut lr = point(6);
         lr.name = "train/lr".into();

@@ -2,8 +2,12 @@
 //! rule: writes are applied at once (each request's writes in one transaction) and made
 //! durable by `durable()`, which callers await before they answer or act on what they wrote
 //! (sled 0.34 is durable only after a flush). Splitting the two lets the coordinator write under
-//! its model lock and flush after releasing it; sled's log is ordered, so a later flush covers
-//! every earlier write, and concurrent flushes share the work.
+//! its model lock and flush after releasing it; sled's log is ordered, so one flush covers every
+//! earlier write, and callers waiting at once share it (group commit).
+//!
+//! Writes and flushes never overlap: sled 0.34 deadlocks when a transaction waits for its global
+//! write lock while a flush, holding the read side, waits for log writes that need it. So every
+//! mutation and every flush takes `io`, and sled's own background flusher is off.
 //!
 //! Trees and keys:
 //! - `runs`:        `<run-id>` → RunRecord (JSON)
@@ -13,7 +17,10 @@
 //! - `checksums`:   `<run-id>/<step:020>/<rank:06>@<attempt:06>` → weights SHA-256 (a resumed
 //!   run re-computes steps under a new attempt; the spine wrote keys without `@<attempt>`)
 //! - `events`:      `<run-id>/<seq:020>` → RunEvent (JSON); seq is per run, dense from 0
+//! - `metrics` holds one JSON array per report, keyed by the seq of its first point (schema 1
+//!   stored one point per key; both read back)
 //! - `latest`:      `<run-id>/<rank:06>/<metric name>` → newest MetricRecord of that name (JSON)
+//! - `progress`:    `<run-id>` → newest step reported (8 bytes BE); overrides an older run step
 //! - `manifests`:   `<manifest-id>` → ManifestRecord (JSON); `manifest_index`:
 //!   `<order_seed:020>/<dataset url>` → manifest id
 //! - `sweeps`:      `<sweep-id>` → SweepRecord (JSON)
@@ -24,6 +31,8 @@
 //! report or none of it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,6 +59,8 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    #[error("flushing the store: {0}")]
+    Flush(String),
     #[error(
         "sled store at {path} has schema version {found}, written by a newer voxelfleet; this \
          build reads versions up to {SCHEMA_VERSION}. Upgrade the coordinator, or point \
@@ -75,11 +86,32 @@ pub struct Store {
     checksums: sled::Tree,
     events: sled::Tree,
     latest: sled::Tree,
+    /// `<run-id>` → newest reported step (8 bytes BE): progress without rewriting the run.
+    progress: sled::Tree,
     manifests: sled::Tree,
     manifest_index: sled::Tree,
     sweeps: sled::Tree,
     meta: sled::Tree,
     cluster_id: String,
+    /// Held by every write and every flush (see the module comment).
+    io: Arc<Mutex<()>>,
+    /// Writes made, and how many of them the last flush covered.
+    written: Arc<AtomicU64>,
+    flushed: Arc<AtomicU64>,
+    /// One flush at a time; the others wait for it and usually find their writes covered.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+/// Proof that the caller holds the store's write lock, counted as a write when dropped.
+struct Writing<'a> {
+    _io: MutexGuard<'a, ()>,
+    written: &'a AtomicU64,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.written.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -155,10 +187,17 @@ fn run_prefix(run_id: &str) -> String {
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.display().to_string();
-        let db = sled::open(dir).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            // sled's default page cache is 1 GiB; the coordinator reads little back (the model
+            // is in memory), so a small cache keeps its footprint small.
+            .cache_capacity(64 << 20)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let meta = db.open_tree("meta")?;
         // A store without a version is the spine's: the same layout as version 1.
         let found = meta.get("schema_version")?.as_deref().map(be_u64).unwrap_or(0);
@@ -183,12 +222,17 @@ impl Store {
             checksums: db.open_tree("checksums")?,
             events: db.open_tree("events")?,
             latest: db.open_tree("latest")?,
+            progress: db.open_tree("progress")?,
             manifests: db.open_tree("manifests")?,
             manifest_index: db.open_tree("manifest_index")?,
             sweeps: db.open_tree("sweeps")?,
             meta,
             cluster_id,
             db,
+            io: Arc::new(Mutex::new(())),
+            written: Arc::new(AtomicU64::new(0)),
+            flushed: Arc::new(AtomicU64::new(0)),
+            flushing: tokio::sync::Mutex::new(()),
         };
         if found < 2 {
             store.migrate_case_lists()?;
@@ -208,12 +252,42 @@ impl Store {
     /// Makes everything written so far durable. Await it before answering a request or acting
     /// on a write.
     pub async fn durable(&self) -> Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        let target = self.written.load(Ordering::SeqCst);
+        if self.flushed.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        let _one_flush = self.flushing.lock().await;
+        if self.flushed.load(Ordering::SeqCst) >= target {
+            return Ok(()); // the flush we waited for covered our writes
+        }
+        let (db, io, written, flushed) = (
+            self.db.clone(),
+            self.io.clone(),
+            self.written.clone(),
+            self.flushed.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let _io = io.lock().unwrap_or_else(|p| p.into_inner());
+            let covered = written.load(Ordering::SeqCst);
+            db.flush()?;
+            flushed.fetch_max(covered, Ordering::SeqCst);
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Flush(e.to_string()))?
+    }
+
+    /// Takes the write lock; the write counts when the returned guard drops.
+    fn writing(&self) -> Writing<'_> {
+        Writing {
+            _io: self.io.lock().unwrap_or_else(|p| p.into_inner()),
+            written: &self.written,
+        }
     }
 
     /// Next value of a durable counter, starting at 1. Flushed by the caller's write.
     fn next_counter(&self, name: &str) -> Result<u64> {
+        let _io = self.writing();
         let next = self.meta.update_and_fetch(name, |old| {
             Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
         })?;
@@ -246,12 +320,25 @@ impl Store {
     }
 
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
-        get(&self.runs, "runs", run_id)
+        get::<RunRecord>(&self.runs, "runs", run_id)?
+            .map(|run| self.with_progress(run))
+            .transpose()
     }
 
     /// All runs in submission order (ids are zero-padded counters).
     pub fn runs(&self) -> Result<Vec<RunRecord>> {
-        scan(self.runs.iter(), "runs")
+        scan::<RunRecord>(self.runs.iter(), "runs")?
+            .into_iter()
+            .map(|run| self.with_progress(run))
+            .collect()
+    }
+
+    /// Reports record a run's step apart from its record (see `record_report`).
+    fn with_progress(&self, mut run: RunRecord) -> Result<RunRecord> {
+        if let Some(step) = self.reported_step(&run.id)? {
+            run.step = run.step.max(step);
+        }
+        Ok(run)
     }
 
     /// Writes a run, the workers it touches and the events that explain the change in one sled
@@ -269,6 +356,7 @@ impl Store {
         workers: &[WorkerRecord],
         events: &[RunEvent],
     ) -> Result<()> {
+        let _io = self.writing();
         let ckpt_bytes = ckpt.map(|c| (step_key(&c.run_id, c.step), encode(c)));
         let run_bytes = encode(run);
         let worker_bytes: Vec<(Vec<u8>, Vec<u8>)> =
@@ -296,12 +384,14 @@ impl Store {
     // ---- workers ----------------------------------------------------------------------------
 
     pub fn put_worker(&self, worker: &WorkerRecord) -> Result<()> {
+        let _io = self.writing();
         self.workers.insert(worker.id.as_bytes(), encode(worker))?;
         Ok(())
     }
 
     /// Forgets a worker long dead.
     pub fn delete_worker(&self, worker_id: &str) -> Result<()> {
+        let _io = self.writing();
         self.workers.remove(worker_id.as_bytes())?;
         Ok(())
     }
@@ -330,6 +420,7 @@ impl Store {
 
     /// Rewrites one checkpoint record (marking it unusable) with an event saying why.
     pub fn update_checkpoint(&self, ckpt: &CheckpointRecord, events: &[RunEvent]) -> Result<()> {
+        let _io = self.writing();
         let ckpt_bytes = encode(ckpt);
         let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
         (&self.checkpoints, &self.events, &self.meta)
@@ -342,6 +433,7 @@ impl Store {
 
     /// Removes checkpoint records (their objects are already deleted) with an event.
     pub fn delete_checkpoints(&self, run_id: &str, steps: &[u64], events: &[RunEvent]) -> Result<()> {
+        let _io = self.writing();
         let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
         (&self.checkpoints, &self.events, &self.meta)
             .transaction(|(ckpts, evs, meta)| {

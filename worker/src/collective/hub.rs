@@ -11,8 +11,8 @@ use protocol::pb;
 use protocol::pb::collective_server::{Collective, CollectiveServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Chunks buffered per inbox; with 1 MiB chunks this bounds memory per run to 64 MiB.
@@ -201,7 +201,7 @@ pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::i
             .initial_stream_window_size(super::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(super::STREAM_WINDOW_BYTES)
             .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await;
         if let Err(e) = served {
             tracing::error!("collective server stopped: {e}");
