@@ -206,31 +206,35 @@ impl Coordinator {
     }
 
     /// Runs in submission order (only `sweep_id`'s children when given), each queued one with
-    /// its place in the queue and why it waits, as `view` renders them (under the lock, so a
-    /// listing of many runs copies nothing it does not show).
+    /// its place in the queue and why it waits, as `view` renders them. The lock is held only
+    /// to take shared handles; the queue is explained and the runs rendered after it is
+    /// released, so listing ten thousand runs does not stall heartbeats.
     pub fn list_runs<T>(
         &self,
         sweep_id: Option<&str>,
         view: impl Fn(&RunRecord, Option<&scheduler::Waiting>) -> T,
     ) -> Result<Vec<T>> {
-        let m = self.lock();
-        let runs: Vec<&RunRecord> = match sweep_id {
-            None => m.runs(),
-            Some(id) => {
-                let sweep = m.sweeps.get(id).ok_or_else(|| CoordError::NotFound {
-                    what: "sweep",
-                    id: id.into(),
-                })?;
-                sweep.children.iter().filter_map(|c| m.run(&c.run_id).ok()).collect()
-            }
+        let (runs, queue, workers) = {
+            let m = self.lock();
+            let runs = match sweep_id {
+                None => m.snapshot(None::<std::iter::Empty<&str>>),
+                Some(id) => {
+                    let sweep = m.sweeps.get(id).ok_or_else(|| CoordError::NotFound {
+                        what: "sweep",
+                        id: id.into(),
+                    })?;
+                    m.snapshot(Some(sweep.children.iter().map(|c| c.run_id.as_str())))
+                }
+            };
+            (runs, m.queue_snapshot(), self.worker_pools(&m))
         };
-        let waiting: HashMap<String, scheduler::Waiting> = self
-            .plan(&m, true)
+        let waiting: HashMap<String, scheduler::Waiting> = workers
+            .plan(queue.iter().map(|r| &**r), true)
             .waiting
             .into_iter()
             .map(|w| (w.run_id.clone(), w))
             .collect();
-        Ok(runs.into_iter().map(|r| view(r, waiting.get(&r.id))).collect())
+        Ok(runs.iter().map(|r| view(r, waiting.get(&r.id))).collect())
     }
 
     /// Why a queued run waits, and its place in the queue; None for any other run.
@@ -238,8 +242,12 @@ impl Coordinator {
         if run.state != RunState::Queued {
             return None;
         }
-        let m = self.lock();
-        self.plan(&m, true).waiting.into_iter().find(|w| w.run_id == run.id)
+        let (queue, workers) = {
+            let m = self.lock();
+            (m.queue_snapshot(), self.worker_pools(&m))
+        };
+        let plan = workers.plan(queue.iter().map(|r| &**r), true);
+        plan.waiting.into_iter().find(|w| w.run_id == run.id)
     }
 
     /// Workers with the wall-clock time of their last sign of life filled in.
@@ -301,6 +309,12 @@ impl Coordinator {
 
     /// One pass of the scheduler over the model; `explain` fills in why each queued run waits.
     fn plan(&self, m: &Model, explain: bool) -> scheduler::Plan {
+        self.worker_pools(m).plan(m.queued(), explain)
+    }
+
+    /// The workers a scheduling pass sees: those alive, and those of them that may take work now
+    /// (idle, heartbeating, not suspected).
+    fn worker_pools(&self, m: &Model) -> WorkerPools {
         let now = Instant::now();
         let stale_after = self.timing.stale_after();
         let fresh = |w: &WorkerRecord| {
@@ -313,12 +327,15 @@ impl Coordinator {
             .workers()
             .filter(|w| w.state != WorkerState::Dead && !m.suspects.contains(&w.id))
             .collect();
-        let idle: Vec<&WorkerRecord> = alive
+        let idle: Vec<WorkerRecord> = alive
             .iter()
-            .copied()
             .filter(|w| w.state == WorkerState::Idle && fresh(w))
+            .map(|w| (*w).clone())
             .collect();
-        scheduler::plan(m.queued(), &idle, &alive, explain)
+        WorkerPools {
+            idle,
+            alive: alive.into_iter().cloned().collect(),
+        }
     }
 
     /// Records this pass's placements and queues their assignments; returns the runs placed.
@@ -457,6 +474,20 @@ impl Coordinator {
         let freed = m.release_workers(&run.id);
         let from = run.resume_step;
         self.requeue(m, &mut run, from, "requeued", message, &freed)
+    }
+}
+
+/// The workers of one scheduling pass, copied out of the model.
+struct WorkerPools {
+    idle: Vec<WorkerRecord>,
+    alive: Vec<WorkerRecord>,
+}
+
+impl WorkerPools {
+    fn plan<'a>(&'a self, queue: impl IntoIterator<Item = &'a RunRecord>, explain: bool) -> scheduler::Plan {
+        let idle: Vec<&WorkerRecord> = self.idle.iter().collect();
+        let alive: Vec<&WorkerRecord> = self.alive.iter().collect();
+        scheduler::plan(queue, &idle, &alive, explain)
     }
 }
 

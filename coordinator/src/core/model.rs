@@ -8,6 +8,7 @@
 //! is released; see `store::Store::durable`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use protocol::pb;
@@ -36,7 +37,8 @@ impl QueueKey {
 
 #[derive(Default)]
 pub(super) struct Model {
-    runs: HashMap<String, RunRecord>,
+    /// Shared, so a listing can take a snapshot under the lock and render it after.
+    runs: HashMap<String, Arc<RunRecord>>,
     queue: BTreeSet<QueueKey>,
     workers: BTreeMap<String, WorkerRecord>,
     pub sweeps: BTreeMap<String, SweepRecord>,
@@ -82,31 +84,45 @@ impl Model {
     // ---- runs -------------------------------------------------------------------------------
 
     pub fn run(&self, run_id: &str) -> Result<&RunRecord> {
-        self.runs.get(run_id).ok_or_else(|| CoordError::NotFound {
+        self.runs.get(run_id).map(|r| &**r).ok_or_else(|| CoordError::NotFound {
             what: "run",
             id: run_id.into(),
         })
-    }
-
-    /// Every run, in submission order.
-    pub fn runs(&self) -> Vec<&RunRecord> {
-        let mut runs: Vec<&RunRecord> = self.runs.values().collect();
-        runs.sort_by_key(|r| (r.seq, r.id.as_str()));
-        runs
     }
 
     pub fn runs_in(&self, state: RunState) -> Vec<&RunRecord> {
         if state == RunState::Queued {
             return self.queued().collect();
         }
-        let mut runs: Vec<&RunRecord> = self.runs.values().filter(|r| r.state == state).collect();
+        let mut runs: Vec<&RunRecord> = self.runs.values().map(|r| &**r).filter(|r| r.state == state).collect();
         runs.sort_by_key(|r| r.seq);
         runs
     }
 
+    /// Shared handles to `runs` (all, in submission order) or to some of them by id, for
+    /// rendering outside the lock.
+    pub fn snapshot<'a>(&self, ids: Option<impl Iterator<Item = &'a str>>) -> Vec<Arc<RunRecord>> {
+        match ids {
+            Some(ids) => ids.filter_map(|id| self.runs.get(id).cloned()).collect(),
+            None => {
+                let mut runs: Vec<Arc<RunRecord>> = self.runs.values().cloned().collect();
+                runs.sort_by_key(|r| r.seq);
+                runs
+            }
+        }
+    }
+
+    /// The queue, as shared handles in placement order.
+    pub fn queue_snapshot(&self) -> Vec<Arc<RunRecord>> {
+        self.queue
+            .iter()
+            .filter_map(|k| self.runs.get(&k.run_id).cloned())
+            .collect()
+    }
+
     /// Queued runs in placement order.
     pub fn queued(&self) -> impl Iterator<Item = &RunRecord> {
-        self.queue.iter().filter_map(|k| self.runs.get(&k.run_id))
+        self.queue.iter().filter_map(|k| self.runs.get(&k.run_id).map(|r| &**r))
     }
 
     fn apply_run(&mut self, run: RunRecord) {
@@ -116,7 +132,7 @@ impl Model {
         if run.state == RunState::Queued {
             self.queue.insert(QueueKey::of(&run));
         }
-        self.runs.insert(run.id.clone(), run);
+        self.runs.insert(run.id.clone(), Arc::new(run));
     }
 
     fn apply_workers(&mut self, workers: &[WorkerRecord]) {
@@ -172,9 +188,11 @@ impl Model {
         Ok(())
     }
 
-    /// Records a run's step after its report was written by `Store::record_report`.
+    /// Records a run's step after its report was written by `Store::record_report`. Reports of
+    /// several ranks arrive in any order; the step only moves forward.
     pub fn note_step(&mut self, run_id: &str, step: u64, unix_ms: i64) {
-        if let Some(run) = self.runs.get_mut(run_id) {
+        if let Some(run) = self.runs.get_mut(run_id).filter(|r| step > r.step) {
+            let run = Arc::make_mut(run);
             run.step = step;
             run.updated_unix_ms = unix_ms;
         }

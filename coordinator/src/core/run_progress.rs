@@ -48,44 +48,31 @@ impl Coordinator {
     }
 
     /// Stores the points, the checksums and the run's progress in one write, then fails the run
-    /// if the ranks' weights diverged.
+    /// if the ranks' weights diverged. The write touches only report trees (metrics, latest
+    /// values, checksums, progress), never the run record, so it is made outside the model lock:
+    /// a thousand ranks reporting do not hold up heartbeats and placements.
     pub async fn report_metrics(&self, req: pb::ReportMetricsRequest) -> Result<pb::ReportMetricsResponse> {
-        let (resp, ended) = {
-            let mut m = self.lock();
-            self.record_metrics(&mut m, &req)?
-        };
-        self.settle(&[req.run_id.as_str()], false).await?;
-        if ended {
-            self.schedule().await?;
-        }
-        Ok(resp)
-    }
-
-    /// The locked half of `report_metrics`: the reply, and whether the run ended.
-    fn record_metrics(
-        &self,
-        m: &mut Model,
-        req: &pb::ReportMetricsRequest,
-    ) -> Result<(pb::ReportMetricsResponse, bool)> {
-        let run = m.run(&req.run_id)?;
-        let stopped = self.check_member(run, &req.worker_id, req.rank, req.attempt).err();
-        // A rank of the attempt that just ended (paused, interrupted) may still be delivering
-        // the steps it completed: those happened, so they are recorded, and the rank is told to
-        // stop. Reports from anyone else, or an older attempt, are not.
-        let late_but_ours = run.attempt == req.attempt
-            && run.workers.get(req.rank as usize) == Some(&req.worker_id)
-            && !run.state.is_active()
-            && run.state != RunState::Queued;
         let stop = |reason: String| pb::ReportMetricsResponse {
             stop_run: true,
             stop_reason: reason,
             ..Default::default()
         };
-        if let Some(reason) = &stopped
-            && !late_but_ours
-        {
-            return Ok((stop(reason.clone()), false));
-        }
+        let (stopped, world_size) = {
+            let m = self.lock();
+            let run = m.run(&req.run_id)?;
+            let stopped = self.check_member(run, &req.worker_id, req.rank, req.attempt).err();
+            // A rank of the attempt that just ended (paused, interrupted) may still be
+            // delivering the steps it completed: those happened, so they are recorded, and the
+            // rank is told to stop. Reports from anyone else, or an older attempt, are not.
+            let late_but_ours = run.attempt == req.attempt
+                && run.workers.get(req.rank as usize) == Some(&req.worker_id)
+                && !run.state.is_active()
+                && run.state != RunState::Queued;
+            match stopped {
+                Some(reason) if !late_but_ours => return Ok(stop(reason)),
+                stopped => (stopped, run.world_size),
+            }
+        };
         let points: Vec<MetricRecord> = req
             .metrics
             .iter()
@@ -107,40 +94,39 @@ impl Coordinator {
                 sha256: c.sha256.clone(),
             })
             .collect();
-        let newest = points.iter().map(|p| p.step).max().unwrap_or(0);
-        let advanced = newest > run.step && stopped.is_none();
-        let mut run = run.clone();
-        if advanced {
-            run.step = newest;
-            run.updated_unix_ms = now_unix_ms();
-        }
-        let (_, known) = self.store.record_report(
-            &run.id,
-            advanced.then_some(run.step),
-            &points,
-            &checksums,
-            run.world_size,
-        )?;
-        if advanced {
-            m.note_step(&run.id, run.step, run.updated_unix_ms);
-        }
-        if let Some(reason) = stopped {
-            return Ok((stop(reason), false));
-        }
-        for (step, all) in known {
-            if let Some(reason) = divergence(&all, run.world_size, step) {
-                self.end_run(m, run, RunState::Failed, reason.clone())?;
-                return Ok((stop(reason), true));
+        let newest = points.iter().map(|p| p.step).max().filter(|_| stopped.is_none());
+        let (_, known) = self
+            .store
+            .record_report(&req.run_id, newest, &points, &checksums, world_size)?;
+        let (resp, ended) = {
+            let mut m = self.lock();
+            if let Some(step) = newest {
+                m.note_step(&req.run_id, step, now_unix_ms());
             }
+            let run = m.run(&req.run_id)?.clone();
+            let diverged = known.iter().find_map(|(step, all)| divergence(all, world_size, *step));
+            match (stopped, diverged) {
+                (Some(reason), _) => (stop(reason), false),
+                // The run may have ended meanwhile; only the attempt that diverged is failed.
+                (None, Some(reason)) if run.state.is_active() && run.attempt == req.attempt => {
+                    self.end_run(&mut m, run, RunState::Failed, reason.clone())?;
+                    (stop(reason), true)
+                }
+                (None, Some(reason)) => (stop(reason), false),
+                (None, None) => (
+                    pb::ReportMetricsResponse {
+                        pause_run: run.pause_requested && req.rank == 0,
+                        ..Default::default()
+                    },
+                    false,
+                ),
+            }
+        };
+        self.settle(&[req.run_id.as_str()], false).await?;
+        if ended {
+            self.schedule().await?;
         }
-        let pause_run = run.pause_requested && req.rank == 0;
-        Ok((
-            pb::ReportMetricsResponse {
-                pause_run,
-                ..Default::default()
-            },
-            false,
-        ))
+        Ok(resp)
     }
 
     /// Verifies every file of the checkpoint in the object store against its hash, then commits

@@ -88,7 +88,8 @@ impl Store {
                         latest.insert(key.as_bytes(), value.clone())?;
                     }
                 }
-                if let Some(step) = step {
+                let recorded = progress.get(run_id.as_bytes())?.as_deref().map(be_u64);
+                if let Some(step) = step.filter(|s| recorded.is_none_or(|r| *s > r)) {
                     progress.insert(run_id.as_bytes(), &step.to_be_bytes())?;
                 }
                 Ok((next, known))
