@@ -137,5 +137,6 @@ fn sigterm_stops_the_coordinator_cleanly_and_the_run_survives_it() {
     cluster.restart_coordinator();
     let step = cluster.step(&run_id);
     wait_for_progress(&cluster, &run_id, step + 4);
-    assert_eq!(cluster.cli_json(&["show", &run_id])["run"]["attempt"], 1);
+    let detail = cluster.cli_json(&["show", &run_id]);
+    assert_eq!(detail["run"]["attempt"], 1, "{}", detail["events"]);
 }

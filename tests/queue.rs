@@ -56,6 +56,12 @@ fn a_sweep_expands_into_children_whose_subsets_nest() {
         .collect();
     assert_eq!(values, [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)]);
     assert!(children.iter().all(|c| c["state"] == "Queued"));
+    // No worker has registered: each child says where it stands and why.
+    let message = children[1]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("#2 in the queue") && message.contains("none are registered"),
+        "{message}"
+    );
     let counts: Vec<i64> = children.iter().map(|c| c["train_cases"].as_i64().unwrap()).collect();
     assert_eq!(counts, [2, 2, 4, 4, 8, 8]);
 

@@ -51,10 +51,14 @@ pub struct RunLink {
 }
 
 fn is_transient(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-    )
+    // A status made on this side from a broken connection never reached the coordinator's logic,
+    // whatever its code: a GOAWAY from a coordinator stopping on SIGTERM arrives as `Internal`.
+    let from_transport = std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>());
+    from_transport
+        || matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        )
 }
 
 impl RunLink {
@@ -227,5 +231,28 @@ impl RunLink {
 
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.handle.block_on(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient;
+
+    #[test]
+    fn refusals_are_final_and_transport_failures_are_not() {
+        assert!(!is_transient(&tonic::Status::failed_precondition("run cancelled")));
+        assert!(!is_transient(&tonic::Status::internal("store")));
+        assert!(is_transient(&tonic::Status::unavailable("down")));
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_is_transient_whatever_its_code() {
+        let refused = tonic::transport::Endpoint::from_static("http://127.0.0.1:1")
+            .connect()
+            .await
+            .unwrap_err();
+        let mut goaway = tonic::Status::internal("h2 protocol error: http2 error");
+        goaway.set_source(std::sync::Arc::new(refused));
+        assert!(is_transient(&goaway));
     }
 }

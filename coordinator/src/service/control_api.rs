@@ -40,7 +40,7 @@ pub fn run_info(r: &RunRecord) -> pb::RunInfo {
 }
 
 /// A run as the CLI sees it; queued runs carry their queue position and why they wait.
-fn run_info_waiting(r: &RunRecord, waiting: Option<&Waiting>) -> pb::RunInfo {
+pub fn run_info_waiting(r: &RunRecord, waiting: Option<&Waiting>) -> pb::RunInfo {
     pb::RunInfo {
         priority: r.priority,
         queue_position: waiting.map_or(0, |w| w.position),

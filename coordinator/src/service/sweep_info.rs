@@ -4,7 +4,7 @@
 use protocol::pb;
 use tonic::Status;
 
-use super::control_api::{latest_by_name, run_info};
+use super::control_api::{latest_by_name, run_info_waiting};
 use crate::core::{CoordError, Coordinator, SweepView};
 use crate::records::ManifestRecord;
 
@@ -26,6 +26,12 @@ pub fn sweep_info(view: &SweepView) -> pb::SweepInfo {
 }
 
 pub fn sweep_detail(coord: &Coordinator, view: &SweepView) -> Result<pb::SweepDetail, Status> {
+    // The children as `runs` shows them: queued ones with their place and why they wait.
+    let infos: std::collections::HashMap<String, pb::RunInfo> = coord
+        .list_runs(Some(&view.sweep.id), run_info_waiting)?
+        .into_iter()
+        .map(|info| (info.run_id.clone(), info))
+        .collect();
     let mut children = Vec::with_capacity(view.children.len());
     let mut manifests: Vec<&str> = vec![];
     for (child, run) in &view.children {
@@ -36,7 +42,7 @@ pub fn sweep_detail(coord: &Coordinator, view: &SweepView) -> Result<pb::SweepDe
             manifests.push(&run.manifest_id);
         }
         children.push(pb::SweepChild {
-            run: Some(run_info(run)),
+            run: infos.get(&run.id).cloned(),
             values: child.values.clone(),
             final_loss: loss.unwrap_or(0.0),
             has_final_loss: loss.is_some(),
