@@ -25,12 +25,6 @@ pub enum ManifestError {
     TooFew { field: &'static str, message: String },
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct CasePlan {
-    pub train: Vec<String>,
-    pub eval: Vec<String>,
-}
-
 /// Lists the dataset through the object store: the case ids, sorted.
 pub async fn list_dataset(url: &str) -> Result<Vec<String>, ManifestError> {
     let listing = |message: String| ManifestError::Listing {
@@ -55,12 +49,11 @@ pub async fn freeze(store: &Store, url: &str, order_seed: u64) -> Result<(Manife
     if let Some(m) = store.manifest_for(url, order_seed)? {
         return Ok((m, false));
     }
-    let mut cases = match store.any_manifest_of(url)? {
+    let listing = match store.any_manifest_of(url)? {
         Some(other) => other.cases,
         None => list_dataset(url).await?,
     };
-    cases.sort();
-    cases.shuffle(&mut ChaCha8Rng::seed_from_u64(order_seed));
+    let cases = seeded_order(listing, order_seed);
     let manifest = ManifestRecord {
         id: manifest_id(url, order_seed, &cases),
         dataset_url: url.to_string(),
@@ -71,53 +64,45 @@ pub async fn freeze(store: &Store, url: &str, order_seed: u64) -> Result<(Manife
     Ok((manifest, true))
 }
 
-/// How many of the manifest's cases `spec` trains on and holds out: (train, eval).
-pub fn split_counts(manifest: &ManifestRecord, spec: &RunSpec) -> Result<(u32, u32), ManifestError> {
-    let plan = split_ordered(manifest.cases.clone(), spec)?;
-    Ok((plan.train.len() as u32, plan.eval.len() as u32))
-}
-
-/// The seeded order and split of a listing, kept pure so the ordering rules are testable
-/// without a store.
-pub fn split_cases(mut cases: Vec<String>, spec: &RunSpec) -> Result<CasePlan, ManifestError> {
+/// A listing in the seeded order every run over the dataset shares; the order the bucket listed
+/// the cases in does not matter.
+pub fn seeded_order(mut cases: Vec<String>, order_seed: u64) -> Vec<String> {
     cases.sort();
     cases.dedup();
-    cases.shuffle(&mut ChaCha8Rng::seed_from_u64(spec.dataset.order_seed));
-    split_ordered(cases, spec)
+    cases.shuffle(&mut ChaCha8Rng::seed_from_u64(order_seed));
+    cases
 }
 
-/// Held-out cases from the end of an ordered list, training cases as a prefix of the rest.
-fn split_ordered(mut cases: Vec<String>, spec: &RunSpec) -> Result<CasePlan, ManifestError> {
+/// How many of a manifest's cases `spec` trains on and holds out: (train, eval). Held-out cases
+/// come from the end of the order, training cases are a prefix of the rest (workers slice them
+/// so, see `worker::manifests::slice_cases`).
+pub fn split_counts(manifest: &ManifestRecord, spec: &RunSpec) -> Result<(u32, u32), ManifestError> {
+    let total = manifest.cases.len();
     let n_eval = spec.dataset.eval_cases as usize;
-    if n_eval >= cases.len() {
+    if n_eval >= total {
         return Err(ManifestError::TooFew {
             field: "dataset.eval_cases",
-            message: format!(
-                "{n_eval} held-out cases leave none to train on; the dataset has {}",
-                cases.len()
-            ),
+            message: format!("{n_eval} held-out cases leave none to train on; the dataset has {total}"),
         });
     }
-    let eval = cases.split_off(cases.len() - n_eval);
+    let left = total - n_eval;
     let n_train = match spec.dataset.train_cases as usize {
-        0 => cases.len(),
-        n if n <= cases.len() => n,
+        0 => left,
+        n if n <= left => n,
         n => {
             return Err(ManifestError::TooFew {
                 field: "dataset.train_cases",
-                message: format!(
-                    "asks for {n} cases but only {} are left after {n_eval} held out",
-                    cases.len()
-                ),
+                message: format!("asks for {n} cases but only {left} are left after {n_eval} held out"),
             });
         }
     };
-    cases.truncate(n_train);
-    Ok(CasePlan { train: cases, eval })
+    Ok((n_train as u32, n_eval as u32))
 }
 
 #[cfg(test)]
 mod tests {
+    use worker::manifests::{RunCases, slice_cases};
+
     use super::*;
 
     fn spec(train: u32, eval: u32) -> RunSpec {
@@ -130,6 +115,19 @@ mod tests {
 
     fn ids(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("BDMAP_{i:08}")).collect()
+    }
+
+    /// A listing through the whole path: frozen order, counts, and the slices a worker takes.
+    fn split_cases(listing: Vec<String>, spec: &RunSpec) -> Result<RunCases, ManifestError> {
+        let manifest = ManifestRecord {
+            id: "m".into(),
+            dataset_url: spec.dataset.url.clone(),
+            order_seed: spec.dataset.order_seed,
+            cases: seeded_order(listing, spec.dataset.order_seed),
+            frozen_unix_ms: 0,
+        };
+        let (train, eval) = split_counts(&manifest, spec)?;
+        Ok(slice_cases(&manifest.cases, train, eval).unwrap())
     }
 
     #[test]
