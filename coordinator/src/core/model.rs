@@ -40,7 +40,8 @@ pub(super) struct Model {
     /// Shared, so a listing can take a snapshot under the lock and render it after.
     runs: HashMap<String, Arc<RunRecord>>,
     queue: BTreeSet<QueueKey>,
-    workers: BTreeMap<String, WorkerRecord>,
+    /// Shared like `runs`: a scheduling pass or a listing takes handles, not copies.
+    workers: BTreeMap<String, Arc<WorkerRecord>>,
     pub sweeps: BTreeMap<String, SweepRecord>,
     /// Last sign of life per worker: monotonic for the liveness check, wall clock for display.
     /// Kept in memory: flushing sled on every heartbeat would buy nothing. A restarted
@@ -67,7 +68,7 @@ impl Model {
             if w.state != WorkerState::Dead {
                 model.last_seen.insert(w.id.clone(), now);
             }
-            model.workers.insert(w.id.clone(), w);
+            model.workers.insert(w.id.clone(), Arc::new(w));
         }
         for sweep in store.sweeps()? {
             model.sweeps.insert(sweep.id.clone(), sweep);
@@ -137,7 +138,7 @@ impl Model {
 
     fn apply_workers(&mut self, workers: &[WorkerRecord]) {
         for w in workers {
-            self.workers.insert(w.id.clone(), w.clone());
+            self.workers.insert(w.id.clone(), Arc::new(w.clone()));
         }
     }
 
@@ -201,17 +202,22 @@ impl Model {
     // ---- workers ----------------------------------------------------------------------------
 
     pub fn worker(&self, worker_id: &str) -> Option<&WorkerRecord> {
-        self.workers.get(worker_id)
+        self.workers.get(worker_id).map(|w| &**w)
     }
 
     /// Workers in id order.
     pub fn workers(&self) -> impl Iterator<Item = &WorkerRecord> {
+        self.workers.values().map(|w| &**w)
+    }
+
+    /// Shared handles to every worker, in id order.
+    pub fn worker_handles(&self) -> impl Iterator<Item = &Arc<WorkerRecord>> {
         self.workers.values()
     }
 
     pub fn put_worker(&mut self, store: &Store, worker: WorkerRecord) -> Result<()> {
         store.put_worker(&worker)?;
-        self.workers.insert(worker.id.clone(), worker);
+        self.workers.insert(worker.id.clone(), Arc::new(worker));
         Ok(())
     }
 
@@ -228,8 +234,7 @@ impl Model {
     /// write with the run's change. Their undelivered assignments are dropped.
     pub fn release_workers(&mut self, run_id: &str) -> Vec<WorkerRecord> {
         let freed: Vec<WorkerRecord> = self
-            .workers
-            .values()
+            .workers()
             .filter(|w| w.run_id.as_deref() == Some(run_id))
             .map(|w| {
                 let mut w = w.clone();

@@ -2,6 +2,7 @@
 //! recorded as Assigned runs and Busy workers, with each rank's assignment queued for its
 //! long-poll. Also the snapshot of workers a pass sees, which listings reuse outside the lock.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use protocol::pb;
@@ -43,19 +44,17 @@ impl Coordinator {
                     .get(&w.id)
                     .is_some_and(|(t, _)| now.duration_since(*t) <= stale_after)
         };
-        let alive: Vec<&WorkerRecord> = m
-            .workers()
+        let alive: Vec<Arc<WorkerRecord>> = m
+            .worker_handles()
             .filter(|w| w.state != WorkerState::Dead && !m.suspects.contains(&w.id))
+            .cloned()
             .collect();
-        let idle: Vec<WorkerRecord> = alive
+        let idle = alive
             .iter()
             .filter(|w| w.state == WorkerState::Idle && fresh(w))
-            .map(|w| (*w).clone())
+            .cloned()
             .collect();
-        WorkerPools {
-            idle,
-            alive: alive.into_iter().cloned().collect(),
-        }
+        WorkerPools { idle, alive }
     }
 
     /// Records this pass's placements and queues their assignments; returns the runs placed.
@@ -122,16 +121,16 @@ impl Coordinator {
     }
 }
 
-/// The workers of one scheduling pass, copied out of the model.
+/// The workers of one scheduling pass: shared handles, so a pass can outlive the lock.
 pub(super) struct WorkerPools {
-    idle: Vec<WorkerRecord>,
-    alive: Vec<WorkerRecord>,
+    idle: Vec<Arc<WorkerRecord>>,
+    alive: Vec<Arc<WorkerRecord>>,
 }
 
 impl WorkerPools {
     pub(super) fn plan<'a>(&'a self, queue: impl IntoIterator<Item = &'a RunRecord>, explain: bool) -> scheduler::Plan {
-        let idle: Vec<&WorkerRecord> = self.idle.iter().collect();
-        let alive: Vec<&WorkerRecord> = self.alive.iter().collect();
+        let idle: Vec<&WorkerRecord> = self.idle.iter().map(|w| &**w).collect();
+        let alive: Vec<&WorkerRecord> = self.alive.iter().map(|w| &**w).collect();
         scheduler::plan(queue, &idle, &alive, explain)
     }
 }
