@@ -198,11 +198,6 @@ fn default_max_retries() -> u32 {
 }
 
 impl RunRecord {
-    /// Training cases of the run, from its manifest.
-    pub fn train_cases<'m>(&self, manifest: &'m ManifestRecord) -> &'m [String] {
-        &manifest.cases[..(self.train_count as usize).min(manifest.cases.len())]
-    }
-
     /// Automatic resumes already used.
     pub fn retries_used(&self) -> u32 {
         self.interruptions.len() as u32

@@ -50,10 +50,6 @@ impl Store {
         scan(self.manifests.iter(), "manifests")
     }
 
-    pub fn sweep(&self, id: &str) -> Result<Option<SweepRecord>> {
-        get(&self.sweeps, "sweeps", id)
-    }
-
     pub fn sweeps(&self) -> Result<Vec<SweepRecord>> {
         scan(self.sweeps.iter(), "sweeps")
     }
@@ -163,7 +159,7 @@ mod tests {
         assert_eq!((run.train_count, run.eval_count, run.seq), (2, 1, 7));
         let manifest = store.manifest(&run.manifest_id).unwrap().unwrap();
         assert_eq!(manifest.cases, ["a", "b", "c"]);
-        assert_eq!(run.train_cases(&manifest), ["a", "b"]);
+        assert_eq!(manifest.cases[..run.train_count as usize], ["a", "b"]);
         // Written back without the lists.
         let raw = store.runs.get("run-000007-abcd1234").unwrap().unwrap();
         assert!(!String::from_utf8_lossy(&raw).contains("train_cases"));

@@ -26,6 +26,7 @@ fn latest_key(run_id: &str, rank: u32, name: &str) -> String {
 
 impl Store {
     /// Appends metrics with dense per-run sequence numbers; returns the seq after the last one.
+    #[cfg(test)]
     pub fn append_metrics(&self, run_id: &str, points: &[MetricRecord]) -> Result<u64> {
         Ok(self.record_report(run_id, None, points, &[], 0)?.0)
     }

@@ -315,10 +315,6 @@ impl Store {
 
     // ---- runs -------------------------------------------------------------------------------
 
-    pub fn put_run(&self, run: &RunRecord) -> Result<()> {
-        self.put_transition(run, &[], &[])
-    }
-
     pub fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
         get::<RunRecord>(&self.runs, "runs", run_id)?
             .map(|run| self.with_progress(run))
