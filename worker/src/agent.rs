@@ -290,15 +290,20 @@ async fn run_assignment(
         Duration::from_secs(args.coordinator_grace_secs),
     );
     let device = args.device;
-    let cases = manifests.cases_for(client, &assignment).await;
-    let connected = tokio::select! {
-        ring = Ring::connect(hub, &ring_id, rank, &assignment.peers, timeout) => ring.map_err(TrainError::from),
-        reason = stop.wait() => Err(TrainError::Stopped(reason)),
+    // Without its cases the run cannot start: fail at once instead of first waiting out the
+    // ring's connect deadline.
+    let connected = match manifests.cases_for(client, &assignment).await {
+        Err(e) => Err(TrainError::Assignment(e)),
+        Ok(cases) => tokio::select! {
+            ring = Ring::connect(hub, &ring_id, rank, &assignment.peers, timeout) => {
+                ring.map(|ring| (ring, cases)).map_err(TrainError::from)
+            }
+            reason = stop.wait() => Err(TrainError::Stopped(reason)),
+        },
     };
-    let outcome = match (connected, cases) {
-        (Err(e), _) => Err(e),
-        (_, Err(e)) => Err(TrainError::Assignment(e)),
-        (Ok(mut ring), Ok(cases)) => tokio::task::spawn_blocking(move || {
+    let outcome = match connected {
+        Err(e) => Err(e),
+        Ok((mut ring, cases)) => tokio::task::spawn_blocking(move || {
             ring.abort_on(stop);
             let mut link = link;
             let summary = train_on(device, &assignment, &cases, &mut ring, &mut link)?;
