@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use protocol::auth::{AuthChannel, SharedToken};
 use protocol::pb;
@@ -13,16 +13,12 @@ use protocol::pb::control_service_client::ControlServiceClient;
 use protocol::pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::payload::{FINGERPRINT, MetricBatch, fake_sha256, spec_toml};
 use crate::stats::{Kind, Stats};
 
 /// Responses may be large (ListRuns over ten thousand runs); tonic's 4 MiB default is not a
 /// property of the coordinator worth tripping over here.
 const MAX_MESSAGE: usize = 256 << 20;
-
-/// Every worker shares these: its kernels must match for gangs to form.
-const FINGERPRINT: &str = "bench-fingerprint-v1";
-/// Metric names a report cycles through, one point per name per step.
-const NAMES: [&str; 2] = ["train/loss", "train/lr"];
 
 /// Opens one HTTP/2 connection. Requests carry the token and give up after `rpc_timeout`.
 pub async fn connect(addr: std::net::SocketAddr, rpc_timeout: Duration) -> anyhow::Result<Channel> {
@@ -152,36 +148,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// A run spec the coordinator accepts: world size 1, steps enough never to end on their own.
-pub fn spec_toml(i: usize, dataset: &str, artifacts: &str) -> String {
-    format!(
-        r#"name = "bench-{i:05}"
-world_size = 1
-seed = {i}
-
-[dataset]
-url = '{dataset}'
-eval_cases = 1
-
-[model]
-arch = "unet"
-base_width = 4
-depth = 2
-
-[train]
-steps = 1000000000
-patch = [16, 16, 16]
-lr = 0.01
-checksum_every = 10
-metrics_every = 1
-eval = false
-
-[artifacts]
-url = '{artifacts}'
-"#
-    )
 }
 
 /// Submits `runs` specs with `concurrency` requests in flight, spread over `clients`. Stops at
@@ -486,62 +452,6 @@ async fn heartbeat(
     }
 }
 
-/// The points of one report, rebuilt in place: `points` points over consecutive steps, one per
-/// name per step.
-struct MetricBatch {
-    points: Vec<pb::Metric>,
-}
-
-impl MetricBatch {
-    fn new(points: usize) -> MetricBatch {
-        let points = (0..points)
-            .map(|j| pb::Metric {
-                rank: 0,
-                step: 0,
-                name: NAMES[j % NAMES.len()].to_string(),
-                value: 0.0,
-                unix_ms: 0,
-            })
-            .collect();
-        MetricBatch { points }
-    }
-
-    /// The points for the steps after `last_step`, and the newest step among them.
-    fn next(&mut self, last_step: u64, worker: usize) -> (Vec<pb::Metric>, u64) {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let mut newest = last_step;
-        for (j, m) in self.points.iter_mut().enumerate() {
-            let step = last_step + 1 + (j / NAMES.len()) as u64;
-            m.step = step;
-            m.unix_ms = now_ms;
-            m.value = match j % NAMES.len() {
-                0 => 2.0 / (1.0 + step as f64 * 1e-3) + (worker % 7) as f64 * 1e-3, // loss
-                _ => 0.01,                                                          // lr
-            };
-            newest = step;
-        }
-        (self.points.clone(), newest)
-    }
-}
-
-/// A well-formed weights checksum (64 lowercase hex digits), distinct per worker and step.
-fn fake_sha256(worker: u64, step: u64) -> String {
-    let mut x = worker.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step;
-    (0..4)
-        .map(|_| {
-            // splitmix64
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            format!("{:016x}", z ^ (z >> 31))
-        })
-        .collect()
-}
-
 /// What an operator at the CLI does while the fleet trains: once a second, list the runs and
 /// show one of the runs being trained (which reads its stored metrics), on its own connection.
 pub async fn cli_probe(shared: Arc<Shared>, mut client: ControlServiceClient<AuthChannel>) {
@@ -573,31 +483,5 @@ pub async fn cli_probe(shared: Arc<Shared>, mut client: ControlServiceClient<Aut
                 .timed(Kind::GetRun, client.get_run(pb::GetRunRequest { run_id }))
                 .await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn specs_validate_and_checksums_are_hex() {
-        let text = spec_toml(42, "/tmp/data", "/tmp/art");
-        let spec = protocol::spec::RunSpec::from_toml(&text, "bench").unwrap();
-        assert_eq!(spec.world_size, 1);
-        let sum = fake_sha256(3, 17);
-        assert_eq!(sum.len(), 64);
-        assert!(sum.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        assert_ne!(sum, fake_sha256(3, 18));
-    }
-
-    #[test]
-    fn batches_cover_consecutive_steps() {
-        let mut batch = MetricBatch::new(5);
-        let (points, newest) = batch.next(10, 0);
-        let steps: Vec<u64> = points.iter().map(|p| p.step).collect();
-        assert_eq!(steps, [11, 11, 12, 12, 13]);
-        assert_eq!(newest, 13);
-        assert_eq!(points[1].name, "train/lr");
     }
 }

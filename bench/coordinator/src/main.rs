@@ -21,6 +21,7 @@
 
 mod cluster;
 mod load;
+mod payload;
 mod stats;
 
 use std::path::PathBuf;
@@ -204,7 +205,7 @@ async fn bench(cfg: &Config, bin: &std::path::Path, work: &WorkDir, begun: Insta
     std::fs::create_dir_all(&artifacts).with_context(|| format!("cannot create {}", artifacts.display()))?;
     let (dataset, artifacts) = (dataset.display().to_string(), artifacts.display().to_string());
     // Fail here, not on the coordinator, if this program's own spec has gone stale.
-    protocol::spec::RunSpec::from_toml(&load::spec_toml(0, &dataset, &artifacts), "bench spec")
+    protocol::spec::RunSpec::from_toml(&payload::spec_toml(0, &dataset, &artifacts), "bench spec")
         .context("the benchmark's run spec no longer validates")?;
 
     println!(
