@@ -205,6 +205,14 @@ impl Coordinator {
         self.lock().run(run_id).cloned()
     }
 
+    /// A run's current attempt and world size, without copying its record (checked on every
+    /// report).
+    pub fn attempt_and_world(&self, run_id: &str) -> Result<(u32, u32)> {
+        let m = self.lock();
+        let run = m.run(run_id)?;
+        Ok((run.attempt, run.world_size))
+    }
+
     /// Runs in submission order (only `sweep_id`'s children when given), each queued one with
     /// its place in the queue and why it waits, as `view` renders them. The lock is held only
     /// to take shared handles; the queue is explained and the runs rendered after it is

@@ -32,12 +32,6 @@ impl Coordinator {
                 run.id, run.attempt
             ));
         }
-        if rank >= run.world_size {
-            return Err(format!(
-                "rank {rank} is out of range: run {} has {} ranks",
-                run.id, run.world_size
-            ));
-        }
         if run.workers.get(rank as usize).map(String::as_str) != Some(worker_id) {
             return Err(format!(
                 "worker {worker_id} does not hold rank {rank} of run {}",

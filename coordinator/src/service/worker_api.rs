@@ -25,11 +25,10 @@ impl WorkerApi {
     /// report names an older attempt, whose world size may have differed), so it is refused
     /// rather than answered with a stop order.
     fn checked_rank(&self, run_id: &str, rank: u32, attempt: u32) -> Result<(), Status> {
-        let run = self.0.get_run(run_id)?;
-        if attempt == run.attempt && rank >= run.world_size {
+        let (current, world_size) = self.0.attempt_and_world(run_id)?;
+        if attempt == current && rank >= world_size {
             return Err(Status::invalid_argument(format!(
-                "rank {rank} is out of range: run {run_id} has {} ranks",
-                run.world_size
+                "rank {rank} is out of range: run {run_id} has {world_size} ranks"
             )));
         }
         Ok(())
