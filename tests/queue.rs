@@ -78,9 +78,9 @@ fn a_sweep_expands_into_children_whose_subsets_nest() {
     assert!(filtered.as_array().unwrap().iter().all(|r| r["sweep_id"] == sweep_id));
 
     // The bucket grows; a later run over it still draws from the frozen order, so it nests.
-    worker::data::write_phantom_dataset(
+    data::write_phantom_dataset(
         &cluster.path("dataset"),
-        &worker::data::SynthOptions {
+        &data::SynthOptions {
             cases: 16,
             seed: 3,
             shape: [16, 16, 16],

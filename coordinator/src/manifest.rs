@@ -31,8 +31,8 @@ pub async fn list_dataset(url: &str) -> Result<Vec<String>, ManifestError> {
         url: url.to_string(),
         message,
     };
-    let (store, root) = worker::data::store_from_url(url).map_err(|e| listing(e.to_string()))?;
-    let mut cases = worker::data::list_cases(store.as_ref(), &root)
+    let (store, root) = data::store_from_url(url).map_err(|e| listing(e.to_string()))?;
+    let mut cases = data::list_cases(store.as_ref(), &root)
         .await
         .map_err(|e| listing(e.to_string()))?;
     if cases.is_empty() {
@@ -75,7 +75,7 @@ pub fn seeded_order(mut cases: Vec<String>, order_seed: u64) -> Vec<String> {
 
 /// How many of a manifest's cases `spec` trains on and holds out: (train, eval). Held-out cases
 /// come from the end of the order, training cases are a prefix of the rest (workers slice them
-/// so, see `worker::manifests::slice_cases`).
+/// so, see `data::split::slice_cases`).
 pub fn split_counts(manifest: &ManifestRecord, spec: &RunSpec) -> Result<(u32, u32), ManifestError> {
     let total = manifest.cases.len();
     let n_eval = spec.dataset.eval_cases as usize;
@@ -101,7 +101,7 @@ pub fn split_counts(manifest: &ManifestRecord, spec: &RunSpec) -> Result<(u32, u
 
 #[cfg(test)]
 mod tests {
-    use worker::manifests::{RunCases, slice_cases};
+    use data::split::{RunCases, slice_cases};
 
     use super::*;
 

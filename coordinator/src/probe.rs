@@ -22,7 +22,7 @@ pub async fn probe_dataset(url: &str) -> Result<(), ProbeError> {
         url: url.to_string(),
         message,
     };
-    let dir = worker::data::local_dir_from_url(url).map_err(|e| fail(e.to_string()))?;
+    let dir = data::local_dir_from_url(url).map_err(|e| fail(e.to_string()))?;
     let shown = dir.display();
     match tokio::fs::metadata(&dir).await {
         Ok(meta) if meta.is_dir() => {}
@@ -46,14 +46,13 @@ pub async fn probe_artifacts(url: &str) -> Result<(), ProbeError> {
         url: url.to_string(),
         message,
     };
-    let dir = worker::data::local_dir_from_url(url).map_err(|e| fail(e.to_string()))?;
+    let dir = data::local_dir_from_url(url).map_err(|e| fail(e.to_string()))?;
     if let Ok(meta) = tokio::fs::metadata(&dir).await
         && !meta.is_dir()
     {
         return Err(fail(format!("{} is a file, not a directory", dir.display())));
     }
-    let (store, root) =
-        worker::data::store_from_url(url).map_err(|e| fail(format!("cannot open it for writing: {e}")))?;
+    let (store, root) = data::store_from_url(url).map_err(|e| fail(format!("cannot open it for writing: {e}")))?;
     // A name no checkpoint, run or listing ever uses, unique per probe.
     let name = format!(".voxelfleet-probe-{:016x}", rand::random::<u64>());
     let key = ObjectPath::from(format!("{root}/{name}").trim_start_matches('/'));

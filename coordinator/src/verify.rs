@@ -5,21 +5,14 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
 pub use protocol::ids::checkpoint_prefix;
 use protocol::ids::validate_id;
 use protocol::pb;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tokio::sync::mpsc;
 
 use crate::records::{CheckpointFileRecord, CheckpointRecord};
-
-/// Chunks queued between the reader and the hasher: enough to keep both busy, few enough that
-/// memory stays a handful of chunks whatever the file size.
-const HASH_QUEUE: usize = 4;
 
 const WORKER_CLAIM: &str = "the worker reported";
 const RECORD_CLAIM: &str = "the committed record says";
@@ -126,7 +119,7 @@ async fn verify_claims(
 }
 
 fn open_store(artifacts_url: &str) -> Result<(Arc<dyn ObjectStore>, ObjectPath), VerifyError> {
-    worker::data::store_from_url(artifacts_url).map_err(|e| VerifyError::Store {
+    data::store_from_url(artifacts_url).map_err(|e| VerifyError::Store {
         url: artifacts_url.into(),
         message: e.to_string(),
     })
@@ -184,39 +177,15 @@ async fn check_file(
     Ok(())
 }
 
-/// Streams an object through SHA-256, returning the bytes seen and the hex digest. Hashing
-/// gigabytes is CPU work that would stall the executor's gRPC tasks, so it runs on a blocking
-/// thread fed through a short queue; reading stops once more than `limit` bytes arrived, as the
-/// size alone then decides the outcome.
 async fn hash_object(
     store: &Arc<dyn ObjectStore>,
     location: &ObjectPath,
     key: &str,
     limit: u64,
 ) -> Result<(u64, String), VerifyError> {
-    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(HASH_QUEUE);
-    let hasher = tokio::task::spawn_blocking(move || {
-        let mut sha = Sha256::new();
-        while let Some(chunk) = rx.blocking_recv() {
-            sha.update(&chunk);
-        }
-        hex::encode(sha.finalize())
-    });
-    let mut stream = store.get(location).await.map_err(|e| read_error(key, e))?.into_stream();
-    let mut seen = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| read_error(key, e))?;
-        seen += chunk.len() as u64;
-        if seen > limit || tx.send(chunk).await.is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let sha256 = hasher.await.map_err(|e| VerifyError::Read {
-        key: key.into(),
-        message: format!("hashing failed: {e}"),
-    })?;
-    Ok((seen, sha256))
+    data::hash::sha256_of_object(store, location, limit)
+        .await
+        .map_err(|e| read_error(key, e))
 }
 
 fn read_error(key: &str, e: object_store::Error) -> VerifyError {
@@ -231,6 +200,8 @@ fn read_error(key: &str, e: object_store::Error) -> VerifyError {
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     const PREFIX: &str = "runs/r/checkpoints/3-1/";

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod classes;
 pub mod ids;
 pub mod spec;
+pub mod telemetry;
 pub mod tls;
 
 /// Generated gRPC types and services (package `voxelfleet.v1`). An assignment outweighs the

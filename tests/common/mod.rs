@@ -135,13 +135,13 @@ impl Cluster {
     /// Writes `cases` small phantoms (32^3) into `<dir>/dataset`.
     pub fn write_dataset(&self, cases: usize) -> PathBuf {
         let out = self.path("dataset");
-        let opts = worker::data::SynthOptions {
+        let opts = data::SynthOptions {
             cases,
             seed: 3,
             shape: [32, 32, 32],
             ..Default::default()
         };
-        worker::data::write_phantom_dataset(&out, &opts).unwrap();
+        data::write_phantom_dataset(&out, &opts).unwrap();
         out
     }
 

@@ -4,11 +4,9 @@
 pub mod agent;
 pub mod backend;
 pub mod collective;
-pub mod data;
 pub mod fingerprint;
 pub mod link;
 pub mod manifests;
 pub mod model;
 pub mod stop;
-pub mod telemetry;
 pub mod train;

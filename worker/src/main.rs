@@ -13,6 +13,6 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    worker::telemetry::init("info");
+    protocol::telemetry::init("info");
     tokio::runtime::Runtime::new()?.block_on(worker::agent::run_worker(cli.args))
 }

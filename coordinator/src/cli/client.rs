@@ -4,7 +4,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use protocol::auth::{AuthChannel, SharedToken};
+use protocol::auth::AuthChannel;
+#[cfg(feature = "worker")]
+use protocol::auth::SharedToken;
 use protocol::pb;
 use protocol::pb::control_service_client::ControlServiceClient;
 use protocol::spec::RunSpec;
@@ -18,6 +20,7 @@ pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<Aut
 }
 
 /// A client of an in-process coordinator (the demo's) whose requests carry `token`.
+#[cfg(feature = "worker")]
 pub async fn connect_with(endpoint: &str, token: &SharedToken) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
     let channel = async {
         tonic::transport::Endpoint::from_shared(endpoint.to_string())?
@@ -58,6 +61,7 @@ pub fn submit_request(spec: &RunSpec, source: &str) -> pb::SubmitRunRequest {
 }
 
 /// Submits without a deadline: the demo's own coordinator, in this process.
+#[cfg(feature = "worker")]
 pub async fn submit_spec(
     client: &mut ControlServiceClient<AuthChannel>,
     spec: &RunSpec,

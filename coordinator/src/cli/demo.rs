@@ -139,20 +139,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn ensure_dataset(dataset: &Path, cases: usize) -> anyhow::Result<()> {
-    let (store, root) = worker::data::store_from_url(&dataset.display().to_string())?;
-    if worker::data::list_cases(store.as_ref(), &root)
+    let (store, root) = data::store_from_url(&dataset.display().to_string())?;
+    if data::list_cases(store.as_ref(), &root)
         .await
         .is_ok_and(|c| !c.is_empty())
     {
         return Ok(());
     }
     println!("synthesising {cases} phantom CT cases into {} ...", dataset.display());
-    let opts = worker::data::SynthOptions {
+    let opts = data::SynthOptions {
         cases,
         ..Default::default()
     };
     let out = dataset.to_path_buf();
-    tokio::task::spawn_blocking(move || worker::data::write_phantom_dataset(&out, &opts)).await??;
+    tokio::task::spawn_blocking(move || data::write_phantom_dataset(&out, &opts)).await??;
     Ok(())
 }
 

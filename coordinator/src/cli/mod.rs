@@ -3,6 +3,7 @@
 //! worker agent from this same executable so a fresh checkout needs only one binary.
 
 mod client;
+#[cfg(feature = "worker")]
 mod demo;
 mod lifecycle;
 mod output;
@@ -165,8 +166,10 @@ enum Command {
     /// Run the whole path on this machine: synthesise a dataset if needed, start a coordinator
     /// and two worker processes, pre-train the tiny U-Net, and print held-out Dice before and
     /// after training. State goes under --dir.
+    #[cfg(feature = "worker")]
     Demo(demo::DemoArgs),
     /// Run a worker from this executable (what `demo` spawns; same as the `worker` binary).
+    #[cfg(feature = "worker")]
     #[command(hide = true)]
     Worker(worker::agent::WorkerArgs),
 }
@@ -235,14 +238,19 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
         .map_err(|_| format!("`{s}`: expected three comma-separated sizes, like 64,64,64"))
 }
 
+/// The demo draws its own progress display; the service logs would interleave with it.
+fn quiet_logs(command: &Command) -> bool {
+    #[cfg(feature = "worker")]
+    if matches!(command, Command::Demo(_)) {
+        return true;
+    }
+    let _ = command;
+    false
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo draws its own progress display; the service logs would interleave with it.
-    worker::telemetry::init(if matches!(cli.command, Command::Demo(_)) {
-        "warn"
-    } else {
-        "info"
-    });
+    protocol::telemetry::init(if quiet_logs(&cli.command) { "warn" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -294,14 +302,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             seed,
             shape,
         }) => {
-            let opts = worker::data::SynthOptions {
+            let opts = data::SynthOptions {
                 cases,
                 seed,
                 shape,
                 ..Default::default()
             };
             let started = std::time::Instant::now();
-            let ids = tokio::task::spawn_blocking(move || worker::data::write_phantom_dataset(&out, &opts)).await??;
+            let ids = tokio::task::spawn_blocking(move || data::write_phantom_dataset(&out, &opts)).await??;
             let (first, last) = (
                 ids.first().cloned().unwrap_or_default(),
                 ids.last().cloned().unwrap_or_default(),
@@ -313,7 +321,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "worker")]
         Command::Demo(args) => demo::run(args).await,
+        #[cfg(feature = "worker")]
         Command::Worker(args) => {
             worker::agent::run_worker(args).await?;
             Ok(ExitCode::SUCCESS)

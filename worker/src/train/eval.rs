@@ -5,9 +5,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use protocol::classes::{CLASSES, LARGE_ORGANS, NUM_CLASSES};
 
-use crate::data::{CaseVolume, whole_volume};
 use crate::model::unet::UNet3d;
 use crate::train::loss::dice_counts;
+use data::{CaseVolume, whole_volume};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalReport {

@@ -23,7 +23,6 @@ use protocol::spec::RunSpec;
 use thiserror::Error;
 
 use crate::collective::{CollectiveError, HeldState, Ring, fetch_state};
-use crate::data::{self, CaseVolume, DataError, sample_patch};
 use crate::link::{LinkError, RunLink};
 use crate::model::unet::{ModelConfigError, UNet3d, UNet3dConfig};
 use crate::train::checkpoint::{
@@ -34,6 +33,7 @@ use crate::train::loss::bce_dice_loss;
 use crate::train::order::{SampleOrder, rank_slice, sample_rng};
 use crate::train::params::{self, ParamsError};
 use crate::train::schedule::warmup_cosine;
+use data::{self, CaseVolume, DataError, sample_patch};
 
 #[derive(Debug, Error)]
 pub enum TrainError {

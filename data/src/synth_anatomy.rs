@@ -11,7 +11,7 @@ use protocol::classes::{CLASSES, class_index};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::synth_raster::{gaussian, paint_blob, paint_segment};
+use crate::synth_raster::{gaussian, paint_blob, paint_segment};
 
 /// A rendered case: `hu` and `label` are in `[z, y, x]` order; `label` is 0 for background and
 /// `c + 1` for class `c`.

@@ -16,7 +16,7 @@ use ndarray::ArrayView3;
 use nifti::writer::WriterOptions;
 use nifti::{DataElement, InMemNiftiObject, IntoNdArray, NiftiHeader, NiftiObject, NiftiType};
 
-use super::DataError;
+use crate::DataError;
 
 /// Refuse to inflate more than this: a full-resolution abdominal CT is a few hundred MiB as
 /// int16, so anything larger is a corrupt header or a gzip bomb, not a case.

@@ -8,8 +8,9 @@ use object_store::local::LocalFileSystem;
 use protocol::classes::{CLASSES, NUM_CLASSES};
 
 use super::*;
-use crate::data::nifti_io::{HeaderInfo, Voxels, write_gz};
-use crate::data::synth::{SynthOptions, write_phantom_dataset};
+use crate::nifti_io::{HeaderInfo, Voxels, write_gz};
+use crate::store::store_from_url;
+use crate::synth::{SynthOptions, write_phantom_dataset};
 
 fn root() -> Path {
     Path::default()

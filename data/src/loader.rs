@@ -5,42 +5,19 @@
 //! IDs, never from raw user strings"), and every failure names the object it came from, so a bad
 //! case can be quarantined and reported by key.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use protocol::classes::CLASSES;
 
-use super::DataError;
-use super::nifti_io::decode;
-use super::volume::{CaseVolume, window_hu};
+use crate::DataError;
+use crate::ids::{ct_key, mask_key, validate_case_id};
+use crate::nifti_io::decode;
+use crate::volume::{CaseVolume, window_hu};
 
 /// How many objects of one case are in flight at once: enough to hide bucket latency, few enough
 /// that compressed masks of a full-resolution case stay small in memory.
 const FETCH_CONCURRENCY: usize = 8;
-
-/// Case folder names like `BDMAP_00000001`, by the one id rule every voxelfleet id follows
-/// (`protocol::ids::validate_id`): ASCII letters, digits, `_`, `.` and `-`, at most 128 of them,
-/// not starting with `.` and never containing `..`. Only the error type is the data plane's own.
-pub fn validate_case_id(id: &str) -> Result<(), DataError> {
-    protocol::ids::validate_id(id, "case id").map_err(|reason| DataError::InvalidCaseId {
-        id: id.to_string(),
-        reason,
-    })
-}
-
-fn ct_key(root: &Path, case_id: &str) -> Path {
-    root.child(case_id).child("ct.nii.gz")
-}
-
-fn mask_key(root: &Path, case_id: &str, class: &str) -> Path {
-    root.child(case_id)
-        .child("segmentations")
-        .child(format!("{class}.nii.gz"))
-}
 
 async fn fetch(store: &dyn ObjectStore, key: &Path) -> Result<bytes::Bytes, DataError> {
     let result = store.get(key).await.map_err(|e| DataError::store(key, e))?;
@@ -125,58 +102,6 @@ pub async fn list_cases(store: &dyn ObjectStore, root: &Path) -> Result<Vec<Stri
     }
     cases.sort();
     Ok(cases)
-}
-
-/// Opens a dataset URL: `file:///abs/path` or a plain local path (relative ones resolve against
-/// the current directory). The directory is created if missing, and the store is a
-/// `LocalFileSystem` rooted *at that directory* with an empty prefix, so keys are dataset-relative
-/// (`BDMAP_00000001/ct.nii.gz`) and cannot reach outside it.
-pub fn store_from_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), DataError> {
-    let dir = local_dir_from_url(url)?;
-    std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
-    let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| DataError::Store {
-        key: dir.display().to_string(),
-        source: e,
-    })?;
-    Ok((Arc::new(store), Path::default()))
-}
-
-/// The local directory a store URL names, without touching the file system, so a caller can
-/// check it before [`store_from_url`] creates it.
-///
-/// `object_store::parse_url` is not used because for `file://` it keeps percent-escapes of the URL
-/// path in the object path and roots the store at `/`; `url::Url::to_file_path` decodes correctly.
-/// Other schemes (`s3://`, `gs://`, …) are refused by name: this build has only the `fs` feature.
-pub fn local_dir_from_url(url: &str) -> Result<PathBuf, DataError> {
-    let invalid = |reason: String| DataError::InvalidUrl {
-        url: url.to_string(),
-        reason,
-    };
-    match url::Url::parse(url) {
-        // One-letter "schemes" are Windows drive letters, i.e. plain paths.
-        Ok(parsed) if parsed.scheme().len() > 1 => {
-            if parsed.scheme() != "file" {
-                return Err(DataError::UnsupportedScheme {
-                    url: url.to_string(),
-                    scheme: parsed.scheme().to_string(),
-                });
-            }
-            parsed
-                .to_file_path()
-                .map_err(|()| invalid("not an absolute local path".into()))
-        }
-        _ => {
-            if url.is_empty() {
-                return Err(invalid("empty".into()));
-            }
-            let path = PathBuf::from(url);
-            if path.is_absolute() {
-                Ok(path)
-            } else {
-                Ok(std::env::current_dir().map_err(|e| DataError::io(".", e))?.join(path))
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use protocol::classes::NUM_CLASSES;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::volume::CaseVolume;
+use crate::volume::CaseVolume;
 
 /// One training sample.
 #[derive(Debug, Clone, PartialEq)]

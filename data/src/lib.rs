@@ -1,20 +1,29 @@
-//! The worker's data pipeline: object store → NIfTI → windowed volume → training crops.
+//! voxelfleet's data plane, shared by the coordinator and the workers, with no burn in it:
+//! dataset URLs and their object stores, case ids and keys, listing, streamed hashing, NIfTI,
+//! SuPreM's preprocessing and the crops that become training tensors.
 //!
-//! Everything that touches voxels before they become tensors lives here, so the trainer only sees
-//! flat `f32` buffers in the `[D, H, W]` (= `[z, y, x]`) layout that matches burn's
-//! `[N, C, D, H, W]`. The synthetic phantom generator sits beside the loader because tests, demos
-//! and CI need a real AbdomenAtlas-shaped dataset without downloading one.
+//! Everything here works on flat buffers in the `[D, H, W]` (= `[z, y, x]`) layout that matches
+//! burn's `[N, C, D, H, W]`, so the trainer only copies them into tensors. The control plane uses
+//! the listing, id and hashing parts and so never compiles a tensor library. The synthetic
+//! phantom generator sits here because tests, demos and CI need a real AbdomenAtlas-shaped dataset
+//! without downloading one.
 
+pub mod hash;
+pub mod ids;
 pub mod loader;
 mod nifti_io;
 pub mod patch;
+pub mod split;
+pub mod store;
 pub mod synth;
 mod synth_anatomy;
 mod synth_raster;
 pub mod volume;
 
-pub use loader::{list_cases, load_case, local_dir_from_url, store_from_url, validate_case_id};
+pub use ids::validate_case_id;
+pub use loader::{list_cases, load_case};
 pub use patch::{Patch, sample_patch, whole_volume};
+pub use store::{local_dir_from_url, store_from_url};
 pub use synth::{SynthOptions, write_phantom_dataset};
 pub use volume::{CaseVolume, window_hu};
 

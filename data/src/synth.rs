@@ -14,9 +14,9 @@ use protocol::classes::CLASSES;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::DataError;
-use super::nifti_io::{HeaderInfo, Voxels, write_gz};
-use super::synth_anatomy::render;
+use crate::DataError;
+use crate::nifti_io::{HeaderInfo, Voxels, write_gz};
+use crate::synth_anatomy::render;
 
 /// What to generate. Case `i` is a pure function of `(seed, i, shape)`, so a worker and a test
 /// can regenerate the same dataset independently.
@@ -177,8 +177,8 @@ fn remove_if_present(path: &Path) -> Result<(), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::loader::{list_cases, load_case};
-    use crate::data::volume::{CaseVolume, window_hu};
+    use crate::loader::{list_cases, load_case};
+    use crate::volume::{CaseVolume, window_hu};
     use object_store::local::LocalFileSystem;
     use protocol::classes::class_index;
 
