@@ -11,7 +11,8 @@
 pub mod hash;
 pub mod ids;
 pub mod loader;
-mod nifti_io;
+mod nifti_read;
+mod nifti_write;
 pub mod patch;
 pub mod split;
 pub mod store;

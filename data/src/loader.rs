@@ -12,7 +12,7 @@ use protocol::classes::CLASSES;
 
 use crate::DataError;
 use crate::ids::{ct_key, mask_key, validate_case_id};
-use crate::nifti_io::decode;
+use crate::nifti_read::decode;
 use crate::volume::{CaseVolume, window_hu};
 
 /// How many objects of one case are in flight at once: enough to hide bucket latency, few enough

@@ -8,7 +8,7 @@ use object_store::local::LocalFileSystem;
 use protocol::classes::{CLASSES, NUM_CLASSES};
 
 use super::*;
-use crate::nifti_io::{HeaderInfo, Voxels, write_gz};
+use crate::nifti_write::{HeaderInfo, Voxels, write_gz};
 use crate::store::store_from_url;
 use crate::synth::{SynthOptions, write_phantom_dataset};
 

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::DataError;
-use crate::nifti_io::{HeaderInfo, Voxels, write_gz};
+use crate::nifti_write::{HeaderInfo, Voxels, write_gz};
 use crate::synth_anatomy::render;
 
 /// What to generate. Case `i` is a pure function of `(seed, i, shape)`, so a worker and a test
