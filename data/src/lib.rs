@@ -14,6 +14,7 @@ pub mod loader;
 mod nifti_read;
 mod nifti_write;
 pub mod patch;
+pub mod reference;
 pub mod split;
 pub mod store;
 pub mod synth;
