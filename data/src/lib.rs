@@ -12,7 +12,7 @@ pub mod geometry;
 pub mod hash;
 pub mod ids;
 pub mod loader;
-mod nifti_read;
+pub mod nifti_read;
 mod nifti_write;
 pub mod patch;
 pub mod reference;

@@ -12,17 +12,12 @@ use protocol::classes::CLASSES;
 
 use crate::DataError;
 use crate::ids::{ct_key, mask_key, validate_case_id};
-use crate::nifti_read::decode;
+use crate::nifti_read::fetch_volume;
 use crate::volume::{CaseVolume, window_hu};
 
 /// How many objects of one case are in flight at once: enough to hide bucket latency, few enough
 /// that compressed masks of a full-resolution case stay small in memory.
 const FETCH_CONCURRENCY: usize = 8;
-
-async fn fetch(store: &dyn ObjectStore, key: &Path) -> Result<bytes::Bytes, DataError> {
-    let result = store.get(key).await.map_err(|e| DataError::store(key, e))?;
-    result.bytes().await.map_err(|e| DataError::store(key, e))
-}
 
 /// Loads one case: the CT windowed to 0..1 and the 25 masks folded into a bitmask per voxel, all
 /// in `[z, y, x]` order (NIfTI's `x, y, z` axes reversed; no reorientation or resampling is done
@@ -30,9 +25,7 @@ async fn fetch(store: &dyn ObjectStore, key: &Path) -> Result<bytes::Bytes, Data
 pub async fn load_case(store: &dyn ObjectStore, root: &Path, case_id: &str) -> Result<CaseVolume, DataError> {
     validate_case_id(case_id)?;
     let key = ct_key(root, case_id);
-    let bytes = fetch(store, &key).await?;
-    let ct = decode::<f32>(&bytes, key.as_ref())?;
-    drop(bytes);
+    let ct = fetch_volume::<f32>(store, &key).await?;
     let voxels = ct.shape.iter().product::<usize>();
     if voxels > u32::MAX as usize {
         return Err(DataError::Corrupt {
@@ -51,10 +44,9 @@ pub async fn load_case(store: &dyn ObjectStore, root: &Path, case_id: &str) -> R
         .collect();
     let fetches = keys
         .into_iter()
-        .map(|(c, key)| async move { fetch(store, &key).await.map(|bytes| (c, key, bytes)) });
+        .map(|(c, key)| async move { fetch_volume::<u8>(store, &key).await.map(|mask| (c, key, mask)) });
     let mut masks = std::pin::pin!(futures::stream::iter(fetches).buffered(FETCH_CONCURRENCY));
-    while let Some((c, key, bytes)) = masks.try_next().await? {
-        let mask = decode::<u8>(&bytes, key.as_ref())?;
+    while let Some((c, key, mask)) = masks.try_next().await? {
         if mask.shape != ct.shape {
             return Err(DataError::ShapeMismatch {
                 key: key.to_string(),
