@@ -5,6 +5,7 @@
 mod client;
 #[cfg(feature = "worker")]
 mod demo;
+mod inspect;
 mod lifecycle;
 mod output;
 mod remote;
@@ -225,6 +226,17 @@ enum DatasetCommand {
         #[arg(long, default_value = "64,64,64", value_parser = parse_shape)]
         shape: [usize; 3],
     },
+    /// Print what a NIfTI file holds, as nibabel reads it: shape (x, y, z), spacing, orientation
+    /// codes, datatype, byte order, scaling, sform/qform codes, the affine, and the min, max and
+    /// mean of the scaled values with the NaN count.
+    Inspect {
+        /// A local .nii/.nii.gz path, or a dataset URL ending in the file's key
+        /// (file:///data/atlas/BDMAP_00000001/ct.nii.gz).
+        file: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
@@ -285,6 +297,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Sweeps { remote } => sweeps::list(&remote).await,
         Command::Dataset(DatasetCommand::Manifests { remote }) => sweeps::manifests(&remote).await,
+        Command::Dataset(DatasetCommand::Inspect { file, json }) => inspect::inspect(&file, json).await,
         Command::Show { run, remote } => client::show(&remote, &run).await,
         Command::Metrics { run, follow, remote } => client::metrics(&remote, &run, follow).await,
         Command::Cancel { run, remote } => lifecycle::cancel(&remote, &run).await,
