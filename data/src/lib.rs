@@ -15,6 +15,7 @@ pub mod loader;
 mod nifti_read;
 mod nifti_write;
 pub mod patch;
+pub mod preprocess;
 pub mod reference;
 pub mod split;
 pub mod store;
@@ -86,6 +87,9 @@ pub enum DataError {
 
     #[error("invalid synthetic dataset options: {reason}")]
     InvalidOptions { reason: String },
+
+    #[error("invalid preprocessing config: {reason}")]
+    InvalidPreprocess { reason: String },
 }
 
 // Callers box these into anyhow and send them across tasks; keep that possible.
