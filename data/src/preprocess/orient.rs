@@ -60,9 +60,13 @@ pub fn orient_ras<T: Copy>(vol: Volume<T>) -> Volume<T> {
     for z in 0..n_out[2] {
         for y in 0..n_out[1] {
             let row = base + z as isize * stride[2] + y as isize * stride[1];
+            // The two cases real scanners produce, RAS rows and LPS (reversed) rows, as slices.
             if stride[0] == 1 {
                 let start = row as usize;
                 data.extend_from_slice(&vol.data[start..start + n_out[0]]);
+            } else if stride[0] == -1 {
+                let end = row as usize + 1;
+                data.extend(vol.data[end - n_out[0]..end].iter().rev());
             } else {
                 data.extend((0..n_out[0]).map(|x| vol.data[(row + x as isize * stride[0]) as usize]));
             }

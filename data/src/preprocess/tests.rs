@@ -211,3 +211,42 @@ hu_min = -100
     assert_eq!((cfg.hu_min, cfg.hu_max), (-100.0, 250.0));
     assert_eq!(cfg.patch, [32, 64, 96]);
 }
+
+/// The realistic input: 512 × 512 × 200 at 0.8 × 0.8 × 2.5 mm in LPS. Run with
+/// `cargo test --release -p data realistic_timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing, not a check; about a second in release"]
+fn realistic_timing() {
+    let shape = [200, 512, 512];
+    let n: usize = shape.iter().product();
+    let affine = lps([0.8, 0.8, 2.5]);
+    let ct = Volume {
+        shape,
+        data: (0..n).map(|i| ((i * 2654435761) % 2000) as f32 - 1000.0).collect(),
+        affine,
+    };
+    let labels = Volume {
+        shape,
+        data: (0..n).map(|i| ((i / 777) % 3) as u32).collect(),
+        affine,
+    };
+    let time = |what: &str, f: &mut dyn FnMut()| {
+        let start = std::time::Instant::now();
+        f();
+        eprintln!("{what}: {:.3} s", start.elapsed().as_secs_f64());
+    };
+    let ras = orient_ras(ct.clone());
+    time("orient_ras (CT, LPS -> RAS)", &mut || drop(orient_ras(ct.clone())));
+    for threads in [1, 2] {
+        time(&format!("resample_linear, {threads} thread(s)"), &mut || {
+            let out = resample_linear(&ras, [1.5; 3], threads);
+            assert_eq!(out.shape, [333, 274, 274]);
+        });
+        time(&format!("resample_nearest (u32), {threads} thread(s)"), &mut || {
+            drop(resample_nearest(&labels, [1.5; 3], threads))
+        });
+    }
+    time("prepare, 1 thread (clones included)", &mut || {
+        drop(prepare("t", ct.clone(), labels.clone(), &PreprocessConfig::default()).expect("prepare"))
+    });
+}
