@@ -28,7 +28,7 @@ pub use ids::validate_case_id;
 pub use loader::{list_cases, load_case};
 pub use patch::{Patch, sample_patch, whole_volume};
 pub use store::{local_dir_from_url, store_from_url};
-pub use synth::{SynthOptions, write_phantom_dataset};
+pub use synth::{PhantomOrientation, SynthOptions, TRAINING_SPACING_MM, write_phantom_dataset};
 pub use volume::{CaseVolume, window_hu};
 
 use std::path::PathBuf;
