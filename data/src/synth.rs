@@ -73,7 +73,11 @@ impl SynthOptions {
     pub fn file_shape(&self) -> [usize; 3] {
         let [x, y, z] = self.spacing_mm;
         let along = |n: usize, s: f32| ((n as f32 - 1.0) * TRAINING_SPACING_MM / s).round() as usize + 1;
-        [along(self.shape[0], z), along(self.shape[1], y), along(self.shape[2], x)]
+        [
+            along(self.shape[0], z),
+            along(self.shape[1], y),
+            along(self.shape[2], x),
+        ]
     }
 
     /// The affine written into every file of a case: volume centre at the world origin.
@@ -83,9 +87,9 @@ impl SynthOptions {
         if self.orientation == PhantomOrientation::Lps {
             // Same world positions, x and y voxel axes reversed: negate those columns and
             // move the origin to the old last voxel, which for a centred volume is the mirror.
-            for j in 0..2 {
-                affine[j][j] = -affine[j][j];
-                affine[j][3] = -affine[j][3];
+            for (j, row) in affine.iter_mut().enumerate().take(2) {
+                row[j] = -row[j];
+                row[3] = -row[3];
             }
         }
         affine
@@ -151,7 +155,11 @@ fn validate(opts: &SynthOptions) -> Result<(), DataError> {
             opts.shape
         ));
     }
-    if opts.spacing_mm.iter().any(|s| !(s.is_finite() && *s >= 0.05 && *s <= 20.0)) {
+    if opts
+        .spacing_mm
+        .iter()
+        .any(|s| !(s.is_finite() && *s >= 0.05 && *s <= 20.0))
+    {
         return bad(format!(
             "spacing_mm {:?}: every side must be in 0.05..=20 mm",
             opts.spacing_mm
@@ -261,8 +269,8 @@ fn remove_if_present(path: &Path) -> Result<(), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::{list_cases, load_case};
     use crate::geometry::{Volume, axcodes};
+    use crate::loader::{list_cases, load_case};
     use crate::nifti_read::decode;
     use crate::preprocess::{PreprocessConfig, prepare, prepare_uncropped};
     use crate::volume::{CaseVolume, window_hu};
@@ -332,7 +340,11 @@ mod tests {
         use nifti::NiftiObject;
         let read = |path: &Path| {
             let bytes = fs::read(path).expect("read");
-            let header = nifti::ReaderOptions::new().read_file(path).expect("header").header().clone();
+            let header = nifti::ReaderOptions::new()
+                .read_file(path)
+                .expect("header")
+                .header()
+                .clone();
             let rows = [header.srow_x, header.srow_y, header.srow_z];
             let mut affine = crate::geometry::identity();
             for (r, row) in rows.iter().enumerate() {
@@ -384,7 +396,10 @@ mod tests {
                 .filter(|(l, d)| **l == if **d == 0 { 0 } else { 1 << (**d - 1) })
                 .count();
             let fraction = agree as f64 / p.labels.len() as f64;
-            assert!(fraction > 0.97, "case {index}: {fraction} of voxels carry the designed label");
+            assert!(
+                fraction > 0.97,
+                "case {index}: {fraction} of voxels carry the designed label"
+            );
             let liver = 1 + class_index("liver").expect("liver") as u8;
             let (mut both, mut ours, mut theirs) = (0, 0, 0);
             for (l, d) in p.labels.iter().zip(&designed.label) {
@@ -398,13 +413,20 @@ mod tests {
             assert!(dice > 0.9, "case {index}: liver Dice {dice}");
             // Windowed HU agree too, up to noise (sigma <= 25 HU, smoothed by the resampling).
             let hu: Vec<f32> = designed.hu.iter().map(|v| window_hu(*v as f32)).collect();
-            let mean_abs = p.image.iter().zip(&hu).map(|(a, b)| (a - b).abs() as f64).sum::<f64>()
-                / hu.len() as f64;
+            let mean_abs = p.image.iter().zip(&hu).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / hu.len() as f64;
             assert!(mean_abs < 0.05, "case {index}: mean |windowed difference| {mean_abs}");
 
             let (ct, labels) = read_case(&dir.path().join(case_id(index)));
-            let cropped = prepare("phantom", ct, labels, &PreprocessConfig { patch: [32; 3], ..cfg.clone() })
-                .expect("prepare");
+            let cropped = prepare(
+                "phantom",
+                ct,
+                labels,
+                &PreprocessConfig {
+                    patch: [32; 3],
+                    ..cfg.clone()
+                },
+            )
+            .expect("prepare");
             // Air goes: the body spans the full height but not the full width.
             assert_eq!(cropped.shape[0], 64);
             assert!(cropped.shape[1] < 60 && cropped.shape[2] < 64, "{:?}", cropped.shape);
@@ -427,7 +449,11 @@ mod tests {
         let designed = render(opts.shape, Grid::unit(opts.shape), &mut case_rng(opts.seed, 0));
         let hu: Vec<f32> = designed.hu.iter().map(|v| *v as f32).collect();
         assert_eq!(ct.data, hu);
-        let bits: Vec<u32> = designed.label.iter().map(|d| if *d == 0 { 0 } else { 1 << (d - 1) }).collect();
+        let bits: Vec<u32> = designed
+            .label
+            .iter()
+            .map(|d| if *d == 0 { 0 } else { 1 << (d - 1) })
+            .collect();
         assert_eq!(labels.data, bits);
     }
 

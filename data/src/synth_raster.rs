@@ -121,7 +121,9 @@ mod tests {
     #[test]
     fn a_ball_has_about_its_volume_in_voxels() {
         let unit = Grid::unit([32, 32, 32]);
-        let n = count(unit, |set| paint_blob(unit, [16.0; 3], [6.0; 3], 0.0, 0.0, 0.0, &mut |i| set(i)));
+        let n = count(unit, |set| {
+            paint_blob(unit, [16.0; 3], [6.0; 3], 0.0, 0.0, 0.0, &mut |i| set(i))
+        });
         let expected = 4.0 / 3.0 * std::f32::consts::PI * 216.0;
         assert!((n as f32 - expected).abs() < 0.05 * expected, "{n} vs {expected}");
         // On a grid of 0.5 x 0.5 x 2 units per voxel, the same ball has the same physical volume.
@@ -129,9 +131,14 @@ mod tests {
             dims: [16, 64, 64],
             step: [2.0, 0.5, 0.5],
         };
-        let n = count(aniso, |set| paint_blob(aniso, [16.0; 3], [6.0; 3], 0.0, 0.0, 0.0, &mut |i| set(i)));
+        let n = count(aniso, |set| {
+            paint_blob(aniso, [16.0; 3], [6.0; 3], 0.0, 0.0, 0.0, &mut |i| set(i))
+        });
         let physical = n as f32 * 2.0 * 0.5 * 0.5;
-        assert!((physical - expected).abs() < 0.05 * expected, "{physical} vs {expected}");
+        assert!(
+            (physical - expected).abs() < 0.05 * expected,
+            "{physical} vs {expected}"
+        );
     }
 
     #[test]

@@ -164,7 +164,11 @@ pub const MAX_SPACING_MM: f64 = 20.0;
 
 impl PreprocessSpec {
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        if let Some(s) = self.spacing_mm.iter().find(|s| !(s.is_finite() && **s > 0.0 && **s <= MAX_SPACING_MM)) {
+        if let Some(s) = self
+            .spacing_mm
+            .iter()
+            .find(|s| !(s.is_finite() && **s > 0.0 && **s <= MAX_SPACING_MM))
+        {
             return Err((
                 "preprocess.spacing_mm",
                 format!("every side must be in (0, {MAX_SPACING_MM}] mm, got {s}"),
@@ -185,7 +189,10 @@ impl PreprocessSpec {
                 format!("pos and neg must be 0..=100, not both 0, got {}:{}", self.pos, self.neg),
             ));
         }
-        for (field, p) in [("preprocess.rot90_prob", self.rot90_prob), ("preprocess.shift_prob", self.shift_prob)] {
+        for (field, p) in [
+            ("preprocess.rot90_prob", self.rot90_prob),
+            ("preprocess.shift_prob", self.shift_prob),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err((field, format!("must be a probability in [0, 1], got {p}")));
             }
@@ -450,7 +457,10 @@ url = "/tmp/y"
         assert_eq!(spec.preprocess, PreprocessSpec::default());
         assert_eq!(spec.preprocess.spacing_mm, [1.5, 1.5, 1.5]);
         assert_eq!((spec.preprocess.hu_min, spec.preprocess.hu_max), (-175.0, 250.0));
-        assert!(spec.to_toml().contains("[preprocess]"), "canonical TOML pins the settings");
+        assert!(
+            spec.to_toml().contains("[preprocess]"),
+            "canonical TOML pins the settings"
+        );
 
         let partial = format!("{GOOD}[preprocess]\nspacing_mm = [0.8, 0.8, 2.5]\n");
         let spec = RunSpec::from_toml(&partial, "p.toml").unwrap();

@@ -89,7 +89,13 @@ mod tests {
         image[at(2, 4, 1)] = 1.0;
         image[at(3, 0, 0)] = -1.0; // Not foreground: MONAI selects x > 0.
         let b = foreground_bounds(&image, shape).expect("some foreground");
-        assert_eq!(b, Bounds { start: [1, 2, 1], end: [3, 5, 4] });
+        assert_eq!(
+            b,
+            Bounds {
+                start: [1, 2, 1],
+                end: [3, 5, 4]
+            }
+        );
         let cropped = crop(&image, shape, b);
         assert_eq!(cropped.len(), 2 * 3 * 3);
         assert_eq!(cropped.iter().filter(|v| **v > 0.0).count(), 2);

@@ -1,10 +1,10 @@
 //! SuPreM's preprocessing, in Rust, one tested function per step:
 //!
-//! 1. [`orient_ras`]: `Orientationd(axcodes="RAS")`;
-//! 2. [`resample_linear`] / [`resample_nearest`]: `Spacingd(pixdim=1.5 mm, mode=("bilinear",
+//! 1. `orient_ras`: `Orientationd(axcodes="RAS")`;
+//! 2. `resample_linear` / `resample_nearest`: `Spacingd(pixdim=1.5 mm, mode=("bilinear",
 //!    "nearest"))` (see `resample` for the exact MONAI convention);
-//! 3. [`window`]: `ScaleIntensityRanged(-175, 250, 0, 1, clip=True)`;
-//! 4. [`foreground_bounds`] + [`crop`] + [`pad_to`]: `CropForegroundd(source_key="image")`, then
+//! 3. `window`: `ScaleIntensityRanged(-175, 250, 0, 1, clip=True)`;
+//! 4. `foreground_bounds` + `crop` + `pad_to`: `CropForegroundd(source_key="image")`, then
 //!    `SpatialPadd(patch)`.
 //!
 //! [`prepare`] runs them in that order on one case after checking that its geometry is sane,
@@ -77,7 +77,11 @@ impl PreprocessConfig {
 
     pub fn validate(&self) -> Result<(), DataError> {
         let bad = |reason: String| Err(DataError::InvalidPreprocess { reason });
-        if self.spacing_mm.iter().any(|s| !(s.is_finite() && *s > 0.0 && *s <= MAX_SPACING_MM)) {
+        if self
+            .spacing_mm
+            .iter()
+            .any(|s| !(s.is_finite() && *s > 0.0 && *s <= MAX_SPACING_MM))
+        {
             return bad(format!(
                 "spacing_mm {:?}: every side must be in (0, {MAX_SPACING_MM}] mm",
                 self.spacing_mm
@@ -168,7 +172,10 @@ pub fn prepare_uncropped(
 /// the broken file instead of quarantining it.
 pub fn crop_and_pad(case: &str, p: Prepared, patch: [usize; 3]) -> Result<Prepared, DataError> {
     let Some(bounds) = foreground_bounds(&p.image, p.shape) else {
-        return Err(corrupt(case, "no CT voxel lies above the HU window floor (no foreground)".into()));
+        return Err(corrupt(
+            case,
+            "no CT voxel lies above the HU window floor (no foreground)".into(),
+        ));
     };
     let image = crop(&p.image, p.shape, bounds);
     let labels = crop(&p.labels, p.shape, bounds);
@@ -251,7 +258,10 @@ fn check_case(case: &str, ct: &Volume<f32>, labels: &Volume<u32>, cfg: &Preproce
         ));
     }
     if let Some(i) = ct.data.iter().position(|v| !v.is_finite()) {
-        return Err(corrupt(case, format!("CT voxel {i} is {} (not a number of HU)", ct.data[i])));
+        return Err(corrupt(
+            case,
+            format!("CT voxel {i} is {} (not a number of HU)", ct.data[i]),
+        ));
     }
     Ok(())
 }
@@ -277,6 +287,6 @@ fn affines_agree(a: &Affine, b: &Affine) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod reference_tests;
+#[cfg(test)]
+mod tests;

@@ -115,7 +115,11 @@ mod tests {
             for j in 0..h2 {
                 for i in 0..w2 {
                     let p = world(&after.affine, [i, j, k]).map(|c| (c * 1e6).round() as i64);
-                    assert_eq!(seen.get(&p), Some(&after.data[(k * h2 + j) * w2 + i]), "voxel {i},{j},{k}");
+                    assert_eq!(
+                        seen.get(&p),
+                        Some(&after.data[(k * h2 + j) * w2 + i]),
+                        "voxel {i},{j},{k}"
+                    );
                 }
             }
         }

@@ -19,12 +19,18 @@ fn write_raw<T: Copy>(path: &Path, data: &[T], to_le: impl Fn(T) -> [u8; 4]) {
 
 fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).expect("read raw");
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn read_u32(path: &Path) -> Vec<u32> {
     let bytes = std::fs::read(path).expect("read raw");
-    bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn affine_json(a: &Affine) -> String {
@@ -144,6 +150,7 @@ fn orientation_matches_nibabel_as_closest_canonical() {
         assert_eq!(ours.shape, shape_of(&reference["shape"]), "{name}");
         assert_eq!(ours.data, read_u32(&dst), "{name}: voxel data");
         let theirs = affine_of(&reference["affine"]);
+        #[allow(clippy::needless_range_loop)] // Two matrices indexed alike read clearer.
         for r in 0..4 {
             for c in 0..4 {
                 // Same products of the same f64s; only the summation order may differ.
@@ -220,7 +227,11 @@ fn resampling_matches_scipy_on_monai_geometry() {
         // Upsampling, anisotropic target.
         ([9, 11, 13], ras([2.0, 1.7, 3.3]), [1.0, 1.25, 2.0]),
         // Oblique: MONAI keeps the direction cosines, so it is still a per-axis scaling.
-        ([15, 18, 21], rotation_z(0.2, [0.9, 0.9, 2.0], [1.0; 3], [5.0, 6.0, 7.0]), [1.5; 3]),
+        (
+            [15, 18, 21],
+            rotation_z(0.2, [0.9, 0.9, 2.0], [1.0; 3], [5.0, 6.0, 7.0]),
+            [1.5; 3],
+        ),
     ];
     let mut ties_seen = 0usize;
     for (shape, affine, target) in cases {
@@ -244,7 +255,15 @@ fn resampling_matches_scipy_on_monai_geometry() {
         let reference = parse_json(&out);
         let what = format!("{shape:?} at {:?} -> {target:?}", crate::geometry::spacing(&affine));
 
-        let lin = resample_linear(&Volume { shape, data: ct, affine }, target, 2);
+        let lin = resample_linear(
+            &Volume {
+                shape,
+                data: ct,
+                affine,
+            },
+            target,
+            2,
+        );
         assert_eq!(lin.shape, shape_of(&reference["shape"]), "{what}: shape");
         let monai_affine = affine_of(&reference["affine"]);
         for r in 0..3 {
@@ -256,11 +275,16 @@ fn resampling_matches_scipy_on_monai_geometry() {
                 );
             }
         }
-        // Trilinear: within 1e-4 of the value range (2000 HU), i.e. 0.2 HU; f32 rounding is far
-        // below that.
+        // Trilinear: within 1e-6 of the value range (2000 HU), i.e. 0.002 HU; what is left is
+        // f32 rounding (scipy works in f64, we in f32 with separable passes).
         let theirs = read_f32(&dir.path().join("lin.raw"));
-        let worst = lin.data.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(worst <= 1e-4 * 2000.0, "{what}: trilinear max abs diff {worst}");
+        let worst = lin
+            .data
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6 * 2000.0, "{what}: trilinear max abs diff {worst}");
         eprintln!("{what}: trilinear max abs diff vs scipy {worst} HU");
 
         // Nearest: exact, except at exact half-way samples where scipy rounds up and we (like
@@ -274,14 +298,20 @@ fn resampling_matches_scipy_on_monai_geometry() {
             target,
             2,
         );
-        let (theirs, tie) = (read_u32(&dir.path().join("near.raw")), read_u32(&dir.path().join("tie.raw")));
+        let (theirs, tie) = (
+            read_u32(&dir.path().join("near.raw")),
+            read_u32(&dir.path().join("tie.raw")),
+        );
         assert_eq!(near.data.len(), theirs.len(), "{what}");
         for (i, ((a, b), t)) in near.data.iter().zip(&theirs).zip(&tie).enumerate() {
             if *t == 0 {
                 assert_eq!(a, b, "{what}: nearest differs at output voxel {i}");
             } else {
                 ties_seen += 1;
-                assert!(labels.contains(a), "{what}: tie voxel {i} took a value not in the input");
+                assert!(
+                    labels.contains(a),
+                    "{what}: tie voxel {i} took a value not in the input"
+                );
             }
         }
     }
@@ -369,6 +399,10 @@ fn crop_and_pad_match_monai_rules_in_numpy() {
         .expect("crop");
         assert_eq!(p.shape, shape_of(&reference["shape"]), "{shape:?} -> {patch:?}");
         assert_eq!(p.image, read_f32(&dir.path().join("v.raw.img.out")), "{shape:?} image");
-        assert_eq!(p.labels, read_u32(&dir.path().join("v.raw.lab.out")), "{shape:?} labels");
+        assert_eq!(
+            p.labels,
+            read_u32(&dir.path().join("v.raw.lab.out")),
+            "{shape:?} labels"
+        );
     }
 }

@@ -87,12 +87,7 @@ fn nearest_taps(n_in: usize, n_out: usize, ratio: f64) -> Vec<usize> {
 /// Splits `out` into `units` equal pieces of `unit_len` and hands contiguous runs of them to
 /// `threads` scoped threads; `fill(u, piece)` writes piece `u`. Every output element is computed
 /// the same way whatever the split, so results do not depend on `threads`.
-fn par_units<T: Send>(
-    out: &mut [T],
-    unit_len: usize,
-    threads: usize,
-    fill: impl Fn(usize, &mut [T]) + Sync,
-) {
+fn par_units<T: Send>(out: &mut [T], unit_len: usize, threads: usize, fill: impl Fn(usize, &mut [T]) + Sync) {
     if unit_len == 0 || out.is_empty() {
         return;
     }
@@ -143,7 +138,11 @@ pub fn resample_linear(vol: &Volume<f32>, spacing_out: [f64; 3], threads: usize)
     let [d, h, w] = vol.shape;
     let [od, oh, ow] = out_shape;
     let r = ratios(spacing_in, spacing_out);
-    let (tx, ty, tz) = (linear_taps(w, ow, r[0]), linear_taps(h, oh, r[1]), linear_taps(d, od, r[2]));
+    let (tx, ty, tz) = (
+        linear_taps(w, ow, r[0]),
+        linear_taps(h, oh, r[1]),
+        linear_taps(d, od, r[2]),
+    );
     // A one-voxel axis has a single tap whose upper neighbour does not exist; its weight is 0.
     let up = |i0: usize, n: usize| (i0 + 1).min(n - 1);
 
@@ -200,7 +199,11 @@ pub fn resample_nearest<T: Copy + Default + Send + Sync>(
     let [d, h, w] = vol.shape;
     let [od, oh, ow] = out_shape;
     let r = ratios(spacing_in, spacing_out);
-    let (tx, ty, tz) = (nearest_taps(w, ow, r[0]), nearest_taps(h, oh, r[1]), nearest_taps(d, od, r[2]));
+    let (tx, ty, tz) = (
+        nearest_taps(w, ow, r[0]),
+        nearest_taps(h, oh, r[1]),
+        nearest_taps(d, od, r[2]),
+    );
     let mut data = vec![T::default(); od * oh * ow];
     par_units(&mut data, oh * ow, threads, |z, out| {
         for (row, &y) in out.chunks_mut(ow).zip(&ty) {

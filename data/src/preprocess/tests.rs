@@ -67,7 +67,7 @@ fn prepare_is_the_steps_in_order() {
     assert_eq!(p.labels, crop(&labels.data, labels.shape, b));
     assert_eq!(p.spacing, [1.5; 3]);
     // The body is soft tissue (windowed ~0.51) and the labelled cube is brighter.
-    assert!(p.labels.iter().any(|l| *l == 1 << 3));
+    assert!(p.labels.contains(&(1 << 3)));
     assert!(p.image.iter().all(|v| (0.0..=1.0).contains(v)));
 }
 
@@ -86,7 +86,10 @@ fn small_volumes_are_padded_to_the_patch() {
 fn threads_do_not_change_the_result() {
     let (ct, labels) = case([12, 48, 50]);
     let one = prepare("c", ct.clone(), labels.clone(), &cfg([8; 3])).expect("one");
-    let four = PreprocessConfig { threads: 4, ..cfg([8; 3]) };
+    let four = PreprocessConfig {
+        threads: 4,
+        ..cfg([8; 3])
+    };
     assert_eq!(prepare("c", ct, labels, &four).expect("four"), one);
 }
 
@@ -149,7 +152,9 @@ fn a_header_that_would_allocate_terabytes_is_rejected_before_allocating() {
         spacing_mm: [0.01; 3],
         ..cfg([8; 3])
     };
-    let err = prepare("big", ct.clone(), labels.clone(), &fine).expect_err("guarded").to_string();
+    let err = prepare("big", ct.clone(), labels.clone(), &fine)
+        .expect_err("guarded")
+        .to_string();
     assert!(err.contains("big is corrupt") && err.contains("4096"), "{err}");
     // Many moderate sides: every side fits, the total does not.
     let medium = PreprocessConfig {
@@ -169,21 +174,51 @@ fn config_hash_is_stable_and_tracks_what_changes_the_output() {
         base.canonical(),
         "voxelfleet-preprocess/1;spacing_mm=1.5,1.5,1.5;hu=-175.0,250.0;patch=96,96,96"
     );
-    assert_eq!(base.hash(), PreprocessConfig { threads: 8, ..base.clone() }.hash());
+    assert_eq!(
+        base.hash(),
+        PreprocessConfig {
+            threads: 8,
+            ..base.clone()
+        }
+        .hash()
+    );
     let variants = [
-        PreprocessConfig { spacing_mm: [1.5, 1.5, 2.0], ..base.clone() },
-        PreprocessConfig { hu_min: -174.0, ..base.clone() },
-        PreprocessConfig { hu_max: 251.0, ..base.clone() },
-        PreprocessConfig { patch: [96, 96, 64], ..base.clone() },
+        PreprocessConfig {
+            spacing_mm: [1.5, 1.5, 2.0],
+            ..base.clone()
+        },
+        PreprocessConfig {
+            hu_min: -174.0,
+            ..base.clone()
+        },
+        PreprocessConfig {
+            hu_max: 251.0,
+            ..base.clone()
+        },
+        PreprocessConfig {
+            patch: [96, 96, 64],
+            ..base.clone()
+        },
     ];
     for v in variants {
         assert_ne!(v.hash(), base.hash(), "{}", v.canonical());
     }
     assert!(matches!(
-        PreprocessConfig { hu_min: 300.0, ..base.clone() }.validate(),
+        PreprocessConfig {
+            hu_min: 300.0,
+            ..base.clone()
+        }
+        .validate(),
         Err(DataError::InvalidPreprocess { .. })
     ));
-    assert!(PreprocessConfig { spacing_mm: [0.0, 1.5, 1.5], ..base }.validate().is_err());
+    assert!(
+        PreprocessConfig {
+            spacing_mm: [0.0, 1.5, 1.5],
+            ..base
+        }
+        .validate()
+        .is_err()
+    );
 }
 
 #[test]
