@@ -15,6 +15,7 @@ pub mod loader;
 pub mod nifti_read;
 mod nifti_write;
 pub mod patch;
+pub mod preprocess;
 pub mod reference;
 pub mod split;
 pub mod store;
@@ -27,7 +28,7 @@ pub use ids::validate_case_id;
 pub use loader::{list_cases, load_case};
 pub use patch::{Patch, sample_patch, whole_volume};
 pub use store::{local_dir_from_url, store_from_url};
-pub use synth::{SynthOptions, write_phantom_dataset};
+pub use synth::{PhantomOrientation, SynthOptions, TRAINING_SPACING_MM, write_phantom_dataset};
 pub use volume::{CaseVolume, window_hu};
 
 use std::path::PathBuf;
@@ -86,6 +87,9 @@ pub enum DataError {
 
     #[error("invalid synthetic dataset options: {reason}")]
     InvalidOptions { reason: String },
+
+    #[error("invalid preprocessing config: {reason}")]
+    InvalidPreprocess { reason: String },
 }
 
 // Callers box these into anyhow and send them across tasks; keep that possible.

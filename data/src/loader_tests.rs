@@ -21,7 +21,9 @@ fn phantom(dir: &std::path::Path, cases: usize) -> LocalFileSystem {
         cases,
         seed: 3,
         shape: [16, 20, 24],
-        spacing_mm: 1.5,
+        // At the training spacing in RAS the files are exactly `shape`, which these tests rely on.
+        spacing_mm: [1.5; 3],
+        orientation: crate::synth::PhantomOrientation::Ras,
     };
     write_phantom_dataset(dir, &opts).expect("write phantom");
     LocalFileSystem::new_with_prefix(dir).expect("store")
@@ -163,7 +165,7 @@ async fn mismatched_mask_shape_names_the_mask() {
     let store = phantom(dir.path(), 1);
     let path = dir.path().join("BDMAP_00000001/segmentations/spleen.nii.gz");
     let info = HeaderInfo {
-        spacing_mm: 1.5,
+        affine: crate::nifti_write::centred_ras_affine([16, 20, 23], [1.5; 3]),
         description: "wrong",
         is_label: true,
     };

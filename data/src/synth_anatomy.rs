@@ -11,10 +11,10 @@ use protocol::classes::{CLASSES, class_index};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::synth_raster::{gaussian, paint_blob, paint_segment};
+use crate::synth_raster::{Grid, gaussian, paint_blob, paint_segment};
 
-/// A rendered case: `hu` and `label` are in `[z, y, x]` order; `label` is 0 for background and
-/// `c + 1` for class `c`.
+/// A rendered case on the file grid: `hu` and `label` are in `[z, y, x]` order with RAS voxel
+/// axes; `label` is 0 for background and `c + 1` for class `c`.
 pub(crate) struct Phantom {
     pub hu: Vec<i16>,
     pub label: Vec<u8>,
@@ -127,9 +127,10 @@ const MUSCLE_HU: f32 = 40.0;
 /// Below this many voxels of radius a structure can vanish between voxel centres.
 const MIN_RADIUS_VOX: f32 = 1.2;
 
-/// The normalised → voxel mapping for one case, with its global shift and body scale folded in.
+/// The normalised → physical mapping for one case, with its global shift and body scale folded
+/// in. Physical units are voxels of the training grid (`shape`, 1.5 mm); `grid` is the file's.
 struct Frame {
-    shape: [usize; 3],
+    grid: Grid,
     centre: [f32; 3],
     half: [f32; 3],
     scale: f32,
@@ -147,15 +148,16 @@ impl Frame {
     }
 }
 
-/// Renders one case. Everything random comes from `rng`, so a case is a pure function of its
-/// seed and stream.
-pub(crate) fn render(shape: [usize; 3], rng: &mut ChaCha8Rng) -> Phantom {
-    let n = shape.iter().product::<usize>();
+/// Renders one case designed for the training grid `shape` onto the file grid `grid`, which
+/// covers the same physical extent. Everything random comes from `rng`, so a case is a pure
+/// function of its seed and stream (and of the two grids).
+pub(crate) fn render(shape: [usize; 3], grid: Grid, rng: &mut ChaCha8Rng) -> Phantom {
+    let n = grid.len();
     let half = shape.map(|d| d as f32 / 2.0);
     // About ±3 voxels at 64³, proportionally less on smaller grids so nothing slides out.
     let shift = shape.map(|d| d as f32 * 0.047 * rng.random_range(-1.0f32..=1.0));
     let frame = Frame {
-        shape,
+        grid,
         centre: [0, 1, 2].map(|a| (shape[a] as f32 - 1.0) / 2.0 + shift[a]),
         half,
         scale: rng.random_range(0.90f32..=1.05),
@@ -195,7 +197,7 @@ pub(crate) fn render(shape: [usize; 3], rng: &mut ChaCha8Rng) -> Phantom {
                         r[0] * size[0] * frame.scale * half[2],
                     ]
                     .map(|x| x.max(MIN_RADIUS_VOX));
-                    paint_blob(frame.shape, centre, radii, yaw + yaw_jitter, wobble, phase, &mut set);
+                    paint_blob(frame.grid, centre, radii, yaw + yaw_jitter, wobble, phase, &mut set);
                 }
                 Shape::Tube { pts, r } => {
                     let radius = (r * size[0] * frame.scale * half[1].min(half[2])).max(MIN_RADIUS_VOX);
@@ -206,7 +208,7 @@ pub(crate) fn render(shape: [usize; 3], rng: &mut ChaCha8Rng) -> Phantom {
                             a[k] += jitter[k];
                             b[k] += jitter[k];
                         }
-                        paint_segment(frame.shape, a, b, radius, &mut set);
+                        paint_segment(frame.grid, a, b, radius, &mut set);
                     }
                 }
             }
@@ -224,14 +226,15 @@ pub(crate) fn render(shape: [usize; 3], rng: &mut ChaCha8Rng) -> Phantom {
 
 /// An elliptic cylinder of fat with a muscle rim, the whole height of the volume.
 fn paint_body(frame: &Frame, rng: &mut ChaCha8Rng, hu: &mut [f32]) {
-    let [d, h, w] = frame.shape;
+    let grid = frame.grid;
+    let [d, h, w] = grid.dims;
     let ay = 0.66 * frame.scale * frame.half[1] * rng.random_range(0.95f32..=1.05);
     let ax = 0.86 * frame.scale * frame.half[2] * rng.random_range(0.95f32..=1.05);
     let rim = rng.random_range(0.84f32..=0.89);
     for y in 0..h {
         for x in 0..w {
-            let dy = (y as f32 - frame.centre[1]) / ay;
-            let dx = (x as f32 - frame.centre[2]) / ax;
+            let dy = (grid.pos(1, y) - frame.centre[1]) / ay;
+            let dx = (grid.pos(2, x) - frame.centre[2]) / ax;
             let rho = (dx * dx + dy * dy).sqrt();
             let value = if rho > 1.0 {
                 continue;
@@ -241,7 +244,7 @@ fn paint_body(frame: &Frame, rng: &mut ChaCha8Rng, hu: &mut [f32]) {
                 FAT_HU
             };
             for z in 0..d {
-                hu[(z * h + y) * w + x] = value;
+                hu[grid.index(z, y, x)] = value;
             }
         }
     }
@@ -268,13 +271,29 @@ mod tests {
             for case in 0..4 {
                 let mut rng = ChaCha8Rng::seed_from_u64(7);
                 rng.set_stream(case);
-                let p = render(shape, &mut rng);
+                let p = render(shape, Grid::unit(shape), &mut rng);
                 let floor = if shape == [64, 64, 64] { 30 } else { 1 };
                 for (c, class) in CLASSES.iter().enumerate() {
                     let count = p.label.iter().filter(|&&l| l as usize == c + 1).count();
                     assert!(count >= floor, "{class} has {count} voxels at {shape:?}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_class_survives_on_an_anisotropic_grid() {
+        // 0.8 x 0.8 x 2.5 mm voxels covering a 32^3 training grid of 1.5 mm.
+        let grid = Grid {
+            dims: [20, 59, 59],
+            step: [2.5 / 1.5, 0.8 / 1.5, 0.8 / 1.5],
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let p = render([32, 32, 32], grid, &mut rng);
+        assert_eq!(p.label.len(), grid.len());
+        for (c, class) in CLASSES.iter().enumerate() {
+            let count = p.label.iter().filter(|&&l| l as usize == c + 1).count();
+            assert!(count >= 1, "{class} has {count} voxels");
         }
     }
 }

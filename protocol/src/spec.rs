@@ -36,6 +36,10 @@ pub struct RunSpec {
     pub model: ModelSpec,
     pub train: TrainSpec,
     pub artifacts: ArtifactsSpec,
+    /// SuPreM's preprocessing and augmentation; an absent table means SuPreM's settings. Always
+    /// written out in the canonical TOML, so a stored run keeps its settings if defaults change.
+    #[serde(default)]
+    pub preprocess: PreprocessSpec,
     /// Automatic resumes after an interruption (a lost worker, a lost coordinator) before the
     /// run is declared Failed. A manual `coordinator resume` gives the budget back.
     #[serde(default = "default_max_retries")]
@@ -119,6 +123,88 @@ pub struct TrainSpec {
 pub struct ArtifactsSpec {
     /// Object-store URL under which `runs/<run-id>/checkpoints/<step>/` is written.
     pub url: String,
+}
+
+/// `[preprocess]`: resampling, HU window and the crop/augmentation knobs, SuPreM's by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreprocessSpec {
+    /// Target voxel size along the RAS axes x, y, z, in mm.
+    pub spacing_mm: [f64; 3],
+    /// HU window clipped and scaled to 0..1.
+    pub hu_min: f64,
+    pub hu_max: f64,
+    /// Crops centred on foreground : crops centred on background (RandCropByPosNegLabeld).
+    pub pos: u32,
+    pub neg: u32,
+    /// Probability of a random rot90 of a crop.
+    pub rot90_prob: f64,
+    /// Probability of a random intensity shift, and its largest offset (on the 0..1 scale).
+    pub shift_prob: f64,
+    pub shift_offset: f64,
+}
+
+impl Default for PreprocessSpec {
+    fn default() -> Self {
+        PreprocessSpec {
+            spacing_mm: [1.5, 1.5, 1.5],
+            hu_min: -175.0,
+            hu_max: 250.0,
+            pos: 2,
+            neg: 1,
+            rot90_prob: 0.1,
+            shift_prob: 0.2,
+            shift_offset: 0.1,
+        }
+    }
+}
+
+/// Largest voxel size a run may resample to; beyond it no organ survives.
+pub const MAX_SPACING_MM: f64 = 20.0;
+
+impl PreprocessSpec {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(s) = self
+            .spacing_mm
+            .iter()
+            .find(|s| !(s.is_finite() && **s > 0.0 && **s <= MAX_SPACING_MM))
+        {
+            return Err((
+                "preprocess.spacing_mm",
+                format!("every side must be in (0, {MAX_SPACING_MM}] mm, got {s}"),
+            ));
+        }
+        if !self.hu_min.is_finite() {
+            return Err(("preprocess.hu_min", format!("must be finite, got {}", self.hu_min)));
+        }
+        if !(self.hu_max.is_finite() && self.hu_max > self.hu_min) {
+            return Err((
+                "preprocess.hu_max",
+                format!("must be finite and above hu_min ({}), got {}", self.hu_min, self.hu_max),
+            ));
+        }
+        if self.pos + self.neg == 0 || self.pos > 100 || self.neg > 100 {
+            return Err((
+                "preprocess.pos",
+                format!("pos and neg must be 0..=100, not both 0, got {}:{}", self.pos, self.neg),
+            ));
+        }
+        for (field, p) in [
+            ("preprocess.rot90_prob", self.rot90_prob),
+            ("preprocess.shift_prob", self.shift_prob),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err((field, format!("must be a probability in [0, 1], got {p}")));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.shift_offset) {
+            return Err((
+                "preprocess.shift_offset",
+                format!("must be in [0, 1] (the window's 0..1 scale), got {}", self.shift_offset),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_base_width() -> u32 {
@@ -274,6 +360,9 @@ impl RunSpec {
         if self.artifacts.url.trim().is_empty() {
             return Err(invalid("artifacts.url", "must not be empty".into()));
         }
+        self.preprocess
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         Ok(())
     }
 }
@@ -360,5 +449,38 @@ url = "/tmp/y"
         let arch = GOOD.replace("\"unet\"", "\"resnet\"");
         let err = RunSpec::from_toml(&arch, "a.toml").unwrap_err().to_string();
         assert!(err.contains("model.arch") && err.contains("resnet"), "{err}");
+    }
+
+    #[test]
+    fn preprocess_defaults_to_suprem_and_validates_by_field() {
+        let spec = RunSpec::from_toml(GOOD, "good.toml").unwrap();
+        assert_eq!(spec.preprocess, PreprocessSpec::default());
+        assert_eq!(spec.preprocess.spacing_mm, [1.5, 1.5, 1.5]);
+        assert_eq!((spec.preprocess.hu_min, spec.preprocess.hu_max), (-175.0, 250.0));
+        assert!(
+            spec.to_toml().contains("[preprocess]"),
+            "canonical TOML pins the settings"
+        );
+
+        let partial = format!("{GOOD}[preprocess]\nspacing_mm = [0.8, 0.8, 2.5]\n");
+        let spec = RunSpec::from_toml(&partial, "p.toml").unwrap();
+        assert_eq!(spec.preprocess.spacing_mm, [0.8, 0.8, 2.5]);
+        assert_eq!(spec.preprocess.pos, 2, "unset knobs keep SuPreM's values");
+        assert_eq!(RunSpec::from_toml(&spec.to_toml(), "canonical").unwrap(), spec);
+
+        for (line, field) in [
+            ("spacing_mm = [1.5, 0.0, 1.5]", "preprocess.spacing_mm"),
+            ("spacing_mm = [1.5, 25.0, 1.5]", "preprocess.spacing_mm"),
+            ("hu_max = -200.0", "preprocess.hu_max"),
+            ("pos = 0\nneg = 0", "preprocess.pos"),
+            ("rot90_prob = 1.5", "preprocess.rot90_prob"),
+            ("shift_prob = -0.1", "preprocess.shift_prob"),
+            ("shift_offset = 2.0", "preprocess.shift_offset"),
+            ("spacing = 1.5", "spacing"),
+        ] {
+            let text = format!("{GOOD}[preprocess]\n{line}\n");
+            let err = RunSpec::from_toml(&text, "bad.toml").unwrap_err().to_string();
+            assert!(err.contains(field), "{line}: {err}");
+        }
     }
 }

@@ -222,7 +222,8 @@ enum DatasetCommand {
         /// Seed; the same seed gives byte-identical files.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Volume size in voxels, D,H,W (z,y,x) at 1.5 mm.
+        /// Volume size in voxels, D,H,W (z,y,x), once resampled to the 1.5 mm training spacing;
+        /// the files are written at 0.8 x 0.8 x 2.5 mm in LPS, as scanners write CT.
         #[arg(long, default_value = "64,64,64", value_parser = parse_shape)]
         shape: [usize; 3],
     },
