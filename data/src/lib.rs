@@ -8,6 +8,7 @@
 //! phantom generator sits here because tests, demos and CI need a real AbdomenAtlas-shaped dataset
 //! without downloading one.
 
+pub mod case_fetch;
 pub mod geometry;
 pub mod hash;
 pub mod ids;
