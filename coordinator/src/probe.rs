@@ -1,11 +1,23 @@
 //! Checks at submit what can be checked there, so a wrong location is refused with the field
 //! that names it instead of surfacing later as a worker's failure or an OS error without
-//! context ("File exists (os error 17)" for a dataset.url that is a file). The dataset must be
-//! an existing directory; the artifacts location must take a small write and delete through the
-//! same object store the workers write checkpoints with.
+//! context ("File exists (os error 17)" for a dataset.url that is a file). A local dataset must be
+//! an existing directory, a bucket dataset must list at least one object under its prefix; the
+//! artifacts location must take a small write and delete through the same object store the
+//! workers write checkpoints with.
+//!
+//! Bucket probes run with the coordinator's environment (AWS_*, GOOGLE_*, AZURE_*), and the
+//! workers read with their own: both need the same credentials and endpoint.
 
+use std::time::Duration;
+
+use data::StoreUrl;
+use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
+
+/// How long a bucket probe may take. object_store retries an unreachable endpoint for up to
+/// three minutes; a submit should say what is wrong well before that.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -15,14 +27,18 @@ pub enum ProbeError {
     Artifacts { url: String, message: String },
 }
 
-/// The dataset location must be an existing, listable directory. Listing its cases is left to
-/// the manifest, which names the field too.
+/// The dataset location must be an existing, listable directory, or a bucket prefix with at least
+/// one object under it (one listing page, whatever the size of the dataset). Listing its cases is
+/// left to the manifest, which names the field too.
 pub async fn probe_dataset(url: &str) -> Result<(), ProbeError> {
     let fail = |message: String| ProbeError::Dataset {
         url: url.to_string(),
         message,
     };
-    let dir = data::local_dir_from_url(url).map_err(|e| fail(e.to_string()))?;
+    let dir = match StoreUrl::parse(url).map_err(|e| fail(e.to_string()))? {
+        StoreUrl::Local(dir) => dir,
+        _ => return probe_listing(url).await.map_err(fail),
+    };
     let shown = dir.display();
     match tokio::fs::metadata(&dir).await {
         Ok(meta) if meta.is_dir() => {}
@@ -38,16 +54,28 @@ pub async fn probe_dataset(url: &str) -> Result<(), ProbeError> {
     }
 }
 
+async fn probe_listing(url: &str) -> Result<(), String> {
+    let (store, prefix) = data::store_from_url(url).map_err(|e| e.to_string())?;
+    let first = bounded(url, async { store.list(Some(&prefix)).next().await }).await?;
+    match first {
+        Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(with_hint(url, format!("cannot list it: {e}"))),
+        None => Err(format!(
+            "no objects under it (an empty or misspelled prefix `{prefix}`?)"
+        )),
+    }
+}
+
 /// The artifacts location must take a write and a delete: the workers write checkpoints there
-/// and the coordinator deletes old ones. The directory is created if missing, as the workers
+/// and the coordinator deletes old ones. A local directory is created if missing, as the workers
 /// would; the probe object is removed again.
 pub async fn probe_artifacts(url: &str) -> Result<(), ProbeError> {
     let fail = |message: String| ProbeError::Artifacts {
         url: url.to_string(),
         message,
     };
-    let dir = data::local_dir_from_url(url).map_err(|e| fail(e.to_string()))?;
-    if let Ok(meta) = tokio::fs::metadata(&dir).await
+    if let StoreUrl::Local(dir) = StoreUrl::parse(url).map_err(|e| fail(e.to_string()))?
+        && let Ok(meta) = tokio::fs::metadata(&dir).await
         && !meta.is_dir()
     {
         return Err(fail(format!("{} is a file, not a directory", dir.display())));
@@ -56,7 +84,10 @@ pub async fn probe_artifacts(url: &str) -> Result<(), ProbeError> {
     // A name no checkpoint, run or listing ever uses, unique per probe.
     let name = format!(".voxelfleet-probe-{:016x}", rand::random::<u64>());
     let key = ObjectPath::from(format!("{root}/{name}").trim_start_matches('/'));
-    write_and_delete(store.as_ref(), &key).await.map_err(fail)
+    bounded(url, write_and_delete(store.as_ref(), &key))
+        .await
+        .and_then(|r| r)
+        .map_err(|e| fail(with_hint(url, e)))
 }
 
 async fn write_and_delete(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), String> {
@@ -68,6 +99,26 @@ async fn write_and_delete(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(
         .delete(key)
         .await
         .map_err(|e| format!("wrote a probe object {key} but cannot delete it: {e}"))
+}
+
+async fn bounded<T>(url: &str, probe: impl Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(PROBE_TIMEOUT, probe).await.map_err(|_| {
+        with_hint(
+            url,
+            format!(
+                "no answer within {} s (is the endpoint reachable?)",
+                PROBE_TIMEOUT.as_secs()
+            ),
+        )
+    })
+}
+
+/// Appends which credential variables are unset, the usual reason a bucket refuses a request.
+fn with_hint(url: &str, message: String) -> String {
+    match data::store::credentials_hint(url) {
+        Some(hint) => format!("{message}; {hint}"),
+        None => message,
+    }
 }
 
 #[cfg(test)]
@@ -86,8 +137,8 @@ mod tests {
         let missing = dir.path().join("missing").display().to_string();
         let err = probe_dataset(&missing).await.unwrap_err().to_string();
         assert!(err.contains("dataset.url") && err.contains("does not exist"), "{err}");
-        let err = probe_dataset("s3://bucket/atlas").await.unwrap_err().to_string();
-        assert!(err.contains("dataset.url") && err.contains("s3"), "{err}");
+        let err = probe_dataset("ftp://host/atlas").await.unwrap_err().to_string();
+        assert!(err.contains("dataset.url") && err.contains("ftp"), "{err}");
         probe_dataset(&dir.path().display().to_string()).await.unwrap();
         // Probing the dataset never creates it.
         assert!(!dir.path().join("missing").exists());
@@ -102,5 +153,74 @@ mod tests {
             .unwrap();
         // The probe leaves nothing behind but the directory the workers would create anyway.
         assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn bucket_locations_are_probed_by_listing_and_a_write() {
+        let err = probe_dataset("memory://probe-test/atlas")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dataset.url") && err.contains("no objects under it"),
+            "{err}"
+        );
+        let (store, _) = data::store_from_url("memory://probe-test").unwrap();
+        store
+            .put(
+                &ObjectPath::from("atlas/BDMAP_00000001/ct.nii.gz"),
+                PutPayload::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        probe_dataset("memory://probe-test/atlas/").await.unwrap();
+
+        probe_artifacts("memory://probe-test/artifacts").await.unwrap();
+        let left: Vec<_> = store
+            .list(Some(&ObjectPath::from("artifacts")))
+            .collect::<Vec<_>>()
+            .await;
+        assert!(left.is_empty(), "the probe object is deleted again: {left:?}");
+
+        let err = probe_artifacts("s3://bucket/../x").await.unwrap_err().to_string();
+        assert!(err.contains("artifacts.url") && err.contains(".."), "{err}");
+    }
+
+    #[tokio::test]
+    async fn s3_locations_are_probed_against_the_test_server() {
+        let Some(s3) = data::reference::reference_s3("s3_locations_are_probed_against_the_test_server") else {
+            return;
+        };
+        let url = s3.unique_url("probe");
+        let err = probe_dataset(&url).await.unwrap_err().to_string();
+        assert!(
+            err.contains("dataset.url") && err.contains("no objects under it"),
+            "{err}"
+        );
+        let (store, prefix) = data::store_from_url(&url).unwrap();
+        store
+            .put(
+                &prefix.child("BDMAP_00000001").child("ct.nii.gz"),
+                PutPayload::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        probe_dataset(&url).await.unwrap();
+
+        let artifacts = s3.unique_url("probe-artifacts");
+        probe_artifacts(&artifacts).await.unwrap();
+        let (store, prefix) = data::store_from_url(&artifacts).unwrap();
+        let left: Vec<_> = store.list(Some(&prefix)).collect::<Vec<_>>().await;
+        assert!(left.is_empty(), "the probe object is deleted again: {left:?}");
+
+        // A bucket that does not exist: the server's refusal, under the field's name.
+        let missing = "s3://no-such-bucket-voxelfleet/atlas";
+        let err = probe_dataset(missing).await.unwrap_err().to_string();
+        assert!(err.contains("dataset.url") && err.contains("cannot list it"), "{err}");
+        let err = probe_artifacts(missing).await.unwrap_err().to_string();
+        assert!(
+            err.contains("artifacts.url") && err.contains("cannot write there"),
+            "{err}"
+        );
     }
 }

@@ -28,7 +28,7 @@ pub mod volume;
 pub use ids::validate_case_id;
 pub use loader::{list_cases, load_case};
 pub use patch::{Patch, sample_patch, whole_volume};
-pub use store::{local_dir_from_url, store_from_url};
+pub use store::{StoreUrl, local_dir_from_url, store_from_url};
 pub use synth::{PhantomOrientation, SynthOptions, TRAINING_SPACING_MM, write_phantom_dataset};
 pub use volume::{CaseVolume, window_hu};
 
@@ -80,7 +80,10 @@ pub enum DataError {
     #[error("no case folders with a ct.nii.gz under {url}")]
     NoCases { url: String },
 
-    #[error("dataset URL {url:?} uses scheme {scheme:?}; this build supports file:// URLs and plain local paths")]
+    #[error(
+        "dataset URL {url:?} uses scheme {scheme:?}; supported are plain paths, file://, memory://, s3://, gs:// \
+         and az:// (azure://, abfs://, abfss://)"
+    )]
     UnsupportedScheme { url: String, scheme: String },
 
     #[error("dataset URL {url:?} is not usable: {reason}")]

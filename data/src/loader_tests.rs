@@ -260,9 +260,12 @@ async fn store_from_url_accepts_file_urls_and_paths() {
     store_from_url(fresh.to_str().expect("utf8")).expect("creatable");
     assert!(fresh.is_dir());
 
-    match store_from_url("s3://bucket/AbdomenAtlas1.1/") {
+    match store_from_url("ftp://host/AbdomenAtlas1.1/") {
         Err(e @ DataError::UnsupportedScheme { .. }) => {
-            assert!(e.to_string().contains("file://"), "{e}")
+            assert!(
+                e.to_string().contains("file://") && e.to_string().contains("s3://"),
+                "{e}"
+            )
         }
         other => panic!("expected UnsupportedScheme, got {:?}", other.map(|_| ())),
     }

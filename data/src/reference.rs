@@ -3,7 +3,7 @@
 //! `VOXELFLEET_PYTHON`. Tests that compare against it call [`reference_python`]. Outside CI a
 //! machine may lack it; such a test then says so on stderr and checks nothing, unless
 //! `VOXELFLEET_REQUIRE_REFERENCE=1` (set by `.ci/run`) makes the absence a failure, so CI can
-//! never pass by skipping.
+//! never pass by skipping. The same holds for the S3-compatible test server ([`reference_s3`]).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -55,4 +55,70 @@ pub fn run_reference(python: &std::path::Path, script: &str, args: &[&str]) -> S
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("reference output is UTF-8")
+}
+
+/// Names the test S3-compatible server (`http://127.0.0.1:PORT`) that `.ci/s3.sh` starts.
+pub const S3_ENDPOINT_ENV: &str = "VOXELFLEET_TEST_S3_ENDPOINT";
+/// Names an existing bucket on that server the tests may write to.
+pub const S3_BUCKET_ENV: &str = "VOXELFLEET_TEST_S3_BUCKET";
+
+/// The test S3 server, as the environment configures it for `data::store_from_url`.
+#[derive(Debug, Clone)]
+pub struct TestS3 {
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl TestS3 {
+    /// An `s3://` URL under a prefix no other test or earlier run uses, so tests can share the
+    /// bucket and a server that outlives them.
+    pub fn unique_url(&self, test: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("s3://{}/{test}-{}-{nanos}", self.bucket, std::process::id())
+    }
+}
+
+/// The test S3 server, or `None` (after a note on stderr) where none is configured and
+/// `VOXELFLEET_REQUIRE_REFERENCE=1` does not require one. Panics where one is required, or where
+/// the environment is half set up: store URLs must reach the same server (through
+/// `AWS_ENDPOINT_URL`, `AWS_ENDPOINT` or `VOXELFLEET_S3_ENDPOINT`) with credentials, and the
+/// server must accept a connection.
+pub fn reference_s3(test: &str) -> Option<TestS3> {
+    let required = std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1");
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let Some(endpoint) = var(S3_ENDPOINT_ENV) else {
+        assert!(
+            !required,
+            "{test}: {REQUIRE_ENV}=1 but {S3_ENDPOINT_ENV} is unset; .ci/run starts the S3 server"
+        );
+        eprintln!("{test}: skipped, no test S3 server ({S3_ENDPOINT_ENV} unset; .ci/run sets it)");
+        return None;
+    };
+    let bucket =
+        var(S3_BUCKET_ENV).unwrap_or_else(|| panic!("{test}: {S3_ENDPOINT_ENV} is set but {S3_BUCKET_ENV} is not"));
+    let configured = [crate::store::S3_ENDPOINT_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+        .iter()
+        .find_map(|n| var(n));
+    assert_eq!(
+        configured.as_deref(),
+        Some(endpoint.as_str()),
+        "{test}: store URLs would not reach the test server; set AWS_ENDPOINT_URL={endpoint} \
+         (source the s3.env that .ci/s3.sh writes)"
+    );
+    assert!(
+        var("AWS_ACCESS_KEY_ID").is_some() && var("AWS_SECRET_ACCESS_KEY").is_some(),
+        "{test}: {S3_ENDPOINT_ENV} is set but AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are not"
+    );
+    let parsed = url::Url::parse(&endpoint).unwrap_or_else(|e| panic!("{test}: {S3_ENDPOINT_ENV}={endpoint}: {e}"));
+    let addr = parsed
+        .socket_addrs(|| None)
+        .ok()
+        .and_then(|a| a.into_iter().next())
+        .unwrap_or_else(|| panic!("{test}: {S3_ENDPOINT_ENV}={endpoint} names no host and port"));
+    if let Err(e) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)) {
+        panic!("{test}: the test S3 server at {endpoint} does not accept connections: {e}");
+    }
+    Some(TestS3 { endpoint, bucket })
 }
