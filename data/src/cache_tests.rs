@@ -274,3 +274,59 @@ fn two_processes_warming_one_cache_leave_it_intact() {
         .count();
     assert_eq!(files, ids.len());
 }
+
+/// Figures for the report: `cargo test --release -p data cache_hit_read_time -- --ignored
+/// --nocapture`. A 64³ phantom case, read cold (prepare, write, map) and warm (validate, map)
+/// from a fresh process view, then one 64³ crop from the mapping.
+#[test]
+#[ignore]
+fn cache_hit_read_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let synth = crate::SynthOptions {
+        cases: 1,
+        ..crate::SynthOptions::default()
+    };
+    let ids = crate::write_phantom_dataset(&dir.path().join("ds"), &synth).expect("phantom");
+    let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("ds")).expect("store");
+    let root = object_store::path::Path::default();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let load = || runtime.block_on(crate::loader::load_case_parts(&store, &root, &ids[0]));
+    let cache_dir = dir.path().join("cache");
+    let t = std::time::Instant::now();
+    let (cold, source) = VolumeCache::new(&cache_dir, 1 << 30, 1)
+        .expect("cache")
+        .get_or_prepare(&ids[0], CONFIG, load)
+        .expect("cold");
+    let cold_s = t.elapsed().as_secs_f64();
+    assert_eq!(source, Source::Prepared);
+    assert_eq!(cold.shape, [64, 64, 64]);
+    let reps = 200;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        let cache = VolumeCache::new(&cache_dir, 1 << 30, 1).expect("cache");
+        let (warm, source) = cache.get_or_prepare(&ids[0], CONFIG, || panic!("hit")).expect("warm");
+        assert_eq!(source, Source::Disk);
+        assert_eq!(warm.shape, cold.shape);
+    }
+    let warm_s = t.elapsed().as_secs_f64() / reps as f64;
+    let cfg = CropConfig::suprem([64, 64, 64]);
+    let t = std::time::Instant::now();
+    for i in 0..reps {
+        sample_patch(&cold, &cfg, &mut ChaCha8Rng::seed_from_u64(i));
+    }
+    let crop_s = t.elapsed().as_secs_f64() / reps as f64;
+    eprintln!(
+        "64^3 case: cold (load + quantise + write + map) {:.2} ms, warm hit (open + validate + map) {:.3} ms, 64^3 crop {:.2} ms, file {} bytes",
+        cold_s * 1e3,
+        warm_s * 1e3,
+        crop_s * 1e3,
+        fs::metadata(
+            VolumeCache::new(&cache_dir, 1 << 30, 1)
+                .expect("c")
+                .file_path(&ids[0], CONFIG)
+                .expect("p")
+        )
+        .expect("m")
+        .len()
+    );
+}
