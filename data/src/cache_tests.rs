@@ -21,7 +21,7 @@ fn prepare(case_id: &str) -> Prepared {
         .collect();
     let labels = (0..n)
         .map(|i| {
-            if (i as u32 ^ seed) % 5 == 0 {
+            if (i as u32 ^ seed).is_multiple_of(5) {
                 1 << ((i as u32 + seed) % 25)
             } else {
                 0
@@ -127,7 +127,8 @@ fn a_corrupt_or_truncated_file_is_detected_and_rebuilt() {
         get(&VolumeCache::new(dir.path(), 1 << 30, 1).expect("cache"), id);
         fs::read(&path).expect("read")
     };
-    let damages: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let damages: Vec<(&str, Damage)> = vec![
         ("truncated", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() / 2))),
         ("one byte short", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 1))),
         ("empty", Box::new(|b: &mut Vec<u8>| b.clear())),

@@ -80,7 +80,8 @@ impl FeedConfig {
 pub struct CaseFailure {
     pub sample_index: u64,
     pub case_id: String,
-    pub error: DataError,
+    /// Boxed: failures are rare, and batches travel as `Result`s.
+    pub error: Box<DataError>,
 }
 
 /// One step's input for this rank.
@@ -210,7 +211,7 @@ impl BatchBuilder {
                     failed.push(CaseFailure {
                         sample_index: index,
                         case_id: candidate.clone(),
-                        error,
+                        error: Box::new(error),
                     });
                 }
             }
@@ -364,10 +365,10 @@ fn load_loop(shared: &Shared, builder: &BatchBuilder, depth: u64, batches: u64) 
             Err(CaseFailure {
                 sample_index: samples.start,
                 case_id: String::new(),
-                error: DataError::Corrupt {
+                error: Box::new(DataError::Corrupt {
                     key: format!("batch of samples {samples:?}"),
                     reason: format!("building it panicked: {}", panic_message(&panic)),
-                },
+                }),
             })
         });
         shared.lock().ready.insert(k, built);

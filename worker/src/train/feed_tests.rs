@@ -22,7 +22,7 @@ fn prepare(case_id: &str) -> Prepared {
         .collect();
     let labels = (0..n)
         .map(|i| {
-            if (i as u32 ^ seed) % 7 == 0 {
+            if (i as u32 ^ seed).is_multiple_of(7) {
                 1 << ((i as u32 + seed) % 25)
             } else {
                 0

@@ -61,7 +61,7 @@ impl SampleOrder {
     /// pick from the whole list, the same on every rank and every rerun. It may name a case that
     /// fails too; the caller then asks with the next attempt.
     pub fn substitute(&self, index: u64, attempt: u32) -> &str {
-        let pick = mix(mix(self.seed ^ 0x5B57_17u64, index), attempt as u64);
+        let pick = mix(mix(self.seed ^ 0x005B_5717_u64, index), attempt as u64);
         &self.cases[(pick % self.cases.len() as u64) as usize]
     }
 

@@ -189,7 +189,7 @@ pub fn train_rank<B: AutodiffBackend>(
         let ready = feed
             .next_batch()
             .ok_or_else(|| TrainError::Assignment(format!("the data feed ended before step {step}")))?
-            .map_err(|failure| TrainError::Data(failure.error))?;
+            .map_err(|failure| TrainError::Data(*failure.error))?;
         if ready.samples != samples {
             return Err(TrainError::Assignment(format!(
                 "the data feed built samples {:?} for step {step}, which reads {samples:?}",
