@@ -8,6 +8,8 @@
 //! phantom generator sits here because tests, demos and CI need a real AbdomenAtlas-shaped dataset
 //! without downloading one.
 
+pub mod augment;
+pub mod cache;
 pub mod case_fetch;
 pub mod geometry;
 pub mod hash;
@@ -25,9 +27,10 @@ mod synth_anatomy;
 mod synth_raster;
 pub mod volume;
 
+pub use cache::{Prepared, Source, VolumeCache};
 pub use ids::validate_case_id;
 pub use loader::{list_cases, load_case};
-pub use patch::{Patch, sample_patch, whole_volume};
+pub use patch::{CropConfig, Patch, sample_patch, whole_volume};
 pub use store::{StoreUrl, local_dir_from_url, store_from_url};
 pub use synth::{PhantomOrientation, SynthOptions, TRAINING_SPACING_MM, write_phantom_dataset};
 pub use volume::{CaseVolume, window_hu};

@@ -11,6 +11,7 @@ use object_store::path::Path;
 use protocol::classes::CLASSES;
 
 use crate::DataError;
+use crate::cache::Prepared;
 use crate::ids::{ct_key, mask_key, validate_case_id};
 use crate::nifti_read::fetch_volume;
 use crate::volume::{CaseVolume, window_hu};
@@ -23,6 +24,12 @@ const FETCH_CONCURRENCY: usize = 8;
 /// in `[z, y, x]` order (NIfTI's `x, y, z` axes reversed; no reorientation or resampling is done
 /// here, the files are expected to be RAS at the training spacing already).
 pub async fn load_case(store: &dyn ObjectStore, root: &Path, case_id: &str) -> Result<CaseVolume, DataError> {
+    let (shape, image, labels) = load_case_parts(store, root, case_id).await?;
+    Ok(CaseVolume::new(case_id.to_string(), shape, image, labels))
+}
+
+/// `load_case` before quantisation: what the node-wide cache's preparation closure returns.
+pub async fn load_case_parts(store: &dyn ObjectStore, root: &Path, case_id: &str) -> Result<Prepared, DataError> {
     validate_case_id(case_id)?;
     let key = ct_key(root, case_id);
     let ct = fetch_volume::<f32>(store, &key).await?;
@@ -61,7 +68,7 @@ pub async fn load_case(store: &dyn ObjectStore, root: &Path, case_id: &str) -> R
             }
         }
     }
-    Ok(CaseVolume::new(case_id.to_string(), ct.shape, image, labels))
+    Ok((ct.shape, image, labels))
 }
 
 /// Lists the case folders directly under `root` that hold a `ct.nii.gz`, sorted. Folder names that

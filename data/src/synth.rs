@@ -288,11 +288,11 @@ mod tests {
     fn mean_inside(vol: &CaseVolume, class: &str) -> f32 {
         let bit = 1u32 << class_index(class).expect("known class");
         let (sum, n) = vol
-            .labels
+            .labels()
             .iter()
-            .zip(&vol.image)
-            .filter(|(l, _)| **l & bit != 0)
-            .fold((0.0f64, 0usize), |(s, n), (_, v)| (s + *v as f64, n + 1));
+            .enumerate()
+            .filter(|(_, l)| **l & bit != 0)
+            .fold((0.0f64, 0usize), |(s, n), (i, _)| (s + vol.intensity(i) as f64, n + 1));
         (sum / n.max(1) as f64) as f32
     }
 
@@ -311,13 +311,13 @@ mod tests {
             // The loader does not resample: it sees the files' own LPS grid.
             assert_eq!(vol.shape, [39, 119, 119]);
             assert_eq!(vol.shape, opts.file_shape());
-            assert_eq!(vol.image.len(), 39 * 119 * 119);
+            assert_eq!(vol.image().len(), 39 * 119 * 119);
             for (c, class) in CLASSES.iter().enumerate() {
                 let n = vol.class_voxels(c);
                 assert!(n >= 30, "{id}: {class} has {n} voxels");
             }
             // One label per voxel: no voxel carries two classes.
-            assert!(vol.labels.iter().all(|l| l.count_ones() <= 1));
+            assert!(vol.labels().iter().all(|l| l.count_ones() <= 1));
 
             let (liver, spleen) = (mean_inside(&vol, "liver"), mean_inside(&vol, "spleen"));
             let lung = mean_inside(&vol, "lung_left").max(mean_inside(&vol, "lung_right"));
@@ -331,7 +331,7 @@ mod tests {
             assert!(kidney > liver + 0.15, "{id}: kidney {kidney} vs liver {liver}");
             assert!(aorta > liver + 0.2, "{id}: aorta {aorta} vs liver {liver}");
             // Outside the body is air, so the corner voxel windows to zero.
-            assert_eq!(vol.image[0], 0.0);
+            assert_eq!(vol.image()[0], 0);
         }
     }
 

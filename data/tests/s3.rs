@@ -179,7 +179,7 @@ async fn assert_same_as_local(url: &str, local: &FsPath, ids: &[String]) {
     for id in ids {
         let remote = load_case(store.as_ref(), &root, id).await.unwrap();
         let here = load_case(local_store.as_ref(), &local_root, id).await.unwrap();
-        assert!(here.foreground.len() > 0, "{id}: a phantom has organs");
+        assert!(!here.foreground().is_empty(), "{id}: a phantom has organs");
         assert_eq!(remote, here, "{id} read through {url}");
     }
 }

@@ -124,6 +124,8 @@ impl Cluster {
                 .env("RAYON_NUM_THREADS", threads.to_string())
                 .env("RUST_LOG", "warn")
                 .env(TOKEN_ENV, TOKEN)
+                // The cluster's workers share one node-wide case cache, kept out of $HOME.
+                .env("VOXELFLEET_CACHE_DIR", self.path("cache"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()

@@ -17,7 +17,9 @@ use crate::collective::{CollectiveHub, Ring, serve_collective};
 use crate::fingerprint::numeric_fingerprint;
 use crate::link::{LinkError, RankIdentity, RunLink, StopSignal};
 use crate::manifests::{ManifestCache, RunCases};
+use crate::train::cases::DataPlane;
 use crate::train::trainer::{RunSummary, TrainError, train_rank};
+use data::cache::VolumeCache;
 
 /// Everything `worker` (and `coordinator worker`) accepts on its command line.
 #[derive(Debug, Clone, clap::Args)]
@@ -58,6 +60,50 @@ pub struct WorkerArgs {
     /// the run is given up and resumed from its checkpoint once the coordinator is back.
     #[arg(long, default_value_t = 300)]
     pub coordinator_grace_secs: u64,
+    /// Directory of the node-wide cache of preprocessed volumes, shared by every worker process
+    /// on the node and every run (default: $XDG_CACHE_HOME/voxelfleet/cases, else
+    /// ~/.cache/voxelfleet/cases).
+    #[arg(long, env = "VOXELFLEET_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Size limit of the cache directory in GB (10^9 bytes); least recently used volumes are
+    /// evicted beyond it. 0 turns the disk cache off.
+    #[arg(long, default_value_t = 50.0)]
+    pub cache_max_gb: f64,
+    /// Threads that load cases and build the next batches while a step trains.
+    #[arg(long, default_value_t = 2)]
+    pub prefetch_threads: usize,
+    /// Memory for batches built ahead, in MiB (at least one batch is always built ahead).
+    #[arg(long, default_value_t = 512)]
+    pub prefetch_mib: usize,
+}
+
+impl WorkerArgs {
+    /// The process's data plane. A cache directory that cannot be created is logged and the
+    /// worker trains without a disk cache: the cache only saves work.
+    pub fn data_plane(&self) -> DataPlane {
+        let open = data::cache::DEFAULT_OPEN_VOLUMES;
+        let cache = if self.cache_max_gb <= 0.0 || !self.cache_max_gb.is_finite() {
+            VolumeCache::disabled(open)
+        } else {
+            let dir = self.cache_dir.clone().unwrap_or_else(data::cache::default_cache_dir);
+            let max = (self.cache_max_gb * 1e9) as u64;
+            match VolumeCache::new(&dir, max, open) {
+                Ok(cache) => {
+                    tracing::info!(dir = %dir.display(), max_gb = self.cache_max_gb, "node-wide case cache");
+                    cache
+                }
+                Err(e) => {
+                    tracing::warn!("case cache unavailable ({e}); reading every case from the store");
+                    VolumeCache::disabled(open)
+                }
+            }
+        };
+        DataPlane {
+            cache: Arc::new(cache),
+            prefetch_threads: self.prefetch_threads.max(1),
+            prefetch_bytes: self.prefetch_mib << 20,
+        }
+    }
 }
 
 /// The run a worker is on, as the heartbeat task needs to see it.
@@ -93,6 +139,7 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     .await?;
     let presence = Arc::new(Mutex::new(Presence::default()));
     let manifests = ManifestCache::default();
+    let plane = args.data_plane();
     let interval = register(&client, &peer_address, args.device, &presence).await?;
     tokio::spawn(heartbeat_loop(client.clone(), presence.clone(), interval));
 
@@ -126,7 +173,7 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         };
         match outcome {
             Some(Outcome::Assignment(assignment)) => {
-                run_assignment(&args, &client, &hub, &presence, &manifests, assignment).await;
+                run_assignment(&args, &client, &hub, &presence, &manifests, &plane, assignment).await;
                 runs_done += 1;
                 if args.max_runs > 0 && runs_done >= args.max_runs {
                     tracing::info!(runs_done, "reached --max-runs; exiting");
@@ -253,6 +300,7 @@ async fn run_assignment(
     hub: &CollectiveHub,
     presence: &Arc<Mutex<Presence>>,
     manifests: &ManifestCache,
+    plane: &DataPlane,
     assignment: pb::Assignment,
 ) {
     let stop = StopSignal::default();
@@ -290,6 +338,7 @@ async fn run_assignment(
         Duration::from_secs(args.coordinator_grace_secs),
     );
     let device = args.device;
+    let plane = plane.clone();
     // Without its cases the run cannot start: fail at once instead of first waiting out the
     // ring's connect deadline.
     let connected = match manifests.cases_for(client, &assignment).await {
@@ -306,7 +355,7 @@ async fn run_assignment(
         Ok((mut ring, cases)) => tokio::task::spawn_blocking(move || {
             ring.abort_on(stop);
             let mut link = link;
-            let summary = train_on(device, &assignment, &cases, &mut ring, &mut link)?;
+            let summary = train_on(device, &assignment, &cases, &mut ring, &mut link, &plane)?;
             link.finish(summary.final_step, summary.weights_sha256.clone())?;
             Ok(summary)
         })
@@ -376,6 +425,7 @@ fn train_on(
     cases: &RunCases,
     ring: &mut Ring,
     link: &mut RunLink,
+    plane: &DataPlane,
 ) -> Result<RunSummary, TrainError> {
     let spec = protocol::spec::RunSpec::from_toml(&assignment.spec_toml, "assignment")?;
     let available = crate::train::memory::available_memory(device);
@@ -396,11 +446,18 @@ fn train_on(
         ),
     }
     match device {
-        DeviceSpec::Cpu => train_rank::<crate::backend::CpuTrain>(Default::default(), assignment, cases, ring, link),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(index) => {
-            train_rank::<crate::backend::GpuTrain>(crate::backend::GpuDevice::new(index), assignment, cases, ring, link)
+        DeviceSpec::Cpu => {
+            train_rank::<crate::backend::CpuTrain>(Default::default(), assignment, cases, ring, link, plane)
         }
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => train_rank::<crate::backend::GpuTrain>(
+            crate::backend::GpuDevice::new(index),
+            assignment,
+            cases,
+            ring,
+            link,
+            plane,
+        ),
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => Err(TrainError::Assignment(
             "this worker was built without the `cuda` feature".into(),

@@ -2,9 +2,11 @@
 //! encoding, the data order, evaluation, the memory a step needs, and the loop that ties them
 //! together.
 
+pub mod cases;
 pub mod checkpoint;
 pub mod codec;
 pub mod eval;
+pub mod feed;
 pub mod loss;
 pub mod memory;
 pub mod order;

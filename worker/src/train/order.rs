@@ -57,6 +57,14 @@ impl SampleOrder {
         out
     }
 
+    /// The case that replaces a failed one for global sample `index`, attempt `attempt`: a seeded
+    /// pick from the whole list, the same on every rank and every rerun. It may name a case that
+    /// fails too; the caller then asks with the next attempt.
+    pub fn substitute(&self, index: u64, attempt: u32) -> &str {
+        let pick = mix(mix(self.seed ^ 0x005B_5717_u64, index), attempt as u64);
+        &self.cases[(pick % self.cases.len() as u64) as usize]
+    }
+
     /// Every case the run may read, for warming caches.
     pub fn all_cases(&self) -> &[String] {
         &self.cases

@@ -5,7 +5,6 @@
 //!
 //! Generic over the autodiff backend, so the CPU and CUDA paths are the same code.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,8 +12,6 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
-use object_store::ObjectStore;
-use object_store::path::Path as ObjectPath;
 use protocol::classes::NUM_CLASSES;
 use protocol::pb;
 
@@ -25,15 +22,18 @@ use thiserror::Error;
 use crate::collective::{CollectiveError, HeldState, Ring, fetch_state};
 use crate::link::{LinkError, RunLink};
 use crate::model::unet::{ModelConfigError, UNet3d, UNet3dConfig};
+use crate::train::cases::{CaseSource, DataPlane, StoreSource};
 use crate::train::checkpoint::{
     CheckpointError, CheckpointManager, LoopState, Optim, Restored, decode_parts, encode_parts,
 };
 use crate::train::eval::{EvalReport, evaluate};
+use crate::train::feed::{BatchBuilder, Feed, FeedConfig, Substitute};
 use crate::train::loss::bce_dice_loss;
-use crate::train::order::{SampleOrder, rank_slice, sample_rng};
+use crate::train::order::{SampleOrder, rank_slice};
 use crate::train::params::{self, ParamsError};
 use crate::train::schedule::warmup_cosine;
-use data::{self, CaseVolume, DataError, sample_patch};
+use data::patch::CropConfig;
+use data::{self, CaseVolume, DataError};
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -81,30 +81,13 @@ pub fn model_config(spec: &RunSpec) -> UNet3dConfig {
         .with_depth(spec.model.depth as usize)
 }
 
-/// Decoded volumes this rank has read. Kept in memory: the spine's datasets are small; the data
-/// plane issue replaces this with a bounded on-disk cache.
-struct CaseCache {
-    store: Arc<dyn ObjectStore>,
-    root: ObjectPath,
-    cases: HashMap<String, CaseVolume>,
-}
-
-impl CaseCache {
-    fn get(&mut self, link: &RunLink, id: &str) -> Result<&CaseVolume, DataError> {
-        if !self.cases.contains_key(id) {
-            let vol = link.block_on(data::load_case(self.store.as_ref(), &self.root, id))?;
-            self.cases.insert(id.to_string(), vol);
-        }
-        Ok(&self.cases[id])
-    }
-}
-
 pub fn train_rank<B: AutodiffBackend>(
     device: B::Device,
     assignment: &pb::Assignment,
     cases: &RunCases,
     ring: &mut Ring,
     link: &mut RunLink,
+    plane: &DataPlane,
 ) -> Result<RunSummary, TrainError> {
     let spec = RunSpec::from_toml(&assignment.spec_toml, "assignment")?;
     let t = &spec.train;
@@ -120,11 +103,13 @@ pub fn train_rank<B: AutodiffBackend>(
         .with_weight_decay(t.weight_decay as f32)
         .init::<B, UNet3d<B>>();
     let (store, root) = data::store_from_url(&spec.dataset.url)?;
-    let mut cache = CaseCache {
+    let source: Arc<dyn CaseSource> = Arc::new(StoreSource::new(
         store,
         root,
-        cases: HashMap::new(),
-    };
+        &spec.dataset.url,
+        plane.cache.clone(),
+        tokio::runtime::Handle::current(),
+    ));
     let (store, root) = data::store_from_url(&assignment.artifacts_url)?;
     let checkpoints = CheckpointManager::new(store, root, &assignment.run_id, assignment.attempt);
     let mut state = LoopState::fresh(spec.seed, world, per_rank);
@@ -142,30 +127,54 @@ pub fn train_rank<B: AutodiffBackend>(
         tracing::info!(run = %assignment.run_id, rank, step = state.step, samples = state.samples_consumed, "resumed from checkpoint");
     }
     let start_step = state.step;
-    let order = SampleOrder::new(cases.train.clone(), spec.seed);
+    let order = Arc::new(SampleOrder::new(cases.train.clone(), spec.seed));
     let patch = t.patch.map(|p| p as usize);
     let batch = per_rank as usize;
-    let voxels: usize = patch.iter().product();
     let evaluating = rank == 0 && t.eval && !cases.eval.is_empty();
 
-    let eval_at =
-        |model: &UNet3d<B>, step: u64, link: &mut RunLink, cache: &mut CaseCache| -> Result<EvalReport, TrainError> {
-            let started = Instant::now();
-            for id in &cases.eval {
-                cache.get(link, id)?;
-            }
-            let vols: Vec<&CaseVolume> = cases.eval.iter().map(|id| &cache.cases[id]).collect();
-            let report = evaluate(&model.valid(), &vols, multiple, &device);
-            for (name, value) in report.metrics() {
-                link.metric(step, &name, value);
-            }
-            link.metric(step, "eval/seconds", started.elapsed().as_secs_f64());
-            link.flush()?;
-            Ok(report)
-        };
+    // The feed starts before the first evaluation, so its prefetch overlaps it.
+    let substitute: Substitute = {
+        let order = order.clone();
+        Arc::new(move |index, attempt| Some(order.substitute(index, attempt).to_string()))
+    };
+    let mut feed = Feed::start(BatchBuilder {
+        order: order.clone(),
+        source: source.clone(),
+        substitute: Some(substitute),
+        config: FeedConfig {
+            seed: spec.seed,
+            rank,
+            per_rank_batch: per_rank,
+            samples_per_step: world as u64 * per_rank as u64,
+            first_consumed: state.samples_consumed,
+            batches: t.steps.saturating_sub(start_step),
+            crop: CropConfig::suprem(patch),
+            threads: plane.prefetch_threads,
+            max_ahead_bytes: plane.prefetch_bytes,
+            max_substitutions: 8,
+        },
+    });
+
+    let eval_at = |model: &UNet3d<B>, step: u64, link: &mut RunLink| -> Result<EvalReport, TrainError> {
+        let started = Instant::now();
+        // Mapped from the node's cache, held only for this evaluation.
+        let held: Vec<Arc<CaseVolume>> = cases
+            .eval
+            .iter()
+            .map(|id| source.volume(id).map(|(vol, _)| vol))
+            .collect::<Result<_, DataError>>()?;
+        let vols: Vec<&CaseVolume> = held.iter().map(Arc::as_ref).collect();
+        let report = evaluate(&model.valid(), &vols, multiple, &device);
+        for (name, value) in report.metrics() {
+            link.metric(step, &name, value);
+        }
+        link.metric(step, "eval/seconds", started.elapsed().as_secs_f64());
+        link.flush()?;
+        Ok(report)
+    };
     // A resumed run has done this already.
     let eval_before = if evaluating && start_step == 0 {
-        Some(eval_at(&model, 0, link, &mut cache)?)
+        Some(eval_at(&model, 0, link)?)
     } else {
         None
     };
@@ -177,16 +186,28 @@ pub fn train_rank<B: AutodiffBackend>(
         }
         let started = Instant::now();
         let samples = rank_slice(state.samples_consumed, rank, per_rank);
-        let mut images = Vec::with_capacity(batch * voxels);
-        let mut labels = Vec::with_capacity(batch * NUM_CLASSES * voxels);
-        for (index, id) in samples.clone().zip(order.cases(samples.clone())) {
-            let p = sample_patch(cache.get(link, id)?, patch, &mut sample_rng(spec.seed, index));
-            images.extend_from_slice(&p.image);
-            labels.extend_from_slice(&p.labels);
+        let ready = feed
+            .next_batch()
+            .ok_or_else(|| TrainError::Assignment(format!("the data feed ended before step {step}")))?
+            .map_err(|failure| TrainError::Data(*failure.error))?;
+        if ready.samples != samples {
+            return Err(TrainError::Assignment(format!(
+                "the data feed built samples {:?} for step {step}, which reads {samples:?}",
+                ready.samples
+            )));
+        }
+        // The integrator's quarantine hooks in here; until then a replaced case is logged.
+        for failure in &ready.failures {
+            tracing::warn!(
+                sample = failure.sample_index,
+                case = %failure.case_id,
+                "case replaced for this sample: {}",
+                failure.error
+            );
         }
         let [d, h, w] = patch;
-        let x = Tensor::<B, 5>::from_data(TensorData::new(images, [batch, 1, d, h, w]), &device);
-        let y = Tensor::<B, 5>::from_data(TensorData::new(labels, [batch, NUM_CLASSES, d, h, w]), &device);
+        let x = Tensor::<B, 5>::from_data(TensorData::new(ready.images, [batch, 1, d, h, w]), &device);
+        let y = Tensor::<B, 5>::from_data(TensorData::new(ready.labels, [batch, NUM_CLASSES, d, h, w]), &device);
 
         let loss = bce_dice_loss(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.total.backward(), &model);
@@ -224,6 +245,13 @@ pub fn train_rank<B: AutodiffBackend>(
         link.metric(done, "data/samples", per_rank as f64);
         if done.is_multiple_of(t.metrics_every) || last {
             window.report(link, done, lr, batch);
+            let data = feed.take_metrics();
+            link.metric(done, "data/cases_per_second", data.cases_per_second);
+            link.metric(done, "data/cache_hit_rate", data.cache_hit_rate);
+            link.metric(done, "data/wait_seconds", data.wait_seconds);
+            if data.case_failures > 0 {
+                link.metric(done, "data/case_failures", data.case_failures as f64);
+            }
         }
         if done.is_multiple_of(t.checksum_every) || last {
             link.checksum(done, params::weights_checksum(&model));
@@ -240,9 +268,10 @@ pub fn train_rank<B: AutodiffBackend>(
         }
     }
 
+    drop(feed);
     let weights_sha256 = params::weights_checksum(&model);
     let eval_after = if evaluating && start_step < t.steps {
-        Some(eval_at(&model, t.steps, link, &mut cache)?)
+        Some(eval_at(&model, t.steps, link)?)
     } else {
         None
     };
