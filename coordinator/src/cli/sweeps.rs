@@ -42,6 +42,9 @@ pub fn load_sweep(path: &Path) -> anyhow::Result<(SweepFile, usize)> {
             values.iter_mut().for_each(absolute);
         }
     }
+    // A case-id list in the base spec is read relative to the sweep file.
+    super::datasets::embed_case_list_table(&mut sweep.base, dir)
+        .with_context(|| format!("sweep file {}", path.display()))?;
     let children = sweep.expand(&source)?.len();
     Ok((sweep, children))
 }
