@@ -36,7 +36,11 @@ fn spec_with_dataset(cluster: &Cluster, name: &str, dataset_lines: &str) -> Path
 }
 
 fn quarantine(cluster: &Cluster, dataset: &str) -> Vec<Value> {
-    cluster.cli_json(&["dataset", "quarantine", dataset]).as_array().unwrap().clone()
+    cluster
+        .cli_json(&["dataset", "quarantine", dataset])
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 async fn manifest(cluster: &Cluster, id: &str) -> Vec<String> {
@@ -48,7 +52,11 @@ async fn manifest(cluster: &Cluster, id: &str) -> Vec<String> {
         .unwrap()
         .into_inner()
         .manifests;
-    listed.into_iter().find(|m| m.manifest_id == id).expect("manifest listed").cases
+    listed
+        .into_iter()
+        .find(|m| m.manifest_id == id)
+        .expect("manifest listed")
+        .cases
 }
 
 #[tokio::test]
@@ -68,8 +76,14 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
 
     let listed = cluster.cli_json(&["datasets"]);
     let atlas = &listed.as_array().unwrap()[0];
-    assert_eq!((atlas["name"].as_str(), atlas["cases"].as_u64()), (Some("atlas"), Some(8)));
-    assert_eq!((atlas["missing_ct"].as_u64(), atlas["quarantined"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (atlas["name"].as_str(), atlas["cases"].as_u64()),
+        (Some("atlas"), Some(8))
+    );
+    assert_eq!(
+        (atlas["missing_ct"].as_u64(), atlas["quarantined"].as_u64()),
+        (Some(1), Some(1))
+    );
     let held = quarantine(&cluster, "atlas");
     assert_eq!(held.len(), 1);
     assert_eq!(held[0]["case_id"], gone.as_str());
@@ -80,7 +94,13 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
     let run_id = cluster.submit(&spec);
     let detail = cluster.cli_json(&["show", &run_id]);
     assert_eq!(detail["train_cases"], 5);
-    assert!(detail["spec_toml"].as_str().unwrap().contains(dataset.to_str().unwrap()), "{detail}");
+    assert!(
+        detail["spec_toml"]
+            .as_str()
+            .unwrap()
+            .contains(dataset.to_str().unwrap()),
+        "{detail}"
+    );
 
     let (mut worker, worker_id) = fake_worker(&cluster, "127.0.0.1:11").await;
     let Some(Outcome::Assignment(a)) = poll(&mut worker, &worker_id, 5000).await else {
@@ -106,23 +126,43 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
     };
     let answer = worker.report_bad_case(report(&bad)).await.unwrap().into_inner();
     assert!(answer.newly_quarantined);
-    assert!(!worker.report_bad_case(report(&bad)).await.unwrap().into_inner().newly_quarantined);
+    assert!(
+        !worker
+            .report_bad_case(report(&bad))
+            .await
+            .unwrap()
+            .into_inner()
+            .newly_quarantined
+    );
     let status = worker.report_bad_case(report("BDMAP_99999999")).await.unwrap_err();
     assert!(status.message().contains("BDMAP_99999999"), "{}", status.message());
     let held = quarantine(&cluster, &dataset.display().to_string());
-    let reported = held.iter().find(|q| q["case_id"] == bad.as_str()).expect("reported case");
-    assert_eq!((reported["run_id"].as_str(), reported["worker_id"].as_str()), (Some(run_id.as_str()), Some(worker_id.as_str())));
+    let reported = held
+        .iter()
+        .find(|q| q["case_id"] == bad.as_str())
+        .expect("reported case");
+    assert_eq!(
+        (reported["run_id"].as_str(), reported["worker_id"].as_str()),
+        (Some(run_id.as_str()), Some(worker_id.as_str()))
+    );
     let events = Cluster::event_kinds(&cluster.cli_json(&["show", &run_id]));
     assert!(events.contains(&"quarantined".to_string()), "{events:?}");
 
     // A later run skips both and still gets the count it asks for; one asking for more good
     // cases than the 6 positions before the held-out set hold is refused, naming the quarantine.
-    let later = cluster.submit(&spec_with_dataset(&cluster, "later", "name = \"atlas\"\ntrain_cases = 4"));
+    let later = cluster.submit(&spec_with_dataset(
+        &cluster,
+        "later",
+        "name = \"atlas\"\ntrain_cases = 4",
+    ));
     assert_eq!(cluster.cli_json(&["show", &later])["train_cases"], 4);
     let too_many = spec_with_dataset(&cluster, "too-many", "name = \"atlas\"\ntrain_cases = 6");
     let out = cluster.cli(&["submit", too_many.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("dataset.train_cases") && err.contains("quarantined"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("dataset.train_cases") && err.contains("quarantined"),
+        "{err}"
+    );
 
     // Clearing one case, then the rest.
     let cleared = cluster.cli_json(&["dataset", "quarantine", "atlas", "--clear", &bad]);
@@ -137,7 +177,11 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
     assert!(table.contains("no quarantined cases"), "{table}");
 
     // The CT comes back; a rescan says nothing changed in the case set and lists no missing CT.
-    std::fs::copy(dataset.join(&ids[0]).join("ct.nii.gz"), dataset.join(&gone).join("ct.nii.gz")).unwrap();
+    std::fs::copy(
+        dataset.join(&ids[0]).join("ct.nii.gz"),
+        dataset.join(&gone).join("ct.nii.gz"),
+    )
+    .unwrap();
     let again = cluster.cli_json(&["dataset", "scan", dataset.to_str().unwrap()]);
     assert_eq!(again["rescanned"], true);
     assert_eq!(again["dataset"]["name"], "atlas");
@@ -159,7 +203,11 @@ async fn a_case_list_file_picks_a_subset_in_the_dataset_order() {
 
     // By URL, never scanned: the submit scans it first.
     let url_line = format!("url = \"{}\"", dataset.display());
-    let spec = spec_with_dataset(&cluster, "subset", &format!("{url_line}\ncase_list = \"lists/sub.txt\"\ntrain_cases = 3"));
+    let spec = spec_with_dataset(
+        &cluster,
+        "subset",
+        &format!("{url_line}\ncase_list = \"lists/sub.txt\"\ntrain_cases = 3"),
+    );
     let run_id = cluster.submit(&spec);
     let datasets = cluster.cli_json(&["datasets"]);
     assert_eq!(datasets[0]["name"], "dataset");
@@ -180,11 +228,22 @@ async fn a_case_list_file_picks_a_subset_in_the_dataset_order() {
     assert_eq!(subset, expect, "the list's cases in the dataset's order");
 
     // An unknown id, and a malformed line, are named.
-    std::fs::write(cluster.path("lists/unknown.txt"), format!("{}\nBDMAP_99999999\n", ids[0])).unwrap();
-    let spec = spec_with_dataset(&cluster, "unknown", &format!("{url_line}\ncase_list = \"lists/unknown.txt\""));
+    std::fs::write(
+        cluster.path("lists/unknown.txt"),
+        format!("{}\nBDMAP_99999999\n", ids[0]),
+    )
+    .unwrap();
+    let spec = spec_with_dataset(
+        &cluster,
+        "unknown",
+        &format!("{url_line}\ncase_list = \"lists/unknown.txt\""),
+    );
     let out = cluster.cli(&["submit", spec.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("BDMAP_99999999") && err.contains("dataset.cases"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("BDMAP_99999999") && err.contains("dataset.cases"),
+        "{err}"
+    );
     std::fs::write(cluster.path("lists/bad.txt"), format!("{}\nBDMAP 7\n", ids[0])).unwrap();
     let spec = spec_with_dataset(&cluster, "bad", &format!("{url_line}\ncase_list = \"lists/bad.txt\""));
     let out = cluster.cli(&["submit", spec.to_str().unwrap()]);
@@ -195,5 +254,8 @@ async fn a_case_list_file_picks_a_subset_in_the_dataset_order() {
     let spec = spec_with_dataset(&cluster, "nameless", "name = \"nope\"");
     let out = cluster.cli(&["submit", spec.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("dataset.name") && err.contains("nope"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("dataset.name") && err.contains("nope"),
+        "{err}"
+    );
 }

@@ -52,7 +52,11 @@ pub fn freeze(store: &Store, dataset: &DatasetRecord, order_seed: u64) -> Result
 /// that names them (the first 20).
 pub fn subset(full: &ManifestRecord, ids: &[String]) -> Result<ManifestRecord, ManifestError> {
     let known: HashSet<&str> = full.cases.iter().map(String::as_str).collect();
-    let unknown: Vec<&str> = ids.iter().map(String::as_str).filter(|id| !known.contains(id)).collect();
+    let unknown: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !known.contains(id))
+        .collect();
     if !unknown.is_empty() {
         let shown: Vec<&str> = unknown.iter().take(20).copied().collect();
         let more = if unknown.len() > shown.len() {
@@ -70,7 +74,12 @@ pub fn subset(full: &ManifestRecord, ids: &[String]) -> Result<ManifestRecord, M
         });
     }
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let cases: Vec<String> = full.cases.iter().filter(|c| wanted.contains(c.as_str())).cloned().collect();
+    let cases: Vec<String> = full
+        .cases
+        .iter()
+        .filter(|c| wanted.contains(c.as_str()))
+        .cloned()
+        .collect();
     Ok(ManifestRecord {
         id: manifest_id(&full.dataset_url, full.order_seed, &cases),
         dataset_url: full.dataset_url.clone(),
@@ -224,7 +233,10 @@ mod tests {
         let all = split_quarantined(ids(20), &spec(0, 3), &bad).unwrap();
         assert_eq!(all.train.len(), 15);
         let err = split_quarantined(ids(20), &spec(16, 3), &bad).unwrap_err().to_string();
-        assert!(err.contains("dataset.train_cases") && err.contains("2 of them quarantined"), "{err}");
+        assert!(
+            err.contains("dataset.train_cases") && err.contains("2 of them quarantined"),
+            "{err}"
+        );
     }
 
     #[test]

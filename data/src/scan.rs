@@ -67,10 +67,7 @@ impl DatasetScan {
 
     /// Bytes of every CT and mask found.
     pub fn total_bytes(&self) -> u64 {
-        self.cases
-            .iter()
-            .map(|c| c.ct_bytes.unwrap_or(0) + c.mask_bytes)
-            .sum()
+        self.cases.iter().map(|c| c.ct_bytes.unwrap_or(0) + c.mask_bytes).sum()
     }
 
     /// For each class (in `CLASSES` order), how many cases lack its mask.
@@ -135,7 +132,9 @@ pub async fn scan_dataset(
             ["segmentations", file] => {
                 folder.is_folder = true;
                 folder.has_segmentations = true;
-                let class = file.strip_suffix(".nii.gz").and_then(|n| CLASSES.iter().position(|c| *c == n));
+                let class = file
+                    .strip_suffix(".nii.gz")
+                    .and_then(|n| CLASSES.iter().position(|c| *c == n));
                 if let Some(c) = class {
                     folder.masks |= 1 << c;
                     folder.mask_bytes += meta.size;
@@ -173,7 +172,8 @@ pub async fn scan_dataset(
         } else if let Err(e) = validate_case_id(&name) {
             scan.ignored.push(ignore(e.to_string()));
         } else if folder.ct_bytes.is_none() && !folder.has_segmentations {
-            scan.ignored.push(ignore("holds neither ct.nii.gz nor segmentations/".into()));
+            scan.ignored
+                .push(ignore("holds neither ct.nii.gz nor segmentations/".into()));
         } else {
             scan.cases.push(ScannedCase {
                 id: name,
@@ -206,9 +206,19 @@ mod tests {
     /// Two good cases (one missing a class), one without CT, and three names that are not cases.
     async fn fill(store: &dyn ObjectStore, prefix: &str) {
         for (c, class) in CLASSES.iter().enumerate() {
-            put(store, &format!("{prefix}BDMAP_00000001/segmentations/{class}.nii.gz"), 10).await;
+            put(
+                store,
+                &format!("{prefix}BDMAP_00000001/segmentations/{class}.nii.gz"),
+                10,
+            )
+            .await;
             if c != 3 {
-                put(store, &format!("{prefix}BDMAP_00000002/segmentations/{class}.nii.gz"), 5).await;
+                put(
+                    store,
+                    &format!("{prefix}BDMAP_00000002/segmentations/{class}.nii.gz"),
+                    5,
+                )
+                .await;
             }
         }
         put(store, &format!("{prefix}BDMAP_00000001/ct.nii.gz"), 1000).await;

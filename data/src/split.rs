@@ -127,6 +127,10 @@ mod tests {
         assert!(err.starts_with("l.txt:2:"), "{err}");
         let err = parse_case_list("a\nb\na\n", "l.txt").unwrap_err();
         assert!(err.contains("l.txt:3") && err.contains("line 1"), "{err}");
-        assert!(parse_case_list("# nothing\n\n", "e.txt").unwrap_err().contains("no case ids"));
+        assert!(
+            parse_case_list("# nothing\n\n", "e.txt")
+                .unwrap_err()
+                .contains("no case ids")
+        );
     }
 }

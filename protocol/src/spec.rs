@@ -200,7 +200,9 @@ impl RunSpec {
                 format!("must be 1..=1024, got {}", self.world_size),
             ));
         }
-        self.dataset.validate().map_err(|(field, reason)| invalid(field, reason))?;
+        self.dataset
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         if !KNOWN_ARCHS.contains(&self.model.arch.as_str()) {
             return Err(invalid(
                 "model.arch",
@@ -306,7 +308,10 @@ impl DatasetSpec {
             (false, None) => {}
         }
         if self.case_list.is_some() && self.cases.is_some() {
-            return Err(("dataset.case_list", "give dataset.case_list or dataset.cases, not both".into()));
+            return Err((
+                "dataset.case_list",
+                "give dataset.case_list or dataset.cases, not both".into(),
+            ));
         }
         if let Some(list) = self.case_list.as_deref().filter(|l| l.trim().is_empty()) {
             return Err(("dataset.case_list", format!("`{list}` is not a file name")));
@@ -396,7 +401,10 @@ url = "/tmp/y"
     fn dataset_is_named_by_url_or_name_and_cases_by_one_list() {
         let by_name = GOOD.replace("url = \"/tmp/x\"", "name = \"atlas\"");
         let spec = RunSpec::from_toml(&by_name, "n.toml").unwrap();
-        assert_eq!((spec.dataset.name.as_deref(), spec.dataset.url.as_str()), (Some("atlas"), ""));
+        assert_eq!(
+            (spec.dataset.name.as_deref(), spec.dataset.url.as_str()),
+            (Some("atlas"), "")
+        );
         assert_eq!(RunSpec::from_toml(&spec.to_toml(), "c").unwrap(), spec);
         let both = GOOD.replace("url = \"/tmp/x\"", "url = \"/tmp/x\"\nname = \"atlas\"");
         let err = RunSpec::from_toml(&both, "b.toml").unwrap_err().to_string();
@@ -407,7 +415,10 @@ url = "/tmp/y"
         let bad_name = GOOD.replace("url = \"/tmp/x\"", "name = \"../x\"");
         let err = RunSpec::from_toml(&bad_name, "e.toml").unwrap_err().to_string();
         assert!(err.contains("dataset.name"), "{err}");
-        let lists = GOOD.replace("url = \"/tmp/x\"", "url = \"/tmp/x\"\ncase_list = \"l.txt\"\ncases = [\"a\"]");
+        let lists = GOOD.replace(
+            "url = \"/tmp/x\"",
+            "url = \"/tmp/x\"\ncase_list = \"l.txt\"\ncases = [\"a\"]",
+        );
         let err = RunSpec::from_toml(&lists, "l.toml").unwrap_err().to_string();
         assert!(err.contains("dataset.case_list"), "{err}");
         let bad_case = GOOD.replace("url = \"/tmp/x\"", "url = \"/tmp/x\"\ncases = [\"a b\"]");

@@ -52,8 +52,7 @@ pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
     let mut spec = RunSpec::from_toml(&text, &path.display().to_string())?;
     absolutize_local_urls(&mut spec)?;
     let spec_dir = path.parent().unwrap_or(Path::new("."));
-    super::datasets::embed_case_list(&mut spec, spec_dir)
-        .with_context(|| format!("run spec {}", path.display()))?;
+    super::datasets::embed_case_list(&mut spec, spec_dir).with_context(|| format!("run spec {}", path.display()))?;
     Ok(spec)
 }
 

@@ -32,7 +32,10 @@ pub fn embed_case_list_table(base: &mut toml::Table, spec_dir: &Path) -> anyhow:
         && let Some(toml::Value::String(list)) = dataset.remove("case_list")
     {
         let ids = read_case_list(&list, spec_dir)?;
-        dataset.insert("cases".into(), toml::Value::Array(ids.into_iter().map(toml::Value::String).collect()));
+        dataset.insert(
+            "cases".into(),
+            toml::Value::Array(ids.into_iter().map(toml::Value::String).collect()),
+        );
     }
     Ok(())
 }
@@ -53,7 +56,11 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1000.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// One line redrawn in place on a terminal; plain lines (at most one a second) otherwise.
@@ -195,7 +202,10 @@ fn print_summary(s: &pb::ScanSummary) {
         .map(|(c, n)| format!("{c} {n}"))
         .collect();
     if missing.is_empty() {
-        println!("class masks: every case has all {} (absent ones train as empty masks)", CLASSES.len());
+        println!(
+            "class masks: every case has all {} (absent ones train as empty masks)",
+            CLASSES.len()
+        );
     } else {
         println!(
             "cases missing a class mask (trained as an empty mask): {}",
@@ -209,7 +219,10 @@ fn print_summary(s: &pb::ScanSummary) {
         }
     }
     if d.quarantined > 0 {
-        println!("quarantined: {} case(s); see `coordinator dataset quarantine {}`", d.quarantined, d.name);
+        println!(
+            "quarantined: {} case(s); see `coordinator dataset quarantine {}`",
+            d.quarantined, d.name
+        );
     }
 }
 
@@ -297,8 +310,18 @@ pub async fn quarantine(remote: &Remote, dataset: Option<&str>, clear: Option<&s
                 } else {
                     format!("{} on {}", q.worker_id, q.run_id)
                 };
-                let dataset = if q.dataset_name.is_empty() { &q.dataset_url } else { &q.dataset_name };
-                vec![dataset.clone(), q.case_id.clone(), q.error.clone(), unix_ms(q.unix_ms), by]
+                let dataset = if q.dataset_name.is_empty() {
+                    &q.dataset_url
+                } else {
+                    &q.dataset_name
+                };
+                vec![
+                    dataset.clone(),
+                    q.case_id.clone(),
+                    q.error.clone(),
+                    unix_ms(q.unix_ms),
+                    by,
+                ]
             })
             .collect();
         println!("{}", table(&["DATASET", "CASE", "ERROR", "WHEN", "REPORTED BY"], &rows));
@@ -314,13 +337,20 @@ mod tests {
     fn a_spec_case_list_is_read_relative_to_the_spec_and_embedded() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("lists")).unwrap();
-        std::fs::write(dir.path().join("lists/sub.txt"), "# two\nBDMAP_00000002\nBDMAP_00000004\n").unwrap();
+        std::fs::write(
+            dir.path().join("lists/sub.txt"),
+            "# two\nBDMAP_00000002\nBDMAP_00000004\n",
+        )
+        .unwrap();
         let text = "name='t'\nworld_size=1\n[dataset]\nname='atlas'\ncase_list='lists/sub.txt'\n\
                     [model]\narch='unet'\ndepth=2\n[train]\nsteps=2\npatch=[8,8,8]\nlr=0.1\n[artifacts]\nurl='/y'\n";
         let mut spec = RunSpec::from_toml(text, "t").unwrap();
         embed_case_list(&mut spec, dir.path()).unwrap();
         assert_eq!(spec.dataset.case_list, None);
-        assert_eq!(spec.dataset.cases.as_deref().unwrap(), ["BDMAP_00000002", "BDMAP_00000004"]);
+        assert_eq!(
+            spec.dataset.cases.as_deref().unwrap(),
+            ["BDMAP_00000002", "BDMAP_00000004"]
+        );
         RunSpec::from_toml(&spec.to_toml(), "canonical").unwrap();
 
         std::fs::write(dir.path().join("lists/bad.txt"), "BDMAP_1\nBD MAP\n").unwrap();

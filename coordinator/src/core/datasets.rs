@@ -28,14 +28,24 @@ pub fn name_from_url(url: &str) -> String {
     let path = match url::Url::parse(url) {
         Ok(u) if u.scheme().len() > 1 => {
             let p = u.path().trim_matches('/').to_string();
-            if p.is_empty() { u.host_str().unwrap_or_default().to_string() } else { p }
+            if p.is_empty() {
+                u.host_str().unwrap_or_default().to_string()
+            } else {
+                p
+            }
         }
         _ => url.trim_end_matches(['/', '\\']).to_string(),
     };
     let last = path.rsplit(['/', '\\']).next().unwrap_or_default();
     let mut name: String = last
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(100)
         .collect();
     name = name.trim_start_matches('.').replace("..", "_");
@@ -76,11 +86,20 @@ impl Coordinator {
             .await
             .map_err(|e| rejected(e.to_string()))?;
         if scan.cases.is_empty() {
-            let ignored: Vec<String> = scan.ignored.iter().take(5).map(|i| format!("{} ({})", i.name, i.reason)).collect();
+            let ignored: Vec<String> = scan
+                .ignored
+                .iter()
+                .take(5)
+                .map(|i| format!("{} ({})", i.name, i.reason))
+                .collect();
             return Err(rejected(format!(
                 "no case folders (BDMAP_xxxxxxxx/ct.nii.gz) among {} objects{}",
                 scan.objects,
-                if ignored.is_empty() { String::new() } else { format!("; ignored: {}", ignored.join(", ")) }
+                if ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!("; ignored: {}", ignored.join(", "))
+                }
             )));
         }
         let record = DatasetRecord {
@@ -143,10 +162,12 @@ impl Coordinator {
         if let Some(d) = self.store.dataset(name_or_url)? {
             return Ok(d);
         }
-        self.store.dataset_by_url(name_or_url)?.ok_or_else(|| CoordError::NotFound {
-            what: "dataset",
-            id: name_or_url.into(),
-        })
+        self.store
+            .dataset_by_url(name_or_url)?
+            .ok_or_else(|| CoordError::NotFound {
+                what: "dataset",
+                id: name_or_url.into(),
+            })
     }
 
     /// Every scanned dataset with its quarantine count.
@@ -170,7 +191,11 @@ impl Coordinator {
         entries
             .into_iter()
             .map(|q| {
-                let name = self.store.dataset_by_url(&q.dataset_url)?.map(|d| d.name).unwrap_or_default();
+                let name = self
+                    .store
+                    .dataset_by_url(&q.dataset_url)?
+                    .map(|d| d.name)
+                    .unwrap_or_default();
                 Ok((name, q))
             })
             .collect()

@@ -203,11 +203,21 @@ impl Coordinator {
         }
         let dataset = match &spec.dataset.name {
             Some(name) => self.store.dataset(name)?.ok_or_else(|| {
-                let known: Vec<String> = self.store.datasets().unwrap_or_default().into_iter().map(|d| d.name).collect();
+                let known: Vec<String> = self
+                    .store
+                    .datasets()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|d| d.name)
+                    .collect();
                 rejected(format!(
                     "field `dataset.name`: no dataset `{name}` is scanned (known: {}); run \
                      `coordinator dataset scan URL --name {name}` first",
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ))
             })?,
             None => match self.store.dataset_by_url(&spec.dataset.url)? {

@@ -86,7 +86,10 @@ impl Store {
             .map(|c| c.id.as_str())
             .collect();
         let mut lifts = vec![];
-        for q in held.iter().filter(|q| q.by_scan() && has_ct.contains(q.case_id.as_str())) {
+        for q in held
+            .iter()
+            .filter(|q| q.by_scan() && has_ct.contains(q.case_id.as_str()))
+        {
             lifts.push(quarantine_key(&q.dataset_url, &q.case_id));
             change.lifted.push(q.case_id.clone());
         }
@@ -144,7 +147,11 @@ impl Store {
         let keys: Vec<sled::IVec> = match case_id {
             Some(id) => {
                 let key = quarantine_key(url, id);
-                self.quarantine.get(key.as_bytes())?.map(|_| key.as_bytes().into()).into_iter().collect()
+                self.quarantine
+                    .get(key.as_bytes())?
+                    .map(|_| key.as_bytes().into())
+                    .into_iter()
+                    .collect()
             }
             None => self
                 .quarantine
@@ -195,8 +202,13 @@ mod tests {
     fn scans_quarantine_missing_cts_and_lift_them_when_the_ct_is_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let first = store.put_scan(&record(vec![case("a", true), case("b", false)])).unwrap();
-        assert_eq!((first.rescanned, first.quarantined.clone()), (false, vec!["b".to_string()]));
+        let first = store
+            .put_scan(&record(vec![case("a", true), case("b", false)]))
+            .unwrap();
+        assert_eq!(
+            (first.rescanned, first.quarantined.clone()),
+            (false, vec!["b".to_string()])
+        );
         assert_eq!(store.dataset_by_url("/data/atlas").unwrap().unwrap().name, "atlas");
         let held = store.quarantined("/data/atlas").unwrap();
         assert_eq!(held.len(), 1);
@@ -220,7 +232,10 @@ mod tests {
             .put_scan(&record(vec![case("a", true), case("b", true), case("c", true)]))
             .unwrap();
         assert!(again.rescanned);
-        assert_eq!((again.added, again.removed, again.lifted), (vec!["c".into()], vec![], vec!["b".into()]));
+        assert_eq!(
+            (again.added, again.removed, again.lifted),
+            (vec!["c".into()], vec![], vec!["b".into()])
+        );
         let held = store.quarantined("/data/atlas").unwrap();
         assert_eq!(held, vec![reported]);
 
