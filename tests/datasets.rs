@@ -107,7 +107,7 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
         panic!("no assignment")
     };
     assert_eq!(a.run_id, run_id);
-    assert_eq!(a.quarantined, [gone.clone()]);
+    assert_eq!(a.quarantined, std::slice::from_ref(&gone));
     // The frozen order holds all 8 folders, the CT-less one included, in the seeded order of
     // the full listing: the other cases keep their positions.
     let order = manifest(&cluster, &a.manifest_id).await;

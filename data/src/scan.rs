@@ -146,7 +146,7 @@ pub async fn scan_dataset(
             }
             _ => folder.is_folder = true,
         }
-        if objects % PROGRESS_EVERY == 0 {
+        if objects.is_multiple_of(PROGRESS_EVERY) {
             progress(ScanProgress {
                 objects,
                 cases: folders.len() as u64,

@@ -40,7 +40,7 @@ pub fn absolutize_local_urls(spec: &mut RunSpec) -> anyhow::Result<()> {
     for url in [&mut spec.dataset.url, &mut spec.artifacts.url] {
         // An empty URL is a spec that names its dataset by `dataset.name`.
         if !url.is_empty() && !url.contains("://") && Path::new(url.as_str()).is_relative() {
-            *url = cwd.join(url.as_str()).display().to_string();
+            *url = super::datasets::under_cwd(&cwd, url);
         }
     }
     Ok(())

@@ -133,9 +133,20 @@ pub async fn scan(remote: &Remote, url: &str, name: Option<&str>) -> anyhow::Res
 /// A plain relative path means the caller's directory, not the coordinator's.
 fn absolute_local(url: &str) -> anyhow::Result<String> {
     if !url.contains("://") && Path::new(url).is_relative() {
-        return Ok(std::env::current_dir()?.join(url).display().to_string());
+        return Ok(under_cwd(&std::env::current_dir()?, url));
     }
     Ok(url.to_string())
+}
+
+/// `cwd/rel` without `.` components, so `./atlas` and `atlas` name one dataset URL (datasets
+/// and quarantine are keyed by the URL string).
+pub fn under_cwd(cwd: &Path, rel: &str) -> String {
+    let joined: std::path::PathBuf = cwd
+        .join(rel)
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect();
+    joined.display().to_string()
 }
 
 fn summary_json(s: &pb::ScanSummary) -> Value {
@@ -360,6 +371,12 @@ mod tests {
         let mut spec = RunSpec::from_toml(&text.replace("sub.txt", "none.txt"), "t").unwrap();
         let err = format!("{:#}", embed_case_list(&mut spec, dir.path()).unwrap_err());
         assert!(err.contains("none.txt"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_lose_their_dot_components() {
+        assert_eq!(under_cwd(Path::new("/w"), "./atlas/./x"), "/w/atlas/x");
+        assert_eq!(under_cwd(Path::new("/w"), "atlas"), "/w/atlas");
     }
 
     #[test]

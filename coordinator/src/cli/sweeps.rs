@@ -29,7 +29,7 @@ pub fn load_sweep(path: &Path) -> anyhow::Result<(SweepFile, usize)> {
             && !url.contains("://")
             && Path::new(url.as_str()).is_relative()
         {
-            *url = cwd.join(url.as_str()).display().to_string();
+            *url = super::datasets::under_cwd(&cwd, url);
         }
     };
     for (table, key) in [("dataset", "url"), ("artifacts", "url")] {

@@ -167,9 +167,9 @@ impl Coordinator {
             let sub = manifest::subset(&manifest, ids).map_err(|e| rejected(e.to_string()))?;
             if sub.subset {
                 let sub_key = (sub.id.clone(), key.1);
-                if !checked.manifests.contains_key(&sub_key) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = checked.manifests.entry(sub_key) {
                     let new = self.store.manifest(&sub.id)?.is_none();
-                    checked.manifests.insert(sub_key, (sub.clone(), new));
+                    slot.insert((sub.clone(), new));
                 }
             }
             manifest = sub;
