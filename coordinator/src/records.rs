@@ -182,6 +182,58 @@ pub struct ManifestRecord {
     pub order_seed: u64,
     pub cases: Vec<String>,
     pub frozen_unix_ms: i64,
+    /// A case-id list's cases in the dataset's order (a subsequence of the full manifest of the
+    /// same URL and seed); not indexed by URL and seed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub subset: bool,
+}
+
+/// One scanned dataset: every case folder found under `url` with its sizes and masks, the
+/// names that were not case folders, and when. Keyed by `name` (a `protocol::ids` id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DatasetRecord {
+    pub name: String,
+    pub url: String,
+    pub scanned_unix_ms: i64,
+    /// Sorted by id; a case with `ct_bytes: None` has no `ct.nii.gz` (and is quarantined).
+    pub cases: Vec<data::scan::ScannedCase>,
+    pub ignored: Vec<data::scan::IgnoredName>,
+    pub objects: u64,
+}
+
+impl DatasetRecord {
+    pub fn missing_ct(&self) -> Vec<String> {
+        self.cases
+            .iter()
+            .filter(|c| c.ct_bytes.is_none())
+            .map(|c| c.id.clone())
+            .collect()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.cases.iter().map(|c| c.ct_bytes.unwrap_or(0) + c.mask_bytes).sum()
+    }
+}
+
+/// A case no run should read until an operator clears it, keyed by dataset URL and case id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuarantineRecord {
+    pub dataset_url: String,
+    pub case_id: String,
+    pub error: String,
+    pub unix_ms: i64,
+    /// Empty when the scan quarantined it (a missing CT).
+    #[serde(default)]
+    pub run_id: String,
+    #[serde(default)]
+    pub worker_id: String,
+}
+
+impl QuarantineRecord {
+    /// The scan's own entries; a later scan lifts them when the CT is back.
+    pub fn by_scan(&self) -> bool {
+        self.run_id.is_empty()
+    }
 }
 
 /// Where a survivor of a broken ring holds the whole training state, and after which step.

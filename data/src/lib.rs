@@ -20,6 +20,7 @@ mod nifti_write;
 pub mod patch;
 pub mod preprocess;
 pub mod reference;
+pub mod scan;
 pub mod split;
 pub mod store;
 pub mod synth;
@@ -33,6 +34,7 @@ pub use loader::{list_cases, load_case};
 pub use patch::{CropConfig, Patch, sample_patch, whole_volume};
 pub use store::{StoreUrl, local_dir_from_url, store_from_url};
 pub use synth::{PhantomOrientation, SynthOptions, TRAINING_SPACING_MM, write_phantom_dataset};
+pub use scan::{DatasetScan, ScanProgress, scan_dataset};
 pub use volume::{CaseVolume, window_hu};
 
 use std::path::PathBuf;

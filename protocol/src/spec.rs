@@ -57,7 +57,20 @@ pub struct RunSpec {
 #[serde(deny_unknown_fields)]
 pub struct DatasetSpec {
     /// Object-store URL of the AbdomenAtlas-layout dataset (`file:///data/atlas`, a local path).
+    /// Give this or `name`, not both; the coordinator resolves `name` to the scanned dataset's
+    /// URL at submit, so the spec it stores and hands to workers always carries the URL.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Name of a dataset scanned with `coordinator dataset scan` (see `coordinator datasets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A case-id list file (one id a line, SuPreM's `dataset_list/*.txt`), relative to the spec
+    /// file. The CLI reads it and sends its ids as `cases`; the coordinator never reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case_list: Option<String>,
+    /// Only these cases, in the dataset's seeded order (so subsets of one list nest too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cases: Option<Vec<String>>,
     /// Training subset size: a prefix of the dataset's seeded order, so smaller subsets nest
     /// inside larger ones. 0 means every case not held out.
     #[serde(default)]
@@ -273,9 +286,9 @@ impl RunSpec {
                 format!("must be 1..=1024, got {}", self.world_size),
             ));
         }
-        if self.dataset.url.trim().is_empty() {
-            return Err(invalid("dataset.url", "must not be empty".into()));
-        }
+        self.dataset
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         if !KNOWN_ARCHS.contains(&self.model.arch.as_str()) {
             return Err(invalid(
                 "model.arch",
@@ -367,6 +380,43 @@ impl RunSpec {
     }
 }
 
+impl DatasetSpec {
+    /// Exactly one of `url` and `name`; `case_list` or `cases`, not both; valid ids.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        match (self.url.trim().is_empty(), &self.name) {
+            (true, None) => {
+                return Err((
+                    "dataset.url",
+                    "give dataset.url or dataset.name (a dataset scanned with `coordinator dataset scan`)".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(("dataset.name", "give dataset.url or dataset.name, not both".into()));
+            }
+            (true, Some(name)) => validate_id(name, "dataset name").map_err(|r| ("dataset.name", r))?,
+            (false, None) => {}
+        }
+        if self.case_list.is_some() && self.cases.is_some() {
+            return Err((
+                "dataset.case_list",
+                "give dataset.case_list or dataset.cases, not both".into(),
+            ));
+        }
+        if let Some(list) = self.case_list.as_deref().filter(|l| l.trim().is_empty()) {
+            return Err(("dataset.case_list", format!("`{list}` is not a file name")));
+        }
+        if let Some(cases) = &self.cases {
+            if cases.is_empty() {
+                return Err(("dataset.cases", "must list at least one case id".into()));
+            }
+            for id in cases {
+                validate_id(id, "case id").map_err(|r| ("dataset.cases", r))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl TrainSpec {
     /// Samples each rank draws per step at `world_size` ranks.
     pub fn per_rank_batch(&self, world_size: u32) -> Result<u32, String> {
@@ -434,6 +484,35 @@ url = "/tmp/y"
         let uneven = GOOD.replace("lr = 0.001", "lr = 0.001\nglobal_batch = 3");
         let err = RunSpec::from_toml(&uneven, "u.toml").unwrap_err().to_string();
         assert!(err.contains("train.global_batch") && err.contains("evenly"), "{err}");
+    }
+
+    #[test]
+    fn dataset_is_named_by_url_or_name_and_cases_by_one_list() {
+        let by_name = GOOD.replace("url = \"/tmp/x\"", "name = \"atlas\"");
+        let spec = RunSpec::from_toml(&by_name, "n.toml").unwrap();
+        assert_eq!(
+            (spec.dataset.name.as_deref(), spec.dataset.url.as_str()),
+            (Some("atlas"), "")
+        );
+        assert_eq!(RunSpec::from_toml(&spec.to_toml(), "c").unwrap(), spec);
+        let both = GOOD.replace("url = \"/tmp/x\"", "url = \"/tmp/x\"\nname = \"atlas\"");
+        let err = RunSpec::from_toml(&both, "b.toml").unwrap_err().to_string();
+        assert!(err.contains("dataset.name") && err.contains("not both"), "{err}");
+        let neither = GOOD.replace("url = \"/tmp/x\"", "");
+        let err = RunSpec::from_toml(&neither, "e.toml").unwrap_err().to_string();
+        assert!(err.contains("dataset.url"), "{err}");
+        let bad_name = GOOD.replace("url = \"/tmp/x\"", "name = \"../x\"");
+        let err = RunSpec::from_toml(&bad_name, "e.toml").unwrap_err().to_string();
+        assert!(err.contains("dataset.name"), "{err}");
+        let lists = GOOD.replace(
+            "url = \"/tmp/x\"",
+            "url = \"/tmp/x\"\ncase_list = \"l.txt\"\ncases = [\"a\"]",
+        );
+        let err = RunSpec::from_toml(&lists, "l.toml").unwrap_err().to_string();
+        assert!(err.contains("dataset.case_list"), "{err}");
+        let bad_case = GOOD.replace("url = \"/tmp/x\"", "url = \"/tmp/x\"\ncases = [\"a b\"]");
+        let err = RunSpec::from_toml(&bad_case, "l.toml").unwrap_err().to_string();
+        assert!(err.contains("dataset.cases"), "{err}");
     }
 
     #[test]

@@ -46,6 +46,12 @@ impl ManifestCache {
                 cases
             }
         };
-        slice_cases(&cases, assignment.train_count, assignment.eval_count).map_err(|e| format!("manifest {id}: {e}"))
+        slice_cases(
+            &cases,
+            assignment.train_count,
+            assignment.eval_count,
+            &assignment.quarantined,
+        )
+        .map_err(|e| format!("manifest {id}: {e}"))
     }
 }

@@ -38,8 +38,9 @@ pub async fn connect_with(endpoint: &str, token: &SharedToken) -> anyhow::Result
 pub fn absolutize_local_urls(spec: &mut RunSpec) -> anyhow::Result<()> {
     let cwd = std::env::current_dir()?;
     for url in [&mut spec.dataset.url, &mut spec.artifacts.url] {
-        if !url.contains("://") && Path::new(url.as_str()).is_relative() {
-            *url = cwd.join(url.as_str()).display().to_string();
+        // An empty URL is a spec that names its dataset by `dataset.name`.
+        if !url.is_empty() && !url.contains("://") && Path::new(url.as_str()).is_relative() {
+            *url = super::datasets::under_cwd(&cwd, url);
         }
     }
     Ok(())
@@ -50,6 +51,8 @@ pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run spec {}", path.display()))?;
     let mut spec = RunSpec::from_toml(&text, &path.display().to_string())?;
     absolutize_local_urls(&mut spec)?;
+    let spec_dir = path.parent().unwrap_or(Path::new("."));
+    super::datasets::embed_case_list(&mut spec, spec_dir).with_context(|| format!("run spec {}", path.display()))?;
     Ok(spec)
 }
 

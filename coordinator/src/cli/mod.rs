@@ -3,6 +3,7 @@
 //! worker agent from this same executable so a fresh checkout needs only one binary.
 
 mod client;
+mod datasets;
 #[cfg(feature = "worker")]
 mod demo;
 mod inspect;
@@ -95,6 +96,12 @@ enum Command {
         dry_run: bool,
         #[command(subcommand)]
         action: Option<SweepCommand>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the scanned datasets: name, URL, cases, cases without a CT, quarantined cases, size
+    /// and when they were scanned (`dataset scan URL` adds one; a submit scans its URL too).
+    Datasets {
         #[command(flatten)]
         remote: Remote,
     },
@@ -204,6 +211,32 @@ enum SweepCommand {
 
 #[derive(Subcommand)]
 enum DatasetCommand {
+    /// List a dataset URL once (by prefix, never per case) into a dataset record on the running
+    /// coordinator: every case folder with its file sizes and class masks. Case folders without
+    /// a ct.nii.gz are reported by id and quarantined. Rescanning a name updates it and says what
+    /// changed. Runs then name it with `dataset.name` (or its URL).
+    Scan {
+        /// Dataset URL: file:///path or a plain path (relative to here), or an object-store URL.
+        url: String,
+        /// Name runs refer to it by; default: the URL's last path segment, or the name it was
+        /// scanned under before.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the quarantined cases of a dataset (by name or URL), or of every dataset: the case,
+    /// the error, when, and who reported it. Runs skip them until cleared. `--clear` clears the
+    /// dataset's whole quarantine, `--clear CASE` one case.
+    Quarantine {
+        /// Dataset name or URL; every dataset when absent.
+        dataset: Option<String>,
+        /// Clear instead of listing: every case, or only CASE.
+        #[arg(long, value_name = "CASE", num_args = 0..=1, default_missing_value = "")]
+        clear: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// List the frozen dataset manifests: the case order every run over a dataset shares. The
     /// first submit over a dataset URL lists it and freezes the order; later ones reuse it.
     Manifests {
@@ -297,6 +330,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             None => sweeps::submit(&remote, sweeps::require_file(file.as_deref())?, dry_run).await,
         },
         Command::Sweeps { remote } => sweeps::list(&remote).await,
+        Command::Datasets { remote } => datasets::list(&remote).await,
+        Command::Dataset(DatasetCommand::Scan { url, name, remote }) => {
+            datasets::scan(&remote, &url, name.as_deref()).await
+        }
+        Command::Dataset(DatasetCommand::Quarantine { dataset, clear, remote }) => {
+            datasets::quarantine(&remote, dataset.as_deref(), clear.as_deref()).await
+        }
         Command::Dataset(DatasetCommand::Manifests { remote }) => sweeps::manifests(&remote).await,
         Command::Dataset(DatasetCommand::Inspect { file, json }) => inspect::inspect(&file, json).await,
         Command::Show { run, remote } => client::show(&remote, &run).await,

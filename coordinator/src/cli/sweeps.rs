@@ -29,7 +29,7 @@ pub fn load_sweep(path: &Path) -> anyhow::Result<(SweepFile, usize)> {
             && !url.contains("://")
             && Path::new(url.as_str()).is_relative()
         {
-            *url = cwd.join(url.as_str()).display().to_string();
+            *url = super::datasets::under_cwd(&cwd, url);
         }
     };
     for (table, key) in [("dataset", "url"), ("artifacts", "url")] {
@@ -42,6 +42,9 @@ pub fn load_sweep(path: &Path) -> anyhow::Result<(SweepFile, usize)> {
             values.iter_mut().for_each(absolute);
         }
     }
+    // A case-id list in the base spec is read relative to the sweep file.
+    super::datasets::embed_case_list_table(&mut sweep.base, dir)
+        .with_context(|| format!("sweep file {}", path.display()))?;
     let children = sweep.expand(&source)?.len();
     Ok((sweep, children))
 }

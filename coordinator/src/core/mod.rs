@@ -40,6 +40,7 @@ pub enum CoordError {
 
 pub type Result<T> = std::result::Result<T, CoordError>;
 
+mod datasets;
 mod membership;
 mod model;
 mod placement;
@@ -47,6 +48,7 @@ mod resume;
 mod run_progress;
 mod submission;
 
+pub use datasets::{ScanOutcome, name_from_url};
 pub use submission::SweepView;
 
 use model::Model;

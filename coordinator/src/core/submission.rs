@@ -26,6 +26,8 @@ pub struct SweepView {
 struct Checked {
     manifests: HashMap<(String, u64), (ManifestRecord, bool)>,
     probed: HashSet<String>,
+    /// Datasets resolved so far, by the name or URL the spec gave.
+    datasets: HashMap<String, DatasetRecord>,
 }
 
 impl Checked {
@@ -43,6 +45,9 @@ impl Checked {
 struct Prepared {
     spec: RunSpec,
     manifest_id: String,
+    dataset_name: String,
+    /// Quarantined cases of the manifest at submit, skipped by the run.
+    quarantined: u32,
     train_count: u32,
     eval_count: u32,
 }
@@ -125,41 +130,113 @@ impl Coordinator {
         self.sweep(&sweep_id)
     }
 
-    /// Checks a spec against the world: its dataset and artifacts locations (probed once per
-    /// submission), and its manifest (frozen now if new, kept in `checked` until the caller
-    /// stores it), which must hold the cases it asks for, and at least one per rank.
-    async fn prepare(&self, spec: RunSpec, source_name: &str, checked: &mut Checked) -> Result<Prepared> {
-        let in_source = |e: crate::probe::ProbeError| CoordError::Rejected(format!("{source_name}: {e}"));
+    /// Checks a spec against the world: its dataset (resolved by name, or by URL and scanned
+    /// first when no scan of it exists), its artifacts location (probed once per submission),
+    /// and its manifest (frozen now if new, kept in `checked` until the caller stores it; a
+    /// case-id list becomes a subset manifest), which must hold the cases it asks for once the
+    /// quarantined ones are skipped, and at least one per rank. The spec is stored with the
+    /// dataset's URL in place of its name, so workers read the URL.
+    async fn prepare(&self, mut spec: RunSpec, source_name: &str, checked: &mut Checked) -> Result<Prepared> {
+        let rejected = |e: String| CoordError::Rejected(format!("{source_name}: {e}"));
+        if let Some(list) = &spec.dataset.case_list {
+            return Err(rejected(format!(
+                "field `dataset.case_list`: `{list}` is a file on the client; the CLI reads it and \
+                 sends its ids as dataset.cases (the coordinator reads no client files)"
+            )));
+        }
+        let dataset = self.dataset_for(&spec, source_name, checked).await?;
+        spec.dataset.url = dataset.url.clone();
+        spec.dataset.name = None;
         if checked.probed.insert(format!("dataset {}", spec.dataset.url)) {
             crate::probe::probe_dataset(&spec.dataset.url)
                 .await
-                .map_err(in_source)?;
+                .map_err(|e| rejected(e.to_string()))?;
         }
         if checked.probed.insert(format!("artifacts {}", spec.artifacts.url)) {
             crate::probe::probe_artifacts(&spec.artifacts.url)
                 .await
-                .map_err(in_source)?;
+                .map_err(|e| rejected(e.to_string()))?;
         }
         let key = (spec.dataset.url.clone(), spec.dataset.order_seed);
         if !checked.manifests.contains_key(&key) {
-            let found = manifest::freeze(&self.store, &key.0, key.1).await?;
+            let found = manifest::freeze(&self.store, &dataset, key.1)?;
             checked.manifests.insert(key.clone(), found);
         }
-        let manifest = &checked.manifests[&key].0;
+        let mut manifest = checked.manifests[&key].0.clone();
+        if let Some(ids) = &spec.dataset.cases {
+            let sub = manifest::subset(&manifest, ids).map_err(|e| rejected(e.to_string()))?;
+            if sub.subset {
+                let sub_key = (sub.id.clone(), key.1);
+                if let std::collections::hash_map::Entry::Vacant(slot) = checked.manifests.entry(sub_key) {
+                    let new = self.store.manifest(&sub.id)?.is_none();
+                    slot.insert((sub.clone(), new));
+                }
+            }
+            manifest = sub;
+        }
+        let quarantined: HashSet<String> = self.quarantined_in(&manifest)?.into_iter().collect();
         let (train_count, eval_count) =
-            manifest::split_counts(manifest, &spec).map_err(|e| CoordError::Rejected(format!("{source_name}: {e}")))?;
+            manifest::split_counts(&manifest, &spec, &quarantined).map_err(|e| rejected(e.to_string()))?;
         if train_count < spec.world_size {
-            return Err(CoordError::Rejected(format!(
-                "{source_name}: field `world_size`: {} ranks but only {train_count} training cases",
+            return Err(rejected(format!(
+                "field `world_size`: {} ranks but only {train_count} training cases",
                 spec.world_size
             )));
         }
         Ok(Prepared {
             manifest_id: manifest.id.clone(),
+            dataset_name: dataset.name,
+            quarantined: quarantined.len() as u32,
             spec,
             train_count,
             eval_count,
         })
+    }
+
+    /// The scanned dataset a spec names: by `dataset.name`, or by `dataset.url`, scanning the
+    /// URL first when it was never scanned.
+    async fn dataset_for(&self, spec: &RunSpec, source_name: &str, checked: &mut Checked) -> Result<DatasetRecord> {
+        let rejected = |e: String| CoordError::Rejected(format!("{source_name}: {e}"));
+        let wanted = spec.dataset.name.clone().unwrap_or_else(|| spec.dataset.url.clone());
+        if let Some(d) = checked.datasets.get(&wanted) {
+            return Ok(d.clone());
+        }
+        let dataset = match &spec.dataset.name {
+            Some(name) => self.store.dataset(name)?.ok_or_else(|| {
+                let known: Vec<String> = self
+                    .store
+                    .datasets()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|d| d.name)
+                    .collect();
+                rejected(format!(
+                    "field `dataset.name`: no dataset `{name}` is scanned (known: {}); run \
+                     `coordinator dataset scan URL --name {name}` first",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })?,
+            None => match self.store.dataset_by_url(&spec.dataset.url)? {
+                Some(d) => d,
+                None => {
+                    let outcome = self
+                        .scan_locked(&spec.dataset.url, None, &mut |_| {})
+                        .await
+                        .map_err(|e| rejected(format!("field `dataset.url`: {e}")))?;
+                    let missing = outcome.record.missing_ct();
+                    if !missing.is_empty() {
+                        tracing::warn!(dataset = %outcome.record.name, missing_ct = ?missing, "scanned at submit: case folders without ct.nii.gz are quarantined");
+                    }
+                    outcome.record
+                }
+            },
+        };
+        checked.datasets.insert(wanted, dataset.clone());
+        Ok(dataset)
     }
 
     fn new_run(&self, p: Prepared, sweep_id: Option<&str>, from: String) -> Result<(RunRecord, RunEvent)> {
@@ -203,8 +280,15 @@ impl Coordinator {
             "submitted",
             0,
             format!(
-                "{from}, {} workers, priority {}, {} training cases",
-                spec.world_size, spec.priority, p.train_count
+                "{from}, {} workers, priority {}, dataset {}, {} training cases{}",
+                spec.world_size,
+                spec.priority,
+                p.dataset_name,
+                p.train_count,
+                match p.quarantined {
+                    0 => String::new(),
+                    n => format!(" ({n} quarantined cases skipped)"),
+                }
             ),
         );
         Ok((run, event))

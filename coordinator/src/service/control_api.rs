@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::checked_id;
+use super::dataset_info::{dataset_info, quarantined_case, scan_summary};
 use super::sweep_info::{manifest_info, sweep_action, sweep_detail, sweep_info};
 use crate::core::CoordError;
 use crate::core::Coordinator;
@@ -120,6 +121,15 @@ fn worker_info(w: &WorkerRecord) -> pb::WorkerInfo {
 }
 
 type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricRecord, Status>> + Send>>;
+type ScanStream = Pin<Box<dyn Stream<Item = Result<pb::ScanDatasetEvent, Status>> + Send>>;
+
+/// A dataset named by name or URL: a name must be an id; a URL is only ever compared.
+fn checked_dataset(dataset: &str) -> Result<&str, Status> {
+    if dataset.is_empty() {
+        return Err(Status::invalid_argument("name a dataset (its name or URL)"));
+    }
+    Ok(dataset)
+}
 
 #[tonic::async_trait]
 impl ControlService for ControlApi {
@@ -251,6 +261,80 @@ impl ControlService for ControlApi {
         Ok(Response::new(pb::ListManifestsResponse {
             manifests: manifests.iter().map(manifest_info).collect(),
         }))
+    }
+
+    type ScanDatasetStream = ScanStream;
+
+    async fn scan_dataset(&self, req: Request<pb::ScanDatasetRequest>) -> Result<Response<ScanStream>, Status> {
+        let req = req.into_inner();
+        if req.url.trim().is_empty() {
+            return Err(Status::invalid_argument("url: give the dataset URL to scan"));
+        }
+        if !req.name.is_empty() {
+            checked_id(&req.name, "dataset name")?;
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let coord = self.0.clone();
+        tokio::spawn(async move {
+            let progress_tx = tx.clone();
+            // Progress is best effort: a slow client misses some reports, never the summary.
+            let mut progress = move |p: data::ScanProgress| {
+                let event = pb::scan_dataset_event::Event::Progress(pb::ScanProgress {
+                    objects: p.objects,
+                    folders: p.cases,
+                });
+                let _ = progress_tx.try_send(Ok(pb::ScanDatasetEvent { event: Some(event) }));
+            };
+            let name = (!req.name.is_empty()).then_some(req.name.as_str());
+            let result = coord.scan_dataset(&req.url, name, &mut progress).await;
+            let message = match result {
+                Ok(outcome) => Ok(pb::ScanDatasetEvent {
+                    event: Some(pb::scan_dataset_event::Event::Summary(scan_summary(&outcome))),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(message).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_datasets(
+        &self,
+        _: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let datasets = self.0.datasets()?;
+        Ok(Response::new(pb::ListDatasetsResponse {
+            datasets: datasets.iter().map(|(d, q)| dataset_info(d, *q)).collect(),
+        }))
+    }
+
+    async fn list_quarantine(
+        &self,
+        req: Request<pb::ListQuarantineRequest>,
+    ) -> Result<Response<pb::ListQuarantineResponse>, Status> {
+        let dataset = req.into_inner().dataset;
+        let filter = match dataset.as_str() {
+            "" => None,
+            d => Some(checked_dataset(d)?),
+        };
+        let cases = self.0.quarantine(filter)?;
+        Ok(Response::new(pb::ListQuarantineResponse {
+            cases: cases.into_iter().map(|(name, q)| quarantined_case(name, q)).collect(),
+        }))
+    }
+
+    async fn clear_quarantine(
+        &self,
+        req: Request<pb::ClearQuarantineRequest>,
+    ) -> Result<Response<pb::ClearQuarantineResponse>, Status> {
+        let req = req.into_inner();
+        let dataset = checked_dataset(&req.dataset)?;
+        let case = match req.case_id.as_str() {
+            "" => None,
+            id => Some(checked_id(id, "case id")?),
+        };
+        let cleared = self.0.clear_quarantine(dataset, case).await?;
+        Ok(Response::new(pb::ClearQuarantineResponse { cleared }))
     }
 
     async fn list_workers(

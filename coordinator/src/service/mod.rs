@@ -1,6 +1,7 @@
 //! gRPC shells over `core::Coordinator`: decode, call, encode. No state lives here.
 
 pub mod control_api;
+mod dataset_info;
 mod sweep_info;
 pub mod worker_api;
 

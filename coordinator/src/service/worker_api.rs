@@ -137,4 +137,22 @@ impl WorkerService for WorkerApi {
         let manifest = self.0.manifest(&req.manifest_id)?;
         Ok(Response::new(super::sweep_info::manifest_info(&manifest)))
     }
+
+    async fn report_bad_case(
+        &self,
+        req: Request<pb::ReportBadCaseRequest>,
+    ) -> Result<Response<pb::ReportBadCaseResponse>, Status> {
+        let req = req.into_inner();
+        checked_id(&req.run_id, "run id")?;
+        checked_id(&req.worker_id, "worker id")?;
+        checked_id(&req.case_id, "case id")?;
+        if req.error.trim().is_empty() {
+            return Err(Status::invalid_argument("error: say why the case is bad"));
+        }
+        let newly_quarantined = self
+            .0
+            .report_bad_case(&req.run_id, &req.worker_id, &req.case_id, &req.error)
+            .await?;
+        Ok(Response::new(pb::ReportBadCaseResponse { newly_quarantined }))
+    }
 }

@@ -63,9 +63,13 @@ impl Store {
         runs: &[(RunRecord, RunEvent)],
     ) -> Result<()> {
         let _io = self.writing();
-        let manifest_bytes: Vec<(String, String, Vec<u8>)> = manifests
+        // A case list's subset is found through its runs, never by URL and seed.
+        let manifest_bytes: Vec<(String, Option<String>, Vec<u8>)> = manifests
             .iter()
-            .map(|m| (m.id.clone(), index_key(&m.dataset_url, m.order_seed), encode(m)))
+            .map(|m| {
+                let key = (!m.subset).then(|| index_key(&m.dataset_url, m.order_seed));
+                (m.id.clone(), key, encode(m))
+            })
             .collect();
         let sweep_bytes = sweep.map(|s| (s.id.clone(), encode(s)));
         let run_bytes: Vec<(String, Vec<u8>, Vec<u8>)> =
@@ -81,7 +85,9 @@ impl Store {
             .transaction(|(mans, index, sweeps, rs, evs, meta)| {
                 for (id, key, value) in &manifest_bytes {
                     mans.insert(id.as_bytes(), value.clone())?;
-                    index.insert(key.as_bytes(), id.as_bytes())?;
+                    if let Some(key) = key {
+                        index.insert(key.as_bytes(), id.as_bytes())?;
+                    }
                 }
                 if let Some((id, value)) = &sweep_bytes {
                     sweeps.insert(id.as_bytes(), value.clone())?;
@@ -121,6 +127,7 @@ impl Store {
                     order_seed: 0,
                     cases,
                     frozen_unix_ms: run.submitted_unix_ms,
+                    subset: false,
                 };
                 self.manifests.insert(manifest.id.as_bytes(), encode(&manifest))?;
                 run.manifest_id = manifest.id;
@@ -176,6 +183,7 @@ mod tests {
             order_seed: 3,
             cases,
             frozen_unix_ms: 0,
+            subset: false,
         };
         store.put_submission(std::slice::from_ref(&m), None, &[]).unwrap();
         assert_eq!(store.manifest_for("/data", 3).unwrap(), Some(m.clone()));

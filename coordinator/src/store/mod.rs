@@ -24,6 +24,9 @@
 //! - `manifests`:   `<manifest-id>` → ManifestRecord (JSON); `manifest_index`:
 //!   `<order_seed:020>/<dataset url>` → manifest id
 //! - `sweeps`:      `<sweep-id>` → SweepRecord (JSON)
+//! - `datasets`:    `<dataset name>` → DatasetRecord (JSON): the newest scan of its URL
+//!   `dataset_urls`: `<dataset url>` → dataset name (one name per URL)
+//! - `quarantine`:  `<dataset url>\n<case-id>` → QuarantineRecord (JSON)
 //! - `meta`:        `schema_version`, `cluster_id`, counters (`next_run`, `next_worker`,
 //!   `next_sweep`, `metric_seq/<run-id>`, `event_seq/<run-id>`)
 //!
@@ -43,9 +46,11 @@ use thiserror::Error;
 use crate::records::{CheckpointRecord, RunEvent, RunRecord, WorkerRecord};
 
 mod catalog;
+mod datasets;
 mod metrics;
 
 pub use catalog::manifest_id;
+pub use datasets::ScanChange;
 pub use metrics::ChecksumReport;
 
 /// Layout version this build writes. Raise it when a change needs more than new serde-defaulted
@@ -91,6 +96,9 @@ pub struct Store {
     manifests: sled::Tree,
     manifest_index: sled::Tree,
     sweeps: sled::Tree,
+    datasets: sled::Tree,
+    dataset_urls: sled::Tree,
+    quarantine: sled::Tree,
     meta: sled::Tree,
     cluster_id: String,
     /// Held by every write and every flush (see the module comment).
@@ -226,6 +234,9 @@ impl Store {
             manifests: db.open_tree("manifests")?,
             manifest_index: db.open_tree("manifest_index")?,
             sweeps: db.open_tree("sweeps")?,
+            datasets: db.open_tree("datasets")?,
+            dataset_urls: db.open_tree("dataset_urls")?,
+            quarantine: db.open_tree("quarantine")?,
             meta,
             cluster_id,
             db,
