@@ -109,6 +109,12 @@ pub struct RunRecord {
     pub train_count: u32,
     #[serde(default)]
     pub eval_count: u32,
+    /// The dataset's quarantined cases at submit, which the workers slice the manifest around
+    /// and skip. Frozen with the run, so every attempt and resume trains on the same cases in
+    /// the same order (bit-identical resumes); a case found bad later is replaced per sample by
+    /// the workers, the same way on every attempt.
+    #[serde(default)]
+    pub quarantined: Vec<String>,
     /// Case lists as schema 1 stored them in every run; read once to migrate them into a
     /// manifest (see `store::migrate`), never written again.
     #[serde(default, rename = "train_cases", skip_serializing)]

@@ -32,9 +32,9 @@ pub use cache::{Prepared, Source, VolumeCache};
 pub use ids::validate_case_id;
 pub use loader::{list_cases, load_case};
 pub use patch::{CropConfig, Patch, sample_patch, whole_volume};
+pub use scan::{DatasetScan, ScanProgress, scan_dataset};
 pub use store::{StoreUrl, local_dir_from_url, store_from_url};
 pub use synth::{PhantomOrientation, SynthOptions, TRAINING_SPACING_MM, write_phantom_dataset};
-pub use scan::{DatasetScan, ScanProgress, scan_dataset};
 pub use volume::{CaseVolume, window_hu};
 
 use std::path::PathBuf;
@@ -99,6 +99,9 @@ pub enum DataError {
 
     #[error("invalid preprocessing config: {reason}")]
     InvalidPreprocess { reason: String },
+
+    #[error("case {case} is quarantined in this run (found bad before it was submitted)")]
+    Quarantined { case: String },
 }
 
 // Callers box these into anyhow and send them across tasks; keep that possible.
@@ -108,6 +111,28 @@ const _: fn() = || {
 };
 
 impl DataError {
+    /// Whether the error is the case's own fault: its files are absent, corrupt or inconsistent,
+    /// so reading it again fails again, anywhere. Such a case is quarantined and replaced. Other
+    /// errors (a flaky store, a full disk, a bad configuration) say nothing about the case and
+    /// must fail the step instead, or a passing outage would change what a run trains on.
+    pub fn is_case_fault(&self) -> bool {
+        match self {
+            DataError::InvalidCaseId { .. }
+            | DataError::Missing { .. }
+            | DataError::Nifti { .. }
+            | DataError::Corrupt { .. }
+            | DataError::ShapeMismatch { .. }
+            | DataError::Quarantined { .. } => true,
+            DataError::Store { .. }
+            | DataError::Io { .. }
+            | DataError::NoCases { .. }
+            | DataError::UnsupportedScheme { .. }
+            | DataError::InvalidUrl { .. }
+            | DataError::InvalidOptions { .. }
+            | DataError::InvalidPreprocess { .. } => false,
+        }
+    }
+
     /// Maps a store error for `key`, singling out absent objects so callers can tell a missing
     /// mask (the dataset is incomplete) from a flaky store (worth a retry).
     pub(crate) fn store(key: &object_store::path::Path, source: object_store::Error) -> Self {

@@ -34,6 +34,19 @@ pub struct CropConfig {
 }
 
 impl CropConfig {
+    /// A run's crops: its `train.patch` and the knobs of its `[preprocess]` table.
+    pub fn from_run_spec(spec: &protocol::spec::RunSpec) -> Self {
+        let p = &spec.preprocess;
+        CropConfig {
+            patch: spec.train.patch.map(|n| n as usize),
+            pos: p.pos,
+            neg: p.neg,
+            rot90_prob: p.rot90_prob,
+            shift_prob: p.shift_prob,
+            shift_offset: p.shift_offset as f32,
+        }
+    }
+
     /// SuPreM's recipe: pos 2, neg 1, rot90 p = 0.1, shift ±0.1 with p = 0.2.
     pub fn suprem(patch: [usize; 3]) -> Self {
         CropConfig {

@@ -229,6 +229,30 @@ impl RunLink {
         }
     }
 
+    /// Tells the coordinator that `case_id` is bad, so that it is quarantined and later runs of
+    /// the dataset skip it. Best effort: the run goes on with a substitute either way, and a
+    /// report lost to an outage is made again by the next run that reads the case.
+    pub fn report_bad_case(&self, case_id: &str, error: &str) {
+        let req = pb::ReportBadCaseRequest {
+            run_id: self.id.run_id.clone(),
+            worker_id: self.id.worker_id.clone(),
+            case_id: case_id.to_string(),
+            error: error.to_string(),
+        };
+        match self.handle.block_on(self.client.clone().report_bad_case(req)) {
+            Ok(reply) if reply.get_ref().newly_quarantined => {
+                tracing::warn!(run = %self.id.run_id, case = case_id, "case quarantined: {error}")
+            }
+            Ok(_) => {}
+            Err(status) => tracing::warn!(
+                run = %self.id.run_id,
+                case = case_id,
+                "could not report the bad case to the coordinator: {}",
+                status.message()
+            ),
+        }
+    }
+
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.handle.block_on(f)
     }

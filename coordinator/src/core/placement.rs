@@ -98,17 +98,11 @@ impl Coordinator {
             );
             tracing::info!(run = %run.id, attempt = run.attempt, workers = ?run.workers, "run assigned ({from})");
             let peers: Vec<String> = reserved.iter().map(|w| w.peer_address.clone()).collect();
-            // Cases quarantined since submit are skipped too (schema-1 runs have no manifest).
-            let quarantined = match self.store.manifest(&run.manifest_id)? {
-                Some(manifest) => self.quarantined_in(&manifest)?,
-                None => vec![],
-            };
             let assignments: Vec<(String, pb::Assignment)> = reserved
                 .iter()
                 .enumerate()
                 .map(|(rank, w)| {
                     let mut a = assignment(&run, rank as u32, &peers, resume.as_ref());
-                    a.quarantined = quarantined.clone();
                     if let Some(l) = &survivor {
                         a.resume_from.clear();
                         a.resume_files.clear();
@@ -169,6 +163,6 @@ fn assignment(run: &RunRecord, rank: u32, peers: &[String], resume: Option<&Chec
         resume_step: resume.map_or(0, |c| c.step),
         recover_from_peer: String::new(),
         recover_attempt: 0,
-        quarantined: vec![],
+        quarantined: run.quarantined.clone(),
     }
 }

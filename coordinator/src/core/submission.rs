@@ -47,7 +47,9 @@ struct Prepared {
     manifest_id: String,
     dataset_name: String,
     /// Quarantined cases of the manifest at submit, skipped by the run.
-    quarantined: u32,
+    /// The dataset's quarantine when the run was submitted, sorted: the run's case slices are
+    /// cut around it for its whole life (see `RunRecord::quarantined`).
+    quarantined: Vec<String>,
     train_count: u32,
     eval_count: u32,
 }
@@ -186,7 +188,11 @@ impl Coordinator {
         Ok(Prepared {
             manifest_id: manifest.id.clone(),
             dataset_name: dataset.name,
-            quarantined: quarantined.len() as u32,
+            quarantined: {
+                let mut ids: Vec<String> = quarantined.into_iter().collect();
+                ids.sort();
+                ids
+            },
             spec,
             train_count,
             eval_count,
@@ -258,6 +264,7 @@ impl Coordinator {
             started_ranks: vec![],
             manifest_id: p.manifest_id,
             train_count: p.train_count,
+            quarantined: p.quarantined.clone(),
             eval_count: p.eval_count,
             legacy_train_cases: vec![],
             legacy_eval_cases: vec![],
@@ -285,7 +292,7 @@ impl Coordinator {
                 spec.priority,
                 p.dataset_name,
                 p.train_count,
-                match p.quarantined {
+                match p.quarantined.len() {
                     0 => String::new(),
                     n => format!(" ({n} quarantined cases skipped)"),
                 }

@@ -2,9 +2,12 @@
 //! dataset's object store, decoded and prepared. The feed and the evaluation both read through
 //! `CaseSource`, so tests can put any volumes (or failures) behind it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use data::cache::{Prepared, Source, VolumeCache};
+use data::case_fetch::fetch_prepared;
+use data::preprocess::PreprocessConfig;
 use data::{CaseVolume, DataError};
 use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
@@ -35,15 +38,20 @@ pub trait CaseSource: Send + Sync {
     fn volume(&self, case_id: &str) -> Result<(Arc<CaseVolume>, Source), DataError>;
 }
 
-/// Names the preparation a cached volume went through. The integrator replaces `PREPARATION`
-/// with the `[preprocess]` section's hash once the SuPreM pipeline produces the volumes.
-const PREPARATION: &str = "load_case: HU window -175..250 to 0..1, labels as a bitmask; no resampling";
+/// Tries of a read that failed for a reason other than the case itself (a flaky store), before
+/// the step fails; spaced by `TRANSIENT_BACKOFF` times the attempt.
+const TRANSIENT_TRIES: u32 = 3;
+const TRANSIENT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Reads through the cache; a miss loads the case from the dataset's store.
+/// Reads through the cache; a miss fetches the case from the dataset's store and runs SuPreM's
+/// preprocessing on it. Cases the run's assignment names as quarantined are refused without a
+/// read, so they are replaced exactly as they were when first found bad.
 pub struct StoreSource {
     store: Arc<dyn ObjectStore>,
     root: ObjectPath,
     url: String,
+    preprocess: PreprocessConfig,
+    quarantined: HashSet<String>,
     cache: Arc<VolumeCache>,
     runtime: tokio::runtime::Handle,
 }
@@ -53,6 +61,8 @@ impl StoreSource {
         store: Arc<dyn ObjectStore>,
         root: ObjectPath,
         url: &str,
+        preprocess: PreprocessConfig,
+        quarantined: impl IntoIterator<Item = String>,
         cache: Arc<VolumeCache>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
@@ -60,12 +70,14 @@ impl StoreSource {
             store,
             root,
             url: url.to_string(),
+            preprocess,
+            quarantined: quarantined.into_iter().collect(),
             cache,
             runtime,
         }
     }
 
-    /// The cache key's config part: the preparation, the dataset URL (two datasets may share case
+    /// The cache key's config part: the preprocessing's hash, the dataset URL (two datasets may share case
     /// ids), and the CT object's size and version (a dataset rewritten in place, as demos do,
     /// must not hit stale volumes). One HEAD per read: a stat on local disks, hidden by the
     /// prefetch on buckets. Masks edited in place under an unchanged CT are not noticed.
@@ -83,7 +95,8 @@ impl StoreSource {
                 },
             })?;
         Ok(format!(
-            "{PREPARATION}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}",
+            self.preprocess.hash(),
             self.url,
             meta.size,
             meta.e_tag.unwrap_or_default(),
@@ -92,13 +105,40 @@ impl StoreSource {
     }
 }
 
-impl CaseSource for StoreSource {
-    fn volume(&self, case_id: &str) -> Result<(Arc<CaseVolume>, Source), DataError> {
+impl StoreSource {
+    fn read(&self, case_id: &str) -> Result<(Arc<CaseVolume>, Source), DataError> {
         let hash = self.config_hash(case_id)?;
         self.cache
             .get_or_prepare(case_id, &hash, || -> Result<Prepared, DataError> {
-                self.runtime
-                    .block_on(data::loader::load_case_parts(self.store.as_ref(), &self.root, case_id))
+                let p = fetch_prepared(
+                    &self.runtime,
+                    self.store.as_ref(),
+                    &self.root,
+                    case_id,
+                    &self.preprocess,
+                )?;
+                Ok((p.shape, p.image, p.labels))
             })
+    }
+}
+
+impl CaseSource for StoreSource {
+    fn volume(&self, case_id: &str) -> Result<(Arc<CaseVolume>, Source), DataError> {
+        if self.quarantined.contains(case_id) {
+            return Err(DataError::Quarantined {
+                case: case_id.to_string(),
+            });
+        }
+        let mut attempt = 1;
+        loop {
+            match self.read(case_id) {
+                Err(e) if !e.is_case_fault() && attempt < TRANSIENT_TRIES => {
+                    tracing::warn!(case = case_id, attempt, "reading the case failed, retrying: {e}");
+                    std::thread::sleep(TRANSIENT_BACKOFF * attempt);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 }

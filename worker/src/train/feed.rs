@@ -205,6 +205,15 @@ impl BatchBuilder {
                     failures.append(&mut failed);
                     return Ok((candidate, vol));
                 }
+                // Not the case's fault: substituting would make what the run trains on depend
+                // on an outage. The step fails and the run resumes from its checkpoint.
+                Err(error) if !error.is_case_fault() => {
+                    return Err(CaseFailure {
+                        sample_index: index,
+                        case_id: candidate,
+                        error: Box::new(error),
+                    });
+                }
                 Err(error) => {
                     counters.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(sample = index, case = %candidate, "case failed to load: {error}");

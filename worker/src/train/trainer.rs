@@ -33,6 +33,7 @@ use crate::train::order::{SampleOrder, rank_slice};
 use crate::train::params::{self, ParamsError};
 use crate::train::schedule::warmup_cosine;
 use data::patch::CropConfig;
+use data::preprocess::PreprocessConfig;
 use data::{self, CaseVolume, DataError};
 
 #[derive(Debug, Error)]
@@ -107,6 +108,8 @@ pub fn train_rank<B: AutodiffBackend>(
         store,
         root,
         &spec.dataset.url,
+        PreprocessConfig::from_run_spec(&spec),
+        assignment.quarantined.iter().cloned(),
         plane.cache.clone(),
         tokio::runtime::Handle::current(),
     ));
@@ -148,21 +151,31 @@ pub fn train_rank<B: AutodiffBackend>(
             samples_per_step: world as u64 * per_rank as u64,
             first_consumed: state.samples_consumed,
             batches: t.steps.saturating_sub(start_step),
-            crop: CropConfig::suprem(patch),
+            crop: CropConfig::from_run_spec(&spec),
             threads: plane.prefetch_threads,
             max_ahead_bytes: plane.prefetch_bytes,
             max_substitutions: 8,
         },
     });
 
-    let eval_at = |model: &UNet3d<B>, step: u64, link: &mut RunLink| -> Result<EvalReport, TrainError> {
+    let mut bad_cases = BadCases::default();
+    let eval_at = |model: &UNet3d<B>,
+                   step: u64,
+                   link: &mut RunLink,
+                   bad_cases: &mut BadCases|
+     -> Result<EvalReport, TrainError> {
         let started = Instant::now();
-        // Mapped from the node's cache, held only for this evaluation.
-        let held: Vec<Arc<CaseVolume>> = cases
-            .eval
-            .iter()
-            .map(|id| source.volume(id).map(|(vol, _)| vol))
-            .collect::<Result<_, DataError>>()?;
+        // Mapped from the node's cache, held only for this evaluation. A bad held-out case is
+        // reported and left out: the report names how many cases it averaged.
+        let mut held: Vec<Arc<CaseVolume>> = Vec::with_capacity(cases.eval.len());
+        for id in &cases.eval {
+            match source.volume(id) {
+                Ok((vol, _)) => held.push(vol),
+                Err(e) if e.is_case_fault() => bad_cases.report(link, id, &e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        link.metric(step, "eval/cases", held.len() as f64);
         let vols: Vec<&CaseVolume> = held.iter().map(Arc::as_ref).collect();
         let report = evaluate(&model.valid(), &vols, multiple, &device);
         for (name, value) in report.metrics() {
@@ -174,7 +187,7 @@ pub fn train_rank<B: AutodiffBackend>(
     };
     // A resumed run has done this already.
     let eval_before = if evaluating && start_step == 0 {
-        Some(eval_at(&model, 0, link)?)
+        Some(eval_at(&model, 0, link, &mut bad_cases)?)
     } else {
         None
     };
@@ -196,14 +209,8 @@ pub fn train_rank<B: AutodiffBackend>(
                 ready.samples
             )));
         }
-        // The integrator's quarantine hooks in here; until then a replaced case is logged.
         for failure in &ready.failures {
-            tracing::warn!(
-                sample = failure.sample_index,
-                case = %failure.case_id,
-                "case replaced for this sample: {}",
-                failure.error
-            );
+            bad_cases.report(link, &failure.case_id, &failure.error);
         }
         let [d, h, w] = patch;
         let x = Tensor::<B, 5>::from_data(TensorData::new(ready.images, [batch, 1, d, h, w]), &device);
@@ -271,7 +278,7 @@ pub fn train_rank<B: AutodiffBackend>(
     drop(feed);
     let weights_sha256 = params::weights_checksum(&model);
     let eval_after = if evaluating && start_step < t.steps {
-        Some(eval_at(&model, t.steps, link)?)
+        Some(eval_at(&model, t.steps, link, &mut bad_cases)?)
     } else {
         None
     };
@@ -355,5 +362,19 @@ impl LossWindow {
             n * batch as f64 / self.seconds.max(1e-9),
         );
         *self = LossWindow::default();
+    }
+}
+
+/// Bad cases this rank has met, so each is reported to the coordinator once per run. A case the
+/// assignment already names as quarantined is known there and never reported again.
+#[derive(Default)]
+struct BadCases(std::collections::HashSet<String>);
+
+impl BadCases {
+    fn report(&mut self, link: &RunLink, case_id: &str, error: &DataError) {
+        if matches!(error, DataError::Quarantined { .. }) || !self.0.insert(case_id.to_string()) {
+            return;
+        }
+        link.report_bad_case(case_id, &error.to_string());
     }
 }
