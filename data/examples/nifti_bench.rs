@@ -1,6 +1,7 @@
 //! Decompression and decode throughput on a real-sized CT: `cargo run --release -p data --example
-//! nifti_bench -- FILE.nii.gz` (make one with `bench/make_ct.py`, a 512×512×200 int16 body
-//! phantom written by nibabel). Prints the best of 3 runs of each stage.
+//! nifti_bench -- FILE.nii.gz`. Make one with `bench/preprocess/gen_volumes.py OUT --cases 1
+//! --seed 0` (a 512×512×200 int16 abdominal phantom at 0.8×0.8×2.5 mm in LPS, written by nibabel)
+//! and pass `OUT/BDMAP_00000001/ct.nii.gz`. Prints the best of 3 runs of each stage.
 
 use std::io::Read;
 use std::time::Instant;

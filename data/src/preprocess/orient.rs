@@ -56,6 +56,14 @@ pub fn orient_ras<T: Copy>(vol: Volume<T>) -> Volume<T> {
             stride[a] = stride_in[j];
         }
     }
+    if plan.iter().enumerate().all(|(a, &(j, _))| a == j) {
+        let flips = plan.map(|(_, flip)| flip);
+        return Volume {
+            shape: vol.shape,
+            data: flip_in_place(vol.data, vol.shape, flips),
+            affine,
+        };
+    }
     let mut data = Vec::with_capacity(vol.data.len());
     for z in 0..n_out[2] {
         for y in 0..n_out[1] {
@@ -77,6 +85,36 @@ pub fn orient_ras<T: Copy>(vol: Volume<T>) -> Volume<T> {
         data,
         affine,
     }
+}
+
+/// Flips without a permutation (LPS and the like, what nearly every scanner writes), done in the
+/// buffer itself: one pass that swaps each row with its mirror row (reversing both when x flips),
+/// with no second volume-sized allocation to fault in, which is most of the cost of a copy.
+/// `flips` is `[x, y, z]`.
+fn flip_in_place<T: Copy>(mut data: Vec<T>, shape: [usize; 3], flips: [bool; 3]) -> Vec<T> {
+    let [d, h, w] = shape;
+    let [fx, fy, fz] = flips;
+    for r in 0..d * h {
+        let (z, y) = (r / h, r % h);
+        let mirror = (if fz { d - 1 - z } else { z }) * h + if fy { h - 1 - y } else { y };
+        if mirror < r {
+            continue; // Already swapped from the other side.
+        }
+        if mirror == r {
+            if fx {
+                data[r * w..(r + 1) * w].reverse();
+            }
+            continue;
+        }
+        let (low, high) = data.split_at_mut(mirror * w);
+        let (a, b) = (&mut low[r * w..(r + 1) * w], &mut high[..w]);
+        a.swap_with_slice(b);
+        if fx {
+            a.reverse();
+            b.reverse();
+        }
+    }
+    data
 }
 
 #[cfg(test)]
@@ -162,6 +200,28 @@ mod tests {
         assert_eq!(ras.shape, [3, 4, 5]);
         assert_world_preserved(&vol, &ras);
         assert_eq!(orient_ras(ras.clone()), ras, "RAS is a fixed point");
+    }
+
+    #[test]
+    fn flips_without_permutation_keep_every_voxel_in_place_in_the_world() {
+        // Every combination of flipped axes, with odd and even lengths (odd ones have a middle
+        // row or slice that mirrors onto itself).
+        for flips in 0..8u32 {
+            let sign = |bit: u32| if flips >> bit & 1 == 1 { -1.0 } else { 1.0 };
+            let a = [
+                [0.8 * sign(0), 0.0, 0.0, 10.0],
+                [0.0, 0.9 * sign(1), 0.0, -20.0],
+                [0.0, 0.0, 2.5 * sign(2), 30.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ];
+            for shape in [[3, 5, 4], [4, 2, 5], [1, 1, 3]] {
+                let vol = numbered(shape, a);
+                let ras = orient_ras(vol.clone());
+                assert_eq!(axcodes(&ras.affine), ['R', 'A', 'S'], "flips {flips:03b}");
+                assert_eq!(ras.shape, shape);
+                assert_world_preserved(&vol, &ras);
+            }
+        }
     }
 
     #[test]
