@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::{Cluster, fake_worker, poll};
 use coordinator::manifest::seeded_order;
@@ -258,4 +259,52 @@ async fn a_case_list_file_picks_a_subset_in_the_dataset_order() {
         !out.status.success() && err.contains("dataset.name") && err.contains("nope"),
         "{err}"
     );
+}
+
+/// A case whose CT is a truncated gzip fails to load on a worker: it is quarantined with the
+/// error, the two-worker run still completes on the other cases, and the next run of the dataset
+/// skips it without reading it.
+#[test]
+fn a_corrupt_case_is_quarantined_and_the_two_worker_run_goes_on() {
+    let mut cluster = Cluster::start();
+    let dataset = cluster.write_dataset(8);
+    let ids = case_ids(&dataset);
+    // 6 training cases read in the first 3 steps (2 ranks × 1 sample) and 2 held out, read by the
+    // first evaluation: wherever the seeded order puts the broken case, the run reads it.
+    let broken = ids[3].clone();
+    let ct = dataset.join(&broken).join("ct.nii.gz");
+    let bytes = std::fs::read(&ct).unwrap();
+    std::fs::write(&ct, &bytes[..bytes.len() / 2]).unwrap();
+
+    let spec = cluster.write_spec("corrupt", 2, 6, "");
+    cluster.spawn_workers(2);
+    let run_id = cluster.submit(&spec);
+    let detail = cluster.wait_for_state(
+        &run_id,
+        &["Completed", "Failed", "Cancelled", "Interrupted"],
+        Duration::from_secs(240),
+    );
+    assert_eq!(detail["run"]["state"], "Completed", "{detail}");
+    assert_eq!(detail["run"]["step"], 6);
+
+    let url = dataset.display().to_string();
+    let held = quarantine(&cluster, &url);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["case_id"], broken.as_str());
+    let error = held[0]["error"].as_str().unwrap();
+    assert!(error.contains(&broken) && error.contains("ct.nii.gz"), "{error}");
+    assert_eq!(held[0]["run_id"], run_id.as_str());
+
+    // The next run is told about it at submit and never reads it: no new report arrives.
+    let again = cluster.write_spec("after", 2, 2, "");
+    let second = cluster.submit(&again);
+    let detail = cluster.wait_for_state(
+        &second,
+        &["Completed", "Failed", "Cancelled", "Interrupted"],
+        Duration::from_secs(240),
+    );
+    assert_eq!(detail["run"]["state"], "Completed", "{detail}");
+    let held = quarantine(&cluster, &url);
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0]["run_id"], run_id.as_str());
 }

@@ -31,14 +31,15 @@ fn read_object(url: &str, key: &str) -> Vec<u8> {
         .to_vec()
 }
 
-fn write_spec(cluster: &Cluster, dataset_url: &str, artifacts_url: &str) -> std::path::PathBuf {
+/// A two-rank run on the scanned dataset `dataset` (by name), checkpointing to `artifacts_url`.
+fn write_spec(cluster: &Cluster, dataset: &str, artifacts_url: &str) -> std::path::PathBuf {
     let text = format!(
         r#"name = "e2e-s3"
 world_size = 2
 seed = 11
 
 [dataset]
-url = "{dataset_url}"
+name = "{dataset}"
 eval_cases = 2
 
 [model]
@@ -77,9 +78,20 @@ fn two_workers_train_from_s3_and_checkpoint_to_s3() {
     // Nothing can fall back to the local copy.
     std::fs::remove_dir_all(&local).unwrap();
 
-    // (A `coordinator dataset scan` of dataset_url goes here once datasets are scanned by name.)
+    // The bucket is scanned by prefix listing into a named dataset, which the run then uses.
+    let out = cluster.cli(&["dataset", "scan", &dataset_url, "--name", "atlas-s3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let datasets = cluster.cli_json(&["datasets"]);
+    let listed = datasets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "atlas-s3")
+        .unwrap_or_else(|| panic!("scanned dataset listed: {datasets}"));
+    assert_eq!(listed["cases"], 6, "{listed}");
+    assert_eq!(listed["missing_ct"], 0, "{listed}");
 
-    let spec = write_spec(&cluster, &dataset_url, &artifacts_url);
+    let spec = write_spec(&cluster, "atlas-s3", &artifacts_url);
     cluster.spawn_workers(2);
     let run_id = cluster.submit(&spec);
     let detail = cluster.wait_for_state(
