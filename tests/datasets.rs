@@ -295,7 +295,9 @@ fn a_corrupt_case_is_quarantined_and_the_two_worker_run_goes_on() {
     assert!(error.contains(&broken) && error.contains("ct.nii.gz"), "{error}");
     assert_eq!(held[0]["run_id"], run_id.as_str());
 
-    // The next run is told about it at submit and never reads it: no new report arrives.
+    // The next run is told about it at submit and never reads it: no new report arrives. (The
+    // cluster's workers exit after one run.)
+    cluster.spawn_workers(2);
     let again = cluster.write_spec("after", 2, 2, "");
     let second = cluster.submit(&again);
     let detail = cluster.wait_for_state(

@@ -49,7 +49,10 @@ fn spawn_coordinator(db: &Path, listen: &str, dead_after_secs: u64) -> (Proc, St
             "--data-dir",
         ])
         .arg(db)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("VOXELFLEET_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env(TOKEN_ENV, TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -122,7 +125,10 @@ impl Cluster {
                 ])
                 .args(extra)
                 .env("RAYON_NUM_THREADS", threads.to_string())
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("VOXELFLEET_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .env(TOKEN_ENV, TOKEN)
                 // The cluster's workers share one node-wide case cache, kept out of $HOME.
                 .env("VOXELFLEET_CACHE_DIR", self.path("cache"))
