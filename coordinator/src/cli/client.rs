@@ -40,7 +40,7 @@ pub fn absolutize_local_urls(spec: &mut RunSpec) -> anyhow::Result<()> {
     for url in [&mut spec.dataset.url, &mut spec.artifacts.url] {
         // An empty URL is a spec that names its dataset by `dataset.name`.
         if !url.is_empty() && !url.contains("://") && Path::new(url.as_str()).is_relative() {
-            *url = super::datasets::under_cwd(&cwd, url);
+            *url = super::spec_files::under_cwd(&cwd, url);
         }
     }
     Ok(())
@@ -52,7 +52,7 @@ pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
     let mut spec = RunSpec::from_toml(&text, &path.display().to_string())?;
     absolutize_local_urls(&mut spec)?;
     let spec_dir = path.parent().unwrap_or(Path::new("."));
-    super::datasets::embed_case_list(&mut spec, spec_dir).with_context(|| format!("run spec {}", path.display()))?;
+    super::spec_files::embed_case_list(&mut spec, spec_dir).with_context(|| format!("run spec {}", path.display()))?;
     Ok(spec)
 }
 

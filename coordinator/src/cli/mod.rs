@@ -11,6 +11,7 @@ mod lifecycle;
 mod output;
 mod remote;
 mod serve;
+mod spec_files;
 mod sweeps;
 
 use std::path::PathBuf;

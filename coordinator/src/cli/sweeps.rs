@@ -29,7 +29,7 @@ pub fn load_sweep(path: &Path) -> anyhow::Result<(SweepFile, usize)> {
             && !url.contains("://")
             && Path::new(url.as_str()).is_relative()
         {
-            *url = super::datasets::under_cwd(&cwd, url);
+            *url = super::spec_files::under_cwd(&cwd, url);
         }
     };
     for (table, key) in [("dataset", "url"), ("artifacts", "url")] {
@@ -43,7 +43,7 @@ pub fn load_sweep(path: &Path) -> anyhow::Result<(SweepFile, usize)> {
         }
     }
     // A case-id list in the base spec is read relative to the sweep file.
-    super::datasets::embed_case_list_table(&mut sweep.base, dir)
+    super::spec_files::embed_case_list_table(&mut sweep.base, dir)
         .with_context(|| format!("sweep file {}", path.display()))?;
     let children = sweep.expand(&source)?.len();
     Ok((sweep, children))
