@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::{Cluster, fake_worker, poll};
 use coordinator::manifest::seeded_order;
@@ -279,11 +278,7 @@ fn a_corrupt_case_is_quarantined_and_the_two_worker_run_goes_on() {
     let spec = cluster.write_spec("corrupt", 2, 6, "");
     cluster.spawn_workers(2);
     let run_id = cluster.submit(&spec);
-    let detail = cluster.wait_for_state(
-        &run_id,
-        &["Completed", "Failed", "Cancelled", "Interrupted"],
-        Duration::from_secs(240),
-    );
+    let detail = cluster.wait_for_end(&run_id);
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     assert_eq!(detail["run"]["step"], 6);
 
@@ -300,11 +295,7 @@ fn a_corrupt_case_is_quarantined_and_the_two_worker_run_goes_on() {
     cluster.spawn_workers(2);
     let again = cluster.write_spec("after", 2, 2, "");
     let second = cluster.submit(&again);
-    let detail = cluster.wait_for_state(
-        &second,
-        &["Completed", "Failed", "Cancelled", "Interrupted"],
-        Duration::from_secs(240),
-    );
+    let detail = cluster.wait_for_end(&second);
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     let held = quarantine(&cluster, &url);
     assert_eq!(held.len(), 1);

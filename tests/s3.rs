@@ -94,11 +94,7 @@ fn two_workers_train_from_s3_and_checkpoint_to_s3() {
     let spec = write_spec(&cluster, "atlas-s3", &artifacts_url);
     cluster.spawn_workers(2);
     let run_id = cluster.submit(&spec);
-    let detail = cluster.wait_for_state(
-        &run_id,
-        &["Completed", "Failed", "Cancelled", "Interrupted"],
-        Duration::from_secs(240),
-    );
+    let detail = cluster.wait_for_end(&run_id);
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     assert_eq!(detail["run"]["step"], 4);
     assert_eq!(detail["train_cases"], 4);

@@ -18,11 +18,7 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     let spec = cluster.write_spec("e2e-train", 2, 6, "checkpoint_every = 3");
     let run_id = cluster.submit(&spec);
 
-    let detail = cluster.wait_for_state(
-        &run_id,
-        &["Completed", "Failed", "Cancelled", "Interrupted"],
-        Duration::from_secs(240),
-    );
+    let detail = cluster.wait_for_end(&run_id);
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     assert_eq!(detail["run"]["step"], 6);
     assert_eq!(detail["train_cases"], 4);

@@ -209,15 +209,11 @@ pub struct DatasetRecord {
 
 impl DatasetRecord {
     pub fn missing_ct(&self) -> Vec<String> {
-        self.cases
-            .iter()
-            .filter(|c| c.ct_bytes.is_none())
-            .map(|c| c.id.clone())
-            .collect()
+        data::scan::missing_ct(&self.cases)
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.cases.iter().map(|c| c.ct_bytes.unwrap_or(0) + c.mask_bytes).sum()
+        data::scan::total_bytes(&self.cases)
     }
 }
 

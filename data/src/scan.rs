@@ -58,16 +58,12 @@ pub struct DatasetScan {
 impl DatasetScan {
     /// Ids of case folders without a `ct.nii.gz`, sorted.
     pub fn missing_ct(&self) -> Vec<String> {
-        self.cases
-            .iter()
-            .filter(|c| c.ct_bytes.is_none())
-            .map(|c| c.id.clone())
-            .collect()
+        missing_ct(&self.cases)
     }
 
     /// Bytes of every CT and mask found.
     pub fn total_bytes(&self) -> u64 {
-        self.cases.iter().map(|c| c.ct_bytes.unwrap_or(0) + c.mask_bytes).sum()
+        total_bytes(&self.cases)
     }
 
     /// For each class (in `CLASSES` order), how many cases lack its mask.
@@ -82,6 +78,21 @@ impl DatasetScan {
         }
         missing
     }
+}
+
+/// Ids of the case folders in `cases` without a `ct.nii.gz`, in their order. The scan and the
+/// stored dataset record both summarise their cases with this.
+pub fn missing_ct(cases: &[ScannedCase]) -> Vec<String> {
+    cases
+        .iter()
+        .filter(|c| c.ct_bytes.is_none())
+        .map(|c| c.id.clone())
+        .collect()
+}
+
+/// Bytes of every CT and mask in `cases`.
+pub fn total_bytes(cases: &[ScannedCase]) -> u64 {
+    cases.iter().map(|c| c.ct_bytes.unwrap_or(0) + c.mask_bytes).sum()
 }
 
 /// How far a scan has got.

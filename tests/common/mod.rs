@@ -231,6 +231,16 @@ url = "{artifacts}"
     }
 
     /// Polls `coordinator show` until the run reaches one of `states`.
+    /// Waits (up to 240 s) until the run reaches an end state or is interrupted, and returns
+    /// its detail.
+    pub fn wait_for_end(&self, run_id: &str) -> serde_json::Value {
+        self.wait_for_state(
+            run_id,
+            &["Completed", "Failed", "Cancelled", "Interrupted"],
+            Duration::from_secs(240),
+        )
+    }
+
     pub fn wait_for_state(&self, run_id: &str, states: &[&str], timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {

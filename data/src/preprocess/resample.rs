@@ -118,26 +118,49 @@ fn lerp_rows(out: &mut [f32], a: &[f32], b: &[f32], w: f32) {
     }
 }
 
-fn ratios(spacing_in: [f64; 3], spacing_out: [f64; 3]) -> [f64; 3] {
-    [0, 1, 2].map(|j| spacing_out[j] / spacing_in[j])
+/// Where a resampling writes: the output shape and affine, and per axis the input step of one
+/// output voxel (`spacing_out / spacing_in`).
+struct OutputGrid {
+    shape: [usize; 3],
+    affine: Affine,
+    ratios: [f64; 3],
+}
+
+/// The grid `vol` resamples onto at `spacing_out`.
+fn output_grid<T>(vol: &Volume<T>, spacing_out: [f64; 3]) -> OutputGrid {
+    let spacing_in = vol.spacing();
+    OutputGrid {
+        shape: resampled_shape(vol.shape, spacing_in, spacing_out),
+        affine: resampled_affine(&vol.affine, spacing_in, spacing_out),
+        ratios: [0, 1, 2].map(|j| spacing_out[j] / spacing_in[j]),
+    }
+}
+
+impl OutputGrid {
+    /// The result itself when an axis comes out empty: nothing to sample.
+    fn empty<T>(&self) -> Option<Volume<T>> {
+        self.shape.contains(&0).then(|| Volume {
+            shape: self.shape,
+            data: Vec::new(),
+            affine: self.affine,
+        })
+    }
 }
 
 /// Trilinear resampling of a CT to `spacing_out` (x, y, z mm) on `threads` threads. The input's
 /// spacing comes from its affine; see the module doc for the exact convention.
 pub fn resample_linear(vol: &Volume<f32>, spacing_out: [f64; 3], threads: usize) -> Volume<f32> {
-    let spacing_in = vol.spacing();
-    let out_shape = resampled_shape(vol.shape, spacing_in, spacing_out);
-    let affine = resampled_affine(&vol.affine, spacing_in, spacing_out);
-    if out_shape.contains(&0) {
-        return Volume {
-            shape: out_shape,
-            data: Vec::new(),
-            affine,
-        };
+    let grid = output_grid(vol, spacing_out);
+    if let Some(empty) = grid.empty() {
+        return empty;
     }
+    let OutputGrid {
+        shape: out_shape,
+        affine,
+        ratios: r,
+    } = grid;
     let [d, h, w] = vol.shape;
     let [od, oh, ow] = out_shape;
-    let r = ratios(spacing_in, spacing_out);
     let (tx, ty, tz) = (
         linear_taps(w, ow, r[0]),
         linear_taps(h, oh, r[1]),
@@ -186,19 +209,17 @@ pub fn resample_nearest<T: Copy + Default + Send + Sync>(
     spacing_out: [f64; 3],
     threads: usize,
 ) -> Volume<T> {
-    let spacing_in = vol.spacing();
-    let out_shape = resampled_shape(vol.shape, spacing_in, spacing_out);
-    let affine = resampled_affine(&vol.affine, spacing_in, spacing_out);
-    if out_shape.contains(&0) {
-        return Volume {
-            shape: out_shape,
-            data: Vec::new(),
-            affine,
-        };
+    let grid = output_grid(vol, spacing_out);
+    if let Some(empty) = grid.empty() {
+        return empty;
     }
+    let OutputGrid {
+        shape: out_shape,
+        affine,
+        ratios: r,
+    } = grid;
     let [d, h, w] = vol.shape;
     let [od, oh, ow] = out_shape;
-    let r = ratios(spacing_in, spacing_out);
     let (tx, ty, tz) = (
         nearest_taps(w, ow, r[0]),
         nearest_taps(h, oh, r[1]),
