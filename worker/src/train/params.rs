@@ -179,6 +179,8 @@ const CONSTANT_INIT_TYPES: &[&str] = &[
     "Struct:GroupNorm",
     "Struct:LayerNorm",
     "Struct:BatchNorm",
+    // model::batchnorm: PyTorch-exact BatchNorm (weight 1, bias 0, running stats 0 / 1).
+    "Struct:BatchNorm3d",
 ];
 
 impl Reseed {
