@@ -333,13 +333,14 @@ mod tests {
         }
         let mut check = Check(Vec::new());
         model.visit(&mut check);
-        // First conv: weight [4, 1, 3, 3, 3] (fan_in 27), then its norm's gamma (ones), beta.
+        // First conv: weight [4, 1, 3, 3, 3] (fan_in 27) and bias, then its norm's gamma (ones), beta.
         let (dims, max, _) = &check.0[0];
         assert_eq!(dims, &vec![4, 1, 3, 3, 3]);
         assert!(*max <= 1.0 / 27f32.sqrt() && *max > 0.1, "{max}");
-        assert_eq!(check.0[1].1, 1.0);
-        assert_eq!(check.0[1].2, 1.0);
-        assert_eq!(check.0[2].1, 0.0);
+        assert!(check.0[1].1 <= 1.0 / 27f32.sqrt() && check.0[1].1 > 0.0);
+        assert_eq!(check.0[2].1, 1.0);
+        assert_eq!(check.0[2].2, 1.0);
+        assert_eq!(check.0[3].1, 0.0);
     }
 
     #[test]
@@ -409,6 +410,7 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "BatchNorm running statistics follow each rank's batch until they are synchronised (issue 8 item 4)"]
     fn averaged_gradients_keep_ranks_identical() {
         let device = Default::default();
         let config = small();
