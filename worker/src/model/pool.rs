@@ -139,4 +139,3 @@ mod tests {
         assert_eq!(out.into_data().to_vec::<f32>().unwrap(), vec![6.0, 8.0, 21.0, 23.0]);
     }
 }
-

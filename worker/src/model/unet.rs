@@ -49,9 +49,10 @@ pub fn suprem() -> UNetConfig {
     UNetConfig::new()
 }
 
-/// Preset for CPU tests and demos: SuPreM's topology at an eighth of the width (299,011
-/// parameters with 3 outputs, 302,293 with 25). Forward + backward + AdamW at batch 2, 32^3, 25
-/// classes: see the `tiny_step_time` test.
+/// Preset for CPU tests and demos: SuPreM's topology at an eighth of the width (299,209 parameters
+/// with 25 outputs). Forward + backward + AdamW at batch 2, 32^3, 25 classes: ~0.56 s on two
+/// (shared) cores (`tiny_step_time`); at batch 1 and 2 classes it fits a noisy 32^3 sphere to an
+/// eval-mode Dice above 0.9 in about 70 AdamW steps (lr 3e-3), ~20 s.
 pub fn tiny() -> UNetConfig {
     UNetConfig::new().with_base_width(4)
 }
