@@ -12,7 +12,7 @@
 //! running-statistics update) on an autodiff backend, running statistics on the inner backend
 //! (`model.valid()`).
 
-use burn::module::{Module, ModuleVisitor, Param, RunningState};
+use burn::module::{Module, Param, RunningState};
 use burn::tensor::{Tensor, backend::Backend};
 
 /// PyTorch's defaults for `nn.BatchNorm3d`.
@@ -88,32 +88,6 @@ impl<B: Backend> BatchNorm3d<B> {
     }
 }
 
-/// Parameter count as PyTorch's `sum(p.numel() for p in model.parameters())` gives it: burn's
-/// `num_params` also counts BatchNorm running statistics (a `RunningState` is visited as a float
-/// param), which PyTorch keeps as buffers. Leaves named `running_mean` / `running_var` are skipped.
-pub fn torch_param_count<B: Backend, M: Module<B>>(module: &M) -> usize {
-    struct Count {
-        leaf: String,
-        total: usize,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Count {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.leaf = name.to_string();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if self.leaf != "running_mean" && self.leaf != "running_var" {
-                self.total += param.shape().num_elements();
-            }
-        }
-    }
-    let mut count = Count {
-        leaf: String::new(),
-        total: 0,
-    };
-    module.visit(&mut count);
-    count.total
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,9 +147,9 @@ mod tests {
     }
 
     #[test]
-    fn torch_count_skips_running_statistics() {
+    fn running_statistics_are_not_counted_as_parameters() {
         let bn = BatchNorm3d::<Cpu>::new(7, &Default::default());
         assert_eq!(bn.num_params(), 28);
-        assert_eq!(torch_param_count(&bn), 14);
+        assert_eq!(crate::model::param_count(&bn), 14);
     }
 }

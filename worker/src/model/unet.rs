@@ -23,8 +23,9 @@ use burn::nn::conv::{Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfi
 use burn::tensor::activation::relu;
 use burn::tensor::{Tensor, backend::Backend};
 
-use super::batchnorm::{BatchNorm3d, torch_param_count};
+use super::batchnorm::BatchNorm3d;
 use super::pool::max_pool3d;
+use super::{ArchConfig, ModelConfigError, Segmenter, StageSummary, param_count};
 
 /// Hyper-parameters of [`UNet`]. Serialisable, so a checkpoint can carry the config that rebuilds
 /// the module its weights belong to.
@@ -55,29 +56,6 @@ pub fn suprem() -> UNetConfig {
 /// eval-mode Dice above 0.9 in about 70 AdamW steps (lr 3e-3), ~20 s.
 pub fn tiny() -> UNetConfig {
     UNetConfig::new().with_base_width(4)
-}
-
-/// Parameter count of any module (all float params as burn counts them, BatchNorm running
-/// statistics included). PyTorch's count is [`torch_param_count`].
-pub fn param_count<B: Backend, M: Module<B>>(m: &M) -> usize {
-    m.num_params()
-}
-
-/// A config that cannot build a network; names the offending field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid model config: `{field}` {reason}")]
-pub struct ModelConfigError {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-impl ModelConfigError {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
-    }
 }
 
 // Beyond this the coarsest level of any realistic patch is below one voxel.
@@ -130,7 +108,7 @@ impl UNetConfig {
     }
 
     /// Builds the network with burn's default initialisation. Ranks that must start identical use
-    /// [`init_seeded`](Self::init_seeded).
+    /// [`super::ModelConfig::init_seeded`].
     ///
     /// # Panics
     /// If [`validate`](Self::validate) fails.
@@ -172,15 +150,6 @@ impl UNetConfig {
             in_channels: self.in_channels,
             size_multiple: self.size_multiple(),
         }
-    }
-
-    /// Builds the network with weights that depend only on `seed`, not on the backend's RNG, so
-    /// every data-parallel rank starts bit-identical. See [`crate::train::params::reseed`].
-    pub fn init_seeded<B: Backend>(&self, device: &B::Device, seed: u64) -> Result<UNet<B>, ModelConfigError> {
-        self.validate()?;
-        crate::train::params::reseed(self.init(device), seed)
-            // Unreachable for this network: every module it holds has a reseed rule.
-            .map_err(|err| ModelConfigError::new("init", err.to_string()))
     }
 }
 
@@ -297,20 +266,20 @@ impl<B: Backend> UNet<B> {
             rows.push(StageSummary {
                 name: format!("down_tr{}", 64 << level),
                 output: at(level + pooled, channels(&down.ops)),
-                params: torch_param_count(down),
+                params: param_count(down),
             });
         }
         for (level, up) in self.up_tr.iter().enumerate().rev() {
             rows.push(StageSummary {
                 name: format!("up_tr{}", 64 << level),
                 output: at(level, channels(&up.ops)),
-                params: torch_param_count(up),
+                params: param_count(up),
             });
         }
         rows.push(StageSummary {
             name: "out_tr".into(),
             output: at(0, self.out_tr.final_conv.weight.dims()[0]),
-            params: torch_param_count(&self.out_tr),
+            params: param_count(&self.out_tr),
         });
         rows
     }
@@ -366,35 +335,6 @@ impl ArchConfig for UNetConfig {
     fn torch_module_path(burn_path: &str) -> Option<String> {
         torch_module_path(burn_path)
     }
-}
-
-// TEMPORARY until train/ uses the generic Backbone: the spine's names for this module.
-pub type UNet3d<B> = UNet<B>;
-pub type UNet3dConfig = UNetConfig;
-
-// TEMPORARY until model/mod.rs has the traits (identical copies of the integrator's interface).
-/// One row of `coordinator model info`: a named stage, its output shape, its parameter count.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct StageSummary {
-    pub name: String,
-    pub output: Vec<usize>,
-    pub params: usize,
-}
-
-/// What every backbone module provides.
-pub trait Segmenter<B: Backend>: Module<B> {
-    fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5>;
-    fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String>;
-    fn stages(&self, input: [usize; 5]) -> Vec<StageSummary>;
-}
-
-/// The per-architecture config.
-pub trait ArchConfig {
-    type Model<B: Backend>: Segmenter<B>;
-    fn validate(&self) -> Result<(), ModelConfigError>;
-    fn init<B: Backend>(&self, device: &B::Device) -> Self::Model<B>;
-    fn size_multiple(&self) -> usize;
-    fn torch_module_path(burn_path: &str) -> Option<String>;
 }
 
 #[cfg(test)]

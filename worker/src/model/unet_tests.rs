@@ -3,9 +3,12 @@
 
 use super::*;
 use crate::backend::{Cpu, CpuTrain};
-use burn::module::{AutodiffModule, ModuleMapper, Param};
+use crate::model::interop::{TorchStateDict, load_torch_state_dict, torch_state_dict};
+use crate::model::{Backbone, ModelConfig};
+use burn::module::AutodiffModule;
 use burn::tensor::TensorData;
 use burn_store::pytorch::PytorchReader;
+use std::path::Path;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/unet_tiny.pth");
 
@@ -63,21 +66,18 @@ fn bad_input_shape_is_reported() {
 }
 
 /// 19,075,225: `sum(p.numel() for p in UNet3D(width=32, depth=4, n_class=25).parameters())`,
-/// printed by tools/fixtures/unet.py. burn's own count adds the BatchNorm running statistics.
+/// printed by tools/fixtures/unet.py. burn's own `num_params` adds the BatchNorm running statistics.
 #[test]
 fn suprem_preset_counts_like_pytorch() {
     let model = suprem().init::<Cpu>(&Default::default());
-    assert_eq!(torch_param_count(&model), 19_075_225);
+    assert_eq!(param_count(&model), 19_075_225);
     // Two running statistics per BatchNorm channel: 14 BatchNorms over these channel counts.
     let bn_channels: usize = [32, 64, 64, 128, 128, 256, 256, 512, 256, 256, 128, 128, 64, 64]
         .iter()
         .sum();
-    assert_eq!(param_count(&model), 19_075_225 + 2 * bn_channels);
+    assert_eq!(model.num_params(), 19_075_225 + 2 * bn_channels);
     // The fixture's width: 299,011 per the same script.
-    assert_eq!(
-        torch_param_count(&fixture_config().init::<Cpu>(&Default::default())),
-        299_011
-    );
+    assert_eq!(param_count(&fixture_config().init::<Cpu>(&Default::default())), 299_011);
 }
 
 #[test]
@@ -115,7 +115,7 @@ fn stage_shapes_match_a_forward_pass() {
     let out = model.forward(Tensor::zeros([1, 1, 8, 4, 12], &device));
     assert_eq!(rows.last().unwrap().output, out.dims().to_vec());
     assert_eq!(rows.len(), 3 + 2 + 1);
-    assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), torch_param_count(&model));
+    assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), param_count(&model));
 }
 
 #[test]
@@ -146,61 +146,21 @@ fn module_paths_map_to_suprem_names() {
 
 // --- parity with PyTorch ------------------------------------------------------------------------
 
-/// Loads a SuPreM-style state dict (keys `module.backbone.<torch path>`) through
-/// [`torch_module_path`]. TEMPORARY until model::interop's shared loader lands.
-struct LoadTorch<'a> {
-    reader: &'a PytorchReader,
-    path: Vec<String>,
-    loaded: usize,
+fn fixture_model_config() -> ModelConfig {
+    ModelConfig::Unet(fixture_config())
 }
 
-impl<B: Backend> ModuleMapper<B> for LoadTorch<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (leaf, module) = self.path.split_last().expect("a param sits in a module");
-        let module = torch_module_path(&module.join(".")).unwrap_or_else(|| panic!("no torch path for {module:?}"));
-        let key = format!("module.backbone.{module}.{leaf}");
-        let data = self
-            .reader
-            .get(&key)
-            .unwrap_or_else(|| panic!("{FIXTURE} has no `{key}`"))
-            .to_data()
-            .unwrap()
-            .convert::<f32>();
-        self.loaded += 1;
-        param.map(|tensor| {
-            assert_eq!(tensor.dims().to_vec(), data.shape.to_vec(), "{key}");
-            let fresh = Tensor::from_data(data.clone(), &tensor.device());
-            if tensor.is_require_grad() {
-                fresh.require_grad()
-            } else {
-                fresh
-            }
-        })
-    }
-}
-
-fn load_fixture<B: Backend>(model: UNet<B>) -> UNet<B> {
-    let reader = PytorchReader::with_top_level_key(FIXTURE, "net").unwrap();
-    let mut loader = LoadTorch {
-        reader: &reader,
-        path: Vec::new(),
-        loaded: 0,
-    };
-    let model = model.map(&mut loader);
+/// The fixture's weights, through the shared importer (SuPreM's `net` / `module.backbone.` layout).
+fn load_fixture<B: Backend>() -> UNet<B> {
+    let config = fixture_model_config();
+    let dict = TorchStateDict::read_pth(Path::new(FIXTURE)).unwrap();
+    let (model, report) = load_torch_state_dict(config.init::<B>(&Default::default()), &config, &dict).unwrap();
+    assert!(report.unused.is_empty(), "{:?}", report.unused);
     // Every key but `num_batches_tracked` (one per BatchNorm) went into the model.
-    let tracked = reader
-        .keys()
-        .iter()
-        .filter(|k| k.ends_with("num_batches_tracked"))
-        .count();
-    assert_eq!(loader.loaded + tracked, reader.len());
-    model
+    assert_eq!(report.loaded + 14, dict.len());
+    match model {
+        Backbone::Unet(unet) => unet,
+    }
 }
 
 fn fixture_tensor<B: Backend, const D: usize>(reader: &PytorchReader, key: &str) -> Tensor<B, D> {
@@ -226,7 +186,7 @@ fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) ->
 #[test]
 fn eval_output_matches_pytorch() {
     let reader = PytorchReader::new(FIXTURE).unwrap();
-    let model: UNet<Cpu> = load_fixture(fixture_config().init::<CpuTrain>(&Default::default())).valid();
+    let model: UNet<Cpu> = load_fixture::<CpuTrain>().valid();
     let out = model.forward(fixture_tensor(&reader, "input"));
     let diff = max_abs_diff(out, fixture_tensor(&reader, "output_eval"));
     println!("eval-mode output vs PyTorch: max abs diff {diff:e}");
@@ -236,7 +196,7 @@ fn eval_output_matches_pytorch() {
 #[test]
 fn train_mode_uses_batch_statistics_and_updates_running_ones_like_pytorch() {
     let reader = PytorchReader::new(FIXTURE).unwrap();
-    let model = load_fixture(fixture_config().init::<CpuTrain>(&Default::default()));
+    let model = load_fixture::<CpuTrain>();
     let out = model.forward(fixture_tensor(&reader, "input"));
     let diff = max_abs_diff(out, fixture_tensor(&reader, "output_train"));
     println!("train-mode output vs PyTorch: max abs diff {diff:e}");
@@ -268,6 +228,23 @@ fn train_mode_uses_batch_statistics_and_updates_running_ones_like_pytorch() {
     println!("running statistics after one train-mode forward vs PyTorch: max abs diff {worst:e}");
     assert_eq!(checked, 2 * 14);
     assert!(worst <= 1e-4, "{worst}");
+}
+
+/// Export writes exactly the keys of PyTorch's `state_dict()` (BatchNorm's `num_batches_tracked`
+/// included, so `load_state_dict(strict=True)` accepts it) with the values that were imported.
+#[test]
+fn export_reproduces_the_pytorch_state_dict() {
+    let config = fixture_model_config();
+    let dict = TorchStateDict::read_pth(Path::new(FIXTURE)).unwrap();
+    let exported = torch_state_dict(&Backbone::Unet(load_fixture::<Cpu>()), &config);
+    let mut keys: Vec<&str> = dict.keys().collect();
+    keys.sort();
+    assert_eq!(exported.keys().map(String::as_str).collect::<Vec<_>>(), keys);
+    for (key, data) in &exported {
+        if !key.ends_with("num_batches_tracked") {
+            assert_eq!(data, &dict.float(key).unwrap().unwrap(), "{key}");
+        }
+    }
 }
 
 /// Forward + backward + AdamW on the tiny preset at batch 2, 32^3, 25 classes (the figure the
