@@ -1,0 +1,259 @@
+use super::*;
+use crate::backend::{Cpu, CpuTrain};
+use burn::module::{ModuleMapper, Param};
+use burn::tensor::TensorData;
+use burn_store::pytorch::PytorchReader;
+use std::collections::HashMap;
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/segresnet_tiny.pth");
+
+fn small() -> SegResNetConfig {
+    SegResNetConfig::new()
+        .with_out_channels(3)
+        .with_init_filters(4)
+        .with_norm_groups(4)
+}
+
+#[test]
+fn suprem_param_counts_match_monai() {
+    let device = Default::default();
+    // MONAI's counts (asserted by tools/fixtures/segresnet.py, and stored in the fixture).
+    let fixture = PytorchReader::new(FIXTURE).expect("read fixture");
+    let monai = |key: &str| -> usize {
+        let data = fixture.get(key).expect(key).to_data().expect("tensor data");
+        data.convert::<i64>().to_vec::<i64>().unwrap()[0] as usize
+    };
+    assert_eq!(monai("params_if16"), 4_701_305);
+    assert_eq!(monai("params_if32"), 18_796_761);
+    assert_eq!(suprem().init::<Cpu>(&device).num_params(), monai("params_if16"));
+    assert_eq!(
+        suprem().with_init_filters(32).init::<Cpu>(&device).num_params(),
+        monai("params_if32")
+    );
+    assert_eq!(tiny().init::<Cpu>(&device).num_params(), 1_176_393);
+}
+
+#[test]
+fn forward_keeps_spatial_shape() {
+    let device = Default::default();
+    let model = small().with_in_channels(2).init::<Cpu>(&device);
+    let x = Tensor::<Cpu, 5>::zeros([2, 2, 8, 16, 24], &device);
+    assert_eq!(model.forward(x).dims(), [2, 3, 8, 16, 24]);
+    // Fewer levels, so a smaller multiple and an uneven block layout.
+    let config = small().with_blocks_down(vec![2, 0]).with_blocks_up(vec![0]);
+    assert_eq!(config.size_multiple(), 2);
+    let model = config.init::<Cpu>(&device);
+    let x = Tensor::<Cpu, 5>::zeros([1, 1, 2, 4, 6], &device);
+    assert_eq!(model.forward(x).dims(), [1, 3, 2, 4, 6]);
+}
+
+#[test]
+fn bad_input_shape_is_reported() {
+    let model = small().init::<Cpu>(&Default::default());
+    assert_eq!(small().size_multiple(), 8);
+    assert!(model.check_input_shape([1, 1, 16, 8, 24]).is_ok());
+    let err = model.check_input_shape([1, 1, 16, 12, 16]).unwrap_err();
+    assert!(err.contains("multiples of 8"), "{err}");
+    let err = model.check_input_shape([1, 2, 16, 16, 16]).unwrap_err();
+    assert!(err.contains("channels"), "{err}");
+    assert!(model.check_input_shape([1, 1, 0, 8, 8]).is_err());
+}
+
+#[test]
+fn validation_names_the_field() {
+    for (config, field) in [
+        (suprem().with_in_channels(0), "in_channels"),
+        (suprem().with_out_channels(0), "out_channels"),
+        (suprem().with_init_filters(0), "init_filters"),
+        (suprem().with_norm_groups(0), "norm_groups"),
+        (suprem().with_norm_groups(3), "norm_groups"),
+        (suprem().with_blocks_down(vec![]), "blocks_down"),
+        (
+            suprem().with_blocks_down(vec![1; 9]).with_blocks_up(vec![1; 8]),
+            "blocks_down",
+        ),
+        (suprem().with_blocks_up(vec![1, 1]), "blocks_up"),
+        (suprem().with_init_filters(1 << 20), "init_filters"),
+    ] {
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    assert_eq!(suprem().validate(), Ok(()));
+    assert_eq!(tiny().validate(), Ok(()));
+}
+
+#[test]
+fn stages_cover_every_parameter_with_forward_shapes() {
+    let device = Default::default();
+    let model = small().init::<Cpu>(&device);
+    let input = [2, 1, 16, 8, 24];
+    let stages = model.stages(input);
+    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "convInit",
+            "down_layers.0",
+            "down_layers.1",
+            "down_layers.2",
+            "down_layers.3",
+            "up_samples.0",
+            "up_layers.0",
+            "up_samples.1",
+            "up_layers.1",
+            "up_samples.2",
+            "up_layers.2",
+            "conv_final",
+        ]
+    );
+    assert_eq!(stages.iter().map(|s| s.params).sum::<usize>(), model.num_params());
+    assert_eq!(stages[4].output, vec![2, 32, 2, 1, 3]);
+    assert_eq!(stages[9].output, vec![2, 4, 16, 8, 24]);
+    let out = model.forward(Tensor::zeros(input, &device));
+    assert_eq!(&stages.last().unwrap().output, &out.dims().to_vec());
+    // The bottleneck row against a real forward of the encoder.
+    let mut x = model.conv_init.forward(Tensor::<Cpu, 5>::zeros(input, &device));
+    for (down, stage) in model.down_layers.iter().zip(&stages[1..5]) {
+        x = down.forward(x);
+        assert_eq!(x.dims().to_vec(), stage.output, "{}", stage.name);
+    }
+}
+
+#[test]
+fn torch_paths_follow_monai_sequential_indices() {
+    let path = |p: &str| SegResNetConfig::torch_module_path(p);
+    assert_eq!(path("conv_init").as_deref(), Some("convInit.conv"));
+    assert_eq!(
+        path("down_layers.0.blocks.0.norm1").as_deref(),
+        Some("down_layers.0.1.norm1")
+    );
+    assert_eq!(path("down_layers.1.pre_conv").as_deref(), Some("down_layers.1.0.conv"));
+    assert_eq!(
+        path("down_layers.3.blocks.3.conv2").as_deref(),
+        Some("down_layers.3.4.conv2.conv")
+    );
+    assert_eq!(path("up_layers.2.0.conv1").as_deref(), Some("up_layers.2.0.conv1.conv"));
+    assert_eq!(path("up_samples.1.conv").as_deref(), Some("up_samples.1.0.conv"));
+    assert_eq!(path("conv_final.norm").as_deref(), Some("conv_final.0"));
+    assert_eq!(path("conv_final.conv").as_deref(), Some("conv_final.2.conv"));
+    for bad in [
+        "down_layers.0.pre_conv",
+        "down_layers.x.blocks.0",
+        "up_samples.01.conv",
+        "head",
+        "conv_final.act",
+    ] {
+        assert_eq!(path(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn seeded_init_has_a_rule_for_every_module() {
+    let a = crate::train::params::reseed(small().init::<Cpu>(&Default::default()), 7).expect("reseed");
+    let b = crate::train::params::reseed(small().init::<Cpu>(&Default::default()), 7).expect("reseed");
+    let x = Tensor::<Cpu, 5>::ones([1, 1, 8, 8, 8], &Default::default());
+    a.forward(x.clone())
+        .into_data()
+        .assert_eq(&b.forward(x).into_data(), true);
+}
+
+// TEMPORARY private loader until main's `model::interop::load_torch_state_dict` lands: maps each
+// float param's burn path through `torch_module_path`, renames norm leaves (gamma/beta ->
+// weight/bias) and copies the tensor, checking shapes and that every PyTorch key was used.
+struct TorchLoader {
+    tensors: HashMap<String, TensorData>,
+    path: Vec<String>,
+    used: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for TorchLoader {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (leaf, module) = self.path.split_last().expect("a param has a name");
+        let module = SegResNetConfig::torch_module_path(&module.join("."))
+            .unwrap_or_else(|| panic!("no PyTorch module for {}", self.path.join(".")));
+        let leaf = match leaf.as_str() {
+            "gamma" => "weight",
+            "beta" => "bias",
+            other => other,
+        };
+        let key = format!("{module}.{leaf}");
+        let data = self
+            .tensors
+            .get(&key)
+            .unwrap_or_else(|| panic!("{key} not in the fixture"))
+            .clone();
+        self.used.push(key.clone());
+        param.map(|tensor| {
+            assert_eq!(data.shape.to_vec(), tensor.dims().to_vec(), "{key}");
+            Tensor::from_data(data.convert::<f32>(), &tensor.device())
+        })
+    }
+}
+
+fn fixture_tensor(reader: &PytorchReader, key: &str) -> Tensor<Cpu, 5> {
+    let data = reader.get(key).expect(key).to_data().expect("tensor data");
+    Tensor::from_data(data.convert::<f32>(), &Default::default())
+}
+
+#[test]
+fn matches_monai_output_from_a_ddp_checkpoint() {
+    let reader = PytorchReader::new(FIXTURE).expect("read fixture");
+    let tensors: HashMap<String, TensorData> = reader
+        .tensors()
+        .iter()
+        .filter_map(|(key, snapshot)| {
+            let key = key.strip_prefix("state_dict.module.")?;
+            Some((key.to_string(), snapshot.to_data().expect("tensor data")))
+        })
+        .collect();
+    let mut loader = TorchLoader {
+        tensors,
+        path: Vec::new(),
+        used: Vec::new(),
+    };
+    let model = small().init::<Cpu>(&Default::default()).map(&mut loader);
+    let mut unused: Vec<&String> = loader.tensors.keys().filter(|k| !loader.used.contains(k)).collect();
+    unused.sort();
+    assert!(unused.is_empty(), "fixture keys not loaded: {unused:?}");
+
+    let want = fixture_tensor(&reader, "output");
+    let got = model.forward(fixture_tensor(&reader, "input"));
+    assert_eq!(got.dims(), want.dims());
+    let diff = (got - want).abs().max().into_scalar();
+    println!("SegResNet vs MONAI: max abs diff {diff:.3e}");
+    assert!(diff <= 1e-4, "max abs diff {diff} against MONAI");
+}
+
+/// Measures the tiny preset's training step (forward + backward + AdamW, batch 2, 32^3,
+/// 25 classes): `cargo test --release -p worker --lib segresnet::tests::tiny_train_step_time -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, run by hand"]
+fn tiny_train_step_time() {
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    let device = Default::default();
+    let mut model = tiny().init::<CpuTrain>(&device);
+    let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
+    let x = Tensor::<CpuTrain, 5>::random([2, 1, 32, 32, 32], burn::tensor::Distribution::Default, &device);
+    let y = Tensor::<CpuTrain, 5>::random([2, 25, 32, 32, 32], burn::tensor::Distribution::Default, &device)
+        .greater_elem(0.5)
+        .float();
+    let mut times = Vec::new();
+    for _ in 0..4 {
+        let start = std::time::Instant::now();
+        let logits = model.forward(x.clone());
+        let loss = burn::tensor::activation::softplus(logits.clone(), 1.0) - logits * y.clone();
+        let grads = GradientsParams::from_grads(loss.mean().backward(), &model);
+        model = optim.step(1e-4, model, grads);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    println!("tiny SegResNet train step (batch 2, 32^3): {:?} s", times);
+}
