@@ -72,12 +72,37 @@ fn resample<B: Backend>(
                 }
             }
             Interpolate3dMode::Trilinear { align_corners } => {
-                let taps = linear_taps(input, out, scale, align_corners);
-                blend(x, dim, &taps)
+                // SegResNet's case. ATen maps by 1/scale when a scale is given, so only an exact
+                // 2 (or no scale) has the fixed 1/4-3/4 stencil.
+                let doubling = out == 2 * input && scale.is_none_or(|s| s == 2.0);
+                if doubling && !align_corners && input >= 2 {
+                    double_axis(x, dim)
+                } else {
+                    blend(x, dim, &linear_taps(input, out, scale, align_corners))
+                }
             }
         };
     }
     x
+}
+
+/// Linear x2 along `dim` without `align_corners`: output `2i` is `x[i-1]/4 + 3x[i]/4` and `2i+1`
+/// is `3x[i]/4 + x[i+1]/4`, edges clamped (what [`linear_taps`] gives for this ratio). Shifted
+/// slices and an interleave instead of `select`: ~4.5x faster forward + backward on Flex than the
+/// gather / scatter-add pair, and this is the op SegResNet's decoder runs at full resolution.
+fn double_axis<B: Backend>(x: Tensor<B, 5>, dim: usize) -> Tensor<B, 5> {
+    let n = x.dims()[dim];
+    let previous = Tensor::cat(vec![x.clone().narrow(dim, 0, 1), x.clone().narrow(dim, 0, n - 1)], dim);
+    let next = Tensor::cat(
+        vec![x.clone().narrow(dim, 1, n - 1), x.clone().narrow(dim, n - 1, 1)],
+        dim,
+    );
+    let centre = x.mul_scalar(0.75);
+    let even = centre.clone() + previous.mul_scalar(0.25);
+    let odd = centre + next.mul_scalar(0.25);
+    let mut dims = even.dims();
+    dims[dim] *= 2;
+    Tensor::stack::<6>(vec![even, odd], dim + 1).reshape(dims)
 }
 
 /// For each output position along one axis: the two source indices and the weight of the second.
@@ -261,6 +286,23 @@ mod tests {
             assert!(y_diff <= 1e-5, "{name}: forward differs from PyTorch by {y_diff}");
             assert!(gx_diff <= 1e-5, "{name}: gradient differs from PyTorch by {gx_diff}");
         }
+    }
+
+    #[test]
+    fn doubling_stencil_equals_the_general_path() {
+        let x = Tensor::<Cpu, 5>::random(
+            [2, 3, 1, 2, 5],
+            burn::tensor::Distribution::Default,
+            &Default::default(),
+        );
+        let fast = interpolate3d(x.clone(), [2, 4, 10], LINEAR_FALSE);
+        let mut general = x;
+        for (dim, out) in [(2, 2), (3, 4), (4, 10)] {
+            let input = general.dims()[dim];
+            general = blend(general, dim, &linear_taps(input, out, None, false));
+        }
+        fast.into_data()
+            .assert_approx_eq::<f32>(&general.into_data(), burn::tensor::Tolerance::absolute(1e-6));
     }
 
     #[test]
