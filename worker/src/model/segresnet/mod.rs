@@ -22,7 +22,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::interpolate::{Interpolate3dMode, interpolate3d_scale};
-use super::unet::ModelConfigError;
+use super::{ArchConfig, ModelConfigError, Segmenter, StageSummary};
 
 /// Hyper-parameters of [`SegResNet`]; defaults are SuPreM's (MONAI's layout, 16 initial filters,
 /// 25 classes).
@@ -66,13 +66,6 @@ const MAX_LEVELS: usize = 8;
 // The widest level allowed (init_filters * 2^(levels-1)); far beyond any real model.
 const MAX_WIDTH: usize = 1 << 20;
 
-fn config_error(field: &'static str, reason: impl Into<String>) -> ModelConfigError {
-    ModelConfigError {
-        field,
-        reason: reason.into(),
-    }
-}
-
 impl SegResNetConfig {
     /// Checks every field; [`init`](ArchConfig::init) panics on what this rejects.
     pub fn validate(&self) -> Result<(), ModelConfigError> {
@@ -83,18 +76,18 @@ impl SegResNetConfig {
             ("norm_groups", self.norm_groups),
         ] {
             if value == 0 {
-                return Err(config_error(field, "must be at least 1"));
+                return Err(ModelConfigError::new(field, "must be at least 1"));
             }
         }
         let levels = self.blocks_down.len();
         if levels == 0 || levels > MAX_LEVELS {
-            return Err(config_error(
+            return Err(ModelConfigError::new(
                 "blocks_down",
                 format!("must list 1 to {MAX_LEVELS} levels, got {levels}"),
             ));
         }
         if self.blocks_up.len() != levels - 1 {
-            return Err(config_error(
+            return Err(ModelConfigError::new(
                 "blocks_up",
                 format!(
                     "must have one entry per level below the finest ({}), got {}",
@@ -104,7 +97,7 @@ impl SegResNetConfig {
             ));
         }
         if !self.init_filters.is_multiple_of(self.norm_groups) {
-            return Err(config_error(
+            return Err(ModelConfigError::new(
                 "norm_groups",
                 format!(
                     "{} does not divide init_filters {}",
@@ -117,7 +110,7 @@ impl SegResNetConfig {
             .checked_mul(1 << (levels - 1))
             .is_none_or(|w| w > MAX_WIDTH)
         {
-            return Err(config_error(
+            return Err(ModelConfigError::new(
                 "init_filters",
                 format!(
                     "{} is too wide for {levels} levels: the bottleneck would exceed 2^20 channels",
@@ -394,35 +387,3 @@ impl ArchConfig for SegResNetConfig {
         paths::torch_module_path(burn_path)
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// TEMPORARY: identical copies of the model interface the integrator is adding to
-// worker/src/model/mod.rs. Delete this block (and import those from `super`) on merging main.
-
-/// One row of `coordinator model info`: a named stage, its output shape, its parameter count.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct StageSummary {
-    pub name: String,
-    pub output: Vec<usize>,
-    pub params: usize,
-}
-
-/// What every backbone module provides.
-pub trait Segmenter<B: Backend>: Module<B> {
-    /// `[N, C_in, D, H, W]` -> logits `[N, C_out, D, H, W]` (one sigmoid logit per class).
-    fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5>;
-    /// Why `forward` would reject an input of this shape (channels, spatial multiples), if it would.
-    fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String>;
-    /// torchinfo-like rows for an input of this shape, computed from the config (no forward pass).
-    fn stages(&self, input: [usize; 5]) -> Vec<StageSummary>;
-}
-
-/// The per-architecture config (a burn `Config`), built from the run spec's resolved preset.
-pub trait ArchConfig {
-    type Model<B: Backend>: Segmenter<B>;
-    fn validate(&self) -> Result<(), ModelConfigError>;
-    fn init<B: Backend>(&self, device: &B::Device) -> Self::Model<B>;
-    fn size_multiple(&self) -> usize;
-    fn torch_module_path(burn_path: &str) -> Option<String>;
-}
-// END TEMPORARY

@@ -1,9 +1,7 @@
 use super::*;
 use crate::backend::{Cpu, CpuTrain};
-use burn::module::{ModuleMapper, Param};
-use burn::tensor::TensorData;
+use crate::model::param_count;
 use burn_store::pytorch::PytorchReader;
-use std::collections::HashMap;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/segresnet_tiny.pth");
 
@@ -25,12 +23,12 @@ fn suprem_param_counts_match_monai() {
     };
     assert_eq!(monai("params_if16"), 4_701_305);
     assert_eq!(monai("params_if32"), 18_796_761);
-    assert_eq!(suprem().init::<Cpu>(&device).num_params(), monai("params_if16"));
+    assert_eq!(param_count(&suprem().init::<Cpu>(&device)), monai("params_if16"));
     assert_eq!(
-        suprem().with_init_filters(32).init::<Cpu>(&device).num_params(),
+        param_count(&suprem().with_init_filters(32).init::<Cpu>(&device)),
         monai("params_if32")
     );
-    assert_eq!(tiny().init::<Cpu>(&device).num_params(), 1_176_393);
+    assert_eq!(param_count(&tiny().init::<Cpu>(&device)), 1_176_393);
 }
 
 #[test]
@@ -158,47 +156,6 @@ fn seeded_init_has_a_rule_for_every_module() {
         .assert_eq(&b.forward(x).into_data(), true);
 }
 
-// TEMPORARY private loader until main's `model::interop::load_torch_state_dict` lands: maps each
-// float param's burn path through `torch_module_path`, renames norm leaves (gamma/beta ->
-// weight/bias) and copies the tensor, checking shapes and that every PyTorch key was used.
-struct TorchLoader {
-    tensors: HashMap<String, TensorData>,
-    path: Vec<String>,
-    used: Vec<String>,
-}
-
-impl<B: Backend> ModuleMapper<B> for TorchLoader {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (leaf, module) = self.path.split_last().expect("a param has a name");
-        let module = SegResNetConfig::torch_module_path(&module.join("."))
-            .unwrap_or_else(|| panic!("no PyTorch module for {}", self.path.join(".")));
-        let leaf = match leaf.as_str() {
-            "gamma" => "weight",
-            "beta" => "bias",
-            other => other,
-        };
-        let key = format!("{module}.{leaf}");
-        let data = self
-            .tensors
-            .get(&key)
-            .unwrap_or_else(|| panic!("{key} not in the fixture"))
-            .clone();
-        self.used.push(key.clone());
-        param.map(|tensor| {
-            assert_eq!(data.shape.to_vec(), tensor.dims().to_vec(), "{key}");
-            Tensor::from_data(data.convert::<f32>(), &tensor.device())
-        })
-    }
-}
-
 fn fixture_tensor(reader: &PytorchReader, key: &str) -> Tensor<Cpu, 5> {
     let data = reader.get(key).expect(key).to_data().expect("tensor data");
     Tensor::from_data(data.convert::<f32>(), &Default::default())
@@ -206,25 +163,24 @@ fn fixture_tensor(reader: &PytorchReader, key: &str) -> Tensor<Cpu, 5> {
 
 #[test]
 fn matches_monai_output_from_a_ddp_checkpoint() {
-    let reader = PytorchReader::new(FIXTURE).expect("read fixture");
-    let tensors: HashMap<String, TensorData> = reader
-        .tensors()
-        .iter()
-        .filter_map(|(key, snapshot)| {
-            let key = key.strip_prefix("state_dict.module.")?;
-            Some((key.to_string(), snapshot.to_data().expect("tensor data")))
-        })
-        .collect();
-    let mut loader = TorchLoader {
-        tensors,
-        path: Vec::new(),
-        used: Vec::new(),
+    use crate::model::interop::{TorchStateDict, load_torch_state_dict};
+    use crate::model::{Backbone, ModelConfig};
+    let dict = TorchStateDict::read_pth(std::path::Path::new(FIXTURE)).expect("read fixture state dict");
+    let config = ModelConfig::SegResNet(small());
+    let (model, report) =
+        load_torch_state_dict(config.init::<Cpu>(&Default::default()), &config, &dict).expect("load MONAI weights");
+    assert!(report.unused.is_empty(), "fixture keys not loaded: {:?}", report.unused);
+    assert_eq!(report.loaded, dict.len());
+    // Export writes MONAI's key set back, so MONAI can load our weights.
+    let exported = crate::model::interop::torch_state_dict(&model, &config);
+    let mut keys: Vec<&str> = dict.keys().collect();
+    keys.sort_unstable();
+    assert_eq!(exported.keys().map(String::as_str).collect::<Vec<_>>(), keys);
+    let Backbone::SegResNet(model) = model else {
+        panic!("built a SegResNet")
     };
-    let model = small().init::<Cpu>(&Default::default()).map(&mut loader);
-    let mut unused: Vec<&String> = loader.tensors.keys().filter(|k| !loader.used.contains(k)).collect();
-    unused.sort();
-    assert!(unused.is_empty(), "fixture keys not loaded: {unused:?}");
 
+    let reader = PytorchReader::new(FIXTURE).expect("read fixture");
     let want = fixture_tensor(&reader, "output");
     let got = model.forward(fixture_tensor(&reader, "input"));
     assert_eq!(got.dims(), want.dims());
