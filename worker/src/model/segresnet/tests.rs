@@ -32,6 +32,25 @@ fn suprem_param_counts_match_monai() {
 }
 
 #[test]
+fn run_spec_presets_build_the_same_configs() {
+    use crate::model::ModelConfig;
+    use protocol::spec::{ModelSpec, Preset};
+    for (preset, want) in [(Preset::Suprem, suprem()), (Preset::Tiny, tiny())] {
+        let spec = ModelSpec::preset("segresnet", preset).expect("known arch");
+        let config = ModelConfig::from_spec(&spec, 25).expect("valid preset");
+        assert_eq!(config, ModelConfig::SegResNet(want), "{preset:?}");
+        assert_eq!(config.size_multiple() as u32, spec.size_multiple());
+    }
+    // Every rank builds it through the seeded init, which must know all its module types.
+    let spec = ModelSpec::preset("segresnet", Preset::Tiny).unwrap();
+    let model = ModelConfig::from_spec(&spec, 25)
+        .unwrap()
+        .init_seeded::<Cpu>(&Default::default(), 3)
+        .expect("seeded init");
+    assert_eq!(param_count(&model), 1_176_393);
+}
+
+#[test]
 fn forward_keeps_spatial_shape() {
     let device = Default::default();
     let model = small().with_in_channels(2).init::<Cpu>(&device);
