@@ -73,7 +73,11 @@ impl<B: Backend> WindowAttention<B> {
         let heads = self.num_heads;
         let head_dim = c / heads;
         // [bw, n, 3, heads, hd] -> [3, bw, heads, n, hd]
-        let qkv = self.qkv.forward(x).reshape([bw, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([bw, n, 3, heads, head_dim])
+            .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).reshape([bw, heads, n, head_dim]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([bw, heads, n, head_dim]);
         let v = qkv.narrow(0, 2, 1).reshape([bw, heads, n, head_dim]);

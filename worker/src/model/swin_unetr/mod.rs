@@ -128,27 +128,42 @@ impl ArchConfig for SwinUnetrConfig {
                 return Err(Self::err(field, "must be at least 1"));
             }
         }
-        if self.feature_size == 0 || self.feature_size % 12 != 0 {
+        if self.feature_size == 0 || !self.feature_size.is_multiple_of(12) {
             return Err(Self::err(
                 "feature_size",
-                format!("must be a positive multiple of 12 (MONAI's rule), got {}", self.feature_size),
+                format!(
+                    "must be a positive multiple of 12 (MONAI's rule), got {}",
+                    self.feature_size
+                ),
             ));
         }
         if self.feature_size > 1 << 16 {
-            return Err(Self::err("feature_size", format!("{} is unreasonably wide", self.feature_size)));
+            return Err(Self::err(
+                "feature_size",
+                format!("{} is unreasonably wide", self.feature_size),
+            ));
         }
         if self.window_size > 64 {
-            return Err(Self::err("window_size", format!("must be at most 64, got {}", self.window_size)));
+            return Err(Self::err(
+                "window_size",
+                format!("must be at most 64, got {}", self.window_size),
+            ));
         }
         if self.patch_size != 2 {
-            return Err(Self::err("patch_size", format!("only 2 is supported, got {}", self.patch_size)));
+            return Err(Self::err(
+                "patch_size",
+                format!("only 2 is supported, got {}", self.patch_size),
+            ));
         }
         if let Some(depth) = self.depths.iter().find(|&&d| d == 0 || d > 64) {
-            return Err(Self::err("depths", format!("each stage needs 1 to 64 blocks, got {depth}")));
+            return Err(Self::err(
+                "depths",
+                format!("each stage needs 1 to 64 blocks, got {depth}"),
+            ));
         }
         for (stage, &heads) in self.num_heads.iter().enumerate() {
             let width = self.feature_size << stage;
-            if heads == 0 || width % heads != 0 {
+            if heads == 0 || !width.is_multiple_of(heads) {
                 return Err(Self::err(
                     "num_heads",
                     format!("stage {stage} has width {width}, which {heads} heads do not divide"),
@@ -269,7 +284,11 @@ impl<B: Backend> Segmenter<B> for SwinUnetr<B> {
         )];
         for (i, stage) in self.swin_vit.stages().into_iter().enumerate() {
             let level = i as u32 + 2;
-            rows.push(row(&format!("swinViT.layers{}", i + 1), shape(f << (i + 1), level), stage.num_params()));
+            rows.push(row(
+                &format!("swinViT.layers{}", i + 1),
+                shape(f << (i + 1), level),
+                stage.num_params(),
+            ));
         }
         for (name, block, channels, level) in [
             ("encoder1", &self.encoder1, f, 0),

@@ -14,7 +14,9 @@ fn random_input(dims: [usize; 5], seed: u64) -> Tensor<Cpu, 5> {
     use rand_chacha::rand_core::{RngCore, SeedableRng};
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let len = dims.iter().product();
-    let values: Vec<f32> = (0..len).map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5).collect();
+    let values: Vec<f32> = (0..len)
+        .map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5)
+        .collect();
     Tensor::from_data(TensorData::new(values, dims), &Default::default())
 }
 
@@ -25,7 +27,10 @@ fn max_abs_diff<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) -> f32 {
 #[test]
 fn param_counts_match_monai() {
     let device = Default::default();
-    assert_eq!(SwinUnetrConfig::suprem().init::<Cpu>(&device).num_params(), SUPREM_PARAMS);
+    assert_eq!(
+        SwinUnetrConfig::suprem().init::<Cpu>(&device).num_params(),
+        SUPREM_PARAMS
+    );
     assert_eq!(SwinUnetrConfig::tiny().init::<Cpu>(&device).num_params(), TINY_PARAMS);
 }
 
@@ -70,20 +75,33 @@ fn bad_input_shape_is_reported() {
     let model = SwinUnetrConfig::tiny().init::<Cpu>(&Default::default());
     assert!(model.check_input_shape([1, 1, 32, 64, 96]).is_ok());
     assert!(model.check_input_shape([1, 1, 48, 32, 32]).unwrap_err().contains("32"));
-    assert!(model.check_input_shape([1, 2, 32, 32, 32]).unwrap_err().contains("channels"));
+    assert!(
+        model
+            .check_input_shape([1, 2, 32, 32, 32])
+            .unwrap_err()
+            .contains("channels")
+    );
 }
 
 #[test]
 fn torch_paths_rename_only_the_encoder_root() {
     let path = SwinUnetrConfig::torch_module_path;
-    assert_eq!(path("swin_vit.layers1.0.blocks.1.attn.qkv").as_deref(), Some("swinViT.layers1.0.blocks.1.attn.qkv"));
-    assert_eq!(path("decoder5.conv_block.conv3.conv").as_deref(), Some("decoder5.conv_block.conv3.conv"));
+    assert_eq!(
+        path("swin_vit.layers1.0.blocks.1.attn.qkv").as_deref(),
+        Some("swinViT.layers1.0.blocks.1.attn.qkv")
+    );
+    assert_eq!(
+        path("decoder5.conv_block.conv3.conv").as_deref(),
+        Some("decoder5.conv_block.conv3.conv")
+    );
     assert_eq!(path("swin_vitx").as_deref(), Some("swin_vitx"));
 }
 
 /// Small enough for a debug-free unit test, deep enough for shifted windows with masks.
 fn small() -> SwinUnetrConfig {
-    SwinUnetrConfig::tiny().with_out_channels(2).with_num_heads([2, 2, 4, 4])
+    SwinUnetrConfig::tiny()
+        .with_out_channels(2)
+        .with_num_heads([2, 2, 4, 4])
 }
 
 #[test]
@@ -190,7 +208,11 @@ fn load_monai(model: SwinUnetr<Cpu>, path: &std::path::Path) -> SwinUnetr<Cpu> {
 
 fn fixture_tensor(path: &std::path::Path, key: &str) -> Tensor<Cpu, 5> {
     let reader = burn_store::pytorch::PytorchReader::new(path).unwrap();
-    let data = reader.get(key).unwrap_or_else(|| panic!("no `{key}` in {path:?}")).to_data().unwrap();
+    let data = reader
+        .get(key)
+        .unwrap_or_else(|| panic!("no `{key}` in {path:?}"))
+        .to_data()
+        .unwrap();
     Tensor::from_data(data.convert::<f32>(), &Default::default())
 }
 
@@ -214,11 +236,18 @@ fn matches_monai_output() {
 fn tiny_train_step_time() {
     use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
     let device = Default::default();
+    // SWIN_STEP_SHAPE=DxHxW picks another crop (PyTorch refuses 32^3 in training: its
+    // InstanceNorm rejects the 1^3 bottleneck).
+    let spatial: Vec<usize> = std::env::var("SWIN_STEP_SHAPE")
+        .unwrap_or_else(|_| "32x32x32".into())
+        .split('x')
+        .map(|s| s.parse().expect("SWIN_STEP_SHAPE is DxHxW"))
+        .collect();
     for batch in [1, 2] {
         let mut model: SwinUnetr<CpuTrain> =
             crate::train::params::reseed(SwinUnetrConfig::tiny().init(&device), 1).unwrap();
         let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
-        let x = Tensor::<CpuTrain, 5>::from_inner(random_input([batch, 1, 32, 32, 32], 2));
+        let x = Tensor::<CpuTrain, 5>::from_inner(random_input([batch, 1, spatial[0], spatial[1], spatial[2]], 2));
         let mut times = Vec::new();
         for _ in 0..4 {
             let start = std::time::Instant::now();
@@ -228,6 +257,6 @@ fn tiny_train_step_time() {
             let _ = model.swin_vit.patch_embed.proj.weight.val().into_data();
             times.push(start.elapsed().as_secs_f64());
         }
-        println!("tiny swinunetr batch {batch} 32^3 step times (s): {times:.3?}");
+        println!("tiny swinunetr batch {batch} {spatial:?} step times (s): {times:.3?}");
     }
 }

@@ -81,7 +81,14 @@ pub struct SwinTransformerBlock<B: Backend> {
 }
 
 impl<B: Backend> SwinTransformerBlock<B> {
-    fn new(dim: usize, heads: usize, window: [usize; 3], shift: [usize; 3], mlp_ratio: usize, device: &B::Device) -> Self {
+    fn new(
+        dim: usize,
+        heads: usize,
+        window: [usize; 3],
+        shift: [usize; 3],
+        mlp_ratio: usize,
+        device: &B::Device,
+    ) -> Self {
         Self {
             norm1: LayerNormConfig::new(dim).init(device),
             attn: WindowAttention::new(dim, heads, window, device),
@@ -157,7 +164,10 @@ impl<B: Backend> PatchMerging<B> {
     fn forward(&self, tokens: Tokens<B>) -> Tokens<B> {
         let [b, _, c] = tokens.x.dims();
         let [d, h, w] = tokens.grid;
-        assert!(d % 2 == 0 && h % 2 == 0 && w % 2 == 0, "patch merging needs even grid sides, got {d}x{h}x{w}");
+        assert!(
+            d % 2 == 0 && h % 2 == 0 && w % 2 == 0,
+            "patch merging needs even grid sides, got {d}x{h}x{w}"
+        );
         let grid = [d / 2, h / 2, w / 2];
         let rows = grid.iter().product::<usize>();
         let order = index_tensor(MERGE_ORDER.to_vec(), &tokens.x.device());

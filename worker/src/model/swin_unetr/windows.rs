@@ -185,7 +185,10 @@ mod tests {
             let forward = plan.partition_index();
             assert_eq!(forward.len(), plan.num_windows() * plan.tokens());
             let volume = 8 * 16 * 4;
-            assert_eq!(forward.iter().filter(|&&i| i == volume).count(), 14 * 21 * 4 - volume as usize);
+            assert_eq!(
+                forward.iter().filter(|&&i| i == volume).count(),
+                14 * 21 * 4 - volume as usize
+            );
             let reverse = plan.reverse_index();
             for (row, &pos) in reverse.iter().enumerate() {
                 assert_eq!(forward[pos as usize], row as i64);
@@ -207,7 +210,15 @@ mod tests {
         assert_eq!(plan.shift, [0, 0, 3]);
         let labels = plan.region_labels();
         let expected: Vec<f32> = (0..14)
-            .map(|w| 24.0 + if w < 7 { 0.0 } else if w < 11 { 1.0 } else { 2.0 })
+            .map(|w| {
+                24.0 + if w < 7 {
+                    0.0
+                } else if w < 11 {
+                    1.0
+                } else {
+                    2.0
+                }
+            })
             .collect();
         assert_eq!(labels, expected);
     }
