@@ -147,9 +147,39 @@ pub struct PatchMerging<B: Backend> {
     pub norm: LayerNorm<B>,
 }
 
-/// Position of MONAI's x0..x7 (offsets (d,h,w) = 000, 100, 010, 001, 110, 101, 011, 111)
-/// among the neighbours ordered row-major by (d, h, w) offset.
-const MERGE_ORDER: [i64; 8] = [0, 4, 2, 1, 6, 5, 3, 7];
+/// MONAI's x0..x7 neighbour offsets (d, h, w), in its concatenation order.
+const MERGE_OFFSETS: [[usize; 3]; 8] = [
+    [0, 0, 0],
+    [1, 0, 0],
+    [0, 1, 0],
+    [0, 0, 1],
+    [1, 1, 0],
+    [1, 0, 1],
+    [0, 1, 1],
+    [1, 1, 1],
+];
+
+/// For each merged token (batch-major, row-major grid) and each of its eight neighbours in
+/// MONAI's order, the neighbour's row in `[batch * d*h*w, C]`: the whole 2x2x2 regrouping is
+/// one gather of channel rows instead of an 8-D permute plus a reorder.
+fn merge_index(batch: usize, grid: [usize; 3]) -> Vec<i64> {
+    let [d, h, w] = grid;
+    let rows = d * h * w;
+    let mut index = Vec::with_capacity(batch * rows);
+    for b in 0..batch {
+        for od in 0..d / 2 {
+            for oh in 0..h / 2 {
+                for ow in 0..w / 2 {
+                    for [dd, dh, dw] in MERGE_OFFSETS {
+                        let row = ((2 * od + dd) * h + 2 * oh + dh) * w + 2 * ow + dw;
+                        index.push((b * rows + row) as i64);
+                    }
+                }
+            }
+        }
+    }
+    index
+}
 
 impl<B: Backend> PatchMerging<B> {
     fn new(dim: usize, device: &B::Device) -> Self {
@@ -170,13 +200,11 @@ impl<B: Backend> PatchMerging<B> {
         );
         let grid = [d / 2, h / 2, w / 2];
         let rows = grid.iter().product::<usize>();
-        let order = index_tensor(MERGE_ORDER.to_vec(), &tokens.x.device());
+        let index = index_tensor(merge_index(b, tokens.grid), &tokens.x.device());
         let neighbours = tokens
             .x
-            .reshape([b, d / 2, 2, h / 2, 2, w / 2, 2, c])
-            .permute([0, 1, 3, 5, 2, 4, 6, 7])
-            .reshape([b * rows, 8, c])
-            .select(1, order)
+            .reshape([b * 8 * rows, c])
+            .select(0, index)
             .reshape([b, rows, 8 * c]);
         Tokens {
             x: self.reduction.forward(self.norm.forward(neighbours)),
@@ -280,5 +308,19 @@ impl<B: Backend> SwinTransformer<B> {
             outs.push(normalised(&tokens));
         }
         outs.try_into().expect("five hidden states")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_index_follows_monai_order() {
+        // One 2x2x2 cube: x0..x7 are rows 0, 4 (d+1), 2 (h+1), 1 (w+1), 6, 5, 3, 7.
+        assert_eq!(merge_index(1, [2, 2, 2]), vec![0, 4, 2, 1, 6, 5, 3, 7]);
+        // Second sample, second merged token along w of a 2x2x4 grid.
+        let index = merge_index(2, [2, 2, 4]);
+        assert_eq!(&index[24..32], &[18, 26, 22, 19, 30, 27, 23, 31]);
     }
 }
