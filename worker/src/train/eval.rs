@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use protocol::classes::{CLASSES, LARGE_ORGANS, NUM_CLASSES};
 
-use crate::model::unet::UNet3d;
+use crate::model::Backbone;
 use crate::train::loss::dice_counts;
 use data::{CaseVolume, whole_volume};
 
@@ -50,7 +50,7 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
 /// Runs `model` over each whole volume (padded at the far end to `multiple`, the padding cut
 /// off again before scoring) and aggregates Dice.
 pub fn evaluate<B: Backend>(
-    model: &UNet3d<B>,
+    model: &Backbone<B>,
     cases: &[&CaseVolume],
     multiple: usize,
     device: &B::Device,

@@ -18,40 +18,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 
-pub use crate::model::unet::ModelConfigError;
+use crate::model::{ArchConfig, ModelConfigError, Segmenter, StageSummary};
 use decoder::{UnetOutBlock, UnetrBasicBlock, UnetrUpBlock};
 use transformer::{EncoderShape, SwinTransformer};
-
-// ---- Temporary copies of the shared model interface (worker/src/model/mod.rs on main). ----
-// Deleted when this branch merges main, which defines them identically.
-
-/// One row of `coordinator model info`: a named stage, its output shape, its parameter count.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct StageSummary {
-    pub name: String,
-    pub output: Vec<usize>,
-    pub params: usize,
-}
-
-/// What every backbone module provides.
-pub trait Segmenter<B: Backend>: Module<B> {
-    /// `[N, C_in, D, H, W]` -> logits `[N, C_out, D, H, W]` (one sigmoid logit per class).
-    fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5>;
-    /// Why `forward` would reject an input of this shape (channels, spatial multiples), if it would.
-    fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String>;
-    /// torchinfo-like rows for an input of this shape, computed from the config (no forward pass).
-    fn stages(&self, input: [usize; 5]) -> Vec<StageSummary>;
-}
-
-/// The per-architecture config (a burn `Config`), built from the run spec's resolved preset.
-pub trait ArchConfig {
-    type Model<B: Backend>: Segmenter<B>;
-    fn validate(&self) -> Result<(), ModelConfigError>;
-    fn init<B: Backend>(&self, device: &B::Device) -> Self::Model<B>;
-    fn size_multiple(&self) -> usize;
-    fn torch_module_path(burn_path: &str) -> Option<String>;
-}
-// ---- end of temporary copies ----
 
 /// MONAI's MLP width ratio (`mlp_ratio=4.0`).
 const MLP_RATIO: usize = 4;
@@ -96,10 +65,7 @@ impl SwinUnetrConfig {
     }
 
     fn err(field: &'static str, reason: impl Into<String>) -> ModelConfigError {
-        ModelConfigError {
-            field,
-            reason: reason.into(),
-        }
+        ModelConfigError::new(field, reason)
     }
 
     fn encoder_shape(&self) -> EncoderShape {

@@ -1,7 +1,6 @@
 use super::*;
 use crate::backend::{Cpu, CpuTrain};
-use burn::module::{ModuleMapper, Param};
-use burn::tensor::{Int, TensorData};
+use burn::tensor::TensorData;
 
 /// PyTorch's count for MONAI 1.6.1 `SwinUNETR(in_channels=1, out_channels=25, feature_size=48)`
 /// (tools/fixtures/swinunetr.py prints it).
@@ -133,79 +132,6 @@ fn reseed_covers_the_whole_model() {
     assert_eq!(index.into_data().convert::<i64>().into_vec::<i64>().unwrap(), expected);
 }
 
-/// Loads a MONAI state dict into the model (temporary: replaced by the shared
-/// `model::interop::load_torch_state_dict` once main has it).
-fn load_monai(model: SwinUnetr<Cpu>, path: &std::path::Path) -> SwinUnetr<Cpu> {
-    use burn_store::pytorch::PytorchReader;
-    struct Load {
-        tensors: std::collections::HashMap<String, burn_store::TensorSnapshot>,
-        path: Vec<(String, String)>,
-        loaded: usize,
-    }
-    impl Load {
-        fn key(&self) -> (String, TensorData) {
-            let (leaf, container) = self.path.last().cloned().unwrap();
-            let module = self.path[..self.path.len() - 1]
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(".");
-            let module = SwinUnetrConfig::torch_module_path(&module).unwrap();
-            let leaf = match (container.as_str(), leaf.as_str()) {
-                ("Struct:LayerNorm", "gamma") => "weight".to_string(),
-                ("Struct:LayerNorm", "beta") => "bias".to_string(),
-                _ => leaf,
-            };
-            let key = format!("{module}.{leaf}");
-            let data = self
-                .tensors
-                .get(&key)
-                .unwrap_or_else(|| panic!("fixture has no `{key}`"))
-                .to_data()
-                .unwrap();
-            (key, data)
-        }
-    }
-    impl ModuleMapper<Cpu> for Load {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.push((name.to_string(), container_type.to_string()));
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<Cpu, D>>) -> Param<Tensor<Cpu, D>> {
-            let (key, data) = self.key();
-            let transpose = self.path.last().unwrap().1 == "Struct:Linear" && key.ends_with(".weight");
-            self.loaded += 1;
-            param.map(|t| {
-                let loaded = Tensor::<Cpu, D>::from_data(data.convert::<f32>(), &t.device());
-                let loaded = if transpose { loaded.transpose() } else { loaded };
-                assert_eq!(loaded.dims(), t.dims(), "{key}");
-                loaded
-            })
-        }
-        fn map_int<const D: usize>(&mut self, param: Param<Tensor<Cpu, D, Int>>) -> Param<Tensor<Cpu, D, Int>> {
-            let (key, data) = self.key();
-            self.loaded += 1;
-            param.map(|t| {
-                let loaded = Tensor::<Cpu, D, Int>::from_data(data.convert::<i64>(), &t.device());
-                assert_eq!(loaded.dims(), t.dims(), "{key}");
-                loaded
-            })
-        }
-    }
-    let reader = PytorchReader::with_top_level_key(path, "state_dict").unwrap();
-    let total = reader.len();
-    let mut load = Load {
-        tensors: reader.into_tensors(),
-        path: Vec::new(),
-        loaded: 0,
-    };
-    let model = model.map(&mut load);
-    assert_eq!(load.loaded, total, "every fixture tensor is used");
-    model
-}
-
 fn fixture_tensor(path: &std::path::Path, key: &str) -> Tensor<Cpu, 5> {
     let reader = burn_store::pytorch::PytorchReader::new(path).unwrap();
     let data = reader
@@ -219,7 +145,21 @@ fn fixture_tensor(path: &std::path::Path, key: &str) -> Tensor<Cpu, 5> {
 #[test]
 fn matches_monai_output() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/swinunetr_tiny.pth");
-    let model = load_monai(small().init::<Cpu>(&Default::default()), &path);
+    use crate::model::interop::{TorchStateDict, load_torch_state_dict};
+    use crate::model::{Backbone, ModelConfig};
+    let config = ModelConfig::SwinUnetr(small());
+    let dict = TorchStateDict::read_pth(&path).unwrap();
+    let (model, report) = load_torch_state_dict(config.init::<Cpu>(&Default::default()), &config, &dict).unwrap();
+    // Every MONAI tensor lands somewhere, relative_position_index included.
+    assert_eq!(
+        (report.loaded, report.unused.len()),
+        (dict.len(), 0),
+        "{:?}",
+        report.unused
+    );
+    let Backbone::SwinUnetr(model) = model else {
+        panic!("built a Swin UNETR")
+    };
     let x = fixture_tensor(&path, "input");
     let expected = fixture_tensor(&path, "output");
     let got = model.forward(x);
@@ -259,4 +199,24 @@ fn tiny_train_step_time() {
         }
         println!("tiny swinunetr batch {batch} {spatial:?} step times (s): {times:.3?}");
     }
+}
+
+#[test]
+fn export_has_monai_keys_and_shapes() {
+    use crate::model::ModelConfig;
+    use crate::model::interop::{TorchStateDict, torch_state_dict};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/swinunetr_tiny.pth");
+    let dict = TorchStateDict::read_pth(&path).unwrap();
+    let config = ModelConfig::SwinUnetr(small());
+    let exported = torch_state_dict(&config.init::<Cpu>(&Default::default()), &config);
+    let mut monai: Vec<&str> = dict.keys().collect();
+    monai.sort();
+    assert_eq!(exported.keys().map(String::as_str).collect::<Vec<_>>(), monai);
+    let index = &exported["swinViT.layers2.0.blocks.1.attn.relative_position_index"];
+    assert_eq!(index.shape.to_vec(), vec![343, 343]);
+    assert_eq!(index.dtype, burn::tensor::DType::I64);
+    assert_eq!(
+        exported["swinViT.layers1.0.blocks.0.attn.qkv.weight"].shape.to_vec(),
+        vec![36, 12]
+    );
 }
