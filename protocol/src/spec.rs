@@ -574,7 +574,10 @@ url = "/tmp/y"
             assert!(err.contains(field), "{line}: {err}");
         }
         let spec = RunSpec::from_toml(GOOD, "good.toml").unwrap();
-        assert_eq!((spec.train.eval_every, spec.train.eval_window, spec.train.eval_overlap), (0, None, 0.5));
+        assert_eq!(
+            (spec.train.eval_every, spec.train.eval_window, spec.train.eval_overlap),
+            (0, None, 0.5)
+        );
         assert_eq!(spec.train.eval_window_or_patch(), [32, 32, 32]);
 
         let arch = GOOD.replace("\"unet\"", "\"resnet\"");

@@ -173,7 +173,10 @@ impl ControlService for ControlApi {
             spec_toml: run.spec_toml.clone(),
             checkpoints: {
                 let best = crate::core::best_checkpoint(&checkpoints);
-                checkpoints.iter().map(|c| checkpoint_info(c, candidate, best)).collect()
+                checkpoints
+                    .iter()
+                    .map(|c| checkpoint_info(c, candidate, best))
+                    .collect()
             },
             latest_metrics: by_name.values().map(metric).collect(),
             train_cases: run.train_count,

@@ -124,7 +124,11 @@ impl SlidingWindow {
                 .collect();
             let pieces: Vec<Tensor<B, 5>> = batch
                 .iter()
-                .map(|(img, [a, b, e])| input.clone().slice([*img..*img + 1, 0..c, a.clone(), b.clone(), e.clone()]))
+                .map(|(img, [a, b, e])| {
+                    input
+                        .clone()
+                        .slice([*img..*img + 1, 0..c, a.clone(), b.clone(), e.clone()])
+                })
                 .collect();
             let x = if pieces.len() == 1 {
                 pieces.into_iter().next().expect("one piece")
@@ -141,13 +145,18 @@ impl SlidingWindow {
                 self.roi
             );
             let weighted = logits * weights.clone().expand([k, out_c, rd, rh, rw]);
-            let mut acc = output.take().unwrap_or_else(|| {
-                Tensor::zeros([n, out_c, padded[0], padded[1], padded[2]], &device)
-            });
-            assert_eq!(acc.dims()[1], out_c, "sliding window: the predictor changed its channel count");
+            let mut acc = output
+                .take()
+                .unwrap_or_else(|| Tensor::zeros([n, out_c, padded[0], padded[1], padded[2]], &device));
+            assert_eq!(
+                acc.dims()[1],
+                out_c,
+                "sliding window: the predictor changed its channel count"
+            );
             for (j, (img, [a, b, e])) in batch.iter().enumerate() {
                 let at = [*img..*img + 1, 0..out_c, a.clone(), b.clone(), e.clone()];
-                let sum = acc.clone().slice(at.clone()) + weighted.clone().slice([j..j + 1, 0..out_c, 0..rd, 0..rh, 0..rw]);
+                let sum =
+                    acc.clone().slice(at.clone()) + weighted.clone().slice([j..j + 1, 0..out_c, 0..rd, 0..rh, 0..rw]);
                 acc = acc.slice_assign(at, sum);
             }
             output = Some(acc);

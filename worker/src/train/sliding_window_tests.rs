@@ -144,9 +144,27 @@ fn rejects_bad_settings_by_name() {
         Ok(()) => "ok",
     };
     let base = SlidingWindow::new([8, 8, 8]);
-    assert_eq!(bad(SlidingWindow { roi: [8, 0, 8], ..base.clone() }), "roi");
-    assert_eq!(bad(SlidingWindow { overlap: 1.0, ..base.clone() }), "overlap");
-    assert_eq!(bad(SlidingWindow { sw_batch_size: 0, ..base.clone() }), "sw_batch_size");
+    assert_eq!(
+        bad(SlidingWindow {
+            roi: [8, 0, 8],
+            ..base.clone()
+        }),
+        "roi"
+    );
+    assert_eq!(
+        bad(SlidingWindow {
+            overlap: 1.0,
+            ..base.clone()
+        }),
+        "overlap"
+    );
+    assert_eq!(
+        bad(SlidingWindow {
+            sw_batch_size: 0,
+            ..base.clone()
+        }),
+        "sw_batch_size"
+    );
     assert_eq!(
         bad(SlidingWindow {
             blend: Blend::Gaussian { sigma_scale: 0.0 },
