@@ -106,6 +106,7 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
         .join(checkpoints[1]["prefix"].as_str().unwrap());
     let device = Default::default();
     let fresh = worker::train::trainer::model_config(&spec)
+        .unwrap()
         .init_seeded::<Cpu>(&device, spec.seed + 1)
         .unwrap();
     let bytes = std::fs::read(prefix.join("model.bin")).unwrap();

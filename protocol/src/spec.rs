@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::ids::validate_id;
+pub use crate::model_spec::{KNOWN_ARCHS, ModelSpec, Preset, SegResNetSpec, SwinUnetrSpec, UnetSpec};
 
 #[derive(Debug, Error)]
 pub enum SpecError {
@@ -81,18 +82,6 @@ pub struct DatasetSpec {
     /// Seed of the dataset order; shared by every run of a scaling sweep.
     #[serde(default)]
     pub order_seed: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    /// Backbone. Only `unet` exists so far.
-    pub arch: String,
-    #[serde(default = "default_base_width")]
-    pub base_width: u32,
-    /// Number of resolution levels.
-    #[serde(default = "default_depth")]
-    pub depth: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,12 +219,6 @@ impl PreprocessSpec {
     }
 }
 
-fn default_base_width() -> u32 {
-    32
-}
-fn default_depth() -> u32 {
-    4
-}
 fn default_max_retries() -> u32 {
     3
 }
@@ -265,9 +248,6 @@ pub const DEVICE_KINDS: [&str; 2] = ["cuda", "cpu"];
 pub fn device_class(device_kind: &str) -> &'static str {
     if device_kind.starts_with("cuda") { "cuda" } else { "cpu" }
 }
-
-/// Architectures this build can train.
-pub const KNOWN_ARCHS: [&str; 1] = ["unet"];
 
 impl RunSpec {
     /// Parses and validates; `source_name` (a file name) prefixes every error.
@@ -302,28 +282,9 @@ impl RunSpec {
         self.dataset
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
-        if !KNOWN_ARCHS.contains(&self.model.arch.as_str()) {
-            return Err(invalid(
-                "model.arch",
-                format!(
-                    "unknown architecture `{}`; known: {}",
-                    self.model.arch,
-                    KNOWN_ARCHS.join(", ")
-                ),
-            ));
-        }
-        if self.model.base_width == 0 || self.model.base_width > 512 {
-            return Err(invalid(
-                "model.base_width",
-                format!("must be 1..=512, got {}", self.model.base_width),
-            ));
-        }
-        if self.model.depth == 0 || self.model.depth > 7 {
-            return Err(invalid(
-                "model.depth",
-                format!("must be 1..=7, got {}", self.model.depth),
-            ));
-        }
+        self.model
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         let t = &self.train;
         if t.steps == 0 {
             return Err(invalid("train.steps", "must be at least 1".into()));
@@ -349,11 +310,14 @@ impl RunSpec {
                 format!("must be 0..=100, got {}", self.max_retries),
             ));
         }
-        let multiple = 1u32 << (self.model.depth - 1);
+        let multiple = self.model.size_multiple();
         if let Some(bad) = t.patch.iter().find(|&&p| p == 0 || p % multiple != 0 || p > 512) {
             return Err(invalid(
                 "train.patch",
-                format!("every side must be a multiple of {multiple} (2^(model.depth-1)) in 1..=512, got {bad}"),
+                format!(
+                    "every side must be a multiple of {multiple} (the {} backbone's downsampling) in 1..=512, got {bad}",
+                    self.model.arch()
+                ),
             ));
         }
         if let Some(bad) = t
@@ -362,7 +326,10 @@ impl RunSpec {
         {
             return Err(invalid(
                 "train.eval_window",
-                format!("every side must be a multiple of {multiple} (2^(model.depth-1)) in 1..=512, got {bad}"),
+                format!(
+                    "every side must be a multiple of {multiple} (the {} backbone's downsampling) in 1..=512, got {bad}",
+                    self.model.arch()
+                ),
             ));
         }
         if !(0.0..1.0).contains(&t.eval_overlap) {
@@ -582,7 +549,7 @@ url = "/tmp/y"
 
         let arch = GOOD.replace("\"unet\"", "\"resnet\"");
         let err = RunSpec::from_toml(&arch, "a.toml").unwrap_err().to_string();
-        assert!(err.contains("model.arch") && err.contains("resnet"), "{err}");
+        assert!(err.contains("arch = \"resnet\"") && err.contains("swinunetr"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,8 @@ use burn::nn::{InstanceNorm, InstanceNormConfig, PaddingConfig3d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Tensor, backend::Backend};
 
+use super::{ArchConfig, ModelConfigError, Segmenter, StageSummary};
+
 /// Hyper-parameters of [`UNet3d`]. Serialisable, so a checkpoint can carry the config that
 /// rebuilds the module its weights belong to.
 #[derive(Config, Debug, PartialEq, Eq)]
@@ -39,28 +41,6 @@ pub struct UNet3dConfig {
 /// roughly doubles the step time.
 pub fn tiny() -> UNet3dConfig {
     UNet3dConfig::new().with_base_width(8).with_depth(4)
-}
-
-/// Parameter count of any module (all float, int and bool params, as burn counts them).
-pub fn param_count<B: Backend, M: Module<B>>(m: &M) -> usize {
-    m.num_params()
-}
-
-/// A config that cannot build a network; names the offending field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid model config: `{field}` {reason}")]
-pub struct ModelConfigError {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-impl ModelConfigError {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
-    }
 }
 
 // Beyond this the coarsest level of any realistic patch is below one voxel.
@@ -156,15 +136,6 @@ impl UNet3dConfig {
             in_channels: self.in_channels,
             size_multiple: self.size_multiple(),
         }
-    }
-
-    /// Builds the network with weights that depend only on `seed`, not on the backend's RNG, so
-    /// every data-parallel rank starts bit-identical. See [`crate::train::params::reseed`].
-    pub fn init_seeded<B: Backend>(&self, device: &B::Device, seed: u64) -> Result<UNet3d<B>, ModelConfigError> {
-        self.validate()?;
-        crate::train::params::reseed(self.init(device), seed)
-            // Unreachable for this network: every module it holds has a reseed rule.
-            .map_err(|err| ModelConfigError::new("init", err.to_string()))
     }
 }
 
@@ -271,10 +242,49 @@ impl<B: Backend> UNet3d<B> {
     }
 }
 
+impl ArchConfig for UNet3dConfig {
+    type Model<B: Backend> = UNet3d<B>;
+
+    fn validate(&self) -> Result<(), ModelConfigError> {
+        UNet3dConfig::validate(self)
+    }
+
+    fn init<B: Backend>(&self, device: &B::Device) -> UNet3d<B> {
+        UNet3dConfig::init(self, device)
+    }
+
+    fn size_multiple(&self) -> usize {
+        UNet3dConfig::size_multiple(self)
+    }
+
+    fn torch_module_path(burn_path: &str) -> Option<String> {
+        Some(burn_path.to_string())
+    }
+}
+
+impl<B: Backend> Segmenter<B> for UNet3d<B> {
+    fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
+        UNet3d::forward(self, x)
+    }
+
+    fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String> {
+        UNet3d::check_input_shape(self, dims)
+    }
+
+    fn stages(&self, input: [usize; 5]) -> Vec<StageSummary> {
+        vec![StageSummary {
+            name: "unet".into(),
+            output: input.to_vec(),
+            params: super::param_count(self),
+        }]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::Cpu;
+    use crate::model::param_count;
 
     #[test]
     fn forward_keeps_spatial_shape() {
@@ -315,12 +325,12 @@ mod tests {
             assert!(err.to_string().contains(field));
         }
         assert_eq!(UNet3dConfig::new().validate(), Ok(()));
-        assert_eq!(tiny().validate(), Ok(()));
+        assert_eq!(UNet3dConfig::new().with_base_width(8).validate(), Ok(()));
     }
 
     #[test]
     fn bad_input_shape_is_reported() {
-        let model = tiny().init::<Cpu>(&Default::default());
+        let model = UNet3dConfig::new().with_base_width(8).init::<Cpu>(&Default::default());
         assert!(model.check_input_shape([1, 1, 32, 32, 32]).is_ok());
         assert!(model.check_input_shape([1, 1, 36, 32, 32]).is_err());
         assert!(model.check_input_shape([1, 2, 32, 32, 32]).is_err());
@@ -337,7 +347,10 @@ mod tests {
         let ups = (8 * w2 * w1 + w1) + (8 * w1 * w0 + w0);
         let decoders = conv(2 * w1, w1) + conv(w1, w1) + conv(2 * w0, w0) + conv(w0, w0);
         let head = w0 * 25 + 25;
-        let model = tiny().with_depth(3).init::<Cpu>(&Default::default());
+        let model = UNet3dConfig::new()
+            .with_base_width(8)
+            .with_depth(3)
+            .init::<Cpu>(&Default::default());
         assert_eq!(param_count(&model), encoders + downs + ups + decoders + head);
     }
 }

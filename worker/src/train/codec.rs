@@ -184,22 +184,19 @@ where
 mod tests {
     use super::*;
     use crate::backend::{Cpu, CpuTrain};
-    use crate::model::unet::{UNet3d, UNet3dConfig};
+    use crate::model::{Backbone, ModelConfig, test_unet};
     use crate::train::loss::bce_dice_loss;
     use crate::train::params::weights_checksum;
     use burn::optim::{AdamW, AdamWConfig, GradientsParams};
     use burn::tensor::TensorData;
 
-    fn small() -> UNet3dConfig {
-        UNet3dConfig::new()
-            .with_out_channels(2)
-            .with_base_width(4)
-            .with_depth(2)
+    fn small() -> ModelConfig {
+        test_unet(2, 4, 2)
     }
 
-    type Optim = OptimizerAdaptor<AdamW, UNet3d<CpuTrain>, CpuTrain>;
+    type Optim = OptimizerAdaptor<AdamW, Backbone<CpuTrain>, CpuTrain>;
 
-    fn step(model: UNet3d<CpuTrain>, optim: &mut Optim, seed: u64) -> UNet3d<CpuTrain> {
+    fn step(model: Backbone<CpuTrain>, optim: &mut Optim, seed: u64) -> Backbone<CpuTrain> {
         let device = Default::default();
         let image: Vec<f32> = (0..512)
             .map(|i| ((i as u64 * 2654435761 + seed) % 97) as f32 / 97.0)
@@ -227,10 +224,10 @@ mod tests {
     fn model_from_bytes_refuses_other_layouts_and_garbage() {
         let device = Default::default();
         let bytes = model_to_bytes(&small().init::<Cpu>(&device)).unwrap();
-        let wider = small().with_base_width(8).init::<Cpu>(&device);
+        let wider = test_unet(2, 8, 2).init::<Cpu>(&device);
         let err = model_from_bytes(wider, &bytes, &device).unwrap_err();
         assert!(matches!(err, CodecError::LayoutMismatch { .. }), "{err}");
-        let deeper = small().with_depth(3).init::<Cpu>(&device);
+        let deeper = test_unet(2, 4, 3).init::<Cpu>(&device);
         assert!(model_from_bytes(deeper, &bytes, &device).is_err());
 
         let model = small().init::<Cpu>(&device);

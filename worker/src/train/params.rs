@@ -43,17 +43,59 @@ fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
         .expect("converted to f32")
 }
 
+/// Whether a float tensor of an autodiff module is a buffer (BatchNorm's running statistics,
+/// burn's `RunningState`) rather than a trained parameter: buffers never require a gradient.
+/// (A frozen parameter counts as one too, which is what it should get: rank 0's value.)
+fn is_buffer<B: AutodiffBackend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
+    !param.val().is_require_grad()
+}
+
 /// Concatenates every float param's gradient, in visit order, as `f32`. A param without a
 /// gradient (frozen, or unused by this batch's graph) contributes zeros, so the layout is the
-/// same on every rank whatever its batch did.
+/// same on every rank whatever its batch did; so do buffers (see [`exchange_buffer`]).
 pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> Vec<f32> {
+    flatten(model, grads, false)
+}
+
+/// What one rank contributes to a step's sum all-reduce: [`flatten_grads`]'s layout, except that
+/// buffer slots carry the buffer's values on rank 0 and zeros on every other rank. After the
+/// sum, buffer slots hold rank 0's values exactly (`x + 0 + ... + 0 = x`) on every rank, which is
+/// what PyTorch DDP's default buffer broadcast gives, at no extra round trip. See
+/// [`finish_exchange`].
+///
+/// Syncs the module's running states first: burn applies a forward pass's running-statistics
+/// update lazily, and a visitor reads the value from before it.
+pub fn exchange_buffer<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+    is_rank_zero: bool,
+) -> Vec<f32> {
+    // `valid()` syncs every RunningState (shared with `model`); the inner copy is dropped.
+    drop(model.valid());
+    flatten(model, grads, is_rank_zero)
+}
+
+fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+    buffer_values: bool,
+) -> Vec<f32> {
     struct Flatten<'a> {
         grads: &'a GradientsParams,
+        buffer_values: bool,
         flat: Vec<f32>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let len = param.val().shape().num_elements();
+            if is_buffer(param) {
+                if self.buffer_values {
+                    self.flat.extend_from_slice(&to_f32(param.val().inner()));
+                } else {
+                    self.flat.resize(self.flat.len() + len, 0.0);
+                }
+                return;
+            }
             match self.grads.get::<B::InnerBackend, D>(param.id) {
                 Some(grad) => {
                     let values = to_f32(grad);
@@ -66,15 +108,18 @@ pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads:
     }
     let mut visitor = Flatten {
         grads,
+        buffer_values,
         flat: Vec::with_capacity(flat_len::<B, M>(model)),
     };
     model.visit(&mut visitor);
     visitor.flat
 }
 
-/// The inverse of [`flatten_grads`]: a gradient for every float param of `model` (same order and
-/// shapes), on that param's device. Zeros that stood for "no gradient" come back as zero
-/// gradients, which AdamW still applies (moment decay, weight decay) — identically on every rank.
+/// The inverse of [`flatten_grads`]: a gradient for every trained float param of `model` (same
+/// order and shapes), on that param's device. Zeros that stood for "no gradient" come back as
+/// zero gradients, which AdamW still applies (moment decay, weight decay) — identically on every
+/// rank. Buffer slots are skipped: a gradient registered for a buffer would let the optimiser
+/// decay BatchNorm's running statistics.
 pub fn unflatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     flat: &[f32],
@@ -96,10 +141,12 @@ pub fn unflatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
             let value = param.val().inner();
             let shape = value.shape();
             let end = self.offset + shape.num_elements();
-            let data = TensorData::new(self.flat[self.offset..end].to_vec(), shape);
+            if !is_buffer(param) {
+                let data = TensorData::new(self.flat[self.offset..end].to_vec(), shape);
+                self.grads
+                    .register::<B::InnerBackend, D>(param.id, Tensor::from_data(data, &value.device()));
+            }
             self.offset = end;
-            self.grads
-                .register::<B::InnerBackend, D>(param.id, Tensor::from_data(data, &value.device()));
         }
     }
     let mut visitor = Unflatten {
@@ -109,6 +156,51 @@ pub fn unflatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     };
     model.visit(&mut visitor);
     Ok(visitor.grads)
+}
+
+/// Takes the summed [`exchange_buffer`] of all `world` ranks: scales the gradient slots to the
+/// mean (as the mean all-reduce did: times `1 / world` in f32), writes the buffer slots (rank 0's
+/// values) into the model's running states, and returns the model with its gradients.
+pub fn finish_exchange<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: M,
+    summed: &mut [f32],
+    world: u32,
+) -> Result<(M, GradientsParams), ParamsError> {
+    let expected = flat_len::<B, M>(&model);
+    if summed.len() != expected {
+        return Err(ParamsError::LengthMismatch {
+            expected,
+            got: summed.len(),
+        });
+    }
+    struct Buffers<'a> {
+        flat: &'a mut [f32],
+        offset: usize,
+        scale: f32,
+    }
+    impl<B: AutodiffBackend> ModuleMapper<B> for Buffers<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let buffer = is_buffer(&param);
+            let dims = param.val().dims();
+            let end = self.offset + dims.iter().product::<usize>();
+            let slots = &mut self.flat[self.offset..end];
+            self.offset = end;
+            if !buffer {
+                slots.iter_mut().for_each(|g| *g *= self.scale);
+                return param;
+            }
+            let values = TensorData::new(slots.to_vec(), dims);
+            param.map(|tensor| Tensor::from_data(values, &tensor.device()))
+        }
+    }
+    let mut mapper = Buffers {
+        flat: summed,
+        offset: 0,
+        scale: 1.0 / world as f32,
+    };
+    let model = model.map(&mut mapper);
+    let grads = unflatten_grads(&model, summed)?;
+    Ok((model, grads))
 }
 
 /// SHA-256 over every float param's values as little-endian `f32` bytes, in visit order,
@@ -266,15 +358,12 @@ impl<B: Backend> ModuleMapper<B> for Reseed {
 mod tests {
     use super::*;
     use crate::backend::{Cpu, CpuTrain};
-    use crate::model::unet::{UNet3d, UNet3dConfig};
+    use crate::model::{Backbone, ModelConfig, test_unet};
     use crate::train::loss::bce_dice_loss;
     use burn::optim::{AdamWConfig, Optimizer};
 
-    fn small() -> UNet3dConfig {
-        UNet3dConfig::new()
-            .with_out_channels(3)
-            .with_base_width(4)
-            .with_depth(2)
+    fn small() -> ModelConfig {
+        test_unet(3, 4, 2)
     }
 
     /// Random image and a labelled cube, deterministic in `seed`.
@@ -296,7 +385,7 @@ mod tests {
         )
     }
 
-    fn grads_for(model: &UNet3d<CpuTrain>, seed: u64) -> GradientsParams {
+    fn grads_for(model: &Backbone<CpuTrain>, seed: u64) -> GradientsParams {
         let (x, y) = batch(seed);
         let loss = bce_dice_loss(model.forward(x), y).total;
         GradientsParams::from_grads(loss.backward(), model)
@@ -354,7 +443,7 @@ mod tests {
         let grads = grads_for(&model, 1);
         let flat = flatten_grads(&model, &grads);
         assert_eq!(flat.len(), flat_len(&model));
-        assert_eq!(flat.len(), crate::model::param_count(&model));
+        assert_eq!(flat.len(), model.num_params(), "every float tensor, buffers included");
         assert!(flat.iter().any(|g| *g != 0.0));
         let back = unflatten_grads(&model, &flat).unwrap();
         let again = flatten_grads(&model, &back);
@@ -411,7 +500,7 @@ mod tests {
         let device = Default::default();
         let config = small();
         // Separate inits, as separate processes would do them (their ParamIds differ).
-        let mut ranks: Vec<UNet3d<CpuTrain>> = (0..2).map(|_| config.init_seeded(&device, 42).unwrap()).collect();
+        let mut ranks: Vec<Backbone<CpuTrain>> = (0..2).map(|_| config.init_seeded(&device, 42).unwrap()).collect();
         let mut optims: Vec<_> = (0..2)
             .map(|_| AdamWConfig::new().with_weight_decay(1e-5).init())
             .collect();
@@ -430,7 +519,105 @@ mod tests {
             }
             assert_eq!(weights_checksum(&ranks[0]), weights_checksum(&ranks[1]));
         }
-        let start: UNet3d<CpuTrain> = config.init_seeded(&device, 42).unwrap();
+        let start: Backbone<CpuTrain> = config.init_seeded(&device, 42).unwrap();
         assert_ne!(weights_checksum(&start), weights_checksum(&ranks[0]));
+    }
+
+    /// A conv and a BatchNorm: the smallest module with running statistics.
+    #[derive(burn::module::Module, Debug)]
+    struct ConvNorm<B: Backend> {
+        conv: burn::nn::conv::Conv3d<B>,
+        norm: burn::nn::BatchNorm<B>,
+    }
+
+    impl<B: Backend> ConvNorm<B> {
+        fn new(device: &B::Device) -> Self {
+            Self {
+                conv: burn::nn::conv::Conv3dConfig::new([1, 3], [1, 1, 1]).init(device),
+                norm: burn::nn::BatchNormConfig::new(3).init(device),
+            }
+        }
+    }
+
+    fn running_mean<B: AutodiffBackend>(model: &ConvNorm<B>) -> Vec<f32> {
+        to_f32(model.valid().norm.running_mean.value())
+    }
+
+    /// One step of two ranks on different batches; `exchange` chooses the buffer broadcast
+    /// (what the trainer does) or the plain gradient mean.
+    fn two_rank_step(
+        ranks: &mut [ConvNorm<CpuTrain>],
+        optims: &mut [impl Optimizer<ConvNorm<CpuTrain>, CpuTrain>],
+        step: u64,
+        exchange: bool,
+    ) {
+        let flats: Vec<Vec<f32>> = ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, model)| {
+                let (x, _) = batch(100 * step + rank as u64);
+                let loss = model.norm.forward(model.conv.forward(x)).powi_scalar(2).mean();
+                let grads = GradientsParams::from_grads(loss.backward(), model);
+                if exchange {
+                    exchange_buffer(model, &grads, rank == 0)
+                } else {
+                    flatten_grads(model, &grads)
+                }
+            })
+            .collect();
+        // Fixed reduction order, as the ring all-reduce guarantees.
+        let sum: Vec<f32> = flats[0].iter().zip(&flats[1]).map(|(a, b)| a + b).collect();
+        for (model, optim) in ranks.iter_mut().zip(optims.iter_mut()) {
+            let (stepped, grads) = if exchange {
+                finish_exchange(model.clone(), &mut sum.clone(), 2).expect("same layout")
+            } else {
+                let mean: Vec<f32> = sum.iter().map(|g| g / 2.0).collect();
+                (model.clone(), unflatten_grads(model, &mean).unwrap())
+            };
+            *model = optim.step(1e-2, stepped, grads);
+        }
+    }
+
+    #[test]
+    fn batch_norm_buffers_are_broadcast_from_rank_zero() {
+        let device = Default::default();
+        let init = || reseed(ConvNorm::<CpuTrain>::new(&device), 5).unwrap();
+        let mut ranks = vec![init(), init()];
+        let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+        for step in 0..4 {
+            two_rank_step(&mut ranks, &mut optims, step, true);
+            assert_eq!(weights_checksum(&ranks[0]), weights_checksum(&ranks[1]), "step {step}");
+            assert_eq!(running_mean(&ranks[0]), running_mean(&ranks[1]));
+        }
+        assert!(
+            running_mean(&ranks[0]).iter().any(|m| *m != 0.0),
+            "the statistics moved"
+        );
+        // Every rank ends a step with rank 0's statistics: after the first step (identical
+        // weights before it), rank 1 holds what rank 0's batch alone gives.
+        let mut first = vec![init(), init()];
+        let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+        let lone = init();
+        let (x, _) = batch(0);
+        drop(lone.norm.forward(lone.conv.forward(x)));
+        two_rank_step(&mut first, &mut optims, 0, true);
+        assert_eq!(running_mean(&first[1]), running_mean(&lone));
+
+        // Without the broadcast the ranks drift apart at once: the test above can fail.
+        let mut drifting = vec![init(), init()];
+        let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+        two_rank_step(&mut drifting, &mut optims, 0, false);
+        two_rank_step(&mut drifting, &mut optims, 1, false);
+        assert_ne!(weights_checksum(&drifting[0]), weights_checksum(&drifting[1]));
+    }
+
+    #[test]
+    fn buffers_get_no_gradient_so_the_optimiser_leaves_them_alone() {
+        let device = Default::default();
+        let model = reseed(ConvNorm::<CpuTrain>::new(&device), 5).unwrap();
+        let flat = vec![1.0f32; flat_len(&model)];
+        let grads = unflatten_grads(&model, &flat).unwrap();
+        // conv weight + bias, norm gamma + beta; not running_mean / running_var.
+        assert_eq!(grads.len(), 4);
     }
 }

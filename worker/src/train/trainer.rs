@@ -21,7 +21,7 @@ use thiserror::Error;
 
 use crate::collective::{CollectiveError, HeldState, Ring, fetch_state};
 use crate::link::{LinkError, RunLink};
-use crate::model::unet::{ModelConfigError, UNet3d, UNet3dConfig};
+use crate::model::{Backbone, ModelConfig, ModelConfigError};
 use crate::train::cases::{CaseSource, DataPlane, StoreSource};
 use crate::train::checkpoint::{
     CheckpointError, CheckpointManager, LoopState, Optim, Restored, decode_parts, encode_parts,
@@ -86,12 +86,9 @@ pub struct RunSummary {
     pub eval_after: Option<EvalReport>,
 }
 
-/// Builds the model a spec describes, with the seeded init every rank shares.
-pub fn model_config(spec: &RunSpec) -> UNet3dConfig {
-    UNet3dConfig::new()
-        .with_out_channels(NUM_CLASSES)
-        .with_base_width(spec.model.base_width as usize)
-        .with_depth(spec.model.depth as usize)
+/// The backbone a spec describes, with one output per SuPreM class.
+pub fn model_config(spec: &RunSpec) -> Result<ModelConfig, ModelConfigError> {
+    ModelConfig::from_spec(&spec.model, NUM_CLASSES)
 }
 
 pub fn train_rank<B: AutodiffBackend>(
@@ -109,12 +106,12 @@ pub fn train_rank<B: AutodiffBackend>(
     if cases.train.is_empty() {
         return Err(TrainError::Assignment("no training cases".into()));
     }
-    let config = model_config(&spec);
+    let config = model_config(&spec)?;
     let multiple = config.size_multiple();
-    let mut model: UNet3d<B> = config.init_seeded(&device, spec.seed)?;
-    let mut optim: Optim<B, UNet3d<B>> = AdamWConfig::new()
+    let mut model: Backbone<B> = config.init_seeded(&device, spec.seed)?;
+    let mut optim: Optim<B, Backbone<B>> = AdamWConfig::new()
         .with_weight_decay(t.weight_decay as f32)
-        .init::<B, UNet3d<B>>();
+        .init::<B, Backbone<B>>();
     let (store, root) = data::store_from_url(&spec.dataset.url)?;
     let source: Arc<dyn CaseSource> = Arc::new(StoreSource::new(
         store,
@@ -178,7 +175,7 @@ pub fn train_rank<B: AutodiffBackend>(
     });
 
     let mut bad_cases = BadCases::default();
-    let eval_at = |model: &UNet3d<B>,
+    let eval_at = |model: &Backbone<B>,
                    step: u64,
                    link: &mut RunLink,
                    ring: &mut Ring,
@@ -232,8 +229,8 @@ pub fn train_rank<B: AutodiffBackend>(
 
         let loss = bce_dice_loss(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.total.backward(), &model);
-        let mut flat = params::flatten_grads(&model, &grads);
-        match link.block_on(ring.all_reduce_mean(&mut flat)) {
+        let mut flat = params::exchange_buffer(&model, &grads, rank == 0);
+        match link.block_on(ring.all_reduce_sum(&mut flat)) {
             Err(CollectiveError::Aborted { reason }) => return Err(TrainError::Stopped(reason)),
             // This rank's weights and optimiser are untouched by the failed step: keep them for
             // the re-formed ring, so the run loses only the step in flight.
@@ -252,9 +249,9 @@ pub fn train_rank<B: AutodiffBackend>(
             }
             other => other?,
         }
-        let grads = params::unflatten_grads(&model, &flat)?;
+        let (stepped, grads) = params::finish_exchange(model, &mut flat, world)?;
         let lr = warmup_cosine(t.lr, step, t.warmup_steps, t.steps);
-        model = optim.step(lr, model, grads);
+        model = optim.step(lr, stepped, grads);
         state.advance();
 
         let done = state.step;
@@ -321,11 +318,11 @@ pub fn train_rank<B: AutodiffBackend>(
 fn recover_live<B: AutodiffBackend>(
     assignment: &pb::Assignment,
     ring: &Ring,
-    model: UNet3d<B>,
-    optim: Optim<B, UNet3d<B>>,
+    model: Backbone<B>,
+    optim: Optim<B, Backbone<B>>,
     device: &B::Device,
     link: &RunLink,
-) -> Result<Restored<B, UNet3d<B>>, TrainError> {
+) -> Result<Restored<B, Backbone<B>>, TrainError> {
     let (run_id, attempt, step) = (&assignment.run_id, assignment.recover_attempt, assignment.resume_step);
     // The holder decodes its own copy in place; everyone else fetches one.
     let parts = match ring.hub().held_state(run_id, attempt, step) {
