@@ -79,6 +79,8 @@ pub struct ModelArgs {
     pub overrides: Vec<String>,
 }
 
+// Without the `worker` feature nothing builds a model from it.
+#[cfg_attr(not(feature = "worker"), allow(dead_code))]
 impl ModelArgs {
     /// The `[model]` table of `arch` these arguments describe, validated as a run spec's would be.
     pub fn spec(&self, arch: &str) -> anyhow::Result<ModelSpec> {
