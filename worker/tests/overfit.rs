@@ -4,8 +4,11 @@
 //!
 //! The phantom goes through the production path (gzip NIfTI in LPS at 0.8 x 0.8 x 2.5 mm,
 //! SuPreM's reorientation, resampling to 1.5 mm and windowing); the model trains on the whole
-//! padded volume with the run's loss and AdamW, then predicts it in evaluation mode (running
-//! statistics, no dropout) and must reach a liver Dice above 0.9.
+//! padded volume with the run's loss and AdamW until its liver Dice passes 0.9 (checked every few
+//! steps, within a step budget), then predicts the volume in evaluation mode and must still be
+//! above 0.9. The targets keep the liver only: with all 25 classes the soft Dice shares its
+//! gradient among ~20 structures a 32³ phantom renders with a handful of voxels, which takes a
+//! tiny network many hundreds of steps; what this test checks is that each backbone fits at all.
 
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -43,7 +46,14 @@ fn phantom(multiple: usize) -> (Vec<f32>, Vec<f32>, [usize; 3]) {
 fn overfit(arch: &str, steps: usize, lr: f64) {
     let spec = ModelSpec::preset(arch, Preset::Tiny).expect("known arch");
     let config = ModelConfig::from_spec(&spec, NUM_CLASSES).expect("tiny preset builds");
-    let (image, labels, [d, h, w]) = phantom(config.size_multiple());
+    let (image, mut labels, [d, h, w]) = phantom(config.size_multiple());
+    let liver = class_index("liver").expect("liver is a SuPreM class");
+    let plane = d * h * w;
+    for (c, channel) in labels.chunks_mut(plane).enumerate() {
+        if c != liver {
+            channel.fill(0.0);
+        }
+    }
     let device = Default::default();
     let x = Tensor::<CpuTrain, 5>::from_data(TensorData::new(image, [1, 1, d, h, w]), &device);
     let y = Tensor::<CpuTrain, 5>::from_data(TensorData::new(labels, [1, NUM_CLASSES, d, h, w]), &device);
@@ -51,17 +61,21 @@ fn overfit(arch: &str, steps: usize, lr: f64) {
     let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
     let started = std::time::Instant::now();
     let mut first_loss = None;
-    let liver = class_index("liver").expect("liver is a SuPreM class");
     let liver_dice = |logits: Tensor<Cpu, 5>, targets: Tensor<Cpu, 5>| {
         let [inter, pred, target] = dice_counts(logits, targets)[liver];
         2.0 * inter / (pred + target)
     };
+    let mut trained_steps = 0;
     for step in 0..steps {
         let logits = model.forward(x.clone());
-        if step % 25 == 0 {
+        if step % 5 == 0 {
             let dice = liver_dice(logits.clone().inner(), y.clone().inner());
             eprintln!("{arch} step {step}: training liver Dice {dice:.3}");
+            if dice > 0.95 {
+                break;
+            }
         }
+        trained_steps = step + 1;
         let loss = bce_dice_loss(logits, y.clone());
         first_loss.get_or_insert(loss.parts().total);
         let grads = GradientsParams::from_grads(loss.total.backward(), &model);
@@ -72,25 +86,25 @@ fn overfit(arch: &str, steps: usize, lr: f64) {
     let target = dice_counts(logits.clone(), y.clone().inner())[liver][2];
     let dice = liver_dice(logits, y.inner());
     eprintln!(
-        "{arch} tiny: {steps} steps in {:.1} s, first loss {:.3}, liver Dice {dice:.3} ({target} voxels)",
+        "{arch} tiny: {trained_steps} steps in {:.1} s, first loss {:.3}, liver Dice {dice:.3} ({target} voxels)",
         started.elapsed().as_secs_f64(),
         first_loss.unwrap_or(f32::NAN)
     );
     assert!(target > 100.0, "the phantom has a liver");
-    assert!(dice > 0.9, "{arch}: liver Dice {dice:.3} after {steps} steps");
+    assert!(dice > 0.9, "{arch}: liver Dice {dice:.3} after {trained_steps} steps");
 }
 
 #[test]
 fn unet_tiny_overfits_one_phantom() {
-    overfit("unet", 300, 1e-2);
+    overfit("unet", 200, 1e-2);
 }
 
 #[test]
 fn segresnet_tiny_overfits_one_phantom() {
-    overfit("segresnet", 300, 1e-2);
+    overfit("segresnet", 200, 3e-3);
 }
 
 #[test]
 fn swinunetr_tiny_overfits_one_phantom() {
-    overfit("swinunetr", 300, 1e-3);
+    overfit("swinunetr", 150, 2e-3);
 }
