@@ -284,4 +284,23 @@ mod tests {
         let counts = dice_counts(tensor::<Cpu>(logits, shape), tensor(y, shape));
         assert_eq!(counts, vec![[2.0, 4.0, 3.0], [0.0, 1.0, 0.0]]);
     }
+
+    #[test]
+    fn matches_values_computed_by_hand() {
+        // Two classes, two voxels. Class 0: logits [0, ln 3], targets [1, 0]. Class 1: logits
+        // [0, 0], targets [0, 0] (absent, so left out of the Dice mean).
+        let ln3 = 3f32.ln();
+        let logits = vec![0.0, ln3, 0.0, 0.0];
+        let targets = vec![1.0, 0.0, 0.0, 0.0];
+        let shape = [1, 2, 1, 1, 2];
+        let parts = bce_dice_loss(tensor::<Cpu>(logits, shape), tensor(targets, shape)).parts();
+        // BCE per element: ln 2 (logit 0, either target) and ln 4 (logit ln 3, target 0, since
+        // -ln(1 - 3/4) = ln 4). Mean over the four elements: (3 ln 2 + ln 4) / 4 = 5/4 ln 2.
+        let bce = 1.25 * std::f64::consts::LN_2;
+        // Class 0 Dice: sigmoids 0.5 and 0.75, intersection 0.5, sums 1.25 and 1, smoothed by 1e-5.
+        let dice = 1.0 - (2.0 * 0.5 + 1e-5) / (1.25 + 1.0 + 1e-5);
+        assert!((parts.bce as f64 - bce).abs() < 1e-6, "{parts:?} vs {bce}");
+        assert!((parts.dice as f64 - dice).abs() < 1e-6, "{parts:?} vs {dice}");
+        assert!((parts.total as f64 - (bce + dice)).abs() < 1e-6, "{parts:?}");
+    }
 }

@@ -443,7 +443,7 @@ mod tests {
         let grads = grads_for(&model, 1);
         let flat = flatten_grads(&model, &grads);
         assert_eq!(flat.len(), flat_len(&model));
-        assert_eq!(flat.len(), crate::model::param_count(&model));
+        assert_eq!(flat.len(), model.num_params(), "every float tensor, buffers included");
         assert!(flat.iter().any(|g| *g != 0.0));
         let back = unflatten_grads(&model, &flat).unwrap();
         let again = flatten_grads(&model, &back);
@@ -521,5 +521,103 @@ mod tests {
         }
         let start: Backbone<CpuTrain> = config.init_seeded(&device, 42).unwrap();
         assert_ne!(weights_checksum(&start), weights_checksum(&ranks[0]));
+    }
+
+    /// A conv and a BatchNorm: the smallest module with running statistics.
+    #[derive(burn::module::Module, Debug)]
+    struct ConvNorm<B: Backend> {
+        conv: burn::nn::conv::Conv3d<B>,
+        norm: burn::nn::BatchNorm<B>,
+    }
+
+    impl<B: Backend> ConvNorm<B> {
+        fn new(device: &B::Device) -> Self {
+            Self {
+                conv: burn::nn::conv::Conv3dConfig::new([1, 3], [1, 1, 1]).init(device),
+                norm: burn::nn::BatchNormConfig::new(3).init(device),
+            }
+        }
+    }
+
+    fn running_mean<B: AutodiffBackend>(model: &ConvNorm<B>) -> Vec<f32> {
+        to_f32(model.valid().norm.running_mean.value())
+    }
+
+    /// One step of two ranks on different batches; `exchange` chooses the buffer broadcast
+    /// (what the trainer does) or the plain gradient mean.
+    fn two_rank_step(
+        ranks: &mut [ConvNorm<CpuTrain>],
+        optims: &mut [impl Optimizer<ConvNorm<CpuTrain>, CpuTrain>],
+        step: u64,
+        exchange: bool,
+    ) {
+        let flats: Vec<Vec<f32>> = ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, model)| {
+                let (x, _) = batch(100 * step + rank as u64);
+                let loss = model.norm.forward(model.conv.forward(x)).powi_scalar(2).mean();
+                let grads = GradientsParams::from_grads(loss.backward(), model);
+                if exchange {
+                    exchange_buffer(model, &grads, rank == 0)
+                } else {
+                    flatten_grads(model, &grads)
+                }
+            })
+            .collect();
+        // Fixed reduction order, as the ring all-reduce guarantees.
+        let sum: Vec<f32> = flats[0].iter().zip(&flats[1]).map(|(a, b)| a + b).collect();
+        for (model, optim) in ranks.iter_mut().zip(optims.iter_mut()) {
+            let (stepped, grads) = if exchange {
+                finish_exchange(model.clone(), &mut sum.clone(), 2).expect("same layout")
+            } else {
+                let mean: Vec<f32> = sum.iter().map(|g| g / 2.0).collect();
+                (model.clone(), unflatten_grads(model, &mean).unwrap())
+            };
+            *model = optim.step(1e-2, stepped, grads);
+        }
+    }
+
+    #[test]
+    fn batch_norm_buffers_are_broadcast_from_rank_zero() {
+        let device = Default::default();
+        let init = || reseed(ConvNorm::<CpuTrain>::new(&device), 5).unwrap();
+        let mut ranks = vec![init(), init()];
+        let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+        for step in 0..4 {
+            two_rank_step(&mut ranks, &mut optims, step, true);
+            assert_eq!(weights_checksum(&ranks[0]), weights_checksum(&ranks[1]), "step {step}");
+            assert_eq!(running_mean(&ranks[0]), running_mean(&ranks[1]));
+        }
+        assert!(
+            running_mean(&ranks[0]).iter().any(|m| *m != 0.0),
+            "the statistics moved"
+        );
+        // Every rank ends a step with rank 0's statistics: after the first step (identical
+        // weights before it), rank 1 holds what rank 0's batch alone gives.
+        let mut first = vec![init(), init()];
+        let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+        let lone = init();
+        let (x, _) = batch(0);
+        drop(lone.norm.forward(lone.conv.forward(x)));
+        two_rank_step(&mut first, &mut optims, 0, true);
+        assert_eq!(running_mean(&first[1]), running_mean(&lone));
+
+        // Without the broadcast the ranks drift apart at once: the test above can fail.
+        let mut drifting = vec![init(), init()];
+        let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+        two_rank_step(&mut drifting, &mut optims, 0, false);
+        two_rank_step(&mut drifting, &mut optims, 1, false);
+        assert_ne!(weights_checksum(&drifting[0]), weights_checksum(&drifting[1]));
+    }
+
+    #[test]
+    fn buffers_get_no_gradient_so_the_optimiser_leaves_them_alone() {
+        let device = Default::default();
+        let model = reseed(ConvNorm::<CpuTrain>::new(&device), 5).unwrap();
+        let flat = vec![1.0f32; flat_len(&model)];
+        let grads = unflatten_grads(&model, &flat).unwrap();
+        // conv weight + bias, norm gamma + beta; not running_mean / running_var.
+        assert_eq!(grads.len(), 4);
     }
 }
