@@ -217,7 +217,8 @@ impl PathTracker {
     fn is_batch_norm(&self) -> bool {
         self.path
             .last()
-            .is_some_and(|(_, container)| container == "Struct:BatchNorm")
+            // BatchNorm3d: model::batchnorm's PyTorch-exact BatchNorm (the U-Net's).
+            .is_some_and(|(_, container)| matches!(container.as_str(), "Struct:BatchNorm" | "Struct:BatchNorm3d"))
     }
 }
 
@@ -523,7 +524,8 @@ mod tests {
             "{err}"
         );
         let n = data.num_elements();
-        dict.insert(key.clone(), TensorData::new(vec![0f32; n], [n]));
+        // [n, 1] is misshapen whatever the first tensor is (a 1-D bias included).
+        dict.insert(key.clone(), TensorData::new(vec![0f32; n], [n, 1]));
         let err = load_torch_state_dict(config.init::<Cpu>(&device), &config, &to_dict(&dict)).unwrap_err();
         assert!(
             matches!(err, InteropError::Shape { .. }) && err.to_string().contains(&key),

@@ -8,14 +8,16 @@
 //!
 //! Everything is generic over `B: Backend`, so the same code trains on the CPU and on CUDA.
 
+pub mod batchnorm;
 pub mod interop;
+pub mod pool;
 pub mod unet;
 
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 use protocol::spec::ModelSpec;
 
-pub use unet::{UNet3d, UNet3dConfig};
+pub use unet::{UNet, UNetConfig};
 
 /// One row of `coordinator model info`: a named stage, its output shape, its parameter count.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -71,7 +73,7 @@ impl ModelConfigError {
 /// variant name as their first segment (`Unet.down_tr64...`).
 #[derive(Module, Debug)]
 pub enum Backbone<B: Backend> {
-    Unet(UNet3d<B>),
+    Unet(UNet<B>),
 }
 
 impl<B: Backend> Backbone<B> {
@@ -97,7 +99,7 @@ impl<B: Backend> Backbone<B> {
 /// The resolved config of any backbone.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
-    Unet(UNet3dConfig),
+    Unet(UNetConfig),
 }
 
 impl ModelConfig {
@@ -105,7 +107,7 @@ impl ModelConfig {
     pub fn from_spec(spec: &ModelSpec, out_channels: usize) -> Result<Self, ModelConfigError> {
         let config = match spec {
             ModelSpec::Unet(u) => ModelConfig::Unet(
-                UNet3dConfig::new()
+                UNetConfig::new()
                     .with_out_channels(out_channels)
                     .with_base_width(u.resolved_base_width() as usize)
                     .with_depth(u.resolved_depth() as usize),
@@ -164,7 +166,7 @@ impl ModelConfig {
     /// See [`ArchConfig::torch_module_path`]; `burn_path` starts below the variant name.
     pub fn torch_module_path(&self, burn_path: &str) -> Option<String> {
         match self {
-            ModelConfig::Unet(_) => <UNet3dConfig as ArchConfig>::torch_module_path(burn_path),
+            ModelConfig::Unet(_) => <UNetConfig as ArchConfig>::torch_module_path(burn_path),
         }
     }
 }

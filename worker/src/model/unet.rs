@@ -1,52 +1,67 @@
-//! A plain 3D U-Net: the first SuPreM backbone, and the one small enough to train on CPUs in
-//! tests and demos.
+//! The Models Genesis 3D U-Net that SuPreM trains (`model/Unet.py` in MrGiovanni/SuPreM): the
+//! first SuPreM backbone, 19,075,225 parameters with 25 outputs.
 //!
-//! burn 0.21 has no 3D pooling, so the encoder downsamples with a stride-2 2x2x2 convolution (a
-//! learned pooling) and the decoder upsamples with a stride-2 2x2x2 transposed convolution.
-//! Normalisation is InstanceNorm: BatchNorm's running statistics would drift apart across
-//! data-parallel ranks unless they were synchronised every step, which the all-reduce does not do
-//! yet; instance statistics are per sample, so ranks stay identical for free.
+//! Level `i` (of `depth`) runs two 3x3x3 conv + BatchNorm + ReLU blocks, `width * 2^i` then
+//! `width * 2^(i+1)` channels (the channels double inside each level: 1->32->64, 64->64->128, ...),
+//! then a 2x2x2 max-pool unless it is the coarsest. Each decoder level upsamples with a 2x2x2
+//! stride-2 transposed conv that keeps its channel count, concatenates the encoder's skip and runs
+//! two conv blocks down to the skip's width. A 1x1x1 conv gives one logit per class.
+//!
+//! Module names mirror PyTorch's, so the state-dict mapping is mechanical: the level-`i`
+//! transitions live in `down_tr[i]` / `up_tr[i]`, PyTorch's `down_tr{64 << i}` / `up_tr{64 << i}`
+//! (names SuPreM derived from its width-32 channel counts; they stay the same at any width), and
+//! everything below them (`ops.N.conv1`, `ops.N.bn1`, `up_conv`, `out_tr.final_conv`) is identical.
+//!
+//! SuPreM's `ContBatchNorm3d` normalises with batch statistics even in eval mode. Here BatchNorm
+//! follows PyTorch's `nn.BatchNorm3d` and burn's convention: batch statistics while training,
+//! running statistics on the inner backend (`model.valid()`).
 
 use burn::config::Config;
 use burn::module::Module;
+use burn::nn::PaddingConfig3d;
 use burn::nn::conv::{Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfig};
-use burn::nn::{InstanceNorm, InstanceNormConfig, PaddingConfig3d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Tensor, backend::Backend};
 
-use super::{ArchConfig, ModelConfigError, Segmenter, StageSummary};
+use super::batchnorm::BatchNorm3d;
+use super::pool::max_pool3d;
+use super::{ArchConfig, ModelConfigError, Segmenter, StageSummary, param_count};
 
-/// Hyper-parameters of [`UNet3d`]. Serialisable, so a checkpoint can carry the config that
-/// rebuilds the module its weights belong to.
+/// Hyper-parameters of [`UNet`]. Serialisable, so a checkpoint can carry the config that rebuilds
+/// the module its weights belong to.
 #[derive(Config, Debug, PartialEq, Eq)]
-pub struct UNet3dConfig {
+pub struct UNetConfig {
     /// Input channels (1 for CT).
     #[config(default = 1)]
     pub in_channels: usize,
     /// Output channels: one sigmoid logit per class (25 SuPreM classes).
     #[config(default = 25)]
     pub out_channels: usize,
-    /// Channels at the finest level; level `i` has `base_width * 2^i`.
+    /// Channels of the first conv; level `i` has `base_width * 2^i`, then `base_width * 2^(i+1)`.
     #[config(default = 32)]
     pub base_width: usize,
-    /// Number of resolution levels (1 means no downsampling at all).
+    /// Number of resolution levels (1 means no pooling at all).
     #[config(default = 4)]
     pub depth: usize,
 }
 
-/// Preset for CPU demos and tests: the default topology (four levels) at a quarter of the width.
-/// One training step (batch 1, patch 32^3, 25 classes, forward + backward + AdamW) measured
-/// ~0.42 s on one core and ~0.32 s on two (`benches/step.rs`). Three levels cost the same (the
-/// fourth works at 4^3) with a quarter of the parameters and half the receptive field; width 16
-/// roughly doubles the step time.
-pub fn tiny() -> UNet3dConfig {
-    UNet3dConfig::new().with_base_width(8).with_depth(4)
+/// The SuPreM preset: width 32, four levels, 25 classes (19,075,225 parameters).
+pub fn suprem() -> UNetConfig {
+    UNetConfig::new()
+}
+
+/// Preset for CPU tests and demos: SuPreM's topology at an eighth of the width (299,209 parameters
+/// with 25 outputs). Forward + backward + AdamW at batch 2, 32^3, 25 classes: ~0.56 s on two
+/// (shared) cores (`tiny_step_time`); at batch 1 and 2 classes it fits a noisy 32^3 sphere to an
+/// eval-mode Dice above 0.9 in about 70 AdamW steps (lr 3e-3), ~20 s.
+pub fn tiny() -> UNetConfig {
+    UNetConfig::new().with_base_width(4)
 }
 
 // Beyond this the coarsest level of any realistic patch is below one voxel.
 const MAX_DEPTH: usize = 8;
 
-impl UNet3dConfig {
+impl UNetConfig {
     /// Checks every field; [`init`](Self::init) panics on what this rejects.
     pub fn validate(&self) -> Result<(), ModelConfigError> {
         for (field, value) in [
@@ -65,9 +80,10 @@ impl UNet3dConfig {
                 format!("must be at most {MAX_DEPTH}, got {}", self.depth),
             ));
         }
+        // The widest tensor is the coarsest level's output, base_width * 2^depth channels.
         if self
             .base_width
-            .checked_mul(1 << (self.depth - 1))
+            .checked_mul(1 << self.depth)
             .is_none_or(|w| w > (1 << 20))
         {
             return Err(ModelConfigError::new(
@@ -86,119 +102,116 @@ impl UNet3dConfig {
         1 << self.depth.saturating_sub(1)
     }
 
-    fn width(&self, level: usize) -> usize {
-        self.base_width << level
+    /// Channels a level's encoder block outputs (its skip), and what its decoder block outputs.
+    fn level_out(&self, level: usize) -> usize {
+        self.base_width << (level + 1)
     }
 
-    /// Builds the network with burn's default (Kaiming-uniform) initialisation, drawn from the
-    /// backend's global RNG. Ranks that must start identical use [`init_seeded`](Self::init_seeded).
+    /// Builds the network with burn's default initialisation. Ranks that must start identical use
+    /// [`super::ModelConfig::init_seeded`].
     ///
     /// # Panics
     /// If [`validate`](Self::validate) fails.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> UNet3d<B> {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> UNet<B> {
         if let Err(err) = self.validate() {
             panic!("{err}");
         }
-        let mut encoders = Vec::with_capacity(self.depth);
-        let mut downs = Vec::with_capacity(self.depth - 1);
-        let mut ups = Vec::with_capacity(self.depth - 1);
-        let mut decoders = Vec::with_capacity(self.depth - 1);
-        let mut channels = self.in_channels;
-        for level in 0..self.depth {
-            let width = self.width(level);
-            encoders.push(DoubleConv::new(channels, width, device));
-            channels = width;
-            if level + 1 < self.depth {
-                downs.push(
-                    Conv3dConfig::new([width, width], [2, 2, 2])
+        let down_tr = (0..self.depth)
+            .map(|level| {
+                let c_in = if level == 0 {
+                    self.in_channels
+                } else {
+                    self.base_width << level
+                };
+                let mid = self.base_width << level;
+                DownTransition {
+                    ops: vec![LUConv::new(c_in, mid, device), LUConv::new(mid, 2 * mid, device)],
+                }
+            })
+            .collect();
+        let up_tr = (0..self.depth - 1)
+            .map(|level| {
+                let (below, skip) = (self.level_out(level + 1), self.level_out(level));
+                UpTransition {
+                    up_conv: ConvTranspose3dConfig::new([below, below], [2, 2, 2])
                         .with_stride([2, 2, 2])
                         .init(device),
-                );
-            }
-        }
-        // Decoder modules are stored coarsest first, the order forward uses them.
-        for level in (0..self.depth - 1).rev() {
-            let width = self.width(level);
-            ups.push(
-                ConvTranspose3dConfig::new([self.width(level + 1), width], [2, 2, 2])
-                    .with_stride([2, 2, 2])
-                    .init(device),
-            );
-            decoders.push(DoubleConv::new(2 * width, width, device));
-        }
-        let head = Conv3dConfig::new([self.width(0), self.out_channels], [1, 1, 1]).init(device);
-        UNet3d {
-            encoders,
-            downs,
-            ups,
-            decoders,
-            head,
+                    ops: vec![LUConv::new(below + skip, skip, device), LUConv::new(skip, skip, device)],
+                }
+            })
+            .collect();
+        let out_tr = OutputTransition {
+            final_conv: Conv3dConfig::new([self.level_out(0), self.out_channels], [1, 1, 1]).init(device),
+        };
+        UNet {
+            down_tr,
+            up_tr,
+            out_tr,
             in_channels: self.in_channels,
             size_multiple: self.size_multiple(),
         }
     }
 }
 
-/// Conv 3x3x3 → InstanceNorm → ReLU.
+/// Conv 3x3x3 (with bias, as SuPreM has it) -> BatchNorm -> ReLU. PyTorch's `LUConv`.
 #[derive(Module, Debug)]
-pub struct ConvBlock<B: Backend> {
-    conv: Conv3d<B>,
-    norm: InstanceNorm<B>,
+pub struct LUConv<B: Backend> {
+    pub conv1: Conv3d<B>,
+    pub bn1: BatchNorm3d<B>,
 }
 
-impl<B: Backend> ConvBlock<B> {
+impl<B: Backend> LUConv<B> {
     fn new(in_channels: usize, out_channels: usize, device: &B::Device) -> Self {
         Self {
-            conv: Conv3dConfig::new([in_channels, out_channels], [3, 3, 3])
+            conv1: Conv3dConfig::new([in_channels, out_channels], [3, 3, 3])
                 .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
-                // The norm subtracts the per-channel mean, so a bias here would be dead weight.
-                .with_bias(false)
                 .init(device),
-            norm: InstanceNormConfig::new(out_channels).with_affine(true).init(device),
+            bn1: BatchNorm3d::new(out_channels, device),
         }
     }
 
     fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
-        relu(self.norm.forward(self.conv.forward(x)))
+        relu(self.bn1.forward(self.conv1.forward(x)))
     }
 }
 
-/// The two conv blocks of one U-Net level.
+fn run_ops<B: Backend>(ops: &[LUConv<B>], x: Tensor<B, 5>) -> Tensor<B, 5> {
+    ops.iter().fold(x, |x, op| op.forward(x))
+}
+
+/// One encoder level's conv blocks (the pooling after them is parameter-free and done by
+/// [`UNet::forward`]). PyTorch's `DownTransition`.
 #[derive(Module, Debug)]
-pub struct DoubleConv<B: Backend> {
-    first: ConvBlock<B>,
-    second: ConvBlock<B>,
+pub struct DownTransition<B: Backend> {
+    pub ops: Vec<LUConv<B>>,
 }
 
-impl<B: Backend> DoubleConv<B> {
-    fn new(in_channels: usize, out_channels: usize, device: &B::Device) -> Self {
-        Self {
-            first: ConvBlock::new(in_channels, out_channels, device),
-            second: ConvBlock::new(out_channels, out_channels, device),
-        }
-    }
-
-    fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
-        self.second.forward(self.first.forward(x))
-    }
-}
-
-/// 3D U-Net producing one logit per class and voxel.
+/// One decoder level: upsample, concatenate the skip, two conv blocks. PyTorch's `UpTransition`.
 #[derive(Module, Debug)]
-pub struct UNet3d<B: Backend> {
-    /// One per level, finest first.
-    encoders: Vec<DoubleConv<B>>,
-    /// `downs[i]` takes level `i` to level `i + 1`.
-    downs: Vec<Conv3d<B>>,
-    /// Coarsest first: `ups[j]` and `decoders[j]` rebuild level `depth - 2 - j`.
-    ups: Vec<ConvTranspose3d<B>>,
-    decoders: Vec<DoubleConv<B>>,
-    head: Conv3d<B>,
+pub struct UpTransition<B: Backend> {
+    pub up_conv: ConvTranspose3d<B>,
+    pub ops: Vec<LUConv<B>>,
+}
+
+/// The 1x1x1 head. PyTorch's `OutputTransition` (whose sigmoid the loss applies).
+#[derive(Module, Debug)]
+pub struct OutputTransition<B: Backend> {
+    pub final_conv: Conv3d<B>,
+}
+
+/// SuPreM's 3D U-Net producing one logit per class and voxel.
+#[derive(Module, Debug)]
+pub struct UNet<B: Backend> {
+    /// Encoder levels, finest first (PyTorch `down_tr64`, `down_tr128`, ...).
+    pub down_tr: Vec<DownTransition<B>>,
+    /// `up_tr[i]` rebuilds level `i` (PyTorch `up_tr{64 << i}`); forward runs them coarsest first.
+    pub up_tr: Vec<UpTransition<B>>,
+    pub out_tr: OutputTransition<B>,
     in_channels: usize,
     size_multiple: usize,
 }
 
-impl<B: Backend> UNet3d<B> {
+impl<B: Backend> UNet<B> {
     /// Why `forward` would reject an input of this shape, if it would.
     pub fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String> {
         let [_, channels, d, h, w] = dims;
@@ -217,140 +230,113 @@ impl<B: Backend> UNet3d<B> {
         Ok(())
     }
 
-    /// `[N, C_in, D, H, W]` → logits `[N, C_out, D, H, W]`.
+    /// `[N, C_in, D, H, W]` -> logits `[N, C_out, D, H, W]`.
     ///
     /// # Panics
     /// If [`check_input_shape`](Self::check_input_shape) rejects the input.
     pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
         if let Err(err) = self.check_input_shape(x.dims()) {
-            panic!("UNet3d::forward: {err}");
+            panic!("UNet::forward: {err}");
         }
-        let mut skips = Vec::with_capacity(self.downs.len());
+        let mut skips = Vec::with_capacity(self.up_tr.len());
         let mut x = x;
-        for (level, encoder) in self.encoders.iter().enumerate() {
-            x = encoder.forward(x);
-            if let Some(down) = self.downs.get(level) {
+        for (level, down) in self.down_tr.iter().enumerate() {
+            x = run_ops(&down.ops, x);
+            if level < self.up_tr.len() {
                 skips.push(x.clone());
-                x = down.forward(x);
+                x = max_pool3d(x, [2, 2, 2], [2, 2, 2]);
             }
         }
-        for (up, decoder) in self.ups.iter().zip(&self.decoders) {
-            let skip = skips.pop().expect("one skip per upsampling step");
-            x = decoder.forward(Tensor::cat(vec![up.forward(x), skip], 1));
+        for up in self.up_tr.iter().rev() {
+            let skip = skips.pop().expect("one skip per decoder level");
+            x = run_ops(&up.ops, Tensor::cat(vec![up.up_conv.forward(x), skip], 1));
         }
-        self.head.forward(x)
+        self.out_tr.final_conv.forward(x)
+    }
+
+    /// torchinfo-like rows: each `down_tr` (output: what goes to the next level, i.e. pooled
+    /// unless coarsest), each `up_tr` in forward order, `out_tr`. Params are PyTorch's count.
+    pub fn stages(&self, input: [usize; 5]) -> Vec<StageSummary> {
+        let [n, _, d, h, w] = input;
+        let at = |level: usize, channels: usize| vec![n, channels, d >> level, h >> level, w >> level];
+        let channels = |ops: &[LUConv<B>]| ops.last().map_or(0, |op| op.bn1.weight.dims()[0]);
+        let mut rows = Vec::new();
+        for (level, down) in self.down_tr.iter().enumerate() {
+            let pooled = usize::from(level < self.up_tr.len());
+            rows.push(StageSummary {
+                name: format!("down_tr{}", 64 << level),
+                output: at(level + pooled, channels(&down.ops)),
+                params: param_count(down),
+            });
+        }
+        for (level, up) in self.up_tr.iter().enumerate().rev() {
+            rows.push(StageSummary {
+                name: format!("up_tr{}", 64 << level),
+                output: at(level, channels(&up.ops)),
+                params: param_count(up),
+            });
+        }
+        rows.push(StageSummary {
+            name: "out_tr".into(),
+            output: at(0, self.out_tr.final_conv.weight.dims()[0]),
+            params: param_count(&self.out_tr),
+        });
+        rows
     }
 }
 
-impl ArchConfig for UNet3dConfig {
-    type Model<B: Backend> = UNet3d<B>;
+/// PyTorch state-dict module path for a burn module path (see [`ArchConfig::torch_module_path`]):
+/// `down_tr.{i}` / `up_tr.{i}` become `down_tr{64 << i}` / `up_tr{64 << i}`, the rest is kept.
+pub fn torch_module_path(burn_path: &str) -> Option<String> {
+    let (head, rest) = burn_path.split_once('.').unwrap_or((burn_path, ""));
+    let renamed = match head {
+        "down_tr" | "up_tr" => {
+            let (index, rest) = rest.split_once('.').unwrap_or((rest, ""));
+            let level: u32 = index.parse().ok().filter(|&l| l < MAX_DEPTH as u32)?;
+            return Some(join(&format!("{head}{}", 64u64 << level), rest));
+        }
+        "out_tr" => head.to_string(),
+        _ => return None,
+    };
+    Some(join(&renamed, rest))
+}
 
-    fn validate(&self) -> Result<(), ModelConfigError> {
-        UNet3dConfig::validate(self)
-    }
-
-    fn init<B: Backend>(&self, device: &B::Device) -> UNet3d<B> {
-        UNet3dConfig::init(self, device)
-    }
-
-    fn size_multiple(&self) -> usize {
-        UNet3dConfig::size_multiple(self)
-    }
-
-    fn torch_module_path(burn_path: &str) -> Option<String> {
-        Some(burn_path.to_string())
+fn join(head: &str, rest: &str) -> String {
+    if rest.is_empty() {
+        head.to_string()
+    } else {
+        format!("{head}.{rest}")
     }
 }
 
-impl<B: Backend> Segmenter<B> for UNet3d<B> {
+impl<B: Backend> Segmenter<B> for UNet<B> {
     fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
-        UNet3d::forward(self, x)
+        UNet::forward(self, x)
     }
-
     fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String> {
-        UNet3d::check_input_shape(self, dims)
+        UNet::check_input_shape(self, dims)
     }
-
     fn stages(&self, input: [usize; 5]) -> Vec<StageSummary> {
-        vec![StageSummary {
-            name: "unet".into(),
-            output: input.to_vec(),
-            params: super::param_count(self),
-        }]
+        UNet::stages(self, input)
+    }
+}
+
+impl ArchConfig for UNetConfig {
+    type Model<B: Backend> = UNet<B>;
+    fn validate(&self) -> Result<(), ModelConfigError> {
+        UNetConfig::validate(self)
+    }
+    fn init<B: Backend>(&self, device: &B::Device) -> UNet<B> {
+        UNetConfig::init(self, device)
+    }
+    fn size_multiple(&self) -> usize {
+        UNetConfig::size_multiple(self)
+    }
+    fn torch_module_path(burn_path: &str) -> Option<String> {
+        torch_module_path(burn_path)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::Cpu;
-    use crate::model::param_count;
-
-    #[test]
-    fn forward_keeps_spatial_shape() {
-        let device = Default::default();
-        let config = UNet3dConfig::new()
-            .with_in_channels(2)
-            .with_out_channels(3)
-            .with_base_width(4)
-            .with_depth(3);
-        let model = config.init::<Cpu>(&device);
-        let x = Tensor::<Cpu, 5>::zeros([2, 2, 8, 12, 16], &device);
-        assert_eq!(model.forward(x).dims(), [2, 3, 8, 12, 16]);
-    }
-
-    #[test]
-    fn depth_one_has_no_resampling() {
-        let device = Default::default();
-        let model = UNet3dConfig::new()
-            .with_base_width(2)
-            .with_depth(1)
-            .init::<Cpu>(&device);
-        let x = Tensor::<Cpu, 5>::zeros([1, 1, 3, 5, 7], &device);
-        assert_eq!(model.forward(x).dims(), [1, 25, 3, 5, 7]);
-    }
-
-    #[test]
-    fn validation_names_the_field() {
-        for (config, field) in [
-            (UNet3dConfig::new().with_depth(0), "depth"),
-            (UNet3dConfig::new().with_depth(9), "depth"),
-            (UNet3dConfig::new().with_base_width(0), "base_width"),
-            (UNet3dConfig::new().with_in_channels(0), "in_channels"),
-            (UNet3dConfig::new().with_out_channels(0), "out_channels"),
-            (UNet3dConfig::new().with_base_width(usize::MAX / 2), "base_width"),
-        ] {
-            let err = config.validate().unwrap_err();
-            assert_eq!(err.field, field, "{err}");
-            assert!(err.to_string().contains(field));
-        }
-        assert_eq!(UNet3dConfig::new().validate(), Ok(()));
-        assert_eq!(UNet3dConfig::new().with_base_width(8).validate(), Ok(()));
-    }
-
-    #[test]
-    fn bad_input_shape_is_reported() {
-        let model = UNet3dConfig::new().with_base_width(8).init::<Cpu>(&Default::default());
-        assert!(model.check_input_shape([1, 1, 32, 32, 32]).is_ok());
-        assert!(model.check_input_shape([1, 1, 36, 32, 32]).is_err());
-        assert!(model.check_input_shape([1, 2, 32, 32, 32]).is_err());
-    }
-
-    #[test]
-    fn param_counts_match_the_architecture() {
-        // Hand count for width 8, three levels: 3x3x3 convs without bias, affine norms (2 params
-        // per channel), 2x2x2 resampling convs with bias, 1x1x1 head with bias.
-        let conv = |i: usize, o: usize| 27 * i * o + 2 * o;
-        let (w0, w1, w2) = (8, 16, 32);
-        let encoders = conv(1, w0) + conv(w0, w0) + conv(w0, w1) + conv(w1, w1) + conv(w1, w2) + conv(w2, w2);
-        let downs = (8 * w0 * w0 + w0) + (8 * w1 * w1 + w1);
-        let ups = (8 * w2 * w1 + w1) + (8 * w1 * w0 + w0);
-        let decoders = conv(2 * w1, w1) + conv(w1, w1) + conv(2 * w0, w0) + conv(w0, w0);
-        let head = w0 * 25 + 25;
-        let model = UNet3dConfig::new()
-            .with_base_width(8)
-            .with_depth(3)
-            .init::<Cpu>(&Default::default());
-        assert_eq!(param_count(&model), encoders + downs + ups + decoders + head);
-    }
-}
+#[path = "unet_tests.rs"]
+mod tests;

@@ -271,6 +271,8 @@ const CONSTANT_INIT_TYPES: &[&str] = &[
     "Struct:GroupNorm",
     "Struct:LayerNorm",
     "Struct:BatchNorm",
+    // model::batchnorm: PyTorch-exact BatchNorm (weight 1, bias 0, running stats 0 / 1).
+    "Struct:BatchNorm3d",
 ];
 
 impl Reseed {
@@ -420,13 +422,14 @@ mod tests {
         }
         let mut check = Check(Vec::new());
         model.visit(&mut check);
-        // First conv: weight [4, 1, 3, 3, 3] (fan_in 27), then its norm's gamma (ones), beta.
+        // First conv: weight [4, 1, 3, 3, 3] (fan_in 27) and bias, then its norm's gamma (ones), beta.
         let (dims, max, _) = &check.0[0];
         assert_eq!(dims, &vec![4, 1, 3, 3, 3]);
         assert!(*max <= 1.0 / 27f32.sqrt() && *max > 0.1, "{max}");
-        assert_eq!(check.0[1].1, 1.0);
-        assert_eq!(check.0[1].2, 1.0);
-        assert_eq!(check.0[2].1, 0.0);
+        assert!(check.0[1].1 <= 1.0 / 27f32.sqrt() && check.0[1].1 > 0.0);
+        assert_eq!(check.0[2].1, 1.0);
+        assert_eq!(check.0[2].2, 1.0);
+        assert_eq!(check.0[3].1, 0.0);
     }
 
     #[test]
@@ -495,6 +498,8 @@ mod tests {
         assert_ne!(before, weights_checksum(&nudged));
     }
 
+    /// The trainer's exchange: gradients averaged, BatchNorm running statistics (which follow each
+    /// rank's own batch) replaced by rank 0's.
     #[test]
     fn averaged_gradients_keep_ranks_identical() {
         let device = Default::default();
@@ -508,14 +513,14 @@ mod tests {
             let flats: Vec<Vec<f32>> = ranks
                 .iter()
                 .enumerate()
-                .map(|(rank, model)| flatten_grads(model, &grads_for(model, 100 * step + rank as u64)))
+                .map(|(rank, model)| exchange_buffer(model, &grads_for(model, 100 * step + rank as u64), rank == 0))
                 .collect();
             assert_ne!(flats[0], flats[1], "ranks saw different batches");
             // Fixed reduction order, as the ring all-reduce guarantees.
-            let mean: Vec<f32> = flats[0].iter().zip(&flats[1]).map(|(a, b)| (a + b) / 2.0).collect();
+            let sum: Vec<f32> = flats[0].iter().zip(&flats[1]).map(|(a, b)| a + b).collect();
             for (model, optim) in ranks.iter_mut().zip(optims.iter_mut()) {
-                let grads = unflatten_grads(model, &mean).unwrap();
-                *model = optim.step(1e-3, model.clone(), grads);
+                let (synced, grads) = finish_exchange(model.clone(), &mut sum.clone(), 2).unwrap();
+                *model = optim.step(1e-3, synced, grads);
             }
             assert_eq!(weights_checksum(&ranks[0]), weights_checksum(&ranks[1]));
         }
