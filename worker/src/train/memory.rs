@@ -394,7 +394,7 @@ mod tests {
         let four = estimate_step(&unet(8, 3), [64; 3], 4);
         // Kept activations scale with the batch; the largest im2col buffer (one sample at a
         // time) does not.
-        assert!(four.activations > 3 * one.activations, "{one:?} {four:?}");
+        assert!(four.activations > 2 * one.activations, "{one:?} {four:?}");
         assert!(four.activations < 4 * one.activations, "{one:?} {four:?}");
         assert_eq!(four.model_state, one.model_state);
         let global = spec("[64, 64, 64]", 8, "global_batch = 8");
@@ -417,7 +417,7 @@ mod tests {
     /// (forward, BCE + Dice over 25 classes, backward, AdamW; 2 rayon threads; burn-flex),
     /// measured 2026-11-30 on the 2-core CPU machine with each backbone's branch build.
     /// (arch, preset, cube side, batch, MiB).
-    const MEASURED_PEAKS: [(&str, Preset, u32, u32, u64); 22] = [
+    const MEASURED_PEAKS: [(&str, Preset, u32, u32, u64); 23] = [
         ("unet", Preset::Tiny, 32, 1, 143),
         ("unet", Preset::Tiny, 32, 2, 169),
         ("unet", Preset::Tiny, 64, 1, 1019),
@@ -427,6 +427,7 @@ mod tests {
         ("unet", Preset::Suprem, 32, 1, 969),
         ("unet", Preset::Suprem, 32, 2, 1119),
         ("unet", Preset::Suprem, 64, 1, 6522),
+        ("unet", Preset::Suprem, 96, 1, 21447),
         ("segresnet", Preset::Tiny, 32, 1, 89),
         ("segresnet", Preset::Tiny, 64, 1, 611),
         ("segresnet", Preset::Tiny, 64, 2, 884),
