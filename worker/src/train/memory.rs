@@ -394,7 +394,7 @@ mod tests {
         let four = estimate_step(&unet(8, 3), [64; 3], 4);
         // Kept activations scale with the batch; the largest im2col buffer (one sample at a
         // time) does not.
-        assert!(four.activations > 2 * one.activations, "{one:?} {four:?}");
+        assert!(2 * four.activations > 3 * one.activations, "{one:?} {four:?}");
         assert!(four.activations < 4 * one.activations, "{one:?} {four:?}");
         assert_eq!(four.model_state, one.model_state);
         let global = spec("[64, 64, 64]", 8, "global_batch = 8");
