@@ -9,8 +9,11 @@
 //!
 //! Fields are named like PyTorch's (`weight`, `bias`, `running_mean`, `running_var`), so the
 //! state-dict keys need no renaming. Training mode is burn's convention: batch statistics (and a
-//! running-statistics update) on an autodiff backend, running statistics on the inner backend
-//! (`model.valid()`).
+//! running-statistics update) on an autodiff backend. In evaluation (the inner backend, after
+//! `model.valid()`) it normalises with the running statistics, like `nn.BatchNorm3d.eval()`,
+//! unless built with `batch_stats_in_eval`: SuPreM's U-Net uses Models Genesis'
+//! `ContBatchNorm3d`, which calls `F.batch_norm(..., training=True)` in every mode, so its
+//! released weights were trained and are evaluated with batch statistics.
 
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::{Tensor, backend::Backend};
@@ -30,16 +33,20 @@ pub struct BatchNorm3d<B: Backend> {
     pub running_mean: RunningState<Tensor<B, 1>>,
     /// Updated with the unbiased batch variance, as PyTorch does.
     pub running_var: RunningState<Tensor<B, 1>>,
+    /// Normalise with batch statistics in evaluation too (`ContBatchNorm3d`).
+    pub batch_stats_in_eval: bool,
 }
 
 impl<B: Backend> BatchNorm3d<B> {
-    /// Weight 1, bias 0, running mean 0, running variance 1 (PyTorch's init).
-    pub fn new(channels: usize, device: &B::Device) -> Self {
+    /// Weight 1, bias 0, running mean 0, running variance 1 (PyTorch's init). See
+    /// [`BatchNorm3d::batch_stats_in_eval`].
+    pub fn new(channels: usize, batch_stats_in_eval: bool, device: &B::Device) -> Self {
         Self {
             weight: Param::from_tensor(Tensor::ones([channels], device)),
             bias: Param::from_tensor(Tensor::zeros([channels], device)),
             running_mean: RunningState::new(Tensor::zeros([channels], device)),
             running_var: RunningState::new(Tensor::ones([channels], device)),
+            batch_stats_in_eval,
         }
     }
 
@@ -51,6 +58,11 @@ impl<B: Backend> BatchNorm3d<B> {
         let x = x.reshape([n, c, d * h * w]);
         let y = if B::ad_enabled(&x.device()) {
             self.forward_train(x)
+        } else if self.batch_stats_in_eval {
+            // No running-statistics update: this module is an evaluation copy.
+            let (_, centered, var) = batch_statistics(x);
+            let scale = self.weight.val().reshape([1, c, 1]).div(var.add_scalar(EPSILON).sqrt());
+            centered.mul(scale).add(self.bias.val().reshape([1, c, 1]))
         } else {
             let mean = self.running_mean.value().reshape([1, c, 1]);
             let var = self.running_var.value().reshape([1, c, 1]);
@@ -64,9 +76,7 @@ impl<B: Backend> BatchNorm3d<B> {
     fn forward_train(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, c, v] = x.dims();
         let count = n * v;
-        let mean = x.clone().sum_dim(2).sum_dim(0).div_scalar(count as f64);
-        let centered = x.sub(mean.clone());
-        let var = centered.clone().square().sum_dim(2).sum_dim(0).div_scalar(count as f64);
+        let (mean, centered, var) = batch_statistics(x);
 
         let unbiased = if count > 1 {
             var.clone().detach().mul_scalar(count as f64 / (count - 1) as f64)
@@ -88,6 +98,17 @@ impl<B: Backend> BatchNorm3d<B> {
     }
 }
 
+/// The mean, `x - mean` and the biased variance, per channel over N and the voxels of
+/// `[N, C, V]`.
+fn batch_statistics<B: Backend>(x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+    let [n, _, v] = x.dims();
+    let count = (n * v) as f64;
+    let mean = x.clone().sum_dim(2).sum_dim(0).div_scalar(count);
+    let centered = x.sub(mean.clone());
+    let var = centered.clone().square().sum_dim(2).sum_dim(0).div_scalar(count);
+    (mean, centered, var)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,7 +128,7 @@ mod tests {
             TensorData::new(vec![1.0f32, 2.0, 5.0, 5.0, 3.0, 4.0, 5.0, 5.0], [2, 2, 1, 1, 2]),
             &device,
         );
-        let bn = BatchNorm3d::<CpuTrain>::new(2, &device);
+        let bn = BatchNorm3d::<CpuTrain>::new(2, false, &device);
         let y = values(bn.forward(x));
         // Channel 0: mean 2.5, biased var 1.25.
         let s = (1.25f32 + 1e-5).sqrt();
@@ -132,7 +153,7 @@ mod tests {
     #[test]
     fn inference_uses_running_statistics() {
         let device = Default::default();
-        let bn = BatchNorm3d::<CpuTrain>::new(3, &device);
+        let bn = BatchNorm3d::<CpuTrain>::new(3, false, &device);
         let x = Tensor::<CpuTrain, 5>::random([2, 3, 2, 3, 4], Distribution::Normal(1.0, 2.0), &device);
         let _ = bn.forward(x.clone());
         let bn: BatchNorm3d<Cpu> = bn.valid();
@@ -148,7 +169,7 @@ mod tests {
 
     #[test]
     fn running_statistics_are_not_counted_as_parameters() {
-        let bn = BatchNorm3d::<Cpu>::new(7, &Default::default());
+        let bn = BatchNorm3d::<Cpu>::new(7, false, &Default::default());
         assert_eq!(bn.num_params(), 28);
         assert_eq!(crate::model::param_count(&bn), 14);
     }

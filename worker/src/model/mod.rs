@@ -10,13 +10,16 @@
 
 pub mod batchnorm;
 pub mod interop;
+pub mod interpolate;
 pub mod pool;
+pub mod segresnet;
 pub mod unet;
 
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 use protocol::spec::ModelSpec;
 
+pub use segresnet::{SegResNet, SegResNetConfig};
 pub use unet::{UNet, UNetConfig};
 
 /// One row of `coordinator model info`: a named stage, its output shape, its parameter count.
@@ -71,27 +74,33 @@ impl ModelConfigError {
 /// Any backbone. burn derives `Module` for the enum, so params, records, checkpoints, the
 /// gradient flattening and the weight checksum work on it unchanged; module paths gain the
 /// variant name as their first segment (`Unet.down_tr64...`).
+// One model lives per process and moves rarely; boxing variants would gain nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone<B: Backend> {
     Unet(UNet<B>),
+    SegResNet(SegResNet<B>),
 }
 
 impl<B: Backend> Backbone<B> {
     pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
         match self {
             Backbone::Unet(m) => m.forward(x),
+            Backbone::SegResNet(m) => m.forward(x),
         }
     }
 
     pub fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String> {
         match self {
             Backbone::Unet(m) => m.check_input_shape(dims),
+            Backbone::SegResNet(m) => m.check_input_shape(dims),
         }
     }
 
     pub fn stages(&self, input: [usize; 5]) -> Vec<StageSummary> {
         match self {
             Backbone::Unet(m) => m.stages(input),
+            Backbone::SegResNet(m) => m.stages(input),
         }
     }
 }
@@ -100,6 +109,7 @@ impl<B: Backend> Backbone<B> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
     Unet(UNetConfig),
+    SegResNet(SegResNetConfig),
 }
 
 impl ModelConfig {
@@ -111,6 +121,11 @@ impl ModelConfig {
                     .with_out_channels(out_channels)
                     .with_base_width(u.resolved_base_width() as usize)
                     .with_depth(u.resolved_depth() as usize),
+            ),
+            ModelSpec::Segresnet(s) => ModelConfig::SegResNet(
+                SegResNetConfig::new()
+                    .with_out_channels(out_channels)
+                    .with_init_filters(s.resolved_init_filters() as usize),
             ),
             other => {
                 return Err(ModelConfigError::new(
@@ -126,18 +141,21 @@ impl ModelConfig {
     pub fn arch(&self) -> &'static str {
         match self {
             ModelConfig::Unet(_) => "unet",
+            ModelConfig::SegResNet(_) => "segresnet",
         }
     }
 
     pub fn validate(&self) -> Result<(), ModelConfigError> {
         match self {
             ModelConfig::Unet(c) => c.validate(),
+            ModelConfig::SegResNet(c) => c.validate(),
         }
     }
 
     pub fn size_multiple(&self) -> usize {
         match self {
             ModelConfig::Unet(c) => c.size_multiple(),
+            ModelConfig::SegResNet(c) => c.size_multiple(),
         }
     }
 
@@ -152,6 +170,7 @@ impl ModelConfig {
         }
         match self {
             ModelConfig::Unet(c) => Backbone::Unet(c.init(device)),
+            ModelConfig::SegResNet(c) => Backbone::SegResNet(c.init(device)),
         }
     }
 
@@ -167,6 +186,7 @@ impl ModelConfig {
     pub fn torch_module_path(&self, burn_path: &str) -> Option<String> {
         match self {
             ModelConfig::Unet(_) => <UNetConfig as ArchConfig>::torch_module_path(burn_path),
+            ModelConfig::SegResNet(_) => <SegResNetConfig as ArchConfig>::torch_module_path(burn_path),
         }
     }
 }

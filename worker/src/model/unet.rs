@@ -43,6 +43,10 @@ pub struct UNetConfig {
     /// Number of resolution levels (1 means no pooling at all).
     #[config(default = 4)]
     pub depth: usize,
+    /// Normalise with batch statistics in evaluation too, as SuPreM's `ContBatchNorm3d` does (its
+    /// released weights expect it); `false` gives `nn.BatchNorm3d`'s running statistics.
+    #[config(default = true)]
+    pub batch_stats_in_eval: bool,
 }
 
 /// The SuPreM preset: width 32, four levels, 25 classes (19,075,225 parameters).
@@ -116,6 +120,7 @@ impl UNetConfig {
         if let Err(err) = self.validate() {
             panic!("{err}");
         }
+        let bn = self.batch_stats_in_eval;
         let down_tr = (0..self.depth)
             .map(|level| {
                 let c_in = if level == 0 {
@@ -125,7 +130,10 @@ impl UNetConfig {
                 };
                 let mid = self.base_width << level;
                 DownTransition {
-                    ops: vec![LUConv::new(c_in, mid, device), LUConv::new(mid, 2 * mid, device)],
+                    ops: vec![
+                        LUConv::new(c_in, mid, bn, device),
+                        LUConv::new(mid, 2 * mid, bn, device),
+                    ],
                 }
             })
             .collect();
@@ -136,7 +144,10 @@ impl UNetConfig {
                     up_conv: ConvTranspose3dConfig::new([below, below], [2, 2, 2])
                         .with_stride([2, 2, 2])
                         .init(device),
-                    ops: vec![LUConv::new(below + skip, skip, device), LUConv::new(skip, skip, device)],
+                    ops: vec![
+                        LUConv::new(below + skip, skip, bn, device),
+                        LUConv::new(skip, skip, bn, device),
+                    ],
                 }
             })
             .collect();
@@ -161,12 +172,12 @@ pub struct LUConv<B: Backend> {
 }
 
 impl<B: Backend> LUConv<B> {
-    fn new(in_channels: usize, out_channels: usize, device: &B::Device) -> Self {
+    fn new(in_channels: usize, out_channels: usize, batch_stats_in_eval: bool, device: &B::Device) -> Self {
         Self {
             conv1: Conv3dConfig::new([in_channels, out_channels], [3, 3, 3])
                 .with_padding(PaddingConfig3d::Explicit(1, 1, 1))
                 .init(device),
-            bn1: BatchNorm3d::new(out_channels, device),
+            bn1: BatchNorm3d::new(out_channels, batch_stats_in_eval, device),
         }
     }
 

@@ -152,7 +152,10 @@ fn fixture_model_config() -> ModelConfig {
 
 /// The fixture's weights, through the shared importer (SuPreM's `net` / `module.backbone.` layout).
 fn load_fixture<B: Backend>() -> UNet<B> {
-    let config = fixture_model_config();
+    load_fixture_as::<B>(fixture_model_config())
+}
+
+fn load_fixture_as<B: Backend>(config: ModelConfig) -> UNet<B> {
     let dict = TorchStateDict::read_pth(Path::new(FIXTURE)).unwrap();
     let (model, report) = load_torch_state_dict(config.init::<B>(&Default::default()), &config, &dict).unwrap();
     assert!(report.unused.is_empty(), "{:?}", report.unused);
@@ -183,14 +186,29 @@ fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) ->
         .unwrap()[0]
 }
 
+/// SuPreM's evaluation: `ContBatchNorm3d` normalises with the batch's statistics.
 #[test]
-fn eval_output_matches_pytorch() {
+fn eval_output_matches_suprem() {
     let reader = PytorchReader::new(FIXTURE).unwrap();
     let model: UNet<Cpu> = load_fixture::<CpuTrain>().valid();
     let out = model.forward(fixture_tensor(&reader, "input"));
     let diff = max_abs_diff(out, fixture_tensor(&reader, "output_eval"));
-    println!("eval-mode output vs PyTorch: max abs diff {diff:e}");
+    println!("eval-mode output vs SuPreM's UNet3D: max abs diff {diff:e}");
     assert!(diff <= 1e-4, "{diff}");
+}
+
+/// `batch_stats_in_eval = false`: `nn.BatchNorm3d.eval()`, the running statistics.
+#[test]
+fn eval_output_with_running_statistics_matches_pytorch() {
+    let reader = PytorchReader::new(FIXTURE).unwrap();
+    let config = ModelConfig::Unet(fixture_config().with_batch_stats_in_eval(false));
+    let model: UNet<Cpu> = load_fixture_as::<CpuTrain>(config).valid();
+    let out = model.forward(fixture_tensor(&reader, "input"));
+    let diff = max_abs_diff(out.clone(), fixture_tensor(&reader, "output_eval_running"));
+    println!("eval-mode output (running statistics) vs PyTorch: max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "{diff}");
+    // The two semantics really differ on this input, so each test checks its own.
+    assert!(max_abs_diff(out, fixture_tensor(&reader, "output_eval")) > 1e-2);
 }
 
 #[test]
