@@ -26,7 +26,7 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     let workers = detail["run"]["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 2);
 
-    // Held-out evaluation ran before and after training, on rank 0.
+    // Held-out evaluation ran before and after training (every rank its share; rank 0 reports).
     let metric_names: Vec<&str> = detail["latest_metrics"]
         .as_array()
         .unwrap()
@@ -115,4 +115,73 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(prefix.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 6);
     assert_eq!(state["weights_sha256"].as_str().unwrap(), finished[0]);
+}
+
+#[test]
+fn periodic_evaluation_runs_on_both_ranks_and_marks_the_best_checkpoint() {
+    let mut cluster = Cluster::start();
+    cluster.write_dataset(6);
+    cluster.spawn_workers(2);
+    let spec = cluster.write_spec("e2e-eval", 2, 6, "eval_every = 2");
+    let run_id = cluster.submit(&spec);
+    let detail = cluster.wait_for_end(&run_id);
+    assert_eq!(detail["run"]["state"], "Completed", "{detail}");
+    assert_eq!(detail["eval_cases"], 2);
+
+    // Every evaluation after step 0 left a checkpoint carrying its mean Dice; the final one too.
+    let checkpoints = detail["checkpoints"].as_array().unwrap();
+    let dice: Vec<(u64, f64)> = checkpoints
+        .iter()
+        .map(|c| (c["step"].as_u64().unwrap(), c["eval_dice"].as_f64().expect("a Dice")))
+        .collect();
+    assert_eq!(dice.iter().map(|d| d.0).collect::<Vec<_>>(), [2, 4, 6]);
+    let top = dice.iter().map(|d| d.1).fold(f64::MIN, f64::max);
+    let best_step = dice.iter().rev().find(|d| d.1 == top).unwrap().0;
+    let marked: Vec<u64> = checkpoints
+        .iter()
+        .filter(|c| c["best"] == true)
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(marked, [best_step], "{dice:?}");
+    let listing = cluster.cli(&["checkpoints", &run_id]);
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let best_row = text
+        .lines()
+        .find(|l| l.contains("best"))
+        .unwrap_or_else(|| panic!("no best mark in\n{text}"));
+    assert!(
+        best_row.split_whitespace().any(|w| w == best_step.to_string()),
+        "{text}"
+    );
+    assert!(Cluster::event_kinds(&detail).contains(&"best-checkpoint".to_string()));
+
+    // Both ranks evaluated their half of the held-out cases at every evaluation; rank 0
+    // reported the run's Dice, the one its checkpoint carries.
+    cluster.kill_coordinator();
+    let store = coordinator::store::Store::open(&cluster.path("db")).unwrap();
+    let metrics: Vec<_> = store
+        .metrics_from(&run_id, 0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    let at = |name: &str, step: u64| -> Vec<(u32, f64)> {
+        metrics
+            .iter()
+            .filter(|m| m.name == name && m.step == step)
+            .map(|m| (m.rank, m.value))
+            .collect()
+    };
+    for step in [0, 2, 4, 6] {
+        let mut shards = at("eval/shard_cases", step);
+        shards.sort_by_key(|s| s.0);
+        assert_eq!(shards, [(0, 1.0), (1, 1.0)], "step {step}");
+        assert_eq!(at("eval/shard_seconds", step).len(), 2, "step {step}");
+        assert_eq!(at("eval/cases", step), [(0, 2.0)], "step {step}");
+        let mean = at("eval/mean_dice", step);
+        assert_eq!(mean.len(), 1, "rank 0 alone reports the Dice at step {step}");
+        if let Some(&(_, d)) = dice.iter().find(|d| d.0 == step) {
+            assert_eq!(mean[0].1, d, "step {step}");
+        }
+    }
 }

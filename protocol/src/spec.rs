@@ -118,6 +118,16 @@ pub struct TrainSpec {
     /// Evaluate on the held-out cases before training and after it.
     #[serde(default = "default_true")]
     pub eval: bool,
+    /// Also evaluate (and checkpoint, with the mean Dice) every this many steps; 0: only before
+    /// and after training.
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Sliding-window size [D, H, W] of the held-out inference; `train.patch` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_window: Option<[u32; 3]>,
+    /// Overlap of neighbouring evaluation windows, in [0, 1).
+    #[serde(default = "default_eval_overlap")]
+    pub eval_overlap: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,6 +234,9 @@ fn default_checksum_every() -> u64 {
 fn default_metrics_every() -> u64 {
     10
 }
+fn default_eval_overlap() -> f64 {
+    0.5
+}
 fn default_true() -> bool {
     true
 }
@@ -307,6 +320,30 @@ impl RunSpec {
                 ),
             ));
         }
+        if let Some(bad) = t
+            .eval_window
+            .and_then(|w| w.into_iter().find(|&p| p == 0 || p % multiple != 0 || p > 512))
+        {
+            return Err(invalid(
+                "train.eval_window",
+                format!(
+                    "every side must be a multiple of {multiple} (the {} backbone's downsampling) in 1..=512, got {bad}",
+                    self.model.arch()
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&t.eval_overlap) {
+            return Err(invalid(
+                "train.eval_overlap",
+                format!("must be in [0, 1), got {}", t.eval_overlap),
+            ));
+        }
+        if t.eval_every > 0 && !t.eval {
+            return Err(invalid(
+                "train.eval_every",
+                "evaluates nothing while train.eval = false".into(),
+            ));
+        }
         if !(t.lr.is_finite() && t.lr > 0.0 && t.lr < 10.0) {
             return Err(invalid("train.lr", format!("must be in (0, 10), got {}", t.lr)));
         }
@@ -382,6 +419,11 @@ impl DatasetSpec {
 }
 
 impl TrainSpec {
+    /// The sliding window of held-out inference: `eval_window`, else the training patch.
+    pub fn eval_window_or_patch(&self) -> [u32; 3] {
+        self.eval_window.unwrap_or(self.patch)
+    }
+
     /// Samples each rank draws per step at `world_size` ranks.
     pub fn per_rank_batch(&self, world_size: u32) -> Result<u32, String> {
         match (self.batch_size, self.global_batch) {
@@ -488,6 +530,22 @@ url = "/tmp/y"
         let unknown = GOOD.replace("lr = 0.001", "lr = 0.001\nlearning_rate = 1");
         let err = RunSpec::from_toml(&unknown, "u.toml").unwrap_err().to_string();
         assert!(err.contains("learning_rate"), "{err}");
+
+        for (line, field) in [
+            ("eval_window = [32, 30, 32]", "train.eval_window"),
+            ("eval_overlap = 1.0", "train.eval_overlap"),
+            ("eval_every = 5\neval = false", "train.eval_every"),
+        ] {
+            let bad = GOOD.replace("lr = 0.001", &format!("lr = 0.001\n{line}"));
+            let err = RunSpec::from_toml(&bad, "e.toml").unwrap_err().to_string();
+            assert!(err.contains(field), "{line}: {err}");
+        }
+        let spec = RunSpec::from_toml(GOOD, "good.toml").unwrap();
+        assert_eq!(
+            (spec.train.eval_every, spec.train.eval_window, spec.train.eval_overlap),
+            (0, None, 0.5)
+        );
+        assert_eq!(spec.train.eval_window_or_patch(), [32, 32, 32]);
 
         let arch = GOOD.replace("\"unet\"", "\"resnet\"");
         let err = RunSpec::from_toml(&arch, "a.toml").unwrap_err().to_string();

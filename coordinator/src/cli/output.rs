@@ -98,7 +98,7 @@ pub fn checkpoint_json(c: &pb::CheckpointInfo) -> Value {
         "step": c.step, "prefix": c.prefix, "is_final": c.is_final, "committed_unix_ms": c.committed_unix_ms,
         "attempt": c.attempt, "resume_candidate": c.resume_candidate,
         "unusable": (!c.unusable.is_empty()).then_some(&c.unusable),
-        "eval_dice": c.has_eval_dice.then_some(c.eval_dice),
+        "eval_dice": c.has_eval_dice.then_some(c.eval_dice), "best": c.is_best,
         "bytes": checkpoint_bytes(c), "sha256": checkpoint_digest(c),
         "files": c.files.iter().map(|f| json!({"key": f.key, "sha256": f.sha256, "bytes": f.bytes})).collect::<Vec<_>>(),
     })
@@ -125,6 +125,9 @@ pub fn checkpoint_marks(c: &pb::CheckpointInfo) -> String {
     let mut marks = vec![];
     if c.is_final {
         marks.push("final".to_string());
+    }
+    if c.is_best {
+        marks.push("best".into());
     }
     if c.has_eval_dice {
         marks.push(format!("dice {:.3}", c.eval_dice));

@@ -45,6 +45,7 @@ mod membership;
 mod model;
 mod placement;
 mod resume;
+pub use resume::best_checkpoint;
 mod run_progress;
 mod submission;
 

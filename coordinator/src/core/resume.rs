@@ -253,15 +253,21 @@ impl Coordinator {
 fn garbage(all: &[CheckpointRecord], keep_newest: usize, resume_step: Option<u64>) -> Vec<CheckpointRecord> {
     let usable: Vec<&CheckpointRecord> = all.iter().filter(|c| c.unusable.is_none()).collect();
     let newest: Vec<u64> = usable.iter().rev().take(keep_newest).map(|c| c.step).collect();
-    let best = usable
-        .iter()
-        .filter_map(|c| c.eval_dice.map(|d| (d, c.step)))
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, step)| step);
+    let best = best_checkpoint(all);
     all.iter()
         .filter(|c| !(c.is_final || newest.contains(&c.step) || Some(c.step) == best || Some(c.step) == resume_step))
         .cloned()
         .collect()
+}
+
+/// The step of the best checkpoint by held-out mean Dice among the usable ones, given all of a
+/// run's, oldest first; on a tie the later one (it has trained longer for the same Dice).
+pub fn best_checkpoint(all: &[CheckpointRecord]) -> Option<u64> {
+    all.iter()
+        .filter(|c| c.unusable.is_none())
+        .filter_map(|c| c.eval_dice.map(|d| (d, c.step)))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, step)| step)
 }
 
 fn describe_start(from: Option<u64>) -> String {
@@ -323,6 +329,24 @@ mod tests {
         assert_eq!(steps(&garbage(&all, 2, None)), [10, 30, 40, 50]);
         assert_eq!(steps(&garbage(&all, 2, Some(30))), [10, 40, 50]);
         assert_eq!(steps(&garbage(&all, 10, None)), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn the_best_checkpoint_has_the_highest_dice_among_the_usable_ones() {
+        let mut all = vec![
+            ckpt(10, Some(0.2), false),
+            ckpt(20, Some(0.7), false),
+            ckpt(30, None, false),
+            ckpt(40, Some(0.7), false),
+            ckpt(50, Some(0.9), false),
+            ckpt(60, Some(0.4), true),
+        ];
+        assert_eq!(best_checkpoint(&all), Some(50));
+        all[4].unusable = Some("missing model.bin".into());
+        assert_eq!(best_checkpoint(&all), Some(40), "ties go to the later step");
+        assert_eq!(best_checkpoint(&[ckpt(10, None, true)]), None);
+        // GC keeps it even when it is neither new nor final.
+        assert!(!steps(&garbage(&all, 1, None)).contains(&40));
     }
 
     #[test]

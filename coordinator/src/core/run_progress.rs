@@ -158,13 +158,26 @@ impl Coordinator {
                 req.step,
                 format!("{kind} committed at {}", record.prefix),
             )];
+            let mut existing = self.store.checkpoints(&run.id)?;
             // A resumed attempt that re-reaches a step replaces the older attempt's record
             // there; that record's objects are deleted once the new one is committed.
-            let replaced = self
-                .store
-                .checkpoints(&run.id)?
-                .into_iter()
-                .find(|c| c.step == req.step && c.prefix != record.prefix);
+            let replaced = existing
+                .iter()
+                .find(|c| c.step == req.step && c.prefix != record.prefix)
+                .cloned();
+            // The commit that takes the lead by held-out Dice says so in the run's record.
+            if let Some(dice) = record.eval_dice {
+                existing.retain(|c| c.step != req.step);
+                existing.push(record.clone());
+                existing.sort_by_key(|c| c.step);
+                if super::best_checkpoint(&existing) == Some(req.step) {
+                    events.push(RunEvent::new(
+                        "best-checkpoint",
+                        req.step,
+                        format!("best checkpoint so far by held-out mean Dice ({dice:.4})"),
+                    ));
+                }
+            }
             if let Some(old) = &replaced {
                 events.push(RunEvent::new(
                     "checkpoint-replaced",

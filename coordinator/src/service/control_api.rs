@@ -75,7 +75,7 @@ fn metric(m: &MetricRecord) -> pb::Metric {
     }
 }
 
-fn checkpoint_info(c: &CheckpointRecord, resume_candidate: Option<u64>) -> pb::CheckpointInfo {
+fn checkpoint_info(c: &CheckpointRecord, resume_candidate: Option<u64>, best: Option<u64>) -> pb::CheckpointInfo {
     pb::CheckpointInfo {
         step: c.step,
         files: c
@@ -95,6 +95,7 @@ fn checkpoint_info(c: &CheckpointRecord, resume_candidate: Option<u64>) -> pb::C
         unusable: c.unusable.clone().unwrap_or_default(),
         eval_dice: c.eval_dice.unwrap_or(0.0),
         has_eval_dice: c.eval_dice.is_some(),
+        is_best: best == Some(c.step),
     }
 }
 
@@ -170,7 +171,13 @@ impl ControlService for ControlApi {
             manifest_id: run.manifest_id.clone(),
             run: Some(run_info_waiting(&run, waiting.as_ref())),
             spec_toml: run.spec_toml.clone(),
-            checkpoints: checkpoints.iter().map(|c| checkpoint_info(c, candidate)).collect(),
+            checkpoints: {
+                let best = crate::core::best_checkpoint(&checkpoints);
+                checkpoints
+                    .iter()
+                    .map(|c| checkpoint_info(c, candidate, best))
+                    .collect()
+            },
             latest_metrics: by_name.values().map(metric).collect(),
             train_cases: run.train_count,
             eval_cases: run.eval_count,

@@ -19,6 +19,12 @@ use crate::stop::StopSignal;
 
 const F32_PER_CHUNK: usize = protocol::MAX_CHUNK_BYTES / 4;
 
+/// Bits per limb of [`Ring::all_reduce_sum_u64`]: small enough that a limb summed over 4096
+/// ranks stays an integer f32 represents exactly.
+pub const U64_LIMB_BITS: u32 = 12;
+/// Limbs per u64 (6 x 12 = 72 bits >= 64).
+pub const U64_LIMBS: usize = 64usize.div_ceil(U64_LIMB_BITS as usize);
+
 pub struct Ring {
     run_id: String,
     rank: u32,
@@ -168,6 +174,39 @@ impl Ring {
         Ok(())
     }
 
+    /// Replaces `data` on every rank with the element-wise sum over all ranks, exactly (modulo
+    /// 2^64, like wrapping integer addition): counts that an f32 reduce would round.
+    ///
+    /// Rides on the f32 reduce: each value travels as [`U64_LIMBS`] limbs of [`U64_LIMB_BITS`]
+    /// bits, every limb below 2^12. Every partial sum of one limb over W ranks is then below
+    /// W * 2^12, an integer f32 holds exactly while it is at most 2^24, so the reduce is exact
+    /// for W <= 4096 (run specs allow 1024). The limb sums are recombined with their carries.
+    ///
+    /// # Panics
+    /// If the ring has more than 4096 ranks.
+    pub async fn all_reduce_sum_u64(&mut self, data: &mut [u64]) -> Result<(), CollectiveError> {
+        assert!(
+            (self.world as u64) << U64_LIMB_BITS <= 1 << f32::MANTISSA_DIGITS,
+            "all_reduce_sum_u64 is exact only up to 4096 ranks"
+        );
+        if self.world == 1 {
+            return Ok(());
+        }
+        let mask = (1u64 << U64_LIMB_BITS) - 1;
+        let mut limbs: Vec<f32> = data
+            .iter()
+            .flat_map(|&v| (0..U64_LIMBS).map(move |k| ((v >> (k as u32 * U64_LIMB_BITS)) & mask) as f32))
+            .collect();
+        self.all_reduce_sum(&mut limbs).await?;
+        for (v, sums) in data.iter_mut().zip(limbs.chunks_exact(U64_LIMBS)) {
+            // Bits carried past bit 63 are dropped: the wrapping sum.
+            *v = sums.iter().enumerate().fold(0u64, |acc, (k, &s)| {
+                acc.wrapping_add((s as u64) << (k as u32 * U64_LIMB_BITS))
+            });
+        }
+        Ok(())
+    }
+
     /// Sends one segment right while receiving one from the left. Both directions run at once:
     /// every rank sends before it receives, so doing them in turn would deadlock on flow control.
     async fn exchange(
@@ -308,6 +347,57 @@ impl Drop for Ring {
         self.outbox.take();
         if self.world > 1 {
             self.hub.release(&self.run_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::serve_collective;
+    use protocol::auth::SharedToken;
+
+    /// Values on `rank` that an f32 reduce would round: above 2^40, some near u64::MAX / 4.
+    fn values(rank: u64) -> Vec<u64> {
+        vec![
+            (1 << 40) + 12_345 * rank + 1,
+            (1 << 62) - 1 - rank * 999_999_937,
+            0,
+            rank,
+            0xfff_ffff_ffff * (rank + 1),
+            u64::MAX / 4 - rank,
+            4095,
+        ]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn u64_sums_are_exact_over_a_real_three_rank_ring() {
+        let token = SharedToken::new("ring-u64-test-token-0123456789").unwrap();
+        let world = 3u64;
+        let mut hubs = vec![];
+        let mut peers = vec![];
+        for _ in 0..world {
+            let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap(), &token).await.unwrap();
+            hubs.push(hub);
+            peers.push(addr.to_string());
+        }
+        let mut tasks = vec![];
+        for (rank, hub) in hubs.iter().enumerate() {
+            let mut ring = Ring::connect(hub, "run-u64", rank as u32, &peers, Duration::from_secs(20))
+                .await
+                .unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut data = values(rank as u64);
+                ring.all_reduce_sum_u64(&mut data).await.unwrap();
+                data
+            }));
+        }
+        let expected: Vec<u64> = (0..values(0).len())
+            .map(|i| (0..world).map(|r| values(r)[i]).sum())
+            .collect();
+        assert!(expected[0] > 1 << 41 && (expected[0] as f32) as u64 != expected[0]);
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), expected);
         }
     }
 }

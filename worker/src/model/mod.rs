@@ -13,6 +13,7 @@ pub mod interop;
 pub mod interpolate;
 pub mod pool;
 pub mod segresnet;
+pub mod swin_unetr;
 pub mod unet;
 
 use burn::module::Module;
@@ -20,6 +21,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use protocol::spec::ModelSpec;
 
 pub use segresnet::{SegResNet, SegResNetConfig};
+pub use swin_unetr::{SwinUnetr, SwinUnetrConfig};
 pub use unet::{UNet, UNetConfig};
 
 /// One row of `coordinator model info`: a named stage, its output shape, its parameter count.
@@ -74,12 +76,14 @@ impl ModelConfigError {
 /// Any backbone. burn derives `Module` for the enum, so params, records, checkpoints, the
 /// gradient flattening and the weight checksum work on it unchanged; module paths gain the
 /// variant name as their first segment (`Unet.down_tr64...`).
-// One model lives per process and moves rarely; boxing variants would gain nothing.
+// Swin UNETR's module tree (~20 KB of handles) dwarfs the U-Net's; burn modules cannot be boxed,
+// and a model is moved once per step at most.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone<B: Backend> {
     Unet(UNet<B>),
     SegResNet(SegResNet<B>),
+    SwinUnetr(SwinUnetr<B>),
 }
 
 impl<B: Backend> Backbone<B> {
@@ -87,6 +91,7 @@ impl<B: Backend> Backbone<B> {
         match self {
             Backbone::Unet(m) => m.forward(x),
             Backbone::SegResNet(m) => m.forward(x),
+            Backbone::SwinUnetr(m) => m.forward(x),
         }
     }
 
@@ -94,6 +99,7 @@ impl<B: Backend> Backbone<B> {
         match self {
             Backbone::Unet(m) => m.check_input_shape(dims),
             Backbone::SegResNet(m) => m.check_input_shape(dims),
+            Backbone::SwinUnetr(m) => m.check_input_shape(dims),
         }
     }
 
@@ -101,6 +107,7 @@ impl<B: Backend> Backbone<B> {
         match self {
             Backbone::Unet(m) => m.stages(input),
             Backbone::SegResNet(m) => m.stages(input),
+            Backbone::SwinUnetr(m) => m.stages(input),
         }
     }
 }
@@ -110,6 +117,7 @@ impl<B: Backend> Backbone<B> {
 pub enum ModelConfig {
     Unet(UNetConfig),
     SegResNet(SegResNetConfig),
+    SwinUnetr(SwinUnetrConfig),
 }
 
 impl ModelConfig {
@@ -127,12 +135,11 @@ impl ModelConfig {
                     .with_out_channels(out_channels)
                     .with_init_filters(s.resolved_init_filters() as usize),
             ),
-            other => {
-                return Err(ModelConfigError::new(
-                    "arch",
-                    format!("`{}` is not built into this worker", other.arch()),
-                ));
-            }
+            ModelSpec::Swinunetr(s) => ModelConfig::SwinUnetr(
+                SwinUnetrConfig::new()
+                    .with_out_channels(out_channels)
+                    .with_feature_size(s.resolved_feature_size() as usize),
+            ),
         };
         config.validate()?;
         Ok(config)
@@ -142,6 +149,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Unet(_) => "unet",
             ModelConfig::SegResNet(_) => "segresnet",
+            ModelConfig::SwinUnetr(_) => "swinunetr",
         }
     }
 
@@ -149,6 +157,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Unet(c) => c.validate(),
             ModelConfig::SegResNet(c) => c.validate(),
+            ModelConfig::SwinUnetr(c) => c.validate(),
         }
     }
 
@@ -156,6 +165,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Unet(c) => c.size_multiple(),
             ModelConfig::SegResNet(c) => c.size_multiple(),
+            ModelConfig::SwinUnetr(c) => c.size_multiple(),
         }
     }
 
@@ -171,6 +181,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Unet(c) => Backbone::Unet(c.init(device)),
             ModelConfig::SegResNet(c) => Backbone::SegResNet(c.init(device)),
+            ModelConfig::SwinUnetr(c) => Backbone::SwinUnetr(c.init(device)),
         }
     }
 
@@ -187,6 +198,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Unet(_) => <UNetConfig as ArchConfig>::torch_module_path(burn_path),
             ModelConfig::SegResNet(_) => <SegResNetConfig as ArchConfig>::torch_module_path(burn_path),
+            ModelConfig::SwinUnetr(_) => <SwinUnetrConfig as ArchConfig>::torch_module_path(burn_path),
         }
     }
 }

@@ -161,9 +161,10 @@ fn load_fixture_as<B: Backend>(config: ModelConfig) -> UNet<B> {
     assert!(report.unused.is_empty(), "{:?}", report.unused);
     // Every key but `num_batches_tracked` (one per BatchNorm) went into the model.
     assert_eq!(report.loaded + 14, dict.len());
-    match model {
-        Backbone::Unet(unet) => unet,
-    }
+    let Backbone::Unet(unet) = model else {
+        unreachable!("a U-Net config builds a U-Net")
+    };
+    unet
 }
 
 fn fixture_tensor<B: Backend, const D: usize>(reader: &PytorchReader, key: &str) -> Tensor<B, D> {

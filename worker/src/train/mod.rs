@@ -12,4 +12,5 @@ pub mod memory;
 pub mod order;
 pub mod params;
 pub mod schedule;
+pub mod sliding_window;
 pub mod trainer;

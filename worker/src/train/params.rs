@@ -233,8 +233,13 @@ pub fn weights_checksum<B: Backend, M: Module<B>>(model: &M) -> String {
 ///
 /// Conv and transposed-conv weights and biases get burn's default distribution,
 /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` with `fan_in = prod(weight.shape[1..])`; norm params
-/// keep their constant init (ones and zeros). Any other module type is an error rather than a
-/// silently unseeded weight: add a rule here when a backbone needs one.
+/// keep their constant init (ones and zeros). `Linear` weights and biases get the same
+/// distribution with `fan_in = in_features` (burn stores the weight `[in, out]`): that is
+/// PyTorch's `nn.Linear` default, which MONAI's SwinUNETR keeps (unlike timm's Swin, it does
+/// not redraw its linears from trunc_normal(0.02)). Swin's `relative_position_bias_table`
+/// (a direct param of `WindowAttention`) gets MONAI's `trunc_normal_(std=0.02)`, cut at
+/// [-2, 2]. Any other module type is an error rather than a silently unseeded weight: add a
+/// rule here when a backbone needs one.
 pub fn reseed<B: Backend, M: Module<B>>(module: M, seed: u64) -> Result<M, ParamsError> {
     let mut mapper = Reseed {
         rng: ChaCha8Rng::seed_from_u64(seed),
@@ -266,6 +271,9 @@ const CONV_TYPES: &[&str] = &[
     "Struct:ConvTranspose2d",
     "Struct:ConvTranspose3d",
 ];
+const LINEAR_TYPE: &str = "Struct:Linear";
+/// (container, field) of a param drawn from trunc_normal(0, 0.02) cut at [-2, 2].
+const TRUNC_NORMAL_PARAMS: &[(&str, &str)] = &[("Struct:WindowAttention", "relative_position_bias_table")];
 const CONSTANT_INIT_TYPES: &[&str] = &[
     "Struct:InstanceNorm",
     "Struct:GroupNorm",
@@ -283,6 +291,30 @@ impl Reseed {
         (0..len)
             .map(|_| ((self.rng.next_u32() >> 8) as f32 * SCALE * 2.0 - 1.0) * bound)
             .collect()
+    }
+
+    /// `N(mean, std)` cut at `[low, high]` by rejection (as MONAI's `trunc_normal_` draws it),
+    /// from Marsaglia's polar method. Only IEEE basic arithmetic and `sqrt` (both exactly
+    /// rounded) plus [`ln_exact_ops`]: no platform libm, so every machine draws the same bits.
+    fn trunc_normal(&mut self, len: usize, mean: f64, std: f64, low: f64, high: f64) -> Vec<f32> {
+        const SCALE: f64 = 1.0 / (1u64 << 53) as f64;
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let u = (self.rng.next_u64() >> 11) as f64 * SCALE * 2.0 - 1.0;
+            let v = (self.rng.next_u64() >> 11) as f64 * SCALE * 2.0 - 1.0;
+            let s = u * u + v * v;
+            if s >= 1.0 || s == 0.0 {
+                continue;
+            }
+            let factor = (-2.0 * ln_exact_ops(s) / s).sqrt();
+            for z in [u * factor, v * factor] {
+                let value = mean + std * z;
+                if out.len() < len && (low..=high).contains(&value) {
+                    out.push(value as f32);
+                }
+            }
+        }
+        out
     }
 
     fn unsupported(&self, container: &str) -> ParamsError {
@@ -303,12 +335,21 @@ impl Reseed {
         if CONSTANT_INIT_TYPES.contains(&container.as_str()) {
             return Ok(None);
         }
-        if !CONV_TYPES.contains(&container.as_str()) {
+        let len = dims.iter().product();
+        if TRUNC_NORMAL_PARAMS.contains(&(container.as_str(), field.as_str())) {
+            return Ok(Some(self.trunc_normal(len, 0.0, 0.02, -2.0, 2.0)));
+        }
+        let linear = container == LINEAR_TYPE;
+        if !linear && !CONV_TYPES.contains(&container.as_str()) {
             return Err(self.unsupported(&container));
         }
         let fan_in = match field.as_str() {
             "weight" => {
-                let fan_in = dims[1..].iter().product::<usize>();
+                let fan_in = if linear {
+                    dims[0]
+                } else {
+                    dims[1..].iter().product::<usize>()
+                };
                 self.fan_in = Some(fan_in);
                 fan_in
             }
@@ -318,9 +359,31 @@ impl Reseed {
             },
             _ => return Err(self.unsupported(&container)),
         };
-        let len = dims.iter().product();
         Ok(Some(self.uniform(len, 1.0 / (fan_in.max(1) as f32).sqrt())))
     }
+}
+
+/// Natural log of a positive finite `x` from `+ - * /` only: `x = m * 2^e` with `m` in
+/// `[sqrt(1/2), sqrt(2))`, then `ln m = 2 atanh(t)`, `t = (m - 1) / (m + 1)`, `|t| < 0.172`, whose
+/// series converges below f64 precision in 16 terms.
+fn ln_exact_ops(x: f64) -> f64 {
+    const LN_2: f64 = std::f64::consts::LN_2;
+    let bits = x.to_bits();
+    let mut exponent = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    let mut m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    if m > std::f64::consts::SQRT_2 {
+        m /= 2.0;
+        exponent += 1;
+    }
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let mut term = t;
+    let mut sum = 0.0;
+    for k in 0..16 {
+        sum += term / (2 * k + 1) as f64;
+        term *= t2;
+    }
+    exponent as f64 * LN_2 + 2.0 * sum
 }
 
 impl<B: Backend> ModuleMapper<B> for Reseed {
@@ -434,10 +497,44 @@ mod tests {
 
     #[test]
     fn reseed_refuses_unknown_modules() {
-        let linear = burn::nn::LinearConfig::new(3, 2).init::<Cpu>(&Default::default());
-        let err = reseed(linear, 0).unwrap_err();
+        let embedding = burn::nn::EmbeddingConfig::new(3, 2).init::<Cpu>(&Default::default());
+        let err = reseed(embedding, 0).unwrap_err();
         assert!(matches!(err, ParamsError::UnsupportedModule { .. }), "{err}");
-        assert!(err.to_string().contains("Linear"), "{err}");
+        assert!(err.to_string().contains("Embedding"), "{err}");
+    }
+
+    #[test]
+    fn ln_from_basic_ops_matches_libm() {
+        for x in [1e-300, 1e-9, 0.01, 0.5, 0.72, 1.0, 1.5, 2.0, 10.0, 1e12] {
+            let (got, want) = (ln_exact_ops(x), x.ln());
+            assert!(
+                (got - want).abs() <= 4.0 * f64::EPSILON * want.abs().max(1.0),
+                "ln({x}): {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn linear_and_bias_table_rules() {
+        let device = Default::default();
+        // Linear: U(+-1/sqrt(in)) for weight and bias, in = 64 (burn's weight is [in, out]).
+        let linear = burn::nn::LinearConfig::new(64, 500).init::<Cpu>(&device);
+        let linear = reseed(linear, 4).unwrap();
+        for values in [to_f32(linear.weight.val()), to_f32(linear.bias.unwrap().val())] {
+            let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(max <= 0.125 && max > 0.12, "{max}");
+        }
+        // Bias table: mean 0, std 0.02.
+        let attn = crate::model::swin_unetr::attention::WindowAttention::<Cpu>::new(12, 3, [7, 7, 7], &device);
+        let attn = reseed(attn, 4).unwrap();
+        let table = to_f32(attn.relative_position_bias_table.val());
+        let n = table.len() as f64;
+        let mean = table.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (table.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(
+            mean.abs() < 0.002 && (std - 0.02).abs() < 0.001,
+            "mean {mean} std {std}"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::train::cases::{CaseSource, DataPlane, StoreSource};
 use crate::train::checkpoint::{
     CheckpointError, CheckpointManager, LoopState, Optim, Restored, decode_parts, encode_parts,
 };
-use crate::train::eval::{EvalReport, evaluate};
+use crate::train::eval::{EvalError, EvalReport, HeldOut};
 use crate::train::feed::{BatchBuilder, Feed, FeedConfig, Substitute};
 use crate::train::loss::bce_dice_loss;
 use crate::train::order::{SampleOrder, rank_slice};
@@ -63,6 +63,18 @@ pub enum TrainError {
     Memory(#[from] crate::train::memory::MemoryError),
     #[error("stopped by the coordinator: {0}")]
     Stopped(String),
+    #[error("evaluation: {0}")]
+    Eval(EvalError),
+}
+
+impl From<EvalError> for TrainError {
+    fn from(e: EvalError) -> Self {
+        match e {
+            EvalError::Collective(CollectiveError::Aborted { reason }) => TrainError::Stopped(reason),
+            EvalError::Link(e) => TrainError::Link(e),
+            e => TrainError::Eval(e),
+        }
+    }
 }
 
 /// How a finished run ended on this rank.
@@ -130,7 +142,14 @@ pub fn train_rank<B: AutodiffBackend>(
     let order = Arc::new(SampleOrder::new(cases.train.clone(), spec.seed));
     let patch = t.patch.map(|p| p as usize);
     let batch = per_rank as usize;
-    let evaluating = rank == 0 && t.eval && !cases.eval.is_empty();
+    // Every rank evaluates its share of the held-out cases.
+    let evaluating = t.eval && !cases.eval.is_empty();
+    let held_out = HeldOut::from_spec(&spec, rank, world, per_rank).map_err(EvalError::from)?;
+    if let Some(bad) = held_out.window.roi.iter().find(|&&side| side % multiple != 0) {
+        return Err(TrainError::Assignment(format!(
+            "train.eval_window side {bad} is not a multiple of {multiple}, which the model needs"
+        )));
+    }
 
     // The feed starts before the first evaluation, so its prefetch overlaps it.
     let substitute: Substitute = {
@@ -159,32 +178,27 @@ pub fn train_rank<B: AutodiffBackend>(
     let eval_at = |model: &Backbone<B>,
                    step: u64,
                    link: &mut RunLink,
+                   ring: &mut Ring,
                    bad_cases: &mut BadCases|
      -> Result<EvalReport, TrainError> {
-        let started = Instant::now();
-        // Mapped from the node's cache, held only for this evaluation. A bad held-out case is
-        // reported and left out: the report names how many cases it averaged.
-        let mut held: Vec<Arc<CaseVolume>> = Vec::with_capacity(cases.eval.len());
-        for id in &cases.eval {
+        // This rank's share, mapped from the node's cache, held only for this evaluation. A bad
+        // held-out case is reported and left out: the report names how many cases it averaged.
+        let mine = held_out.my_cases(&cases.eval);
+        let mut held: Vec<Arc<CaseVolume>> = Vec::with_capacity(mine.len());
+        for id in mine {
             match source.volume(id) {
                 Ok((vol, _)) => held.push(vol),
                 Err(e) if e.is_case_fault() => bad_cases.report(link, id, &e),
                 Err(e) => return Err(e.into()),
             }
         }
-        link.metric(step, "eval/cases", held.len() as f64);
         let vols: Vec<&CaseVolume> = held.iter().map(Arc::as_ref).collect();
-        let report = evaluate(&model.valid(), &vols, multiple, &device);
-        for (name, value) in report.metrics() {
-            link.metric(step, &name, value);
-        }
-        link.metric(step, "eval/seconds", started.elapsed().as_secs_f64());
-        link.flush()?;
-        Ok(report)
+        let model = model.valid();
+        Ok(held_out.run(|x| model.forward(x), &vols, step, ring, link, &device)?)
     };
     // A resumed run has done this already.
     let eval_before = if evaluating && start_step == 0 {
-        Some(eval_at(&model, 0, link, &mut bad_cases)?)
+        Some(eval_at(&model, 0, link, ring, &mut bad_cases)?)
     } else {
         None
     };
@@ -263,19 +277,26 @@ pub fn train_rank<B: AutodiffBackend>(
         if done.is_multiple_of(t.metrics_every) || done.is_multiple_of(t.checksum_every) || last {
             link.flush()?;
         }
+        // Periodic evaluation; each one's checkpoint carries its mean Dice, so the coordinator
+        // can mark and keep the best.
+        let dice = if evaluating && !last && t.eval_every > 0 && done.is_multiple_of(t.eval_every) {
+            Some(eval_at(&model, done, link, ring, &mut bad_cases)?.mean())
+        } else {
+            None
+        };
         let periodic = t.checkpoint_every > 0 && done.is_multiple_of(t.checkpoint_every);
         // A pause is honoured at the next boundary with a checkpoint, which the coordinator
         // turns into Paused when it commits it.
-        if rank == 0 && !last && (periodic || link.pause_requested()) {
+        if rank == 0 && !last && (periodic || dice.is_some() || link.pause_requested()) {
             let files = link.block_on(checkpoints.save(&model, &optim, &state))?;
-            link.commit_checkpoint(done, files, false, None)?;
+            link.commit_checkpoint(done, files, false, dice)?;
         }
     }
 
     drop(feed);
     let weights_sha256 = params::weights_checksum(&model);
     let eval_after = if evaluating && start_step < t.steps {
-        Some(eval_at(&model, t.steps, link, &mut bad_cases)?)
+        Some(eval_at(&model, t.steps, link, ring, &mut bad_cases)?)
     } else {
         None
     };

@@ -1,0 +1,222 @@
+use super::*;
+use crate::backend::{Cpu, CpuTrain};
+use burn::tensor::TensorData;
+
+/// PyTorch's count for MONAI 1.6.1 `SwinUNETR(in_channels=1, out_channels=25, feature_size=48)`
+/// (tools/fixtures/swinunetr.py prints it).
+const SUPREM_PARAMS: usize = 62_187_835;
+/// Same at feature_size 12.
+const TINY_PARAMS: usize = 4_078_363;
+
+fn random_input(dims: [usize; 5], seed: u64) -> Tensor<Cpu, 5> {
+    use rand_chacha::ChaCha8Rng;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let len = dims.iter().product();
+    let values: Vec<f32> = (0..len)
+        .map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5)
+        .collect();
+    Tensor::from_data(TensorData::new(values, dims), &Default::default())
+}
+
+fn max_abs_diff<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn param_counts_match_monai() {
+    let device = Default::default();
+    assert_eq!(
+        SwinUnetrConfig::suprem().init::<Cpu>(&device).num_params(),
+        SUPREM_PARAMS
+    );
+    assert_eq!(SwinUnetrConfig::tiny().init::<Cpu>(&device).num_params(), TINY_PARAMS);
+}
+
+#[test]
+fn stages_cover_every_parameter_with_monai_shapes() {
+    let model = SwinUnetrConfig::tiny().init::<Cpu>(&Default::default());
+    let rows = model.stages([2, 1, 96, 96, 64]);
+    assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), TINY_PARAMS);
+    let find = |name: &str| rows.iter().find(|r| r.name == name).unwrap().output.clone();
+    assert_eq!(find("swinViT.patch_embed"), vec![2, 12, 48, 48, 32]);
+    assert_eq!(find("swinViT.layers4"), vec![2, 192, 3, 3, 2]);
+    assert_eq!(find("encoder10"), vec![2, 192, 3, 3, 2]);
+    assert_eq!(find("decoder5"), vec![2, 96, 6, 6, 4]);
+    assert_eq!(find("out"), vec![2, 25, 96, 96, 64]);
+    assert_eq!(rows.len(), 1 + 4 + 5 + 5 + 1);
+}
+
+#[test]
+fn validation_names_the_field() {
+    for (config, field) in [
+        (SwinUnetrConfig::new().with_feature_size(16), "feature_size"),
+        (SwinUnetrConfig::new().with_feature_size(0), "feature_size"),
+        (SwinUnetrConfig::new().with_num_heads([3, 6, 12, 7]), "num_heads"),
+        (SwinUnetrConfig::new().with_num_heads([0, 6, 12, 24]), "num_heads"),
+        (SwinUnetrConfig::new().with_depths([2, 0, 2, 2]), "depths"),
+        (SwinUnetrConfig::new().with_window_size(0), "window_size"),
+        (SwinUnetrConfig::new().with_patch_size(4), "patch_size"),
+        (SwinUnetrConfig::new().with_in_channels(0), "in_channels"),
+        (SwinUnetrConfig::new().with_out_channels(0), "out_channels"),
+    ] {
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.to_string().contains(field));
+    }
+    assert_eq!(SwinUnetrConfig::suprem().validate(), Ok(()));
+    assert_eq!(SwinUnetrConfig::tiny().validate(), Ok(()));
+    assert_eq!(SwinUnetrConfig::tiny().size_multiple(), 32);
+}
+
+#[test]
+fn bad_input_shape_is_reported() {
+    let model = SwinUnetrConfig::tiny().init::<Cpu>(&Default::default());
+    assert!(model.check_input_shape([1, 1, 32, 64, 96]).is_ok());
+    assert!(model.check_input_shape([1, 1, 48, 32, 32]).unwrap_err().contains("32"));
+    assert!(
+        model
+            .check_input_shape([1, 2, 32, 32, 32])
+            .unwrap_err()
+            .contains("channels")
+    );
+}
+
+#[test]
+fn torch_paths_rename_only_the_encoder_root() {
+    let path = SwinUnetrConfig::torch_module_path;
+    assert_eq!(
+        path("swin_vit.layers1.0.blocks.1.attn.qkv").as_deref(),
+        Some("swinViT.layers1.0.blocks.1.attn.qkv")
+    );
+    assert_eq!(
+        path("decoder5.conv_block.conv3.conv").as_deref(),
+        Some("decoder5.conv_block.conv3.conv")
+    );
+    assert_eq!(path("swin_vitx").as_deref(), Some("swin_vitx"));
+}
+
+/// Small enough for a debug-free unit test, deep enough for shifted windows with masks.
+fn small() -> SwinUnetrConfig {
+    SwinUnetrConfig::tiny()
+        .with_out_channels(2)
+        .with_num_heads([2, 2, 4, 4])
+}
+
+#[test]
+fn batch_elements_are_independent() {
+    // Masks and windows are laid out per sample; a batch must equal its samples run alone.
+    let model = crate::train::params::reseed(small().init::<Cpu>(&Default::default()), 5).unwrap();
+    let x = random_input([2, 1, 32, 32, 32], 1);
+    let both = model.forward(x.clone());
+    assert_eq!(both.dims(), [2, 2, 32, 32, 32]);
+    for b in 0..2 {
+        let alone = model.forward(x.clone().narrow(0, b, 1));
+        let diff = max_abs_diff(alone, both.clone().narrow(0, b, 1));
+        assert!(diff < 1e-4, "sample {b}: {diff}");
+    }
+}
+
+#[test]
+fn reseed_covers_the_whole_model() {
+    let device = Default::default();
+    let a = crate::train::params::reseed(small().init::<Cpu>(&device), 3).unwrap();
+    let b = crate::train::params::reseed(small().init::<Cpu>(&device), 3).unwrap();
+    assert_eq!(
+        crate::train::params::weights_checksum(&a),
+        crate::train::params::weights_checksum(&b)
+    );
+    // The index buffer is not a weight: reseeding leaves it MONAI's.
+    let index = a.swin_vit.layers1[0].blocks[0].attn.relative_position_index.val();
+    let expected = attention::relative_position_index([7, 7, 7]);
+    assert_eq!(index.into_data().convert::<i64>().into_vec::<i64>().unwrap(), expected);
+}
+
+fn fixture_tensor(path: &std::path::Path, key: &str) -> Tensor<Cpu, 5> {
+    let reader = burn_store::pytorch::PytorchReader::new(path).unwrap();
+    let data = reader
+        .get(key)
+        .unwrap_or_else(|| panic!("no `{key}` in {path:?}"))
+        .to_data()
+        .unwrap();
+    Tensor::from_data(data.convert::<f32>(), &Default::default())
+}
+
+#[test]
+fn matches_monai_output() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/swinunetr_tiny.pth");
+    use crate::model::interop::{TorchStateDict, load_torch_state_dict};
+    use crate::model::{Backbone, ModelConfig};
+    let config = ModelConfig::SwinUnetr(small());
+    let dict = TorchStateDict::read_pth(&path).unwrap();
+    let (model, report) = load_torch_state_dict(config.init::<Cpu>(&Default::default()), &config, &dict).unwrap();
+    // Every MONAI tensor lands somewhere, relative_position_index included.
+    assert_eq!(
+        (report.loaded, report.unused.len()),
+        (dict.len(), 0),
+        "{:?}",
+        report.unused
+    );
+    let Backbone::SwinUnetr(model) = model else {
+        panic!("built a Swin UNETR")
+    };
+    let x = fixture_tensor(&path, "input");
+    let expected = fixture_tensor(&path, "output");
+    let got = model.forward(x);
+    assert_eq!(got.dims(), expected.dims());
+    let diff = max_abs_diff(got, expected);
+    println!("swinunetr parity vs MONAI: max abs diff {diff:e}");
+    assert!(diff <= 1e-4, "max abs diff {diff}");
+}
+
+/// Forward + backward + AdamW of the tiny preset at 32^3. Prints step times; run with
+/// `--ignored --nocapture` to measure.
+#[test]
+#[ignore = "timing measurement"]
+fn tiny_train_step_time() {
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    let device = Default::default();
+    // SWIN_STEP_SHAPE=DxHxW picks another crop (PyTorch refuses 32^3 in training: its
+    // InstanceNorm rejects the 1^3 bottleneck).
+    let spatial: Vec<usize> = std::env::var("SWIN_STEP_SHAPE")
+        .unwrap_or_else(|_| "32x32x32".into())
+        .split('x')
+        .map(|s| s.parse().expect("SWIN_STEP_SHAPE is DxHxW"))
+        .collect();
+    for batch in [1, 2] {
+        let mut model: SwinUnetr<CpuTrain> =
+            crate::train::params::reseed(SwinUnetrConfig::tiny().init(&device), 1).unwrap();
+        let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
+        let x = Tensor::<CpuTrain, 5>::from_inner(random_input([batch, 1, spatial[0], spatial[1], spatial[2]], 2));
+        let mut times = Vec::new();
+        for _ in 0..4 {
+            let start = std::time::Instant::now();
+            let loss = model.forward(x.clone()).powi_scalar(2).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-4, model, grads);
+            let _ = model.swin_vit.patch_embed.proj.weight.val().into_data();
+            times.push(start.elapsed().as_secs_f64());
+        }
+        println!("tiny swinunetr batch {batch} {spatial:?} step times (s): {times:.3?}");
+    }
+}
+
+#[test]
+fn export_has_monai_keys_and_shapes() {
+    use crate::model::ModelConfig;
+    use crate::model::interop::{TorchStateDict, torch_state_dict};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/swinunetr_tiny.pth");
+    let dict = TorchStateDict::read_pth(&path).unwrap();
+    let config = ModelConfig::SwinUnetr(small());
+    let exported = torch_state_dict(&config.init::<Cpu>(&Default::default()), &config);
+    let mut monai: Vec<&str> = dict.keys().collect();
+    monai.sort();
+    assert_eq!(exported.keys().map(String::as_str).collect::<Vec<_>>(), monai);
+    let index = &exported["swinViT.layers2.0.blocks.1.attn.relative_position_index"];
+    assert_eq!(index.shape.to_vec(), vec![343, 343]);
+    assert_eq!(index.dtype, burn::tensor::DType::I64);
+    assert_eq!(
+        exported["swinViT.layers1.0.blocks.0.attn.qkv.weight"].shape.to_vec(),
+        vec![36, 12]
+    );
+}
