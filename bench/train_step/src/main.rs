@@ -157,7 +157,10 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     report::print_tables(&points);
-    println!("{}", report::result_line(&points, &KNOWN_ARCHS, *threads.last().expect("one count")));
+    println!(
+        "{}",
+        report::result_line(&points, &KNOWN_ARCHS, *threads.last().expect("one count"))
+    );
     Ok(())
 }
 

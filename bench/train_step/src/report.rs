@@ -23,7 +23,13 @@ pub fn ratio(point: &Point) -> Option<f64> {
     Some(point.ours.median_ms() / torch.median_ms())
 }
 
-pub fn progress_line(arch: &str, patch: usize, threads: usize, ours: &StepReport, torch: Option<&StepReport>) -> String {
+pub fn progress_line(
+    arch: &str,
+    patch: usize,
+    threads: usize,
+    ours: &StepReport,
+    torch: Option<&StepReport>,
+) -> String {
     let mut line = format!(
         "{arch} {patch}^3 T={threads}: ours {} ms, PyTorch {}",
         ms(Some(ours)),
@@ -62,7 +68,11 @@ pub fn print_tables(points: &[Point]) {
             ms(p.torch.as_ref()),
             ratio(p).map_or("-".into(), |r| format!("{r:.2}x"))
         );
-        if let Some(t) = p.torch.as_ref().filter(|t| t.error.is_none() && t.params != p.ours.params) {
+        if let Some(t) = p
+            .torch
+            .as_ref()
+            .filter(|t| t.error.is_none() && t.params != p.ours.params)
+        {
             println!(
                 "  note: the architectures differ ({} parameters ours, {} PyTorch's)",
                 p.ours.params, t.params
@@ -77,7 +87,9 @@ pub fn print_tables(points: &[Point]) {
     );
     for p in points {
         for (side, r) in [("ours", Some(&p.ours)), ("PyTorch", p.torch.as_ref())] {
-            let Some(r) = r.filter(|r| r.error.is_none()) else { continue };
+            let Some(r) = r.filter(|r| r.error.is_none()) else {
+                continue;
+            };
             println!(
                 "{:<10} {:>3} {:<8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
                 p.arch, p.threads, side, r.forward_ms, r.loss_ms, r.backward_ms, r.optim_ms, r.peak_rss_mib

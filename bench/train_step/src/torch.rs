@@ -24,7 +24,10 @@ pub fn python(given: Option<PathBuf>, venv: Option<PathBuf>, quick: bool) -> any
         return Ok(Some(python));
     }
     if quick {
-        println!("PyTorch side skipped: no --python given and no venv at {}", venv.display());
+        println!(
+            "PyTorch side skipped: no --python given and no venv at {}",
+            venv.display()
+        );
         return Ok(None);
     }
     println!(
@@ -88,7 +91,14 @@ pub fn run(
         .arg(script_dir.join("train_step.py"))
         .args(["--arch", spec.arch()])
         .args(width_args(spec))
-        .args(["--patch", &patch.to_string(), "--batch", &batch.to_string(), "--threads", &t])
+        .args([
+            "--patch",
+            &patch.to_string(),
+            "--batch",
+            &batch.to_string(),
+            "--threads",
+            &t,
+        ])
         .args(["--warmup", &warmup.to_string(), "--steps", &steps.to_string()])
         .env("OMP_NUM_THREADS", &t)
         .env("MKL_NUM_THREADS", &t)

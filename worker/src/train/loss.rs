@@ -253,7 +253,10 @@ mod tests {
         let loss = bce_dice_loss(x.clone(), tensor(f32s(&targets), shape));
         let expected = reference_loss(&logits, &targets, shape);
         let got = loss.parts().total as f64;
-        println!("loss {got} vs reference {expected}: diff {:.2e}", (got - expected).abs());
+        println!(
+            "loss {got} vs reference {expected}: diff {:.2e}",
+            (got - expected).abs()
+        );
         assert!((got - expected).abs() < 1e-5 * expected.max(1.0), "{got} vs {expected}");
 
         let grads = loss.total.backward();
@@ -265,7 +268,8 @@ mod tests {
             plus[i] += step;
             let mut minus = logits.clone();
             minus[i] -= step;
-            let numeric = (reference_loss(&plus, &targets, shape) - reference_loss(&minus, &targets, shape)) / (2.0 * step);
+            let numeric =
+                (reference_loss(&plus, &targets, shape) - reference_loss(&minus, &targets, shape)) / (2.0 * step);
             worst = worst.max((numeric - grad[i] as f64).abs());
         }
         println!("max abs gradient diff against central differences: {worst:.2e}");

@@ -118,7 +118,11 @@ fn unet_counts(w: u64, depth: u32, voxels: &dyn Fn(u32) -> u64) -> Counts {
             params += conv3(6 * c, 2 * c) + conv3(2 * c, 2 * c) + 8 * c;
         }
     }
-    let im2col = if depth > 1 { 27 * 6 * w * voxels(0) } else { 27 * w * voxels(0) };
+    let im2col = if depth > 1 {
+        27 * 6 * w * voxels(0)
+    } else {
+        27 * w * voxels(0)
+    };
     Counts {
         kept,
         im2col,
@@ -459,7 +463,10 @@ mod tests {
                 preset.name(),
                 estimate.total() >> 20
             );
-            assert!(estimate.total() > measured, "{arch} {preset:?} {side} {batch}: {estimate:?}");
+            assert!(
+                estimate.total() > measured,
+                "{arch} {preset:?} {side} {batch}: {estimate:?}"
+            );
             assert!(ratio < 2.0, "{arch} {preset:?} {side} {batch}: {ratio:.2}x");
         }
     }
