@@ -25,6 +25,8 @@ pub enum ProbeError {
     Dataset { url: String, message: String },
     #[error("field `artifacts.url` (`{url}`): {message}")]
     Artifacts { url: String, message: String },
+    #[error("field `model.init_from` (`{url}`): {message}")]
+    InitFrom { url: String, message: String },
 }
 
 /// The dataset location must be an existing, listable directory, or a bucket prefix with at least
@@ -90,6 +92,52 @@ pub async fn probe_artifacts(url: &str) -> Result<(), ProbeError> {
         .map_err(|e| fail(with_hint(url, e)))
 }
 
+/// The model a run starts from must be there: a directory holding the model blob (an import's
+/// output or a run's checkpoint prefix). An imported one says which architecture it holds, which
+/// must be the run's; a run checkpoint does not, and the worker checks its layout instead.
+pub async fn probe_init_from(url: &str, arch: &str) -> Result<(), ProbeError> {
+    use protocol::model_dir::{MANIFEST_FILE, MODEL_FILE, ModelManifest};
+    let fail = |message: String| ProbeError::InitFrom {
+        url: url.to_string(),
+        message,
+    };
+    // `store_from_url` would create a missing local directory.
+    if let StoreUrl::Local(dir) = StoreUrl::parse(url).map_err(|e| fail(e.to_string()))?
+        && !dir.is_dir()
+    {
+        return Err(fail(format!("directory {} does not exist", dir.display())));
+    }
+    let (store, root) = data::store_from_url(url).map_err(|e| fail(e.to_string()))?;
+    let key = |name: &str| ObjectPath::from(format!("{root}/{name}").trim_start_matches('/'));
+    match bounded(url, store.head(&key(MODEL_FILE))).await.map_err(&fail)? {
+        Ok(_) => {}
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(fail(format!(
+                "no {MODEL_FILE} there (expected a directory written by `coordinator model import`, \
+                 or a run's checkpoint prefix)"
+            )));
+        }
+        Err(e) => return Err(fail(with_hint(url, format!("cannot read {MODEL_FILE}: {e}")))),
+    }
+    let manifest = match bounded(url, async { store.get(&key(MANIFEST_FILE)).await?.bytes().await })
+        .await
+        .map_err(&fail)?
+    {
+        Ok(bytes) => bytes,
+        Err(object_store::Error::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(fail(with_hint(url, format!("cannot read {MANIFEST_FILE}: {e}")))),
+    };
+    let manifest: ModelManifest =
+        serde_json::from_slice(&manifest).map_err(|e| fail(format!("{MANIFEST_FILE} is not a model manifest: {e}")))?;
+    if manifest.arch != arch {
+        return Err(fail(format!(
+            "it holds a `{}` model ({MANIFEST_FILE}), the spec's model.arch is `{arch}`",
+            manifest.arch
+        )));
+    }
+    Ok(())
+}
+
 async fn write_and_delete(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), String> {
     store
         .put(key, PutPayload::from_static(b"voxelfleet write probe\n"))
@@ -153,6 +201,34 @@ mod tests {
             .unwrap();
         // The probe leaves nothing behind but the directory the workers would create anyway.
         assert_eq!(std::fs::read_dir(&artifacts).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn init_from_must_hold_a_model_of_the_runs_arch() {
+        use protocol::model_dir::{MANIFEST_FILE, MODEL_FILE};
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("m").display().to_string();
+        let err = probe_init_from(&url, "unet").await.unwrap_err().to_string();
+        assert!(
+            err.contains("model.init_from") && err.contains("does not exist"),
+            "{err}"
+        );
+        assert!(!dir.path().join("m").exists(), "probing never creates it");
+        std::fs::create_dir(dir.path().join("m")).unwrap();
+        let err = probe_init_from(&url, "unet").await.unwrap_err().to_string();
+        assert!(err.contains("model.init_from") && err.contains("no model.bin"), "{err}");
+        // A run's checkpoint prefix: no manifest, accepted (the worker checks the layout).
+        std::fs::write(dir.path().join("m").join(MODEL_FILE), b"VFMODEL1").unwrap();
+        probe_init_from(&url, "unet").await.unwrap();
+        let manifest = serde_json::json!({
+            "format": 1, "arch": "segresnet", "model": {"arch": "segresnet"}, "out_channels": 25,
+            "params": 1, "weights_sha256": "x", "loaded": 1, "unused": [], "created_unix_ms": 0,
+            "source": {"file": "a.pth", "sha256": "y", "bytes": 3},
+        });
+        std::fs::write(dir.path().join("m").join(MANIFEST_FILE), manifest.to_string()).unwrap();
+        probe_init_from(&format!("file://{url}"), "segresnet").await.unwrap();
+        let err = probe_init_from(&url, "unet").await.unwrap_err().to_string();
+        assert!(err.contains("`segresnet`") && err.contains("`unet`"), "{err}");
     }
 
     #[tokio::test]

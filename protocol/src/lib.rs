@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod classes;
 pub mod ids;
+pub mod model_dir;
 pub mod model_spec;
 pub mod spec;
 pub mod telemetry;

@@ -132,6 +132,15 @@ impl ModelSpec {
         .filter(|s| !s.trim().is_empty())
     }
 
+    /// The `init_from` field itself, for the CLI to make a relative local path absolute.
+    pub fn init_from_mut(&mut self) -> &mut Option<String> {
+        match self {
+            ModelSpec::Unet(s) => &mut s.init_from,
+            ModelSpec::Segresnet(s) => &mut s.init_from,
+            ModelSpec::Swinunetr(s) => &mut s.init_from,
+        }
+    }
+
     /// Every spatial side of a training patch (and of an evaluation window) must be a multiple of
     /// this: the product of the backbone's downsampling factors.
     pub fn size_multiple(&self) -> u32 {

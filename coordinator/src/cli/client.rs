@@ -33,11 +33,15 @@ pub async fn connect_with(endpoint: &str, token: &SharedToken) -> anyhow::Result
     Ok(ControlServiceClient::new(token.channel(channel)))
 }
 
-/// Makes local dataset/artifact paths absolute, so the coordinator and workers (which may run
+/// Makes local dataset/artifact/`model.init_from` paths absolute, so the coordinator and workers (which may run
 /// elsewhere in the file system) read what the user meant.
 pub fn absolutize_local_urls(spec: &mut RunSpec) -> anyhow::Result<()> {
     let cwd = std::env::current_dir()?;
-    for url in [&mut spec.dataset.url, &mut spec.artifacts.url] {
+    let init_from = spec.model.init_from_mut().as_mut();
+    for url in [&mut spec.dataset.url, &mut spec.artifacts.url]
+        .into_iter()
+        .chain(init_from)
+    {
         // An empty URL is a spec that names its dataset by `dataset.name`.
         if !url.is_empty() && !url.contains("://") && Path::new(url.as_str()).is_relative() {
             *url = super::spec_files::under_cwd(&cwd, url);

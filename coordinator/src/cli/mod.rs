@@ -8,6 +8,7 @@ mod datasets;
 mod demo;
 mod inspect;
 mod lifecycle;
+mod model;
 mod output;
 mod remote;
 mod serve;
@@ -63,8 +64,8 @@ enum Command {
     /// SIGINT) it flushes the store and tells workers it will be back; they keep training and
     /// reattach, and the next process on the same --data-dir adopts their runs.
     Serve(serve::ServeArgs),
-    /// Submit a run from a TOML spec (see configs/). Relative local paths in `dataset.url` and
-    /// `artifacts.url` are resolved against the current directory.
+    /// Submit a run from a TOML spec (see configs/). Relative local paths in `dataset.url`,
+    /// `artifacts.url` and `model.init_from` are resolved against the current directory.
     Submit {
         /// Run spec file.
         spec: PathBuf,
@@ -172,6 +173,11 @@ enum Command {
     /// Dataset tools.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Model tools: `model info ARCH` (parameters and stages), `model import FILE.pth --arch A
+    /// --out DIR` (PyTorch weights a run starts from with `model.init_from`), `model export
+    /// RUN[@STEP] --out FILE.safetensors` (a run's weights under PyTorch's key names).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Run the whole path on this machine: synthesise a dataset if needed, start a coordinator
     /// and two worker processes, pre-train the tiny U-Net, and print held-out Dice before and
     /// after training. State goes under --dir.
@@ -351,6 +357,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             remote,
         } => lifecycle::resume(&remote, &run, world_size).await,
         Command::Checkpoints { run, remote } => lifecycle::checkpoints(&remote, &run).await,
+        Command::Model(command) => model::run(command).await,
         Command::Dataset(DatasetCommand::Synth {
             cases,
             out,

@@ -159,6 +159,13 @@ impl Coordinator {
                 .await
                 .map_err(|e| rejected(e.to_string()))?;
         }
+        if let Some(url) = spec.model.init_from()
+            && checked.probed.insert(format!("init_from {} {url}", spec.model.arch()))
+        {
+            crate::probe::probe_init_from(url, spec.model.arch())
+                .await
+                .map_err(|e| rejected(e.to_string()))?;
+        }
         let key = (spec.dataset.url.clone(), spec.dataset.order_seed);
         if !checked.manifests.contains_key(&key) {
             let found = manifest::freeze(&self.store, &dataset, key.1)?;

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod eval;
 pub mod feed;
+pub mod init_from;
 pub mod loss;
 pub mod memory;
 pub mod order;

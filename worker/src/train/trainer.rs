@@ -28,6 +28,7 @@ use crate::train::checkpoint::{
 };
 use crate::train::eval::{EvalError, EvalReport, HeldOut};
 use crate::train::feed::{BatchBuilder, Feed, FeedConfig, Substitute};
+use crate::train::init_from;
 use crate::train::loss::bce_dice_loss;
 use crate::train::order::{SampleOrder, rank_slice};
 use crate::train::params::{self, ParamsError};
@@ -52,6 +53,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("cannot resume: {0}")]
     Resume(CheckpointError),
+    #[error("{0}")]
+    InitFrom(#[from] crate::train::init_from::InitFromError),
     #[error("lost a ring peer after step {step}; holding the state for live recovery: {source}")]
     PeerLostHolding { step: u64, source: CollectiveError },
     #[error("coordinator: {0}")]
@@ -137,6 +140,12 @@ pub fn train_rank<B: AutodiffBackend>(
         (model, optim, state) = (m, o, s);
         state.rescale(world, per_rank);
         tracing::info!(run = %assignment.run_id, rank, step = state.step, samples = state.samples_consumed, "resumed from checkpoint");
+    } else if let Some(url) = spec.model.init_from() {
+        let source = link.block_on(init_from::fetch(url))?;
+        model = init_from::apply(&source, model, &config, &device)?;
+        // Step 0's checksum: the coordinator checks every rank loaded the same weights.
+        link.checksum(0, params::weights_checksum(&model));
+        tracing::info!(run = %assignment.run_id, rank, %url, "initialised from model.init_from");
     }
     let start_step = state.step;
     let order = Arc::new(SampleOrder::new(cases.train.clone(), spec.seed));
