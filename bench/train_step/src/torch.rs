@@ -1,0 +1,110 @@
+//! The PyTorch side: which interpreter runs it, and one `train_step.py` run per point.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use protocol::spec::ModelSpec;
+
+use crate::burn_step::StepReport;
+
+/// The interpreter for the PyTorch side: `--python` / `BENCH_TRAIN_STEP_PYTHON` as given, else
+/// the venv (created with setup_venv.sh unless it already imports torch and MONAI). In quick
+/// mode nothing is created: without a given Python, PyTorch is skipped.
+pub fn python(given: Option<PathBuf>, venv: Option<PathBuf>, quick: bool) -> anyhow::Result<Option<PathBuf>> {
+    if let Some(python) = given {
+        if !imports(&python, "torch, monai") {
+            bail!("{} cannot import torch and monai", python.display());
+        }
+        return Ok(Some(python));
+    }
+    let venv = venv.unwrap_or_else(default_venv);
+    let python = venv.join("bin").join("python");
+    if imports(&python, "torch, monai") {
+        return Ok(Some(python));
+    }
+    if quick {
+        println!(
+            "PyTorch side skipped: no --python given and no venv at {}",
+            venv.display()
+        );
+        return Ok(None);
+    }
+    println!(
+        "creating the PyTorch venv {} with setup_venv.sh (torch CPU + MONAI from PyPI; a few minutes, ~4 GB)",
+        venv.display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("setup_venv.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .arg(&venv)
+        .status()
+        .context("running setup_venv.sh")?;
+    if !status.success() || !imports(&python, "torch, monai") {
+        bail!("setup_venv.sh did not produce a venv that imports torch and MONAI ({status})");
+    }
+    Ok(Some(python))
+}
+
+fn default_venv() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/voxelfleet/bench-train-step/venv")
+}
+
+fn imports(python: &Path, modules: &str) -> bool {
+    Command::new(python)
+        .args(["-c", &format!("import {modules}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The width arguments that build `spec`'s architecture in `train_step.py`.
+fn width_args(spec: &ModelSpec) -> Vec<String> {
+    match spec {
+        ModelSpec::Unet(u) => vec![
+            "--width".into(),
+            u.resolved_base_width().to_string(),
+            "--depth".into(),
+            u.resolved_depth().to_string(),
+        ],
+        ModelSpec::Segresnet(s) => vec!["--width".into(), s.resolved_init_filters().to_string()],
+        ModelSpec::Swinunetr(s) => vec!["--width".into(), s.resolved_feature_size().to_string()],
+    }
+}
+
+/// One `train_step.py` run with `threads` torch threads.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    python: &Path,
+    script_dir: &Path,
+    spec: &ModelSpec,
+    patch: usize,
+    batch: usize,
+    threads: usize,
+    warmup: usize,
+    steps: usize,
+) -> StepReport {
+    let t = threads.to_string();
+    let output = Command::new(python)
+        .arg(script_dir.join("train_step.py"))
+        .args(["--arch", spec.arch()])
+        .args(width_args(spec))
+        .args([
+            "--patch",
+            &patch.to_string(),
+            "--batch",
+            &batch.to_string(),
+            "--threads",
+            &t,
+        ])
+        .args(["--warmup", &warmup.to_string(), "--steps", &steps.to_string()])
+        .env("OMP_NUM_THREADS", &t)
+        .env("MKL_NUM_THREADS", &t)
+        .output();
+    match output {
+        Ok(out) => crate::parse_report(&out.stdout, &out.stderr, out.status.success()),
+        Err(err) => StepReport::failed(format!("starting {}: {err}", python.display())),
+    }
+}
