@@ -203,6 +203,23 @@ impl ModelConfig {
     }
 }
 
+/// Why a backbone taking `in_channels` channels, every side a multiple of `size_multiple`, would
+/// reject an input of shape `dims`.
+pub(crate) fn check_input(dims: [usize; 5], in_channels: usize, size_multiple: usize) -> Result<(), String> {
+    let [_, channels, d, h, w] = dims;
+    if channels != in_channels {
+        return Err(format!(
+            "input has {channels} channels, the model expects {in_channels}"
+        ));
+    }
+    if [d, h, w].iter().any(|&s| s == 0 || s % size_multiple != 0) {
+        return Err(format!(
+            "spatial dims {d}x{h}x{w} must be positive multiples of {size_multiple}"
+        ));
+    }
+    Ok(())
+}
+
 /// Parameter count of any module, as PyTorch counts it: every float parameter, but not
 /// BatchNorm's running statistics (buffers in PyTorch, `RunningState` in burn, which burn's own
 /// `num_params` includes).

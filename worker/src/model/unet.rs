@@ -225,20 +225,7 @@ pub struct UNet<B: Backend> {
 impl<B: Backend> UNet<B> {
     /// Why `forward` would reject an input of this shape, if it would.
     pub fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String> {
-        let [_, channels, d, h, w] = dims;
-        if channels != self.in_channels {
-            return Err(format!(
-                "input has {channels} channels, the model expects {}",
-                self.in_channels
-            ));
-        }
-        if [d, h, w].iter().any(|&s| s == 0 || s % self.size_multiple != 0) {
-            return Err(format!(
-                "spatial dims {d}x{h}x{w} must be positive multiples of {}",
-                self.size_multiple
-            ));
-        }
-        Ok(())
+        super::check_input(dims, self.in_channels, self.size_multiple)
     }
 
     /// `[N, C_in, D, H, W]` -> logits `[N, C_out, D, H, W]`.

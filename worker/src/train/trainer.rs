@@ -218,6 +218,8 @@ pub fn train_rank<B: AutodiffBackend>(
             return Err(TrainError::Stopped(reason));
         }
         let started = Instant::now();
+        // The forward pass moves BatchNorm's running statistics; a step lost to a peer must not.
+        let buffers_before = params::buffer_values(&model);
         let samples = rank_slice(state.samples_consumed, rank, per_rank);
         let ready = feed
             .next_batch()
@@ -241,9 +243,11 @@ pub fn train_rank<B: AutodiffBackend>(
         let mut flat = params::exchange_buffer(&model, &grads, rank == 0);
         match link.block_on(ring.all_reduce_sum(&mut flat)) {
             Err(CollectiveError::Aborted { reason }) => return Err(TrainError::Stopped(reason)),
-            // This rank's weights and optimiser are untouched by the failed step: keep them for
-            // the re-formed ring, so the run loses only the step in flight.
+            // This rank's weights and optimiser are untouched by the failed step, and its
+            // BatchNorm statistics go back to where the step found them: keep that state for the
+            // re-formed ring, so the run loses only the step in flight.
             Err(e) if e.is_peer_loss() => {
+                let model = params::restore_buffers(model, &buffers_before);
                 let parts = encode_parts(&model, &optim, &state)?;
                 ring.hub().hold_state(HeldState::new(
                     assignment.run_id.clone(),

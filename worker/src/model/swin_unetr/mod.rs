@@ -217,20 +217,7 @@ impl<B: Backend> Segmenter<B> for SwinUnetr<B> {
     }
 
     fn check_input_shape(&self, dims: [usize; 5]) -> Result<(), String> {
-        let [_, channels, d, h, w] = dims;
-        if channels != self.in_channels {
-            return Err(format!(
-                "input has {channels} channels, the model expects {}",
-                self.in_channels
-            ));
-        }
-        if [d, h, w].iter().any(|&s| s == 0 || s % self.size_multiple != 0) {
-            return Err(format!(
-                "spatial dims {d}x{h}x{w} must be positive multiples of {}",
-                self.size_multiple
-            ));
-        }
-        Ok(())
+        crate::model::check_input(dims, self.in_channels, self.size_multiple)
     }
 
     fn stages(&self, input: [usize; 5]) -> Vec<StageSummary> {
