@@ -251,6 +251,21 @@ pub fn param_count<B: Backend, M: Module<B>>(module: &M) -> usize {
     count.total
 }
 
+/// Tensor `key` of a PyTorch fixture, as f32 (the parity fixtures store fp16 weights and fp32
+/// inputs and outputs alike).
+#[cfg(test)]
+pub(crate) fn fixture_tensor<B: Backend, const D: usize>(
+    reader: &burn_store::pytorch::PytorchReader,
+    key: &str,
+) -> Tensor<B, D> {
+    let data = reader
+        .get(key)
+        .unwrap_or_else(|| panic!("the fixture has no `{key}`"))
+        .to_data()
+        .unwrap_or_else(|e| panic!("fixture tensor `{key}`: {e:?}"));
+    Tensor::from_data(data.convert::<f32>(), &Default::default())
+}
+
 /// A small U-Net for unit tests that need some backbone, not a particular one.
 #[cfg(test)]
 pub(crate) fn test_unet(out_channels: usize, base_width: u32, depth: u32) -> ModelConfig {

@@ -74,15 +74,6 @@ mod tests {
 
     const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/pool.pth");
 
-    fn fixture_tensor<const D: usize>(reader: &PytorchReader, key: &str) -> Tensor<CpuTrain, D> {
-        let data = reader
-            .get(key)
-            .unwrap_or_else(|| panic!("{FIXTURE} has no `{key}`"))
-            .to_data()
-            .unwrap();
-        Tensor::from_data(data.convert::<f32>(), &Default::default())
-    }
-
     fn fixture_usizes(reader: &PytorchReader, key: &str) -> [usize; 3] {
         let data = reader.get(key).unwrap().to_data().unwrap().convert::<i64>();
         let values = data.to_vec::<i64>().unwrap();
@@ -101,17 +92,17 @@ mod tests {
     fn matches_pytorch_forward_and_gradient() {
         let reader = PytorchReader::new(FIXTURE).unwrap();
         for case in ["k2s2", "k3s2", "k213s132"] {
-            let x = fixture_tensor::<5>(&reader, &format!("{case}.x")).require_grad();
+            let x = crate::model::fixture_tensor::<CpuTrain, 5>(&reader, &format!("{case}.x")).require_grad();
             let kernel = fixture_usizes(&reader, &format!("{case}.kernel"));
             let stride = fixture_usizes(&reader, &format!("{case}.stride"));
             let out = max_pool3d(x.clone(), kernel, stride);
-            let expected = fixture_tensor::<5>(&reader, &format!("{case}.out"));
+            let expected = crate::model::fixture_tensor::<CpuTrain, 5>(&reader, &format!("{case}.out"));
             let forward_diff = max_abs_diff(out.clone(), expected);
 
-            let upstream = fixture_tensor::<5>(&reader, &format!("{case}.upstream"));
+            let upstream = crate::model::fixture_tensor::<CpuTrain, 5>(&reader, &format!("{case}.upstream"));
             let grads = out.mul(upstream).sum().backward();
             let grad = x.grad(&grads).expect("input gradient");
-            let expected_grad = fixture_tensor::<5>(&reader, &format!("{case}.grad")).inner();
+            let expected_grad = crate::model::fixture_tensor::<CpuTrain, 5>(&reader, &format!("{case}.grad")).inner();
             let grad_diff = max_abs_diff(grad, expected_grad);
             println!(
                 "{case}: kernel {kernel:?} stride {stride:?}: max abs diff forward {forward_diff:e}, gradient {grad_diff:e}"

@@ -4,7 +4,7 @@
 use super::*;
 use crate::backend::{Cpu, CpuTrain};
 use crate::model::interop::{TorchStateDict, load_torch_state_dict, torch_state_dict};
-use crate::model::{Backbone, ModelConfig};
+use crate::model::{Backbone, ModelConfig, fixture_tensor};
 use burn::module::AutodiffModule;
 use burn::tensor::TensorData;
 use burn_store::pytorch::PytorchReader;
@@ -165,15 +165,6 @@ fn load_fixture_as<B: Backend>(config: ModelConfig) -> UNet<B> {
         unreachable!("a U-Net config builds a U-Net")
     };
     unet
-}
-
-fn fixture_tensor<B: Backend, const D: usize>(reader: &PytorchReader, key: &str) -> Tensor<B, D> {
-    let data = reader
-        .get(key)
-        .unwrap_or_else(|| panic!("{FIXTURE} has no `{key}`"))
-        .to_data()
-        .unwrap();
-    Tensor::from_data(data.convert::<f32>(), &Default::default())
 }
 
 fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {

@@ -175,11 +175,6 @@ fn seeded_init_has_a_rule_for_every_module() {
         .assert_eq(&b.forward(x).into_data(), true);
 }
 
-fn fixture_tensor(reader: &PytorchReader, key: &str) -> Tensor<Cpu, 5> {
-    let data = reader.get(key).expect(key).to_data().expect("tensor data");
-    Tensor::from_data(data.convert::<f32>(), &Default::default())
-}
-
 #[test]
 fn matches_monai_output_from_a_ddp_checkpoint() {
     use crate::model::interop::{TorchStateDict, load_torch_state_dict};
@@ -200,8 +195,8 @@ fn matches_monai_output_from_a_ddp_checkpoint() {
     };
 
     let reader = PytorchReader::new(FIXTURE).expect("read fixture");
-    let want = fixture_tensor(&reader, "output");
-    let got = model.forward(fixture_tensor(&reader, "input"));
+    let want = crate::model::fixture_tensor::<Cpu, 5>(&reader, "output");
+    let got = model.forward(crate::model::fixture_tensor::<Cpu, 5>(&reader, "input"));
     assert_eq!(got.dims(), want.dims());
     let diff = (got - want).abs().max().into_scalar();
     println!("SegResNet vs MONAI: max abs diff {diff:.3e}");
