@@ -14,7 +14,7 @@ fn configs_dir() -> PathBuf {
 /// What one config file is: a sweep has `[axes]`; anything else must be a run spec.
 #[derive(Debug)]
 enum Config {
-    Run(RunSpec),
+    Run(Box<RunSpec>),
     Sweep(usize),
 }
 
@@ -36,7 +36,7 @@ fn check(path: &Path) -> Result<Config, String> {
     }
     let spec = RunSpec::from_toml(&text, &name).map_err(|e| e.to_string())?;
     case_list_exists(&spec, dir, &name)?;
-    Ok(Config::Run(spec))
+    Ok(Config::Run(Box::new(spec)))
 }
 
 /// A `dataset.case_list` is read by the CLI next to the spec; a missing one fails the submit.
