@@ -19,12 +19,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use protocol::telemetry::LogFormat;
 
 /// voxelfleet coordinator: schedules supervised pre-training of 3D CT segmentation backbones
 /// (SuPreM-style) across data-parallel workers, and keeps runs, checkpoints and metrics in sled.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
+    /// Log lines on stderr: `text` (coloured only on a terminal) or `json` (one object a line,
+    /// for log collectors). The level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = protocol::telemetry::LOG_FORMAT_ENV, default_value = "text",
+          value_parser = parse_log_format)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -280,6 +286,10 @@ enum DatasetCommand {
     },
 }
 
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    s.parse()
+}
+
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
     let parts: Vec<usize> = s
         .split(',')
@@ -303,7 +313,7 @@ fn quiet_logs(command: &Command) -> bool {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    protocol::telemetry::init(if quiet_logs(&cli.command) { "warn" } else { "info" });
+    protocol::telemetry::init(if quiet_logs(&cli.command) { "warn" } else { "info" }, cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
