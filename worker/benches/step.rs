@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{Distribution, Tensor};
 use protocol::spec::{ModelSpec, Preset};
 use worker::backend::CpuTrain;
@@ -44,7 +44,7 @@ fn main() {
 
     let device = Default::default();
     let mut model = config.init_seeded::<CpuTrain>(&device, 0).expect("seeded init");
-    let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
+    let mut optim = worker::train::optimizer::adamw(1e-5).init();
     let params = param_count(&model);
     let x = Tensor::<CpuTrain, 5>::random([batch, 1, patch, patch, patch], Distribution::Normal(0.0, 1.0), &device);
     let y = Tensor::<CpuTrain, 5>::random(

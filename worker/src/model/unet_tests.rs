@@ -263,12 +263,10 @@ fn export_reproduces_the_pytorch_state_dict() {
 #[test]
 #[ignore = "timing measurement"]
 fn tiny_step_time() {
-    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use burn::optim::{GradientsParams, Optimizer};
     let device = Default::default();
     let mut model = tiny().init::<CpuTrain>(&device);
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(1e-5)
-        .init::<CpuTrain, UNet<CpuTrain>>();
+    let mut optim = crate::train::optimizer::adamw(1e-5).init::<CpuTrain, UNet<CpuTrain>>();
     let x = Tensor::<CpuTrain, 5>::random(
         [2, 1, 32, 32, 32],
         burn::tensor::Distribution::Normal(0.0, 1.0),

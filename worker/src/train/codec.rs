@@ -187,7 +187,7 @@ mod tests {
     use crate::model::{Backbone, ModelConfig, test_unet};
     use crate::train::loss::bce_dice_loss;
     use crate::train::params::weights_checksum;
-    use burn::optim::{AdamW, AdamWConfig, GradientsParams};
+    use burn::optim::{AdamW, GradientsParams};
     use burn::tensor::TensorData;
 
     fn small() -> ModelConfig {
@@ -243,7 +243,7 @@ mod tests {
     fn optimizer_round_trip_resumes_exactly() {
         let device = Default::default();
         let config = small();
-        let adamw = AdamWConfig::new().with_weight_decay(1e-5);
+        let adamw = crate::train::optimizer::adamw(1e-5);
         let mut optim: Optim = adamw.init();
         let mut model = config.init_seeded::<CpuTrain>(&device, 5).unwrap();
         for seed in 0..2 {
@@ -272,7 +272,7 @@ mod tests {
     #[test]
     fn optimizer_state_for_other_params_is_refused() {
         let device = Default::default();
-        let adamw = AdamWConfig::new();
+        let adamw = crate::train::optimizer::adamw(0.0);
         let mut optim: Optim = adamw.init();
         let model = step(small().init::<CpuTrain>(&device), &mut optim, 0);
         let bytes = optimizer_to_bytes(&optim).unwrap();

@@ -273,7 +273,7 @@ mod tests {
         let device = Default::default();
         let model = test_unet(2, 4, 2).init::<CpuTrain>(&device);
         let optim: crate::train::checkpoint::Optim<CpuTrain, Backbone<CpuTrain>> =
-            burn::optim::AdamWConfig::new().init();
+            crate::train::optimizer::adamw(1e-5).init();
         let state = crate::train::checkpoint::LoopState::fresh(1, 1, 1);
         let parts = crate::train::checkpoint::encode_parts(&model, &optim, &state).unwrap();
         let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();

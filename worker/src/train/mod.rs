@@ -10,6 +10,7 @@ pub mod feed;
 pub mod init_from;
 pub mod loss;
 pub mod memory;
+pub mod optimizer;
 pub mod order;
 pub mod params;
 pub mod schedule;

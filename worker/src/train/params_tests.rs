@@ -3,7 +3,9 @@ use super::*;
 use crate::backend::{Cpu, CpuTrain};
 use crate::model::{Backbone, ModelConfig, test_unet};
 use crate::train::loss::bce_dice_loss;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::Optimizer;
+
+use crate::train::optimizer::adamw;
 
 fn small() -> ModelConfig {
     test_unet(3, 4, 2)
@@ -181,9 +183,7 @@ fn averaged_gradients_keep_ranks_identical() {
     let config = small();
     // Separate inits, as separate processes would do them (their ParamIds differ).
     let mut ranks: Vec<Backbone<CpuTrain>> = (0..2).map(|_| config.init_seeded(&device, 42).unwrap()).collect();
-    let mut optims: Vec<_> = (0..2)
-        .map(|_| AdamWConfig::new().with_weight_decay(1e-5).init())
-        .collect();
+    let mut optims: Vec<_> = (0..2).map(|_| adamw(1e-5).init()).collect();
     for step in 0..3u64 {
         let flats: Vec<Vec<f32>> = ranks
             .iter()
@@ -263,7 +263,7 @@ fn batch_norm_buffers_are_broadcast_from_rank_zero() {
     let device = Default::default();
     let init = || reseed(ConvNorm::<CpuTrain>::new(&device), 5).unwrap();
     let mut ranks = vec![init(), init()];
-    let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+    let mut optims: Vec<_> = (0..2).map(|_| adamw(1e-5).init()).collect();
     for step in 0..4 {
         two_rank_step(&mut ranks, &mut optims, step, true);
         assert_eq!(weights_checksum(&ranks[0]), weights_checksum(&ranks[1]), "step {step}");
@@ -276,7 +276,7 @@ fn batch_norm_buffers_are_broadcast_from_rank_zero() {
     // Every rank ends a step with rank 0's statistics: after the first step (identical
     // weights before it), rank 1 holds what rank 0's batch alone gives.
     let mut first = vec![init(), init()];
-    let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+    let mut optims: Vec<_> = (0..2).map(|_| adamw(1e-5).init()).collect();
     let lone = init();
     let (x, _) = batch(0);
     drop(lone.norm.forward(lone.conv.forward(x)));
@@ -285,7 +285,7 @@ fn batch_norm_buffers_are_broadcast_from_rank_zero() {
 
     // Without the broadcast the ranks drift apart at once: the test above can fail.
     let mut drifting = vec![init(), init()];
-    let mut optims: Vec<_> = (0..2).map(|_| AdamWConfig::new().init()).collect();
+    let mut optims: Vec<_> = (0..2).map(|_| adamw(1e-5).init()).collect();
     two_rank_step(&mut drifting, &mut optims, 0, false);
     two_rank_step(&mut drifting, &mut optims, 1, false);
     assert_ne!(weights_checksum(&drifting[0]), weights_checksum(&drifting[1]));

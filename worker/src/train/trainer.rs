@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use protocol::classes::NUM_CLASSES;
@@ -30,6 +30,7 @@ use crate::train::eval::{EvalError, EvalReport, HeldOut};
 use crate::train::feed::{BatchBuilder, Feed, FeedConfig, Substitute};
 use crate::train::init_from;
 use crate::train::loss::bce_dice_loss;
+use crate::train::optimizer;
 use crate::train::order::{SampleOrder, rank_slice};
 use crate::train::params::{self, ParamsError};
 use crate::train::schedule::warmup_cosine;
@@ -112,9 +113,7 @@ pub fn train_rank<B: AutodiffBackend>(
     let config = model_config(&spec)?;
     let multiple = config.size_multiple();
     let mut model: Backbone<B> = config.init_seeded(&device, spec.seed)?;
-    let mut optim: Optim<B, Backbone<B>> = AdamWConfig::new()
-        .with_weight_decay(t.weight_decay as f32)
-        .init::<B, Backbone<B>>();
+    let mut optim: Optim<B, Backbone<B>> = optimizer::adamw(t.weight_decay).init::<B, Backbone<B>>();
     let (store, root) = data::store_from_url(&spec.dataset.url)?;
     let source: Arc<dyn CaseSource> = Arc::new(StoreSource::new(
         store,

@@ -208,10 +208,10 @@ fn matches_monai_output_from_a_ddp_checkpoint() {
 #[test]
 #[ignore = "timing, run by hand"]
 fn tiny_train_step_time() {
-    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use burn::optim::{GradientsParams, Optimizer};
     let device = Default::default();
     let mut model = tiny().init::<CpuTrain>(&device);
-    let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
+    let mut optim = crate::train::optimizer::adamw(1e-5).init();
     let x = Tensor::<CpuTrain, 5>::random([2, 1, 32, 32, 32], burn::tensor::Distribution::Default, &device);
     let y = Tensor::<CpuTrain, 5>::random([2, 25, 32, 32, 32], burn::tensor::Distribution::Default, &device)
         .greater_elem(0.5)
