@@ -190,7 +190,7 @@ fn matches_monai_output() {
 #[test]
 #[ignore = "timing measurement"]
 fn tiny_train_step_time() {
-    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use burn::optim::{GradientsParams, Optimizer};
     let device = Default::default();
     // SWIN_STEP_SHAPE=DxHxW picks another crop (PyTorch refuses 32^3 in training: its
     // InstanceNorm rejects the 1^3 bottleneck).
@@ -202,7 +202,7 @@ fn tiny_train_step_time() {
     for batch in [1, 2] {
         let mut model: SwinUnetr<CpuTrain> =
             crate::train::params::reseed(SwinUnetrConfig::tiny().init(&device), 1).unwrap();
-        let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
+        let mut optim = crate::train::optimizer::adamw(1e-5).init();
         let x = Tensor::<CpuTrain, 5>::from_inner(random_input([batch, 1, spatial[0], spatial[1], spatial[2]], 2));
         let mut times = Vec::new();
         for _ in 0..4 {
@@ -234,5 +234,78 @@ fn export_has_monai_keys_and_shapes() {
     assert_eq!(
         exported["swinViT.layers1.0.blocks.0.attn.qkv.weight"].shape.to_vec(),
         vec![36, 12]
+    );
+}
+
+/// The backward pass against MONAI's: the L2 norm of every parameter's gradient of
+/// `sum(output * sin(0.37 i))` from the fixture's weights and input. Forward parity alone would
+/// miss a wrong gradient in a custom op (window partition, masks, the bias-table gather).
+#[test]
+fn gradients_match_monai() {
+    use crate::backend::CpuTrain;
+    use crate::model::interop::{TorchStateDict, load_torch_state_dict, torch_state_dict};
+    use crate::model::{Backbone, ModelConfig};
+    use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+    use burn::tensor::backend::AutodiffBackend;
+
+    /// Replaces every float param with its gradient, so that the export's PyTorch names apply.
+    struct ToGradient(<CpuTrain as AutodiffBackend>::Gradients);
+    impl ModuleMapper<CpuTrain> for ToGradient {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<CpuTrain, D>>) -> Param<Tensor<CpuTrain, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let grad = tensor.grad(&self.0).expect("every parameter reaches the output");
+            Param::from_mapped_value(id, Tensor::from_inner(grad), mapper)
+        }
+    }
+
+    let path = fixture_path();
+    let config = ModelConfig::SwinUnetr(small());
+    let dict = TorchStateDict::read_pth(&path).unwrap();
+    let (model, _) = load_torch_state_dict(config.init::<CpuTrain>(&Default::default()), &config, &dict).unwrap();
+    let y = model.forward(Tensor::from_inner(fixture_tensor(&path, "input")));
+    let pattern: Vec<f32> = (0..y.shape().num_elements())
+        .map(|i| (0.37 * i as f64).sin() as f32)
+        .collect();
+    let pattern = Tensor::<CpuTrain, 1>::from_floats(pattern.as_slice(), &Default::default()).reshape(y.dims());
+    let gradients: Backbone<CpuTrain> = model.map(&mut ToGradient((y * pattern).sum().backward()));
+    // Sorted PyTorch keys, as the fixture lists them; the int relative_position_index is no param.
+    let ours: Vec<(String, f64)> = torch_state_dict(&gradients.valid(), &config)
+        .into_iter()
+        .filter(|(_, data)| data.dtype == burn::tensor::DType::F32)
+        .map(|(key, data)| {
+            let norm = data
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&g| (g as f64).powi(2))
+                .sum::<f64>();
+            (key, norm.sqrt())
+        })
+        .collect();
+    let reader = burn_store::pytorch::PytorchReader::new(&path).unwrap();
+    let monai: Vec<f64> = reader
+        .get("grad_norms")
+        .expect("grad_norms")
+        .to_data()
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    assert_eq!(ours.len(), monai.len(), "one gradient norm per MONAI parameter");
+    let mut worst = (0.0f64, String::new());
+    for ((key, norm), expected) in ours.iter().zip(&monai) {
+        let relative = (norm - expected).abs() / expected.max(1e-12);
+        if relative > worst.0 {
+            worst = (relative, key.clone());
+        }
+    }
+    println!(
+        "swinunetr gradients vs MONAI: worst relative difference of a norm {:e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= 1e-3,
+        "gradient of {} differs from MONAI's by {:e}",
+        worst.1,
+        worst.0
     );
 }
