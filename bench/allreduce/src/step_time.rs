@@ -68,7 +68,17 @@ pub fn run(args: &StepArgs, quick: bool) -> anyhow::Result<()> {
     }
     let bin = coordinator_bin(args.coordinator_bin.as_deref())?;
     let scratch = tempfile::Builder::new().prefix("bench-step-time").tempdir()?;
-    let dir = scratch.path();
+    // Kept from the start, so a failed run leaves its worker logs behind too.
+    let (_scratch, kept) = if args.keep_dir {
+        (None, scratch.keep())
+    } else {
+        let path = scratch.path().to_path_buf();
+        (Some(scratch), path)
+    };
+    let dir = kept.as_path();
+    if args.keep_dir {
+        println!("scratch directory (kept): {}", dir.display());
+    }
     println!(
         "bench-allreduce --step-time: demo model (configs/demo.toml), {steps} steps per run, first {skip} left out, \
          {} kernel thread(s) per worker; coordinator {}",
@@ -79,11 +89,14 @@ pub fn run(args: &StepArgs, quick: bool) -> anyhow::Result<()> {
     data::write_phantom_dataset(&dir.join("dataset"), &data::SynthOptions::default())
         .context("synthesising the demo phantoms")?;
     let token = format!("bench-step-time-{}-{}", std::process::id(), unix_nanos());
-    let cluster = Cluster::start(&bin, dir, &token)?;
 
     let mut results = Vec::new();
     for world in [1u32, 2] {
+        // A fresh coordinator per run: one that still lists the previous run's exited worker
+        // as idle would put it in the next ring until its heartbeats are missed.
+        let cluster = Cluster::start(&bin, dir, &format!("db-{world}w"), &token)?;
         let times = cluster.time_run(world, steps, skip, args)?;
+        drop(cluster);
         println!(
             "{world} worker(s): step {:.3} s (per rank {:?}), data wait per step {:?} s",
             times.mean(),
@@ -92,11 +105,7 @@ pub fn run(args: &StepArgs, quick: bool) -> anyhow::Result<()> {
         );
         results.push(times);
     }
-    drop(cluster);
     println!("load average at end: {}", crate::load_average());
-    if args.keep_dir {
-        println!("scratch directory kept: {}", scratch.keep().display());
-    }
     let (one, two) = (results[0].mean(), results[1].mean());
     println!();
     println!("step time, demo model, batch 1 per worker: 1 worker {one:.3} s, 2 workers {two:.3} s");
@@ -124,10 +133,10 @@ impl Drop for Cluster<'_> {
 }
 
 impl<'a> Cluster<'a> {
-    fn start(bin: &'a Path, dir: &'a Path, token: &'a str) -> anyhow::Result<Self> {
+    fn start(bin: &'a Path, dir: &'a Path, db: &str, token: &'a str) -> anyhow::Result<Self> {
         let mut serve = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("db"))
+            .arg(dir.join(db))
             .env(TOKEN_ENV, token)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -213,6 +222,10 @@ impl<'a> Cluster<'a> {
                     detail["run"]["message"],
                     logs.display()
                 ),
+                _ if workers.all_exited() => bail!(
+                    "run {run_id} at {world} worker(s) is {state} but its workers have exited: {}",
+                    log_tail(&logs.join(format!("{world}w-worker-0.log")))
+                ),
                 _ if started.elapsed() > deadline => {
                     bail!("run {run_id} at {world} worker(s) still {state} after {deadline:?}")
                 }
@@ -236,6 +249,10 @@ impl<'a> Cluster<'a> {
 struct Workers(Vec<Child>);
 
 impl Workers {
+    fn all_exited(&mut self) -> bool {
+        self.0.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     /// Gives the workers (`--max-runs 1`) a moment to exit on their own.
     fn wait(&mut self, within: Duration) {
         let until = Instant::now() + within;
@@ -252,6 +269,17 @@ impl Drop for Workers {
             let _ = c.wait();
         }
     }
+}
+
+/// The last lines of a worker's log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    format!(
+        "{}: {}",
+        path.display(),
+        lines[lines.len().saturating_sub(3)..].join(" | ")
+    )
 }
 
 /// configs/demo.toml at `world` workers and `steps` steps, with its data and store under `dir`;
