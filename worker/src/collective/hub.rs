@@ -342,6 +342,8 @@ pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::i
         let served = tonic::transport::Server::builder()
             .initial_stream_window_size(super::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(super::STREAM_WINDOW_BYTES)
+            // Links send 1 MiB chunks client to server: 16 KiB frames would cut each into 64.
+            .max_frame_size(Some(super::MAX_FRAME_BYTES))
             .add_service(service)
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await;

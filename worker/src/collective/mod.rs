@@ -24,6 +24,9 @@ use thiserror::Error;
 /// chunks a rank keeps in flight (`RingOptions::chunks_in_flight` of up to 1 MiB).
 const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 
+/// Largest HTTP/2 frame a hub accepts (the protocol's default is 16 KiB).
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 impl CollectiveError {
     /// The neighbour whose link closed or could not be opened: most likely a dead process. A
     /// timeout names no one, since the silent rank may itself be waiting on another.
