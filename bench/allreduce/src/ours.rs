@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use protocol::auth::SharedToken;
-use worker::collective::{Ring, serve_collective};
+use worker::collective::{Ring, RingOptions, WireFormat, serve_collective};
 
 use crate::plan::SizePlan;
 
-/// How the ring is formed: the knobs `Ring::connect_with` takes once the bucketed ring lands.
+/// How the ring is formed: the knobs of `RingOptions` the benchmark exposes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RingKnobs {
     pub timeout: Duration,
@@ -55,10 +55,17 @@ async fn connect(
     peers: &[String],
     knobs: &RingKnobs,
 ) -> anyhow::Result<Ring> {
-    if knobs.streams.is_some() || knobs.bucket_mb.is_some() || knobs.bf16 {
-        bail!("--streams, --bucket-mb and --wire need Ring::connect_with, which this build's ring does not have yet");
+    let mut options = RingOptions::new(knobs.timeout);
+    if let Some(streams) = knobs.streams {
+        options.streams = streams.max(1);
     }
-    Ring::connect(hub, "bench-allreduce", rank, peers, knobs.timeout)
+    if let Some(mb) = knobs.bucket_mb {
+        options.bucket_bytes = ((mb * (1 << 20) as f64) as usize).max(4);
+    }
+    if knobs.bf16 {
+        options.wire = WireFormat::Bf16;
+    }
+    Ring::connect_with(hub, "bench-allreduce", rank, peers, options)
         .await
         .with_context(|| format!("rank {rank}: forming the ring over {peers:?}"))
 }
@@ -85,6 +92,10 @@ pub fn rank_main(world: usize, plan: &[SizePlan], knobs: RingKnobs) -> anyhow::R
             say(&format!("TIME {} {seconds:.9}", p.mib));
         }
         say(&format!("RSS {}", peak_rss_kib()));
+        // Stay up until the parent has every rank's report (it then closes stdin): leaving now
+        // could cut a neighbour off from the last chunks still in flight from this rank.
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await??;
+        drop(ring);
         Ok(())
     })
 }

@@ -5,7 +5,9 @@
 //!   with `PEERS <rank> <addr0>,<addr1>,...` on its stdin once all have bound (gloo finds its
 //!   peers through its own rendezvous instead);
 //! - `TIME <mib> <seconds>` — the rank's mean seconds per timed all-reduce of that size;
-//! - `RSS <kib>` — the rank's peak resident memory, last.
+//! - `RSS <kib>` — the rank's peak resident memory, last. The parent then closes every rank's
+//!   stdin, and ours exit only at that EOF: a rank that finished its last all-reduce must not
+//!   tear down its links while a neighbour still receives the final chunks from it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -52,8 +54,8 @@ pub fn combine(reports: &[RankReport]) -> BTreeMap<usize, Measured> {
     out
 }
 
-/// Reads a rank's protocol lines (after any `ADDR`) into its report; other lines are echoed,
-/// since a Python side may print warnings there.
+/// Reads a rank's protocol lines (after any `ADDR`) into its report, up to its `RSS` line or the
+/// end of its output; other lines are echoed, since a Python side may print warnings there.
 pub fn parse_report(rank: usize, lines: impl Iterator<Item = String>) -> anyhow::Result<RankReport> {
     let mut report = RankReport::default();
     for line in lines {
@@ -75,6 +77,7 @@ pub fn parse_report(rank: usize, lines: impl Iterator<Item = String>) -> anyhow:
                     .next()
                     .and_then(|k| k.parse().ok())
                     .with_context(|| format!("rank {rank}: bad RSS line {line:?}"))?;
+                break;
             }
             _ => println!("  rank {rank}: {line}"),
         }
@@ -130,14 +133,21 @@ pub fn run_group(commands: Vec<Command>, exchange_addresses: bool) -> anyhow::Re
             writeln!(stdin, "PEERS {rank} {peers}").with_context(|| format!("sending rank {rank} its peers"))?;
         }
     }
-    // Closing stdin tells nothing to a rank that reads no more; it just releases the pipe.
+    let mut reports = Vec::with_capacity(world);
+    let mut rest = Vec::with_capacity(world);
+    for (rank, out) in outputs.into_iter().enumerate() {
+        let mut lines = out.lines().map_while(Result::ok);
+        reports.push(parse_report(rank, &mut lines)?);
+        rest.push(lines);
+    }
+    // Every rank has reported: now they may go.
     for child in &mut group.0 {
         drop(child.stdin.take());
     }
-    let mut reports = Vec::with_capacity(world);
-    for (rank, out) in outputs.into_iter().enumerate() {
-        let lines = out.lines().map_while(Result::ok);
-        reports.push(parse_report(rank, lines)?);
+    for (rank, lines) in rest.into_iter().enumerate() {
+        for line in lines {
+            println!("  rank {rank}: {line}");
+        }
         let status = group.0[rank]
             .wait()
             .with_context(|| format!("waiting for rank {rank}"))?;
@@ -205,5 +215,27 @@ mod tests {
         };
         let reports = run_group(vec![cmd("a:1"), cmd("b:2")], true).unwrap();
         assert!(reports.iter().all(|r| r.seconds.get(&4) == Some(&0.5)));
+    }
+
+    #[test]
+    fn ranks_are_released_only_after_all_have_reported() {
+        // Each rank waits for its stdin to close after reporting, as ours do; the group must
+        // still finish, and a rank that fails after its report still fails it.
+        let cmd = |script: &str| {
+            let mut c = Command::new("sh");
+            c.args(["-c", script]);
+            c
+        };
+        let ok = run_group(
+            vec![
+                cmd("echo TIME 4 0.1; echo RSS 1; cat >/dev/null"),
+                cmd("echo RSS 1; cat >/dev/null"),
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        let err = run_group(vec![cmd("echo RSS 1; cat >/dev/null; exit 2")], false).unwrap_err();
+        assert!(err.to_string().contains("rank 0"), "{err}");
     }
 }
