@@ -465,23 +465,6 @@ fn train_on(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::advertised_address;
-
-    #[test]
-    fn advertised_address_rules() {
-        let bound = "0.0.0.0:4100".parse().unwrap();
-        assert!(advertised_address(None, bound).is_err());
-        assert_eq!(advertised_address(Some("node7"), bound).unwrap(), "node7:4100");
-        assert_eq!(advertised_address(Some("node7:5000"), bound).unwrap(), "node7:5000");
-        assert_eq!(
-            advertised_address(None, "127.0.0.1:4100".parse().unwrap()).unwrap(),
-            "127.0.0.1:4100"
-        );
-    }
-}
-
 /// The ring an assignment asks for: its attempt as the generation, `[collective]` of its spec.
 /// A spec that does not parse gets the defaults here; training reports the spec's error.
 fn ring_options(assignment: &pb::Assignment, timeout: Duration) -> RingOptions {
@@ -500,4 +483,21 @@ fn ring_options(assignment: &pb::Assignment, timeout: Duration) -> RingOptions {
         };
     }
     options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_address;
+
+    #[test]
+    fn advertised_address_rules() {
+        let bound = "0.0.0.0:4100".parse().unwrap();
+        assert!(advertised_address(None, bound).is_err());
+        assert_eq!(advertised_address(Some("node7"), bound).unwrap(), "node7:4100");
+        assert_eq!(advertised_address(Some("node7:5000"), bound).unwrap(), "node7:5000");
+        assert_eq!(
+            advertised_address(None, "127.0.0.1:4100".parse().unwrap()).unwrap(),
+            "127.0.0.1:4100"
+        );
+    }
 }

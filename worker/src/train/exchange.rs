@@ -11,7 +11,6 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::collective::{CollectiveError, Ring, bucket_bounds};
-use crate::link::RunLink;
 use crate::train::params::{self, ParamsError, is_buffer, to_f32};
 
 pub struct Exchange {
@@ -50,11 +49,11 @@ impl Exchange {
         grads: &GradientsParams,
         is_rank_zero: bool,
         ring: &mut Ring,
-        link: &RunLink,
+        runtime: &tokio::runtime::Handle,
     ) -> Result<Result<(M, GradientsParams), ParamsError>, (M, CollectiveError)> {
         let reduce = {
             // Entered so the reduce can be spawned from this (blocking) training thread.
-            let _runtime = link.runtime().enter();
+            let _runtime = runtime.enter();
             ring.start(self.bounds.clone())
         };
         let mut buckets = std::mem::take(&mut self.buckets);
@@ -72,7 +71,7 @@ impl Exchange {
             ready: |b: u32, values: Vec<f32>| reduce.submit(b, values),
         };
         model.visit(&mut visitor);
-        let summed = match link.block_on(ring.finish(reduce)) {
+        let summed = match runtime.block_on(ring.finish(reduce)) {
             Ok(summed) => summed,
             Err(e) => return Err((model, e)),
         };
@@ -127,3 +126,7 @@ impl<B: AutodiffBackend, F: FnMut(u32, Vec<f32>)> ModuleVisitor<B> for Flatten<'
         }
     }
 }
+
+#[cfg(test)]
+#[path = "exchange_tests.rs"]
+mod tests;

@@ -242,7 +242,7 @@ pub fn train_rank<B: AutodiffBackend>(
 
         let loss = bce_dice_loss(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.total.backward(), &model);
-        let (stepped, grads) = match exchange.run(model, &grads, rank == 0, ring, link) {
+        let (stepped, grads) = match exchange.run(model, &grads, rank == 0, ring, link.runtime()) {
             Ok(done) => done?,
             Err((_, CollectiveError::Aborted { reason })) => return Err(TrainError::Stopped(reason)),
             // This rank's weights and optimiser are untouched by the failed step, and its

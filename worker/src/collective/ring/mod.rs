@@ -93,8 +93,11 @@ pub fn segment_bounds(n: usize, world: usize, i: usize) -> std::ops::Range<usize
 /// [`BucketedReduce::submit`]; [`Ring::finish`] waits for it and returns the summed buckets.
 pub struct BucketedReduce {
     buckets: mpsc::UnboundedSender<(u32, Vec<f32>)>,
-    task: tokio::task::JoinHandle<(Option<Engine>, Result<Vec<Vec<f32>>, CollectiveError>)>,
+    task: tokio::task::JoinHandle<ReduceOutcome>,
 }
+
+/// The engine, back for the next operation, and the summed buckets.
+type ReduceOutcome = (Option<Engine>, Result<Vec<Vec<f32>>, CollectiveError>);
 
 impl BucketedReduce {
     /// Hands over bucket `bucket`'s values (its range of the flat buffer). A reduce that has

@@ -217,9 +217,9 @@ async fn a_peer_that_dies_mid_reduce_fails_the_others_naming_it() {
     let (hubs, peers) = hubs(3).await;
     let deadline = Duration::from_secs(20);
     let mut rings = vec![];
-    for rank in 0..3 {
+    for (rank, hub) in hubs.iter().enumerate() {
         rings.push(
-            Ring::connect_with(&hubs[rank], "run-dies", rank as u32, &peers, options(1 << 20, 2))
+            Ring::connect_with(hub, "run-dies", rank as u32, &peers, options(1 << 20, 2))
                 .await
                 .unwrap(),
         );
