@@ -23,6 +23,10 @@ pub enum SpecError {
     },
 }
 
+#[path = "collective_spec.rs"]
+mod collective_spec;
+pub use collective_spec::{COLLECTIVE_WIRES, CollectiveSpec};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
@@ -52,6 +56,9 @@ pub struct RunSpec {
     /// the two either way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// How ranks exchange gradients; absent means the defaults.
+    #[serde(default, skip_serializing_if = "CollectiveSpec::is_default")]
+    pub collective: CollectiveSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -375,6 +382,9 @@ impl RunSpec {
             return Err(invalid("artifacts.url", "must not be empty".into()));
         }
         self.preprocess
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
+        self.collective
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
         Ok(())

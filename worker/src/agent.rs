@@ -13,7 +13,7 @@ use protocol::pb::await_assignment_response::Outcome;
 use protocol::pb::worker_service_client::WorkerServiceClient;
 
 use crate::backend::DeviceSpec;
-use crate::collective::{CollectiveHub, Ring, serve_collective};
+use crate::collective::{CollectiveHub, Ring, RingOptions, WireFormat, serve_collective};
 use crate::fingerprint::numeric_fingerprint;
 use crate::link::{LinkError, RankIdentity, RunLink, StopSignal};
 use crate::manifests::{ManifestCache, RunCases};
@@ -318,9 +318,9 @@ async fn run_assignment(
     let (run_id, rank, attempt) = (assignment.run_id.clone(), assignment.rank, assignment.attempt);
     tracing::info!(run = %run_id, rank, attempt, world = assignment.world_size, resume_step = assignment.resume_step, "starting assignment");
     let timeout = Duration::from_secs(args.collective_timeout_secs);
-    // Each placement of a run gets its own ring: links of an attempt that is going away must not
-    // feed the inbox of the one replacing it.
-    let ring_id = format!("{run_id}.a{attempt}");
+    // Each placement of a run is a new ring generation: the hub refuses links and chunks of an
+    // attempt that is going away, so they never feed the ring replacing it.
+    let ring_options = ring_options(&assignment, timeout);
     // A state held for live recovery of another run is no longer wanted.
     hub.release_state_unless(&run_id);
     let identity = RankIdentity {
@@ -344,7 +344,7 @@ async fn run_assignment(
     let connected = match manifests.cases_for(client, &assignment).await {
         Err(e) => Err(TrainError::Assignment(e)),
         Ok(cases) => tokio::select! {
-            ring = Ring::connect(hub, &ring_id, rank, &assignment.peers, timeout) => {
+            ring = Ring::connect_with(hub, &run_id, rank, &assignment.peers, ring_options) => {
                 ring.map(|ring| (ring, cases)).map_err(TrainError::from)
             }
             reason = stop.wait() => Err(TrainError::Stopped(reason)),
@@ -463,6 +463,26 @@ fn train_on(
             "this worker was built without the `cuda` feature".into(),
         )),
     }
+}
+
+/// The ring an assignment asks for: its attempt as the generation, `[collective]` of its spec.
+/// A spec that does not parse gets the defaults here; training reports the spec's error.
+fn ring_options(assignment: &pb::Assignment, timeout: Duration) -> RingOptions {
+    let mut options = RingOptions {
+        generation: assignment.attempt as u64,
+        ..RingOptions::new(timeout)
+    };
+    if let Ok(spec) = protocol::spec::RunSpec::from_toml(&assignment.spec_toml, "assignment") {
+        let c = &spec.collective;
+        options.bucket_bytes = c.bucket_bytes();
+        options.streams = c.streams as usize;
+        options.wire = if c.wire == "bf16" {
+            WireFormat::Bf16
+        } else {
+            WireFormat::F32
+        };
+    }
+    options
 }
 
 #[cfg(test)]

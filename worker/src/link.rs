@@ -253,6 +253,11 @@ impl RunLink {
         }
     }
 
+    /// The runtime this link blocks on, for spawning work that runs alongside the step.
+    pub fn runtime(&self) -> &Handle {
+        &self.handle
+    }
+
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.handle.block_on(f)
     }

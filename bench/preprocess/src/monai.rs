@@ -37,41 +37,16 @@ pub struct MonaiRun {
     pub versions: String,
 }
 
-/// The venv's interpreter.
-pub fn venv_python(venv: &Path) -> PathBuf {
-    venv.join("bin").join("python")
-}
+pub use bench_pyvenv::{imports, venv_python};
 
 /// Creates the venv with `setup_venv.sh` unless its interpreter already imports MONAI.
 pub fn ensure_venv(script_dir: &Path, venv: &Path) -> anyhow::Result<PathBuf> {
-    let python = venv_python(venv);
-    if imports(&python, "monai, nibabel, torch") {
-        println!("MONAI venv: {} (reused)", venv.display());
-        return Ok(python);
-    }
-    println!(
-        "MONAI venv: creating {} with setup_venv.sh (torch, MONAI, nibabel from PyPI; a few minutes, ~4 GB)",
-        venv.display()
-    );
-    let status = Command::new("bash")
-        .arg(script_dir.join("setup_venv.sh"))
-        .arg(venv)
-        .status()
-        .context("running setup_venv.sh")?;
-    if !status.success() || !imports(&python, "monai, nibabel, torch") {
-        bail!("setup_venv.sh did not produce a venv that imports MONAI ({status})");
-    }
-    Ok(python)
-}
-
-/// Whether `python` can import `modules` (a comma-separated list).
-pub fn imports(python: &Path, modules: &str) -> bool {
-    Command::new(python)
-        .args(["-c", &format!("import {modules}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    bench_pyvenv::ensure(
+        &script_dir.join("setup_venv.sh"),
+        venv,
+        "monai, nibabel, torch",
+        "MONAI",
+    )
 }
 
 /// Runs `monai_pipeline.py` on the first `cases` cases of `data_dir` with `threads` torch/OpenMP

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use protocol::spec::ModelSpec;
 
 use crate::burn_step::StepReport;
@@ -13,51 +13,21 @@ use crate::burn_step::StepReport;
 /// mode nothing is created: without a given Python, PyTorch is skipped.
 pub fn python(given: Option<PathBuf>, venv: Option<PathBuf>, quick: bool) -> anyhow::Result<Option<PathBuf>> {
     if let Some(python) = given {
-        if !imports(&python, "torch, monai") {
+        if !bench_pyvenv::imports(&python, "torch, monai") {
             bail!("{} cannot import torch and monai", python.display());
         }
         return Ok(Some(python));
     }
-    let venv = venv.unwrap_or_else(default_venv);
-    let python = venv.join("bin").join("python");
-    if imports(&python, "torch, monai") {
-        return Ok(Some(python));
-    }
-    if quick {
+    let venv = venv.unwrap_or_else(bench_pyvenv::shared_torch_venv);
+    if quick && !bench_pyvenv::imports(&bench_pyvenv::venv_python(&venv), "torch, monai") {
         println!(
             "PyTorch side skipped: no --python given and no venv at {}",
             venv.display()
         );
         return Ok(None);
     }
-    println!(
-        "creating the PyTorch venv {} with setup_venv.sh (torch CPU + MONAI from PyPI; a few minutes, ~4 GB)",
-        venv.display()
-    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("setup_venv.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .arg(&venv)
-        .status()
-        .context("running setup_venv.sh")?;
-    if !status.success() || !imports(&python, "torch, monai") {
-        bail!("setup_venv.sh did not produce a venv that imports torch and MONAI ({status})");
-    }
-    Ok(Some(python))
-}
-
-fn default_venv() -> PathBuf {
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    home.join(".cache/voxelfleet/bench-train-step/venv")
-}
-
-fn imports(python: &Path, modules: &str) -> bool {
-    Command::new(python)
-        .args(["-c", &format!("import {modules}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    bench_pyvenv::ensure(&script, &venv, "torch, monai", "PyTorch").map(Some)
 }
 
 /// The width arguments that build `spec`'s architecture in `train_step.py`.

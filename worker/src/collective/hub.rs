@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use protocol::auth::SharedToken;
 use protocol::pb;
@@ -15,13 +17,45 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::CollectiveError;
+
 /// Chunks buffered per inbox; with 1 MiB chunks this bounds memory per run to 64 MiB.
 const INBOX_CHUNKS: usize = 64;
 
-type Inbox = (
-    mpsc::Sender<pb::CollectiveChunk>,
-    Option<mpsc::Receiver<pb::CollectiveChunk>>,
-);
+/// How long an inbox that an incoming link created waits for its local ring by default: past
+/// it, the ring never formed here (the run went elsewhere) and the buffered chunks are dropped.
+pub const UNCLAIMED_INBOX_TTL: Duration = Duration::from_secs(180);
+
+/// A run's inbox at one generation. `receiver` is `None` once a local `Ring` has claimed it.
+struct Inbox {
+    generation: u64,
+    serial: u64,
+    sender: mpsc::Sender<pb::CollectiveChunk>,
+    receiver: Option<mpsc::Receiver<pb::CollectiveChunk>>,
+    /// Set when the inbox goes away with its ring mid-operation (or never formed): incoming
+    /// links then end with an error, so the sender fails now rather than at its deadline. A
+    /// ring that finished cleanly ends them cleanly.
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Inbox {
+    fn new(generation: u64, serial: u64) -> Self {
+        let (sender, receiver) = mpsc::channel(INBOX_CHUNKS);
+        Inbox {
+            generation,
+            serial,
+            sender,
+            receiver: Some(receiver),
+            abandoned: Arc::default(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inboxes {
+    by_run: HashMap<String, Inbox>,
+    next_serial: u64,
+}
 
 /// The training state a rank kept when it lost a peer mid-step, served to the re-formed ring
 /// (live recovery). Parts are named as a checkpoint's are.
@@ -77,24 +111,106 @@ impl HeldState {
     }
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CollectiveHub {
-    inboxes: Arc<Mutex<HashMap<String, Inbox>>>,
+    inboxes: Arc<Mutex<Inboxes>>,
+    /// See [`UNCLAIMED_INBOX_TTL`].
+    unclaimed_ttl: Arc<Mutex<Duration>>,
     held: Arc<Mutex<Option<HeldState>>>,
     /// Required of incoming links and attached to the ones this worker opens.
     pub(crate) token: SharedToken,
 }
 
 impl CollectiveHub {
-    fn sender(&self, run_id: &str) -> mpsc::Sender<pb::CollectiveChunk> {
+    /// The inbox an incoming link of `run_id` at `generation` delivers to. A newer generation
+    /// replaces an older inbox (that ring is being re-formed); an older one is refused.
+    fn sender(
+        &self,
+        run_id: &str,
+        generation: u64,
+    ) -> Result<(mpsc::Sender<pb::CollectiveChunk>, Arc<AtomicBool>), Status> {
         let mut inboxes = self.inboxes.lock().expect("hub lock");
-        inboxes.entry(run_id.to_string()).or_insert_with(new_inbox).0.clone()
+        if let Some(inbox) = inboxes.by_run.get(run_id) {
+            if inbox.generation > generation {
+                return Err(Status::failed_precondition(format!(
+                    "collective link of run {run_id} is from generation {generation}, but this worker's ring is at generation {}",
+                    inbox.generation
+                )));
+            }
+            if inbox.generation == generation {
+                return Ok((inbox.sender.clone(), inbox.abandoned.clone()));
+            }
+        }
+        inboxes.next_serial += 1;
+        let serial = inboxes.next_serial;
+        let inbox = Inbox::new(generation, serial);
+        let link_end = (inbox.sender.clone(), inbox.abandoned.clone());
+        inboxes.by_run.insert(run_id.to_string(), inbox);
+        drop(inboxes);
+        self.expire_unclaimed(run_id, serial);
+        Ok(link_end)
     }
 
-    /// Takes the inbox of `run_id`; `None` if a `Ring` for this run already holds it.
-    pub(crate) fn take_receiver(&self, run_id: &str) -> Option<mpsc::Receiver<pb::CollectiveChunk>> {
+    /// Drops the inbox (and what it buffered) if no local ring has claimed it within the TTL.
+    fn expire_unclaimed(&self, run_id: &str, serial: u64) {
+        let (inboxes, ttl) = (self.inboxes.clone(), *self.unclaimed_ttl.lock().expect("hub lock"));
+        let run_id = run_id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let mut inboxes = inboxes.lock().expect("hub lock");
+            if inboxes
+                .by_run
+                .get(&run_id)
+                .is_some_and(|i| i.serial == serial && i.receiver.is_some())
+            {
+                if let Some(inbox) = inboxes.by_run.remove(&run_id) {
+                    inbox.abandoned.store(true, Ordering::SeqCst);
+                }
+                tracing::warn!(run = %run_id, "dropped a collective inbox whose ring never formed here within {ttl:?}");
+            }
+        });
+    }
+
+    /// Sets how long an inbox created by an incoming link waits for its local ring.
+    pub fn set_unclaimed_ttl(&self, ttl: Duration) {
+        *self.unclaimed_ttl.lock().expect("hub lock") = ttl;
+    }
+
+    /// Whether an inbox for `run_id` exists, claimed or not.
+    pub fn has_inbox(&self, run_id: &str) -> bool {
+        self.inboxes.lock().expect("hub lock").by_run.contains_key(run_id)
+    }
+
+    /// Claims the inbox of `run_id` at `generation` for the local ring of `rank`.
+    pub(crate) fn take_receiver(
+        &self,
+        run_id: &str,
+        generation: u64,
+        rank: u32,
+    ) -> Result<mpsc::Receiver<pb::CollectiveChunk>, CollectiveError> {
         let mut inboxes = self.inboxes.lock().expect("hub lock");
-        inboxes.entry(run_id.to_string()).or_insert_with(new_inbox).1.take()
+        let serial = inboxes.next_serial + 1;
+        let inbox = match inboxes.by_run.get_mut(run_id) {
+            Some(inbox) if inbox.generation > generation => {
+                return Err(CollectiveError::Generation {
+                    from_rank: rank,
+                    got: generation,
+                    expected: inbox.generation,
+                });
+            }
+            Some(inbox) if inbox.generation == generation => inbox,
+            _ => {
+                inboxes.next_serial = serial;
+                inboxes
+                    .by_run
+                    .insert(run_id.to_string(), Inbox::new(generation, serial));
+                inboxes.by_run.get_mut(run_id).expect("just inserted")
+            }
+        };
+        inbox.receiver.take().ok_or_else(|| CollectiveError::LinkClosed {
+            rank,
+            message: format!("run {run_id} already has a ring on this worker"),
+        })
     }
 
     /// Keeps `state` for the ranks of the re-formed ring to fetch; replaces any older one.
@@ -118,15 +234,16 @@ impl CollectiveHub {
         }
     }
 
-    /// Forgets a run's inbox once its ring is done, so a later link for it starts clean.
-    pub(crate) fn release(&self, run_id: &str) {
-        self.inboxes.lock().expect("hub lock").remove(run_id);
+    /// Forgets a run's inbox once its ring is done, so a later link for it starts clean; an
+    /// inbox of another generation (a re-formed ring's) stays. `abandoned`: the ring stopped
+    /// mid-operation, which its left neighbour must learn at once.
+    pub(crate) fn release(&self, run_id: &str, generation: u64, abandoned: bool) {
+        let mut inboxes = self.inboxes.lock().expect("hub lock");
+        if inboxes.by_run.get(run_id).is_some_and(|i| i.generation == generation) {
+            let inbox = inboxes.by_run.remove(run_id).expect("checked present");
+            inbox.abandoned.store(abandoned, Ordering::SeqCst);
+        }
     }
-}
-
-fn new_inbox() -> Inbox {
-    let (tx, rx) = mpsc::channel(INBOX_CHUNKS);
-    (tx, Some(rx))
 }
 
 type PartStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::StatePart, Status>> + Send>>;
@@ -154,14 +271,37 @@ impl Collective for CollectiveHub {
             .filter(|c| c.hello)
             .ok_or_else(|| Status::invalid_argument("a collective link must open with a hello chunk"))?;
         protocol::ids::validate_id(&hello.run_id, "run id").map_err(Status::invalid_argument)?;
-        let inbox = self.sender(&hello.run_id);
+        let (inbox, abandoned) = self.sender(&hello.run_id, hello.generation)?;
         let outcome = loop {
-            match stream.message().await {
+            let next = tokio::select! {
+                next = stream.message() => next,
+                // The inbox was dropped (its ring never formed here, or a newer generation took
+                // the run over): stop reading, so the sender learns now.
+                () = inbox.closed() => {
+                    if abandoned.load(Ordering::SeqCst) {
+                        break Err(Status::unavailable(format!("the ring of run {} here stopped mid-operation or never formed", hello.run_id)));
+                    }
+                    break Ok(());
+                }
+            };
+            match next {
                 Ok(Some(chunk)) if chunk.run_id != hello.run_id => {
                     break Err(Status::invalid_argument("a collective link carries one run only"));
                 }
+                Ok(Some(chunk)) if chunk.generation != hello.generation => {
+                    break Err(Status::failed_precondition(format!(
+                        "collective link of run {} opened at generation {} carried a chunk of generation {}",
+                        hello.run_id, hello.generation, chunk.generation
+                    )));
+                }
                 Ok(Some(chunk)) => {
                     if inbox.send(chunk).await.is_err() {
+                        if abandoned.load(Ordering::SeqCst) {
+                            break Err(Status::unavailable(format!(
+                                "the ring of run {} here stopped mid-operation or never formed",
+                                hello.run_id
+                            )));
+                        }
                         break Ok(()); // the local ring is gone (run ended); drop the rest
                     }
                 }
@@ -175,6 +315,7 @@ impl Collective for CollectiveHub {
             run_id: hello.run_id,
             from_rank: hello.from_rank,
             hello: true,
+            generation: hello.generation,
             ..Default::default()
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), inbox.send(closed)).await;
@@ -189,6 +330,7 @@ pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::i
     let addr = listener.local_addr()?;
     let hub = CollectiveHub {
         inboxes: Default::default(),
+        unclaimed_ttl: Arc::new(Mutex::new(UNCLAIMED_INBOX_TTL)),
         held: Default::default(),
         token: token.clone(),
     };
@@ -200,6 +342,8 @@ pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::i
         let served = tonic::transport::Server::builder()
             .initial_stream_window_size(super::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(super::STREAM_WINDOW_BYTES)
+            // Links send 1 MiB chunks client to server: 16 KiB frames would cut each into 64.
+            .max_frame_size(Some(super::MAX_FRAME_BYTES))
             .add_service(service)
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await;

@@ -1,23 +1,31 @@
 //! Gradient exchange between data-parallel ranks: a ring all-reduce over tonic streams.
 //!
-//! Every rank runs a `Collective` gRPC server (`hub`) and holds one long-lived, ordered stream to
+//! Every rank runs a `Collective` gRPC server (`hub`) and holds one or more long-lived streams to
 //! its right-hand neighbour (`ring`). Chunks are bounded (`protocol::MAX_CHUNK_BYTES`), every
-//! receive has a deadline, and each reduced segment is summed in one fixed order on one rank and
-//! then copied verbatim to the others, so every rank ends with bit-identical results.
+//! wait has a deadline, chunks of another ring generation are refused, and each element is
+//! summed in one fixed order on one rank and then copied verbatim to the others, so every rank
+//! ends with bit-identical results.
 
 mod hub;
 mod ring;
 mod transfer;
 
-pub use hub::{CollectiveHub, HeldState, serve_collective};
-pub use ring::{Ring, segment_bounds};
+pub use hub::{CollectiveHub, HeldState, UNCLAIMED_INBOX_TTL, serve_collective};
+pub use ring::{
+    BLOCK_VALUES, BucketedReduce, DEFAULT_BUCKET_BYTES, Ring, RingOptions, WireFormat, bucket_bounds, segment_bounds,
+    uniform_buckets,
+};
 pub use transfer::fetch_state;
 
 use thiserror::Error;
 
 /// HTTP/2 flow-control window of a ring link. The 64 KiB default allows one round trip per
-/// 64 KiB, which held a 2-rank 64 MiB all-reduce on loopback to 0.12 GB/s.
-const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// 64 KiB, which held a 2-rank 64 MiB all-reduce on loopback to 0.12 GB/s; it must exceed the
+/// chunks a rank keeps in flight (`RingOptions::chunks_in_flight` of up to 1 MiB).
+const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+
+/// Largest HTTP/2 frame a hub accepts (the protocol's default is 16 KiB).
+const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 impl CollectiveError {
     /// The neighbour whose link closed or could not be opened: most likely a dead process. A
@@ -42,26 +50,16 @@ impl CollectiveError {
 pub enum CollectiveError {
     #[error("cannot reach rank {rank} at {addr}: {message}")]
     Connect { rank: u32, addr: String, message: String },
-    #[error("collective op {op} ring step {step}: nothing from rank {from_rank} within {timeout_ms} ms")]
-    Timeout {
-        op: u64,
-        step: u32,
-        from_rank: u32,
-        timeout_ms: u128,
-    },
+    #[error("collective op {op}: nothing from rank {from_rank} within {timeout_ms} ms")]
+    Timeout { op: u64, from_rank: u32, timeout_ms: u128 },
     #[error("collective link to rank {rank} closed: {message}")]
     LinkClosed { rank: u32, message: String },
+    #[error("collective op {op} out of step: {message}")]
+    Desync { op: u64, message: String },
     #[error(
-        "collective out of step: expected op {expected_op} ring step {expected_step} at offset {expected_offset}, got op {op} ring step {step} at offset {offset}"
+        "collective chunk or link from rank {from_rank} is of ring generation {got}, this ring is at generation {expected}"
     )]
-    Desync {
-        expected_op: u64,
-        expected_step: u32,
-        expected_offset: u64,
-        op: u64,
-        step: u32,
-        offset: u64,
-    },
+    Generation { from_rank: u32, got: u64, expected: u64 },
     #[error("collective chunk of {bytes} bytes is not a whole number of f32 values or overruns its segment")]
     BadChunk { bytes: usize },
     #[error("collective aborted: {reason}")]

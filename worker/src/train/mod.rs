@@ -6,6 +6,7 @@ pub mod cases;
 pub mod checkpoint;
 pub mod codec;
 pub mod eval;
+pub mod exchange;
 pub mod feed;
 pub mod init_from;
 pub mod loss;

@@ -35,7 +35,7 @@ pub fn flat_len<B: Backend, M: Module<B>>(model: &M) -> usize {
     count.0
 }
 
-fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
+pub(crate) fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
     tensor
         .into_data()
         .convert::<f32>()
@@ -46,7 +46,7 @@ fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
 /// Whether a float tensor of an autodiff module is a buffer (BatchNorm's running statistics,
 /// burn's `RunningState`) rather than a trained parameter: buffers never require a gradient.
 /// (A frozen parameter counts as one too, which is what it should get: rank 0's value.)
-fn is_buffer<B: AutodiffBackend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
+pub(crate) fn is_buffer<B: AutodiffBackend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
     !param.val().is_require_grad()
 }
 

@@ -27,6 +27,7 @@ use crate::train::checkpoint::{
     CheckpointError, CheckpointManager, LoopState, Optim, Restored, decode_parts, encode_parts,
 };
 use crate::train::eval::{EvalError, EvalReport, HeldOut};
+use crate::train::exchange::Exchange;
 use crate::train::feed::{BatchBuilder, Feed, FeedConfig, Substitute};
 use crate::train::init_from;
 use crate::train::loss::bce_dice_loss;
@@ -212,6 +213,7 @@ pub fn train_rank<B: AutodiffBackend>(
     };
 
     let mut window = LossWindow::default();
+    let mut exchange = Exchange::new(&model, spec.collective.bucket_bytes());
     for step in start_step..t.steps {
         if let Some(reason) = link.stop.raised() {
             return Err(TrainError::Stopped(reason));
@@ -239,13 +241,13 @@ pub fn train_rank<B: AutodiffBackend>(
 
         let loss = bce_dice_loss(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.total.backward(), &model);
-        let mut flat = params::exchange_buffer(&model, &grads, rank == 0);
-        match link.block_on(ring.all_reduce_sum(&mut flat)) {
-            Err(CollectiveError::Aborted { reason }) => return Err(TrainError::Stopped(reason)),
+        let (stepped, grads) = match exchange.run(model, &grads, rank == 0, ring, link.runtime()) {
+            Ok(done) => done?,
+            Err((_, CollectiveError::Aborted { reason })) => return Err(TrainError::Stopped(reason)),
             // This rank's weights and optimiser are untouched by the failed step, and its
             // BatchNorm statistics go back to where the step found them: keep that state for the
             // re-formed ring, so the run loses only the step in flight.
-            Err(e) if e.is_peer_loss() => {
+            Err((model, e)) if e.is_peer_loss() => {
                 let model = params::restore_buffers(model, &buffers_before);
                 let parts = encode_parts(&model, &optim, &state)?;
                 ring.hub().hold_state(HeldState::new(
@@ -259,9 +261,8 @@ pub fn train_rank<B: AutodiffBackend>(
                     source: e,
                 });
             }
-            other => other?,
-        }
-        let (stepped, grads) = params::finish_exchange(model, &mut flat, world)?;
+            Err((_, e)) => return Err(e.into()),
+        };
         let lr = warmup_cosine(t.lr, step, t.warmup_steps, t.steps);
         model = optim.step(lr, stepped, grads);
         state.advance();

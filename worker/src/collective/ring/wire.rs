@@ -1,0 +1,126 @@
+//! What a chunk's bytes hold: little-endian f32 values, or bfloat16 ones when the ring sends
+//! bf16. Encoding is one pass over the slice into a fresh `Bytes` (a plain memcpy for f32), and
+//! decoding adds or copies straight from the received buffer into the caller's values: no
+//! intermediate vector in either direction.
+
+use bytes::Bytes;
+
+/// How a ring's f32 values travel. The sum is always accumulated in f32; bf16 halves the bytes
+/// on the wire at the cost of rounding each partial sum (see [`super::Ring`] for the bound).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WireFormat {
+    #[default]
+    F32,
+    Bf16,
+}
+
+// The f32 path reinterprets memory as little-endian bytes.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "the collective wire assumes a little-endian host"
+);
+
+impl WireFormat {
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            WireFormat::F32 => 4,
+            WireFormat::Bf16 => 2,
+        }
+    }
+
+    /// Values a chunk of `bytes` bytes holds, if it is a whole number of them.
+    pub(crate) fn values_in(self, bytes: usize) -> Option<usize> {
+        let per = self.bytes_per_value();
+        bytes.is_multiple_of(per).then_some(bytes / per)
+    }
+}
+
+/// `values` as they travel.
+pub(crate) fn encode(values: &[f32], wire: WireFormat) -> Bytes {
+    match wire {
+        WireFormat::F32 => Bytes::copy_from_slice(bytemuck::cast_slice(values)),
+        WireFormat::Bf16 => {
+            let mut out = vec![0u8; values.len() * 2];
+            for (dst, v) in out.chunks_exact_mut(2).zip(values) {
+                dst.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+            Bytes::from(out)
+        }
+    }
+}
+
+/// Rounds `values` to what they become after a trip through `wire`, so the rank that owns a sum
+/// keeps exactly the bits it sends to everyone else.
+pub(crate) fn round_trip(values: &mut [f32], wire: WireFormat) {
+    if wire == WireFormat::Bf16 {
+        values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+    }
+}
+
+/// `dst[i] += decoded[i]`. The caller has checked the lengths agree.
+pub(crate) fn add_into(dst: &mut [f32], bytes: &[u8], wire: WireFormat) {
+    match wire {
+        WireFormat::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(values) => dst.iter_mut().zip(values).for_each(|(x, v)| *x += v),
+            // The receive buffer need not be 4-aligned: read each value unaligned.
+            Err(_) => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(x, b)| *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        },
+        WireFormat::Bf16 => dst
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(x, b)| *x += bf16_to_f32([b[0], b[1]])),
+    }
+}
+
+/// `dst[i] = decoded[i]`. The caller has checked the lengths agree.
+pub(crate) fn copy_into(dst: &mut [f32], bytes: &[u8], wire: WireFormat) {
+    match wire {
+        WireFormat::F32 => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes),
+        WireFormat::Bf16 => dst
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(x, b)| *x = bf16_to_f32([b[0], b[1]])),
+    }
+}
+
+fn bf16_to_f32(le: [u8; 2]) -> f32 {
+    f32::from_bits((u16::from_le_bytes(le) as u32) << 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trips_bit_for_bit_even_from_an_unaligned_buffer() {
+        let values = [1.5f32, -0.0, f32::MIN_POSITIVE, 3.0e38, -7.25];
+        let bytes = encode(&values, WireFormat::F32);
+        let mut unaligned = vec![0u8];
+        unaligned.extend_from_slice(&bytes);
+        let mut copied = [0f32; 5];
+        copy_into(&mut copied, &unaligned[1..], WireFormat::F32);
+        let mut added = [1f32; 5];
+        add_into(&mut added, &unaligned[1..], WireFormat::F32);
+        for i in 0..5 {
+            assert_eq!(copied[i].to_bits(), values[i].to_bits());
+            assert_eq!(added[i].to_bits(), (1.0 + values[i]).to_bits());
+        }
+    }
+
+    #[test]
+    fn bf16_decodes_to_what_the_owner_keeps() {
+        let values = [1.0f32 + 1.0 / 512.0, 2.71, -2.0e-3, 65_504.0];
+        let bytes = encode(&values, WireFormat::Bf16);
+        assert_eq!(bytes.len(), 8);
+        let mut kept = values;
+        round_trip(&mut kept, WireFormat::Bf16);
+        let mut decoded = [0f32; 4];
+        copy_into(&mut decoded, &bytes, WireFormat::Bf16);
+        assert_eq!(kept.map(f32::to_bits), decoded.map(f32::to_bits));
+        assert_ne!(kept[1], values[1], "bf16 keeps 8 significant bits only");
+        assert!(((kept[1] - values[1]) / values[1]).abs() <= 1.0 / 256.0);
+    }
+}
