@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use protocol::auth::SharedToken;
 use protocol::pb;
 use protocol::pb::collective_client::CollectiveClient;
-use worker::collective::{CollectiveHub, Ring, serve_collective};
+use worker::collective::{CollectiveHub, Ring, serve_loopback_ring};
 
 /// The ranks of these tests authenticate to each other, as deployed workers do.
 fn token() -> SharedToken {
@@ -15,16 +15,7 @@ fn token() -> SharedToken {
 }
 
 async fn start_ranks(world: usize) -> (Vec<CollectiveHub>, Vec<String>) {
-    let mut hubs = vec![];
-    let mut peers = vec![];
-    for _ in 0..world {
-        let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap(), &token())
-            .await
-            .unwrap();
-        hubs.push(hub);
-        peers.push(addr.to_string());
-    }
-    (hubs, peers)
+    serve_loopback_ring(world, &token()).await.unwrap()
 }
 
 /// Value of element `i` on `rank`: integers below 2^24, so float sums are exact and comparable.

@@ -63,22 +63,7 @@ impl CollectiveSpec {
 mod tests {
     use crate::spec::RunSpec;
 
-    const SPEC: &str = r#"
-name = "t"
-world_size = 2
-[dataset]
-url = "/tmp/x"
-[model]
-arch = "unet"
-base_width = 8
-depth = 3
-[train]
-steps = 10
-patch = [32, 32, 32]
-lr = 0.001
-[artifacts]
-url = "/tmp/y"
-"#;
+    use crate::spec::tests::GOOD as SPEC;
 
     #[test]
     fn defaults_stay_out_of_the_canonical_toml_and_settings_round_trip() {

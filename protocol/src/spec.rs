@@ -460,7 +460,8 @@ pub fn validate_run_id(id: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// A minimal valid run spec; other spec modules' tests build on it too.
+    pub(crate) const GOOD: &str = r#"
 name = "t"
 world_size = 2
 [dataset]

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{Distribution, Tensor};
 use protocol::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
@@ -93,7 +93,7 @@ pub fn run(spec: &ModelSpec, patch: usize, batch: usize, warmup: usize, steps: u
         return StepReport::failed(err);
     }
     let params = param_count(&model) as u64;
-    let mut optim = AdamWConfig::new().with_weight_decay(WEIGHT_DECAY).init();
+    let mut optim = worker::train::optimizer::adamw(WEIGHT_DECAY as f64).init();
     let x = Tensor::<CpuTrain, 5>::random([batch, 1, patch, patch, patch], Distribution::Normal(0.0, 1.0), &device);
     let y = Tensor::<CpuTrain, 5>::random(
         [batch, classes, patch, patch, patch],

@@ -353,3 +353,18 @@ pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::i
     });
     Ok((addr, hub))
 }
+
+/// Binds `world` collective endpoints on 127.0.0.1: a whole ring inside one process, for tests
+/// and in-process measurements. Returns the hubs and the peer list, both indexed by rank.
+pub async fn serve_loopback_ring(
+    world: usize,
+    token: &SharedToken,
+) -> std::io::Result<(Vec<CollectiveHub>, Vec<String>)> {
+    let (mut hubs, mut peers) = (Vec::with_capacity(world), Vec::with_capacity(world));
+    for _ in 0..world {
+        let (addr, hub) = serve_collective(SocketAddr::from(([127, 0, 0, 1], 0)), token).await?;
+        hubs.push(hub);
+        peers.push(addr.to_string());
+    }
+    Ok((hubs, peers))
+}

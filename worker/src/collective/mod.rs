@@ -10,7 +10,7 @@ mod hub;
 mod ring;
 mod transfer;
 
-pub use hub::{CollectiveHub, HeldState, UNCLAIMED_INBOX_TTL, serve_collective};
+pub use hub::{CollectiveHub, HeldState, UNCLAIMED_INBOX_TTL, serve_collective, serve_loopback_ring};
 pub use ring::{
     BLOCK_VALUES, BucketedReduce, DEFAULT_BUCKET_BYTES, Ring, RingOptions, WireFormat, bucket_bounds, segment_bounds,
     uniform_buckets,

@@ -1,6 +1,6 @@
 use super::*;
 use crate::backend::Cpu;
-use crate::collective::serve_collective;
+use crate::collective::serve_loopback_ring;
 use burn::tensor::module::conv3d;
 use burn::tensor::ops::ConvOptions;
 use std::time::Duration;
@@ -112,12 +112,7 @@ async fn two_ranks_sharing_the_cases_report_exactly_what_one_rank_does() {
     let alone = evaluate(conv_predictor(), &all, &window(), &device).unwrap();
 
     let token = protocol::auth::SharedToken::new("eval-shard-test-token-0123456789").unwrap();
-    let (mut hubs, mut peers) = (vec![], vec![]);
-    for _ in 0..2 {
-        let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap(), &token).await.unwrap();
-        hubs.push(hub);
-        peers.push(addr.to_string());
-    }
+    let (hubs, peers) = serve_loopback_ring(2, &token).await.unwrap();
     let mut tasks = vec![];
     for (rank, hub) in hubs.iter().enumerate() {
         let mine: Vec<&CaseVolume> = shard(&all, rank as u32, 2).copied().collect();

@@ -3,12 +3,12 @@
 
 use super::*;
 use crate::backend::CpuTrain;
-use crate::collective::{RingOptions, serve_collective};
+use crate::collective::{RingOptions, serve_loopback_ring};
 use crate::model::{Backbone, test_unet};
 use crate::train::loss::bce_dice_loss;
 use crate::train::params::{buffer_values, exchange_buffer, finish_exchange, restore_buffers};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::Optimizer;
 use burn::tensor::TensorData;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -52,14 +52,7 @@ fn values(model: &Backbone<CpuTrain>) -> Vec<f32> {
 fn twenty_steps_on_two_ranks_equal_one_rank_with_the_same_global_batch() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let token = protocol::auth::SharedToken::none();
-    let (hubs, peers): (Vec<_>, Vec<_>) = runtime.block_on(async {
-        let mut out = vec![];
-        for _ in 0..2 {
-            let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap(), &token).await.unwrap();
-            out.push((hub, addr.to_string()));
-        }
-        out.into_iter().unzip()
-    });
+    let (hubs, peers) = runtime.block_on(serve_loopback_ring(2, &token)).unwrap();
     let config = test_unet(3, 4, 2);
     // Step k: rank r trains on sample 2k + r; the lone rank on both.
     let ranks: Vec<_> = hubs
@@ -83,7 +76,7 @@ fn twenty_steps_on_two_ranks_equal_one_rank_with_the_same_global_batch() {
                     ))
                     .unwrap();
                 let mut model: Backbone<CpuTrain> = config.init_seeded(&Default::default(), 42).unwrap();
-                let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
+                let mut optim = crate::train::optimizer::adamw(1e-5).init();
                 let mut exchange = Exchange::new(&model, options.bucket_bytes);
                 assert!(exchange.bounds.len() > 2, "the model spans several buckets");
                 for step in 0..STEPS {
@@ -102,7 +95,7 @@ fn twenty_steps_on_two_ranks_equal_one_rank_with_the_same_global_batch() {
     let ranks: Vec<Vec<f32>> = ranks.into_iter().map(|t| t.join().unwrap()).collect();
 
     let mut alone: Backbone<CpuTrain> = config.init_seeded(&Default::default(), 42).unwrap();
-    let mut optim = AdamWConfig::new().with_weight_decay(1e-5).init();
+    let mut optim = crate::train::optimizer::adamw(1e-5).init();
     for step in 0..STEPS {
         // BatchNorm's statistics follow rank 0's sample, as the ring's buffer broadcast does.
         let before = buffer_values(&alone);

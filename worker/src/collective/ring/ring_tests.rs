@@ -1,7 +1,7 @@
 //! The ring against a serial sum, over real loopback gRPC.
 
 use super::*;
-use crate::collective::serve_collective;
+use crate::collective::serve_loopback_ring;
 use protocol::auth::SharedToken;
 
 /// Values on `rank` that an f32 reduce would round: above 2^40, some near u64::MAX / 4.
@@ -21,13 +21,7 @@ fn values(rank: u64) -> Vec<u64> {
 async fn u64_sums_are_exact_over_a_real_three_rank_ring() {
     let token = SharedToken::new("ring-u64-test-token-0123456789").unwrap();
     let world = 3u64;
-    let mut hubs = vec![];
-    let mut peers = vec![];
-    for _ in 0..world {
-        let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap(), &token).await.unwrap();
-        hubs.push(hub);
-        peers.push(addr.to_string());
-    }
+    let (hubs, peers) = serve_loopback_ring(world as usize, &token).await.unwrap();
     let mut tasks = vec![];
     for (rank, hub) in hubs.iter().enumerate() {
         let mut ring = Ring::connect(hub, "run-u64", rank as u32, &peers, Duration::from_secs(20))
@@ -53,15 +47,7 @@ fn token() -> SharedToken {
 }
 
 async fn hubs(world: usize) -> (Vec<CollectiveHub>, Vec<String>) {
-    let (mut hubs, mut peers) = (vec![], vec![]);
-    for _ in 0..world {
-        let (addr, hub) = serve_collective("127.0.0.1:0".parse().unwrap(), &token())
-            .await
-            .unwrap();
-        hubs.push(hub);
-        peers.push(addr.to_string());
-    }
-    (hubs, peers)
+    serve_loopback_ring(world, &token()).await.unwrap()
 }
 
 /// Runs `all_reduce_sum` over a fresh `world`-rank ring on each rank's `inputs`, `ops` times
