@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+/// mimalloc, not glibc's malloc: see the workspace Cargo.toml on why the ring wants it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// voxelfleet GPU/CPU worker: registers with a coordinator, trains assigned runs data-parallel
 /// with its peers, reports metrics and checkpoints, then waits for the next run.
 #[derive(Parser)]

@@ -26,6 +26,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+/// The allocator the worker and coordinator processes run with (see the workspace Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, ValueEnum};
 
 use ours::RingKnobs;
