@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::collective::{CollectiveError, Ring, bucket_bounds};
-use crate::train::params::{self, ParamsError, is_buffer, to_f32};
+use crate::train::params::{self, ParamsError};
 
 pub struct Exchange {
     bounds: Vec<Range<usize>>,
@@ -25,16 +25,8 @@ pub struct Exchange {
 impl Exchange {
     /// Buckets of `bucket_bytes` cut from `model`'s layout: the same on every rank.
     pub fn new<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, bucket_bytes: usize) -> Self {
-        struct Lens(Vec<usize>);
-        impl<B: AutodiffBackend> ModuleVisitor<B> for Lens {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                self.0.push(param.val().shape().num_elements());
-            }
-        }
-        let mut lens = Lens(vec![]);
-        model.visit(&mut lens);
         Exchange {
-            bounds: bucket_bounds(&lens.0, bucket_bytes),
+            bounds: bucket_bounds(&params::param_lens(model), bucket_bytes),
             buckets: vec![],
             flat: vec![],
         }
@@ -98,25 +90,12 @@ struct Flatten<'a, F: FnMut(u32, Vec<f32>)> {
 
 impl<B: AutodiffBackend, F: FnMut(u32, Vec<f32>)> ModuleVisitor<B> for Flatten<'_, F> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let len = param.val().shape().num_elements();
         let bucket = self.current.get_or_insert_with(|| {
             let mut reused = self.buckets.next().unwrap_or_default();
             reused.clear();
             reused
         });
-        if is_buffer(param) {
-            if self.buffer_values {
-                bucket.extend_from_slice(&to_f32(param.val().inner()));
-            } else {
-                bucket.resize(bucket.len() + len, 0.0);
-            }
-        } else {
-            match self.grads.get::<B::InnerBackend, D>(param.id) {
-                Some(grad) => bucket.extend_from_slice(&to_f32(grad)),
-                None => bucket.resize(bucket.len() + len, 0.0),
-            }
-        }
-        self.at += len;
+        self.at += params::push_slot(param, self.grads, self.buffer_values, bucket);
         let bound = &self.bounds[self.next as usize];
         if self.at == bound.end {
             let values = self.current.take().expect("just filled");

@@ -6,7 +6,7 @@ use crate::backend::CpuTrain;
 use crate::collective::{RingOptions, serve_loopback_ring};
 use crate::model::{Backbone, test_unet};
 use crate::train::loss::bce_dice_loss;
-use crate::train::params::{buffer_values, exchange_buffer, finish_exchange, restore_buffers};
+use crate::train::params::{buffer_values, exchange_buffer, finish_exchange, restore_buffers, to_f32};
 use burn::module::Module;
 use burn::optim::Optimizer;
 use burn::tensor::TensorData;

@@ -24,15 +24,20 @@ pub enum ParamsError {
 
 /// Number of float parameter values, i.e. the length of [`flatten_grads`]'s output.
 pub fn flat_len<B: Backend, M: Module<B>>(model: &M) -> usize {
-    struct Count(usize);
-    impl<B: Backend> ModuleVisitor<B> for Count {
+    param_lens(model).iter().sum()
+}
+
+/// The number of values of each float param, in visit order: the layout of the flat buffer.
+pub fn param_lens<B: Backend, M: Module<B>>(model: &M) -> Vec<usize> {
+    struct Lens(Vec<usize>);
+    impl<B: Backend> ModuleVisitor<B> for Lens {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0 += param.val().shape().num_elements();
+            self.0.push(param.val().shape().num_elements());
         }
     }
-    let mut count = Count(0);
-    model.visit(&mut count);
-    count.0
+    let mut lens = Lens(vec![]);
+    model.visit(&mut lens);
+    lens.0
 }
 
 pub(crate) fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f32> {
@@ -46,7 +51,7 @@ pub(crate) fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f3
 /// Whether a float tensor of an autodiff module is a buffer (BatchNorm's running statistics,
 /// burn's `RunningState`) rather than a trained parameter: buffers never require a gradient.
 /// (A frozen parameter counts as one too, which is what it should get: rank 0's value.)
-pub(crate) fn is_buffer<B: AutodiffBackend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
+fn is_buffer<B: AutodiffBackend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
     !param.val().is_require_grad()
 }
 
@@ -87,23 +92,7 @@ fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let len = param.val().shape().num_elements();
-            if is_buffer(param) {
-                if self.buffer_values {
-                    self.flat.extend_from_slice(&to_f32(param.val().inner()));
-                } else {
-                    self.flat.resize(self.flat.len() + len, 0.0);
-                }
-                return;
-            }
-            match self.grads.get::<B::InnerBackend, D>(param.id) {
-                Some(grad) => {
-                    let values = to_f32(grad);
-                    assert_eq!(values.len(), len, "gradient shape differs from its param");
-                    self.flat.extend_from_slice(&values);
-                }
-                None => self.flat.resize(self.flat.len() + len, 0.0),
-            }
+            push_slot(param, self.grads, self.buffer_values, &mut self.flat);
         }
     }
     let mut visitor = Flatten {
@@ -113,6 +102,35 @@ fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
     };
     model.visit(&mut visitor);
     visitor.flat
+}
+
+/// Appends `param`'s slot of the exchange buffer to `out`: its gradient (zeros without one), or
+/// for a buffer its values when `buffer_values` (rank 0) and zeros otherwise. Returns the slot's
+/// length.
+pub(crate) fn push_slot<B: AutodiffBackend, const D: usize>(
+    param: &Param<Tensor<B, D>>,
+    grads: &GradientsParams,
+    buffer_values: bool,
+    out: &mut Vec<f32>,
+) -> usize {
+    let len = param.val().shape().num_elements();
+    if is_buffer(param) {
+        if buffer_values {
+            out.extend_from_slice(&to_f32(param.val().inner()));
+        } else {
+            out.resize(out.len() + len, 0.0);
+        }
+        return len;
+    }
+    match grads.get::<B::InnerBackend, D>(param.id) {
+        Some(grad) => {
+            let values = to_f32(grad);
+            assert_eq!(values.len(), len, "gradient shape differs from its param");
+            out.extend_from_slice(&values);
+        }
+        None => out.resize(out.len() + len, 0.0),
+    }
+    len
 }
 
 /// The inverse of [`flatten_grads`]: a gradient for every trained float param of `model` (same
