@@ -18,6 +18,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::CollectiveError;
+use super::framing::MAX_MESSAGE_BYTES;
+use super::route::LinkRoute;
 
 /// Chunks buffered per inbox; with 1 MiB chunks this bounds memory per run to 64 MiB.
 const INBOX_CHUNKS: usize = 64;
@@ -264,17 +266,31 @@ impl Collective for CollectiveHub {
     }
 
     async fn link(&self, req: Request<Streaming<pb::CollectiveChunk>>) -> Result<Response<pb::LinkClosed>, Status> {
-        let mut stream = req.into_inner();
+        // The ring's own links arrive through `route` instead; this serves generated clients
+        // that reach the service some other way.
+        self.receive_link(req.into_inner()).await.map(Response::new)
+    }
+}
+
+impl CollectiveHub {
+    /// Routes one incoming link's chunks to the inbox of the run its hello names, until the
+    /// link ends or the inbox goes away.
+    pub(super) async fn receive_link<S>(&self, mut stream: S) -> Result<pb::LinkClosed, Status>
+    where
+        S: futures::Stream<Item = Result<pb::CollectiveChunk, Status>> + Unpin,
+    {
+        use futures::StreamExt;
         let hello = stream
-            .message()
-            .await?
+            .next()
+            .await
+            .transpose()?
             .filter(|c| c.hello)
             .ok_or_else(|| Status::invalid_argument("a collective link must open with a hello chunk"))?;
         protocol::ids::validate_id(&hello.run_id, "run id").map_err(Status::invalid_argument)?;
         let (inbox, abandoned) = self.sender(&hello.run_id, hello.generation)?;
         let outcome = loop {
             let next = tokio::select! {
-                next = stream.message() => next,
+                next = stream.next() => next.transpose(),
                 // The inbox was dropped (its ring never formed here, or a newer generation took
                 // the run over): stop reading, so the sender learns now.
                 () = inbox.closed() => {
@@ -319,7 +335,7 @@ impl Collective for CollectiveHub {
             ..Default::default()
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), inbox.send(closed)).await;
-        outcome.map(|()| Response::new(pb::LinkClosed {}))
+        outcome.map(|()| pb::LinkClosed {})
     }
 }
 
@@ -334,10 +350,14 @@ pub async fn serve_collective(listen: SocketAddr, token: &SharedToken) -> std::i
         held: Default::default(),
         token: token.clone(),
     };
-    let server = CollectiveServer::new(hub.clone())
-        .max_decoding_message_size(2 * protocol::MAX_CHUNK_BYTES)
-        .max_encoding_message_size(2 * protocol::MAX_CHUNK_BYTES);
-    let service = InterceptedService::new(server, token.require());
+    let generated = CollectiveServer::new(hub.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let route = LinkRoute {
+        hub: hub.clone(),
+        generated,
+    };
+    let service = InterceptedService::new(route, token.require());
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .initial_stream_window_size(super::STREAM_WINDOW_BYTES)

@@ -6,8 +6,10 @@
 //! summed in one fixed order on one rank and then copied verbatim to the others, so every rank
 //! ends with bit-identical results.
 
+mod framing;
 mod hub;
 mod ring;
+mod route;
 mod transfer;
 
 pub use hub::{CollectiveHub, HeldState, UNCLAIMED_INBOX_TTL, serve_collective, serve_loopback_ring};

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::Duration;
 
+use bytes::Bytes;
 use protocol::pb;
 use tokio::sync::mpsc;
 
@@ -23,6 +24,7 @@ use super::bucket::{BLOCK_VALUES, pieces, start_rank};
 use super::link::Outbox;
 use super::wire::{self, WireFormat};
 use crate::collective::CollectiveError;
+use crate::collective::framing::Framed;
 use crate::stop::StopSignal;
 
 /// Early chunks a rank keeps before it calls its neighbour out of step.
@@ -318,26 +320,31 @@ impl Engine {
         Ok(())
     }
 
-    fn materialise<B: AsMut<[f32]>>(&self, op: &mut Op<B>, next: Outgoing) -> pb::CollectiveChunk {
+    fn materialise<B: AsMut<[f32]>>(&self, op: &mut Op<B>, next: Outgoing) -> Framed {
         match next {
-            Outgoing::Forward(chunk) => chunk,
+            // The received payload goes out again as it is: no copy.
+            Outgoing::Forward(chunk) => Framed::new(&chunk, chunk.data.clone()),
             Outgoing::Encode { bucket, piece, hop } => {
                 let start = op.bounds[bucket as usize].start;
                 let values = op.slots[bucket as usize]
                     .as_mut()
                     .expect("encoded buckets are present")
                     .as_mut();
-                pb::CollectiveChunk {
+                let header = pb::CollectiveChunk {
                     run_id: self.run_id.clone(),
                     from_rank: self.rank,
                     op: self.op,
                     ring_step: hop,
                     offset: piece.start as u64,
-                    data: wire::encode(&values[piece.start - start..piece.end - start], op.wire),
+                    data: Bytes::new(),
                     hello: false,
                     generation: self.generation,
                     bucket,
-                }
+                };
+                Framed::new(
+                    &header,
+                    wire::encode(&values[piece.start - start..piece.end - start], op.wire),
+                )
             }
         }
     }

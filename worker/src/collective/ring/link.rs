@@ -2,20 +2,30 @@
 //! all fed from one bounded outbox. Each connection's stream takes the next chunk when HTTP/2 is
 //! ready for it, so a slow connection never holds chunks another could send. Several streams
 //! matter across nodes, where one HTTP/2 connection caps well below the link.
+//!
+//! A stream is one `Collective.Link` call made by hand over tonic's channel: each chunk is
+//! already framed ([`Framed`]), and its frames go to HTTP/2 as they are, without a codec's copy.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use protocol::auth::AuthChannel;
 use protocol::pb;
-use protocol::pb::collective_client::CollectiveClient;
 use tokio::sync::{Mutex, mpsc};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::Service;
 
+use super::super::framing::{Framed, LINK_PATH};
 use super::super::{CollectiveError, CollectiveHub};
 use crate::stop::StopSignal;
 
 /// The outbox of a link and the signal its streams raise when one of them fails.
 pub(crate) struct Outbox {
-    pub(crate) chunks: mpsc::Sender<pb::CollectiveChunk>,
+    pub(crate) chunks: mpsc::Sender<Framed>,
     pub(crate) failed: StopSignal,
 }
 
@@ -41,11 +51,11 @@ pub(crate) async fn open(
         message,
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut clients = vec![];
+    let mut channels = vec![];
     for _ in 0..streams.max(1) {
         // Each `connect` is its own TCP connection, so the streams do not share one HTTP/2
         // connection's flow control.
-        let client = loop {
+        let channel = loop {
             let attempt = async {
                 tonic::transport::Endpoint::from_shared(endpoint.clone())?
                     .initial_stream_window_size(super::super::STREAM_WINDOW_BYTES)
@@ -55,35 +65,80 @@ pub(crate) async fn open(
                     .await
             };
             match attempt.await {
-                Ok(channel) => break CollectiveClient::new(hub.token.channel(channel)),
+                Ok(channel) => break hub.token.channel(channel),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(connect_err(e.to_string())),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        clients.push(
-            client
-                .max_decoding_message_size(2 * protocol::MAX_CHUNK_BYTES)
-                .max_encoding_message_size(2 * protocol::MAX_CHUNK_BYTES),
-        );
+        channels.push(channel);
     }
     let (tx, rx) = mpsc::channel(outbox_chunks.max(1));
     let shared = Arc::new(Mutex::new(rx));
     let failed = StopSignal::default();
-    for mut client in clients {
-        let (shared, failed, hello) = (shared.clone(), failed.clone(), hello.clone());
+    for channel in channels {
+        let (shared, failed) = (shared.clone(), failed.clone());
         let chunks = futures::stream::unfold(shared, |rx| async move {
             let chunk = rx.lock().await.recv().await?;
             Some((chunk, rx))
         });
+        let greeting = Framed::new(&hello, bytes::Bytes::new());
+        let frames = futures::stream::iter([greeting])
+            .chain(chunks)
+            .flat_map(|framed| futures::stream::iter(framed.frames()));
         let run = hello.run_id.clone();
-        let stream = futures::StreamExt::chain(futures::stream::iter([hello]), chunks);
         // Detached: it ends by itself when the outbox is dropped and its queue has drained.
         tokio::spawn(async move {
-            if let Err(status) = client.link(stream).await {
+            if let Err(status) = call_link(channel, frames).await {
                 tracing::warn!(%run, to_rank = right, "collective link ended: {status}");
                 failed.raise(&format!("{}: {}", status.code(), status.message()));
             }
         });
     }
     Ok(Outbox { chunks: tx, failed })
+}
+
+/// One `Collective.Link` call whose request body is `frames`; returns the call's status.
+async fn call_link<S>(mut channel: AuthChannel, frames: S) -> Result<(), Status>
+where
+    S: futures::Stream<Item = bytes::Bytes> + Send + 'static,
+{
+    let body = StreamBody::new(frames.map(|b| Ok::<_, Infallible>(http_body::Frame::data(b))));
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .version(http::Version::HTTP_2)
+        .uri(LINK_PATH)
+        .header(http::header::TE, "trailers")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(Body::new(body))
+        .expect("static request parts are valid");
+    let unavailable = |e: tonic::transport::Error| Status::unavailable(e.to_string());
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(unavailable)?;
+    let response = channel.call(request).await.map_err(unavailable)?;
+    // A refusal comes as a trailers-only response: the status is in the headers.
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        return into_result(status);
+    }
+    if response.status() != http::StatusCode::OK {
+        return Err(Status::unknown(format!(
+            "collective link got HTTP {}",
+            response.status()
+        )));
+    }
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(status) = frame.trailers_ref().and_then(Status::from_header_map) {
+            return into_result(status);
+        }
+    }
+    Err(Status::unknown("collective link ended without a gRPC status"))
+}
+
+fn into_result(status: Status) -> Result<(), Status> {
+    match status.code() {
+        tonic::Code::Ok => Ok(()),
+        _ => Err(status),
+    }
 }
