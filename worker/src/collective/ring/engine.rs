@@ -49,6 +49,7 @@ pub(crate) struct Engine {
     pub(crate) closed_streams: usize,
     /// An operation started and has not completed: dropped now, the ring leaves it half done.
     pub(crate) busy: bool,
+    pub(crate) send_buffers: wire::SendBuffers,
 }
 
 enum Event<B> {
@@ -75,6 +76,8 @@ struct Op<'a, B> {
     outstanding: usize,
     expected: usize,
     received: usize,
+    /// The engine's, for the length of the operation.
+    send_buffers: wire::SendBuffers,
 }
 
 impl Engine {
@@ -115,6 +118,7 @@ impl Engine {
             outstanding: 0,
             expected,
             received: 0,
+            send_buffers: std::mem::take(&mut self.send_buffers),
         };
         let mut arrived = 0;
         for b in 0..bounds.len() {
@@ -133,6 +137,7 @@ impl Engine {
             }
             if op.received == op.expected && op.pending.is_empty() && arrived == bounds.len() {
                 self.busy = false;
+                self.send_buffers = op.send_buffers;
                 return Ok(());
             }
             let event = tokio::select! {
@@ -341,10 +346,9 @@ impl Engine {
                     generation: self.generation,
                     bucket,
                 };
-                Framed::new(
-                    &header,
-                    wire::encode(&values[piece.start - start..piece.end - start], op.wire),
-                )
+                let mut buf = op.send_buffers.take();
+                wire::encode_into(&values[piece.start - start..piece.end - start], op.wire, &mut buf);
+                Framed::new(&header, op.send_buffers.lend(buf))
             }
         }
     }

@@ -191,6 +191,7 @@ impl Ring {
             streams: ring.options.streams.max(1),
             closed_streams: 0,
             busy: false,
+            send_buffers: Default::default(),
         });
         Ok(ring)
     }

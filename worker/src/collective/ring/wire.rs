@@ -3,7 +3,9 @@
 //! decoding adds or copies straight from the received buffer into the caller's values: no
 //! intermediate vector in either direction.
 
-use bytes::Bytes;
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// How a ring's f32 values travel. The sum is always accumulated in f32; bf16 halves the bytes
 /// on the wire at the cost of rounding each partial sum (see [`super::Ring`] for the bound).
@@ -35,17 +37,58 @@ impl WireFormat {
     }
 }
 
-/// `values` as they travel.
-pub(crate) fn encode(values: &[f32], wire: WireFormat) -> Bytes {
+/// `values` as they travel, written into `buf` (emptied first).
+pub(crate) fn encode_into(values: &[f32], wire: WireFormat, buf: &mut BytesMut) {
+    buf.clear();
+    buf.reserve(values.len() * wire.bytes_per_value());
     match wire {
-        WireFormat::F32 => Bytes::copy_from_slice(bytemuck::cast_slice(values)),
-        WireFormat::Bf16 => {
-            let mut out = vec![0u8; values.len() * 2];
-            for (dst, v) in out.chunks_exact_mut(2).zip(values) {
-                dst.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+        WireFormat::F32 => buf.extend_from_slice(bytemuck::cast_slice(values)),
+        WireFormat::Bf16 => values
+            .iter()
+            .for_each(|v| buf.put_u16_le(half::bf16::from_f32(*v).to_bits())),
+    }
+}
+
+/// `values` as they travel, in a buffer of their own.
+#[cfg(test)]
+pub(crate) fn encode(values: &[f32], wire: WireFormat) -> Bytes {
+    let mut buf = BytesMut::new();
+    encode_into(values, wire, &mut buf);
+    buf.freeze()
+}
+
+/// Buffers a ring encodes its chunks into, taken back once HTTP/2 has written them. A chunk is
+/// up to 1 MiB: the allocator hands a fresh one out as newly mapped memory, and faulting it in
+/// (zeroing a huge page) cost more than the encode itself in perf of a 4-rank all-reduce.
+#[derive(Default)]
+pub(crate) struct SendBuffers {
+    /// Buffers handed out, oldest first; one is free again once only this list holds it.
+    lent: VecDeque<Bytes>,
+}
+
+/// Buffers [`SendBuffers`] tracks; more in flight than this are allocated and forgotten.
+const TRACKED_SEND_BUFFERS: usize = 64;
+
+impl SendBuffers {
+    /// An empty buffer: the oldest lent one if it is free, else a new one.
+    pub(crate) fn take(&mut self) -> BytesMut {
+        if self.lent.front().is_some_and(Bytes::is_unique) {
+            let oldest = self.lent.pop_front().expect("checked non-empty");
+            if let Ok(mut buf) = oldest.try_into_mut() {
+                buf.clear();
+                return buf;
             }
-            Bytes::from(out)
         }
+        BytesMut::new()
+    }
+
+    /// Freezes `buf` for sending and remembers it, to take it back when it is free.
+    pub(crate) fn lend(&mut self, buf: BytesMut) -> Bytes {
+        let bytes = buf.freeze();
+        if self.lent.len() < TRACKED_SEND_BUFFERS {
+            self.lent.push_back(bytes.clone());
+        }
+        bytes
     }
 }
 
