@@ -61,10 +61,12 @@ enum Event<B> {
 }
 
 enum Outgoing {
-    /// This rank's values of a piece (hop 0, or a partial sum it has just added to).
-    Encode { bucket: u32, piece: Range<usize>, hop: u32 },
+    /// This rank's own values of a piece, on hop 0.
+    Encode { bucket: u32, piece: Range<usize> },
     /// An all-gather chunk passed on as received.
     Forward(pb::CollectiveChunk),
+    /// A partial sum, added and encoded as its chunk came in.
+    Ready(Framed),
 }
 
 struct Op<'a, B> {
@@ -132,7 +134,7 @@ impl Engine {
                 let Some((bucket, piece)) = op.own_pieces.pop_front() else {
                     break;
                 };
-                op.pending.push_back(Outgoing::Encode { bucket, piece, hop: 0 });
+                op.pending.push_back(Outgoing::Encode { bucket, piece });
                 op.outstanding += 1;
             }
             if op.received == op.expected && op.pending.is_empty() && arrived == bounds.len() {
@@ -299,16 +301,13 @@ impl Engine {
         let local = &mut values[offset - bucket.start..piece_end - bucket.start];
         let piece = offset..piece_end;
         if hop < world - 1 {
-            wire::add_into(local, &chunk.data, op.wire);
-            if hop == world - 2 {
-                // This rank owns the sum: keep what the others will decode.
-                wire::round_trip(local, op.wire);
-            }
-            op.pending.push_back(Outgoing::Encode {
-                bucket: b as u32,
-                piece,
-                hop: hop + 1,
-            });
+            // Past hop W-2 this rank owns the sum: it keeps what the others will decode.
+            let owner = hop == world - 2;
+            let mut buf = op.send_buffers.take();
+            wire::add_encode(local, &chunk.data, op.wire, &mut buf, owner);
+            let header = self.header(b as u32, piece.start, hop + 1);
+            op.pending
+                .push_back(Outgoing::Ready(Framed::new(&header, op.send_buffers.lend(buf))));
         } else {
             wire::copy_into(local, &chunk.data, op.wire);
             if hop == world - 1 {
@@ -327,29 +326,34 @@ impl Engine {
 
     fn materialise<B: AsMut<[f32]>>(&self, op: &mut Op<B>, next: Outgoing) -> Framed {
         match next {
+            Outgoing::Ready(framed) => framed,
             // The received payload goes out again as it is: no copy.
             Outgoing::Forward(chunk) => Framed::new(&chunk, chunk.data.clone()),
-            Outgoing::Encode { bucket, piece, hop } => {
+            Outgoing::Encode { bucket, piece } => {
                 let start = op.bounds[bucket as usize].start;
                 let values = op.slots[bucket as usize]
                     .as_mut()
                     .expect("encoded buckets are present")
                     .as_mut();
-                let header = pb::CollectiveChunk {
-                    run_id: self.run_id.clone(),
-                    from_rank: self.rank,
-                    op: self.op,
-                    ring_step: hop,
-                    offset: piece.start as u64,
-                    data: Bytes::new(),
-                    hello: false,
-                    generation: self.generation,
-                    bucket,
-                };
                 let mut buf = op.send_buffers.take();
                 wire::encode_into(&values[piece.start - start..piece.end - start], op.wire, &mut buf);
-                Framed::new(&header, op.send_buffers.lend(buf))
+                Framed::new(&self.header(bucket, piece.start, 0), op.send_buffers.lend(buf))
             }
+        }
+    }
+
+    /// The fields of this rank's chunk of `bucket` at element `offset`, on hop `hop`.
+    fn header(&self, bucket: u32, offset: usize, hop: u32) -> pb::CollectiveChunk {
+        pb::CollectiveChunk {
+            run_id: self.run_id.clone(),
+            from_rank: self.rank,
+            op: self.op,
+            ring_step: hop,
+            offset: offset as u64,
+            data: Bytes::new(),
+            hello: false,
+            generation: self.generation,
+            bucket,
         }
     }
 }

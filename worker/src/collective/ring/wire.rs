@@ -41,11 +41,40 @@ impl WireFormat {
 pub(crate) fn encode_into(values: &[f32], wire: WireFormat, buf: &mut BytesMut) {
     buf.clear();
     buf.reserve(values.len() * wire.bytes_per_value());
+    append_encoded(values, wire, buf);
+}
+
+fn append_encoded(values: &[f32], wire: WireFormat, buf: &mut BytesMut) {
     match wire {
         WireFormat::F32 => buf.extend_from_slice(bytemuck::cast_slice(values)),
         WireFormat::Bf16 => values
             .iter()
             .for_each(|v| buf.put_u16_le(half::bf16::from_f32(*v).to_bits())),
+    }
+}
+
+/// Values per block of [`add_encode`]: 16 KiB of f32, which stay in L1 between the add and the
+/// encode.
+const FUSED_BLOCK_VALUES: usize = 4096;
+
+/// Encodes `local[i] + decoded[i]` into `buf` (emptied first): a partial sum passed on around
+/// the ring goes to the wire block by block, without a store into `local` and a second pass to
+/// read it back. With `keep`, `local` also gets the sum as it will decode on the other ranks
+/// (the owner of a block's sum keeps exactly what it sends). The caller has checked the lengths.
+pub(crate) fn add_encode(local: &mut [f32], bytes: &[u8], wire: WireFormat, buf: &mut BytesMut, keep: bool) {
+    buf.clear();
+    buf.reserve(local.len() * wire.bytes_per_value());
+    let mut block = [0f32; FUSED_BLOCK_VALUES];
+    let received = bytes.chunks(FUSED_BLOCK_VALUES * wire.bytes_per_value());
+    for (mine, theirs) in local.chunks_mut(FUSED_BLOCK_VALUES).zip(received) {
+        let sum = &mut block[..mine.len()];
+        sum.copy_from_slice(mine);
+        add_into(sum, theirs, wire);
+        append_encoded(sum, wire, buf);
+        if keep {
+            round_trip(sum, wire);
+            mine.copy_from_slice(sum);
+        }
     }
 }
 
@@ -150,6 +179,32 @@ mod tests {
         for i in 0..5 {
             assert_eq!(copied[i].to_bits(), values[i].to_bits());
             assert_eq!(added[i].to_bits(), (1.0 + values[i]).to_bits());
+        }
+    }
+
+    #[test]
+    fn add_encode_sends_the_sum_and_the_owner_keeps_what_it_sends() {
+        let n = 3 * FUSED_BLOCK_VALUES + 17;
+        let mine: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let theirs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 3.0).collect();
+        for wire in [WireFormat::F32, WireFormat::Bf16] {
+            let received = encode(&theirs, wire);
+            let mut expected = mine.clone();
+            add_into(&mut expected, &received, wire);
+            let sent = encode(&expected, wire);
+            for keep in [false, true] {
+                let mut local = mine.clone();
+                let mut buf = BytesMut::new();
+                add_encode(&mut local, &received, wire, &mut buf, keep);
+                assert_eq!(&buf[..], &sent[..], "{wire:?}");
+                let mut decoded = vec![0f32; n];
+                copy_into(&mut decoded, &sent, wire);
+                let kept = if keep { &decoded } else { &mine };
+                assert_eq!(
+                    local.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    kept.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
         }
     }
 
