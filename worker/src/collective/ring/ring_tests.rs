@@ -54,9 +54,21 @@ async fn hubs(world: usize) -> (Vec<CollectiveHub>, Vec<String>) {
 /// (op k adds k to every input); every rank's results.
 async fn reduce_on_ring(run_id: &str, inputs: Vec<Vec<f32>>, options: RingOptions, ops: usize) -> Vec<Vec<Vec<f32>>> {
     let (hubs, peers) = hubs(inputs.len()).await;
+    reduce_on(&hubs, &peers, run_id, inputs, options, ops).await
+}
+
+/// [`reduce_on_ring`] over endpoints the caller set up.
+async fn reduce_on(
+    hubs: &[CollectiveHub],
+    peers: &[String],
+    run_id: &str,
+    inputs: Vec<Vec<f32>>,
+    options: RingOptions,
+    ops: usize,
+) -> Vec<Vec<Vec<f32>>> {
     let mut tasks = vec![];
     for (rank, input) in inputs.into_iter().enumerate() {
-        let mut ring = Ring::connect_with(&hubs[rank], run_id, rank as u32, &peers, options.clone())
+        let mut ring = Ring::connect_with(&hubs[rank], run_id, rank as u32, peers, options.clone())
             .await
             .unwrap();
         tasks.push(tokio::spawn(async move {
@@ -130,6 +142,41 @@ async fn sums_match_a_serial_sum_for_one_to_five_ranks_any_size_buckets_and_stre
                         );
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The links frame their gRPC messages by hand (`framing`); they must stay plain gRPC. Here
+/// rank 1's link lands on tonic's generated `Collective` server, whose codec decodes every
+/// chunk, while rank 0's goes through the hub's own route: one ring, both framings, exact sums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_framed_links_are_plain_grpc_to_a_generated_server() {
+    use crate::collective::framing::MAX_MESSAGE_BYTES;
+    let (hubs, mut peers) = hubs(2).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    peers[0] = listener.local_addr().unwrap().to_string();
+    let generated =
+        pb::collective_server::CollectiveServer::new(hubs[0].clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let service = tonic::service::interceptor::InterceptedService::new(generated, token().require());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let inputs = integer_inputs(2, 2 * BLOCK_VALUES + 7);
+    for wire in [WireFormat::F32, WireFormat::Bf16] {
+        let options = RingOptions {
+            wire,
+            ..options(DEFAULT_BUCKET_BYTES, 2)
+        };
+        let run = format!("run-interop-{wire:?}");
+        let results = reduce_on(&hubs, &peers, &run, inputs.clone(), options, 2).await;
+        for (op, expected) in (0..2).map(|op| (op, serial_sum(&inputs, op))) {
+            // bf16 rounds the sums; there the ranks need only agree.
+            assert!(results[0][op] == results[1][op], "{wire:?} op {op}: ranks differ");
+            if wire == WireFormat::F32 {
+                assert!(results[0][op] == expected, "op {op} differs from the serial sum");
             }
         }
     }
