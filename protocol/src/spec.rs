@@ -25,7 +25,7 @@ pub enum SpecError {
 
 #[path = "collective_spec.rs"]
 mod collective_spec;
-pub use collective_spec::{COLLECTIVE_WIRES, CollectiveSpec};
+pub use collective_spec::{COLLECTIVE_WIRES, CollectiveSpec, DEFAULT_SEND_BUFFER_KB};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

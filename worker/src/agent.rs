@@ -476,6 +476,7 @@ fn ring_options(assignment: &pb::Assignment, timeout: Duration) -> RingOptions {
         let c = &spec.collective;
         options.bucket_bytes = c.bucket_bytes();
         options.streams = c.streams as usize;
+        options.send_buffer_bytes = c.send_buffer_bytes();
         options.wire = if c.wire == "bf16" {
             WireFormat::Bf16
         } else {

@@ -65,6 +65,10 @@ struct Args {
     /// Bucket size in MiB for our ring [default: the ring's].
     #[arg(long)]
     bucket_mb: Option<f64>,
+    /// Kernel send buffer (SO_SNDBUF) of our links in KiB, 0 for the kernel's autotuning
+    /// [default: the ring's, 512].
+    #[arg(long)]
+    send_buffer_kb: Option<u32>,
     /// What our ring sends: f32, or bf16 with the sum kept in f32.
     #[arg(long, value_enum, default_value_t = Wire::F32)]
     wire: Wire,
@@ -108,6 +112,7 @@ impl Args {
             timeout: Duration::from_secs(self.timeout_secs),
             streams: self.streams,
             bucket_mb: self.bucket_mb,
+            send_buffer_kb: self.send_buffer_kb,
             bf16: self.wire == Wire::Bf16,
         }
     }

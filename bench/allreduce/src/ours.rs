@@ -17,6 +17,8 @@ pub struct RingKnobs {
     pub streams: Option<usize>,
     /// Bucket size in MiB (`None`: the ring's default).
     pub bucket_mb: Option<f64>,
+    /// Link `SO_SNDBUF` in KiB, 0 for autotuning (`None`: the ring's default).
+    pub send_buffer_kb: Option<u32>,
     /// bf16 on the wire instead of f32.
     pub bf16: bool,
 }
@@ -31,6 +33,9 @@ impl RingKnobs {
         if let Some(b) = self.bucket_mb {
             a.extend(["--bucket-mb".into(), b.to_string()]);
         }
+        if let Some(k) = self.send_buffer_kb {
+            a.extend(["--send-buffer-kb".into(), k.to_string()]);
+        }
         if self.bf16 {
             a.extend(["--wire".into(), "bf16".into()]);
         }
@@ -40,9 +45,14 @@ impl RingKnobs {
     /// How a table row names these settings.
     pub fn describe(&self) -> String {
         format!(
-            "streams {}, bucket {}, wire {}",
+            "streams {}, bucket {}, send buffer {}, wire {}",
             self.streams.map_or("default".into(), |s| s.to_string()),
             self.bucket_mb.map_or("default".into(), |b| format!("{b} MiB")),
+            match self.send_buffer_kb {
+                None => "default".into(),
+                Some(0) => "autotuned".into(),
+                Some(k) => format!("{k} KiB"),
+            },
             if self.bf16 { "bf16" } else { "f32" }
         )
     }
@@ -61,6 +71,9 @@ async fn connect(
     }
     if let Some(mb) = knobs.bucket_mb {
         options.bucket_bytes = ((mb * (1 << 20) as f64) as usize).max(4);
+    }
+    if let Some(kb) = knobs.send_buffer_kb {
+        options.send_buffer_bytes = (kb > 0).then(|| kb.saturating_mul(1024));
     }
     if knobs.bf16 {
         options.wire = WireFormat::Bf16;
@@ -187,11 +200,12 @@ mod tests {
             timeout: Duration::from_secs(9),
             streams: Some(4),
             bucket_mb: Some(25.0),
+            send_buffer_kb: Some(0),
             bf16: true,
         };
         assert_eq!(
             knobs.args().join(" "),
-            "--timeout-secs 9 --streams 4 --bucket-mb 25 --wire bf16"
+            "--timeout-secs 9 --streams 4 --bucket-mb 25 --send-buffer-kb 0 --wire bf16"
         );
     }
 }

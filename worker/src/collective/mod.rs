@@ -1,7 +1,9 @@
-//! Gradient exchange between data-parallel ranks: a ring all-reduce over tonic streams.
+//! Gradient exchange between data-parallel ranks: a ring all-reduce over gRPC streams.
 //!
-//! Every rank runs a `Collective` gRPC server (`hub`) and holds one or more long-lived streams to
-//! its right-hand neighbour (`ring`). Chunks are bounded (`protocol::MAX_CHUNK_BYTES`), every
+//! Every rank runs a `Collective` gRPC server (`hub`, `route`) and holds one or more long-lived
+//! `Link` streams to its right-hand neighbour (`ring`). The links carry plain gRPC, framed by
+//! hand (`framing`) so that a chunk's values are copied once on the way out and added straight
+//! from the received HTTP/2 frame on the way in. Chunks are bounded (`protocol::MAX_CHUNK_BYTES`), every
 //! wait has a deadline, chunks of another ring generation are refused, and each element is
 //! summed in one fixed order on one rank and then copied verbatim to the others, so every rank
 //! ends with bit-identical results.
@@ -14,8 +16,8 @@ mod transfer;
 
 pub use hub::{CollectiveHub, HeldState, UNCLAIMED_INBOX_TTL, serve_collective, serve_loopback_ring};
 pub use ring::{
-    BLOCK_VALUES, BucketedReduce, DEFAULT_BUCKET_BYTES, Ring, RingOptions, WireFormat, bucket_bounds, segment_bounds,
-    uniform_buckets,
+    BLOCK_VALUES, BucketedReduce, DEFAULT_BUCKET_BYTES, DEFAULT_SEND_BUFFER_BYTES, Ring, RingOptions, WireFormat,
+    bucket_bounds, segment_bounds, uniform_buckets,
 };
 pub use transfer::fetch_state;
 

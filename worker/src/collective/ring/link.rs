@@ -38,6 +38,7 @@ pub(crate) async fn open(
     streams: usize,
     outbox_chunks: usize,
     timeout: Duration,
+    send_buffer: Option<u32>,
     hello: pb::CollectiveChunk,
 ) -> Result<Outbox, CollectiveError> {
     let endpoint = if addr.contains("://") {
@@ -57,12 +58,14 @@ pub(crate) async fn open(
         // connection's flow control.
         let channel = loop {
             let attempt = async {
-                tonic::transport::Endpoint::from_shared(endpoint.clone())?
+                let endpoint = tonic::transport::Endpoint::from_shared(endpoint.clone())?
                     .initial_stream_window_size(super::super::STREAM_WINDOW_BYTES)
                     .initial_connection_window_size(super::super::STREAM_WINDOW_BYTES)
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
+                    .tcp_nodelay(true);
+                match send_buffer {
+                    Some(bytes) => endpoint.connect_with_connector(sized_connector(bytes)).await,
+                    None => endpoint.connect().await,
+                }
             };
             match attempt.await {
                 Ok(channel) => break hub.token.channel(channel),
@@ -95,6 +98,41 @@ pub(crate) async fn open(
         });
     }
     Ok(Outbox { chunks: tx, failed })
+}
+
+/// Connects like tonic's own connector (no delay on small writes), with `SO_SNDBUF` set to
+/// `bytes` before the connection is made.
+fn sized_connector(
+    bytes: u32,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Send
++ 'static {
+    tower::service_fn(move |uri: http::Uri| async move {
+        let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what} in {uri}"));
+        let host = uri.host().ok_or_else(|| invalid("no host"))?;
+        let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
+        let mut last = invalid("no address");
+        for addr in tokio::net::lookup_host((host.trim_matches(['[', ']']), port)).await? {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_send_buffer_size(bytes)?;
+            match socket.connect(addr).await {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(hyper_util::rt::TokioIo::new(stream));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    })
 }
 
 /// One `Collective.Link` call whose request body is `frames`; returns the call's status.

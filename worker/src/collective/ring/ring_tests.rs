@@ -131,9 +131,18 @@ async fn sums_match_a_serial_sum_for_one_to_five_ranks_any_size_buckets_and_stre
     // 1, 7, a prime spanning two ownership blocks; 64 KiB buckets cut the prime into five.
     for world in 1..=5 {
         for n in [1usize, 7, 300_007] {
-            for (bucket_bytes, streams) in [(DEFAULT_BUCKET_BYTES, 1), (64 << 10, 3)] {
+            // The kernel's send buffer: the sized default on one, autotuning on the other.
+            let cases = [
+                (DEFAULT_BUCKET_BYTES, 1, Some(DEFAULT_SEND_BUFFER_BYTES)),
+                (64 << 10, 3, None),
+            ];
+            for (bucket_bytes, streams, send_buffer_bytes) in cases {
                 let inputs = integer_inputs(world, n);
-                let results = reduce_on_ring("run-serial", inputs.clone(), options(bucket_bytes, streams), 2).await;
+                let options = RingOptions {
+                    send_buffer_bytes,
+                    ..options(bucket_bytes, streams)
+                };
+                let results = reduce_on_ring("run-serial", inputs.clone(), options, 2).await;
                 for (rank, per_op) in results.iter().enumerate() {
                     for (op, got) in per_op.iter().enumerate() {
                         assert!(
