@@ -21,6 +21,7 @@ use tonic::codegen::Service;
 
 use super::super::framing::{Framed, LINK_PATH};
 use super::super::{CollectiveError, CollectiveHub};
+use super::RingOptions;
 use crate::stop::StopSignal;
 
 /// The outbox of a link and the signal its streams raise when one of them fails.
@@ -29,18 +30,17 @@ pub(crate) struct Outbox {
     pub(crate) failed: StopSignal,
 }
 
-/// Opens `streams` connections to `addr` (rank `right`), retrying each until `timeout` since
-/// neighbours start at slightly different times, and greets each with `hello`.
+/// Opens `options.streams` connections to `addr` (rank `right`), retrying each until
+/// `options.timeout` since neighbours start at slightly different times, and greets each with
+/// `hello`.
 pub(crate) async fn open(
     hub: &CollectiveHub,
     addr: &str,
     right: u32,
-    streams: usize,
-    outbox_chunks: usize,
-    timeout: Duration,
-    send_buffer: Option<u32>,
+    options: &RingOptions,
     hello: pb::CollectiveChunk,
 ) -> Result<Outbox, CollectiveError> {
+    let (streams, timeout, send_buffer) = (options.streams, options.timeout, options.send_buffer_bytes);
     let endpoint = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -75,7 +75,8 @@ pub(crate) async fn open(
         };
         channels.push(channel);
     }
-    let (tx, rx) = mpsc::channel(outbox_chunks.max(1));
+    // Bounded like the pieces a rank keeps in flight.
+    let (tx, rx) = mpsc::channel(options.chunks_in_flight.max(2));
     let shared = Arc::new(Mutex::new(rx));
     let failed = StopSignal::default();
     for channel in channels {

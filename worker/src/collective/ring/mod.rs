@@ -171,17 +171,7 @@ impl Ring {
             generation,
             ..Default::default()
         };
-        let outbox = link::open(
-            hub,
-            &peers[right as usize],
-            right,
-            ring.options.streams,
-            ring.options.chunks_in_flight.max(2),
-            ring.options.timeout,
-            ring.options.send_buffer_bytes,
-            hello,
-        )
-        .await;
+        let outbox = link::open(hub, &peers[right as usize], right, &ring.options, hello).await;
         let outbox = match outbox {
             Ok(outbox) => outbox,
             Err(e) => {
