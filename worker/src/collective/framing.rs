@@ -55,8 +55,7 @@ impl Framed {
         };
         let message_len = fields.encoded_len() + data_key_and_len + payload.len();
         let mut header = BytesMut::with_capacity(PREFIX_BYTES + message_len - payload.len());
-        header.put_u8(0);
-        header.put_u32(u32::try_from(message_len).expect("chunks are far below 4 GiB"));
+        put_prefix(&mut header, message_len);
         fields.encode(&mut header).expect("capacity reserved above");
         if !payload.is_empty() {
             prost::encoding::encode_key(DATA_FIELD, prost::encoding::WireType::LengthDelimited, &mut header);
@@ -72,6 +71,12 @@ impl Framed {
     pub(crate) fn frames(self) -> impl Iterator<Item = Bytes> {
         [self.header, self.payload].into_iter().filter(|b| !b.is_empty())
     }
+}
+
+/// The gRPC prefix of an uncompressed message of `message_len` bytes.
+pub(crate) fn put_prefix(buf: &mut impl BufMut, message_len: usize) {
+    buf.put_u8(0);
+    buf.put_u32(u32::try_from(message_len).expect("collective messages are far below 4 GiB"));
 }
 
 /// A gRPC message whose length prefix or content is not what a link accepts.

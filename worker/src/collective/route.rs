@@ -16,7 +16,7 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::CollectiveHub;
-use super::framing::{LINK_PATH, MessageReader};
+use super::framing::{LINK_PATH, MessageReader, put_prefix};
 
 #[derive(Clone)]
 pub(super) struct LinkRoute {
@@ -89,9 +89,8 @@ fn chunks(body: Body) -> impl futures::Stream<Item = Result<pb::CollectiveChunk,
 
 /// A successful unary reply: one message, then the OK status in the trailers.
 fn reply(message: &impl prost::Message) -> http::Response<Body> {
-    let mut framed = Vec::with_capacity(5 + message.encoded_len());
-    framed.push(0);
-    framed.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
+    let mut framed = Vec::new();
+    put_prefix(&mut framed, message.encoded_len());
     message.encode(&mut framed).expect("a Vec grows");
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
