@@ -85,31 +85,21 @@ fn a_broken_config_is_caught() {
     // sweep whose axis makes an invalid child.
     let dir = tempfile::tempdir().unwrap();
     let good = std::fs::read_to_string(configs_dir().join("suprem-unet.toml")).unwrap();
-    let bad_key = dir.path().join("bad-key.toml");
-    std::fs::write(
-        &bad_key,
-        good.replace("patch = [96, 96, 96]", "patch = [96, 96, 96]\npatchh = 1"),
-    )
-    .unwrap();
-    assert!(check(&bad_key).unwrap_err().contains("patchh"));
-    let bad_patch = dir.path().join("bad-patch.toml");
-    std::fs::write(&bad_patch, good.replace("patch = [96, 96, 96]", "patch = [96, 96, 90]")).unwrap();
-    assert!(check(&bad_patch).unwrap_err().contains("train.patch"));
-    let sweep = dir.path().join("sweep.toml");
+    // The check's error for `text` written to `name` in the scratch directory.
+    let error_for = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        check(&path).unwrap_err()
+    };
+    let bad_key = good.replace("patch = [96, 96, 96]", "patch = [96, 96, 96]\npatchh = 1");
+    assert!(error_for("bad-key.toml", &bad_key).contains("patchh"));
+    let bad_patch = good.replace("patch = [96, 96, 96]", "patch = [96, 96, 90]");
+    assert!(error_for("bad-patch.toml", &bad_patch).contains("train.patch"));
     std::fs::copy(configs_dir().join("suprem-unet.toml"), dir.path().join("base.toml")).unwrap();
-    std::fs::write(
-        &sweep,
-        "name = \"s\"\nbase = \"base.toml\"\n[axes]\n\"train.lr\" = [1e-3, -1.0]\n",
-    )
-    .unwrap();
-    assert!(check(&sweep).unwrap_err().contains("train.lr"));
-    let missing_list = dir.path().join("missing-list.toml");
-    std::fs::write(
-        &missing_list,
-        good.replace("train_cases = 0", "case_list = \"lists/none.txt\""),
-    )
-    .unwrap();
-    assert!(check(&missing_list).unwrap_err().contains("lists/none.txt"));
+    let sweep = "name = \"s\"\nbase = \"base.toml\"\n[axes]\n\"train.lr\" = [1e-3, -1.0]\n";
+    assert!(error_for("sweep.toml", sweep).contains("train.lr"));
+    let missing_list = good.replace("train_cases = 0", "case_list = \"lists/none.txt\"");
+    assert!(error_for("missing-list.toml", &missing_list).contains("lists/none.txt"));
 }
 
 #[test]
