@@ -123,7 +123,41 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
         worker_id: worker_id.clone(),
         case_id: case.to_string(),
         error: "truncated gzip in ct.nii.gz".into(),
+        rank: a.rank,
+        attempt: a.attempt,
     };
+    // Only a rank of the run's current attempt may quarantine: not a worker that does not
+    // exist, not another worker, not an older attempt. Each is refused and nothing is held.
+    let other = cases.train[1].clone();
+    for forged in [
+        pb::ReportBadCaseRequest {
+            worker_id: "w-999999".into(),
+            ..report(&other)
+        },
+        pb::ReportBadCaseRequest {
+            rank: 1,
+            ..report(&other)
+        },
+        pb::ReportBadCaseRequest {
+            attempt: a.attempt + 1,
+            ..report(&other)
+        },
+    ] {
+        let status = worker.report_bad_case(forged.clone()).await.unwrap_err();
+        assert!(
+            status.message().contains("refused to quarantine"),
+            "{forged:?}: {}",
+            status.message()
+        );
+    }
+    // A registered worker that is not in the run.
+    let (mut stranger, stranger_id) = fake_worker(&cluster, "127.0.0.1:12").await;
+    let forged = pb::ReportBadCaseRequest {
+        worker_id: stranger_id,
+        ..report(&other)
+    };
+    let status = stranger.report_bad_case(forged).await.unwrap_err();
+    assert!(status.message().contains("refused"), "{}", status.message());
     let answer = worker.report_bad_case(report(&bad)).await.unwrap().into_inner();
     assert!(answer.newly_quarantined);
     assert!(
@@ -147,6 +181,14 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
     );
     let events = Cluster::event_kinds(&cluster.cli_json(&["show", &run_id]));
     assert!(events.contains(&"quarantined".to_string()), "{events:?}");
+    assert!(
+        !held.iter().any(|q| q["case_id"] == other.as_str()),
+        "a refused report quarantined nothing: {held:?}"
+    );
+    // Once the run has ended, even its own rank's report is refused.
+    cluster.cli_json(&["cancel", &run_id]);
+    let status = worker.report_bad_case(report(&other)).await.unwrap_err();
+    assert!(status.message().contains("Cancelled"), "{}", status.message());
 
     // A later run skips both and still gets the count it asks for; one asking for more good
     // cases than the 6 positions before the held-out set hold is refused, naming the quarantine.

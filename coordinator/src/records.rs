@@ -55,11 +55,20 @@ impl RunState {
                 // An assignment nobody picked up goes back to the queue.
                 | (Assigned, Queued | Running)
                 | (Running, Completed | Paused)
+                // A pause requested before the ranks started outlives their loss.
+                | (Assigned, Paused)
                 | (Assigned | Running, Failed | Cancelled | Interrupted)
                 | (Interrupted, Queued | Cancelled | Failed)
                 | (Paused, Queued | Cancelled)
                 | (Failed | Cancelled, Queued)
         )
+    }
+
+    /// The state named `name` as `Display` writes it, in any case.
+    pub fn from_name(name: &str) -> Option<RunState> {
+        RunState::ALL
+            .into_iter()
+            .find(|s| s.to_string().eq_ignore_ascii_case(name))
     }
 
     /// States `coordinator resume` accepts (with a committed checkpoint, except Paused).
@@ -127,12 +136,20 @@ pub struct RunRecord {
     /// Placements so far; every assignment of the run bumps it (see `pb::Assignment::attempt`).
     #[serde(default)]
     pub attempt: u32,
-    /// Automatic resume budget (from the spec) and the interruptions that spent it since the
-    /// last manual resume.
+    /// Automatic resume budget (from the spec) and the interruptions that spent it: those in
+    /// a row with no new progress between them (see `RunRecord::charge_interruption`), since
+    /// the last manual resume.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     #[serde(default)]
     pub interruptions: Vec<String>,
+    /// The run's step when it was last interrupted: an interruption after the run got past it
+    /// made progress, and starts the count of `interruptions` over.
+    #[serde(default)]
+    pub interrupted_at_step: Option<u64>,
+    /// Every interruption since the last manual resume, progress or not, for `show`.
+    #[serde(default)]
+    pub total_interruptions: u32,
     /// Step of the checkpoint the next (or current) attempt starts from.
     #[serde(default)]
     pub resume_step: Option<u64>,
@@ -255,6 +272,43 @@ impl RunRecord {
     /// Automatic resumes already used.
     pub fn retries_used(&self) -> u32 {
         self.interruptions.len() as u32
+    }
+
+    /// Counts an interruption against the retry budget. The budget stops a crash loop, not a
+    /// long run on churning nodes: an interruption after the run got past the step of the last
+    /// one starts the count over, so only interruptions in a row with no new progress between
+    /// them add up. Returns whether the budget is now spent.
+    pub fn charge_interruption(&mut self, cause: String) -> bool {
+        if self.interrupted_at_step.is_some_and(|at| self.step > at) {
+            self.interruptions.clear();
+        }
+        self.interrupted_at_step = Some(self.step);
+        self.total_interruptions += 1;
+        self.interruptions.push(cause);
+        self.retries_used() > self.max_retries
+    }
+
+    /// Starts the budget afresh (a manual resume).
+    pub fn reset_retry_budget(&mut self) {
+        self.interruptions.clear();
+        self.interrupted_at_step = None;
+        self.total_interruptions = 0;
+    }
+
+    /// How much of the retry budget is left, and why, in one line for `show`.
+    pub fn retry_budget(&self) -> String {
+        let left = self.max_retries.saturating_sub(self.retries_used());
+        let mut text = format!("{left} of {} automatic resumes left", self.max_retries);
+        match self.interrupted_at_step {
+            None => text.push_str(" (never interrupted)"),
+            Some(at) => text.push_str(&format!(
+                " ({} interruption(s) in a row without getting past step {at}, {} in all; \
+                 one after new progress starts the count over)",
+                self.retries_used(),
+                self.total_interruptions
+            )),
+        }
+        text
     }
 }
 

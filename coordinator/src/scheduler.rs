@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use protocol::spec::device_class;
 
-use crate::records::{RunRecord, WorkerRecord};
+use crate::records::{RunRecord, RunState, WorkerRecord};
 
 /// What one scheduling pass decided.
 #[derive(Debug, Default)]
@@ -111,9 +111,12 @@ pub fn plan<'a>(
             continue;
         }
         candidates.sort_by_key(|(_, p)| std::cmp::Reverse(p.idle.len()));
+        // An interrupted run is placed only once its automatic resume has queued it again (with
+        // the checkpoint it starts from); until then it holds its place and its pool's workers.
+        let resuming = run.state == RunState::Interrupted;
         let fits = candidates
             .iter()
-            .find(|(_, p)| p.reserved_for.is_none() && p.idle.len() >= need)
+            .find(|(_, p)| !resuming && p.reserved_for.is_none() && p.idle.len() >= need)
             .map(|(key, _)| (*key).clone());
         if let Some(key) = fits {
             let pool = pools.get_mut(&key).expect("candidate pools exist");
@@ -129,6 +132,7 @@ pub fn plan<'a>(
             Some((key, idle)) => {
                 pools.get_mut(&key).expect("candidate pools exist").reserved_for = Some(run.id.clone());
                 match idle {
+                    _ if resuming => format!("interrupted; holding {idle} idle workers until its automatic resume"),
                     0 => format!("needs {need} {what}workers, none idle; next in line for them"),
                     _ => format!(
                         "needs {need} {what}workers, {idle} idle: holding them until {} more free up",
@@ -202,6 +206,24 @@ mod tests {
         );
         let p = super::plan(&runs, &[&w1, &w2, &w3], &[&w1, &w2, &w3], true);
         assert_eq!(placed(&p), [("r1", vec!["w1", "w2", "w3"])]);
+    }
+
+    #[test]
+    fn an_interrupted_run_keeps_its_place_and_its_workers_until_it_is_resumed() {
+        // The probe's case: a run interrupted by a coordinator stall freed both workers, and the
+        // run queued behind it took them before the automatic resume queued it again.
+        let mut interrupted = run("first", 2);
+        interrupted.state = RunState::Interrupted;
+        let runs = [interrupted, run("behind", 2)];
+        let (w1, w2) = (worker("w1", "cpu"), worker("w2", "cpu"));
+        let p = plan(&runs, &[&w1, &w2], &[&w1, &w2], true);
+        assert!(p.placements.is_empty(), "{:?}", p.placements);
+        assert!(p.waiting[0].reason.contains("automatic resume"), "{:?}", p.waiting);
+        assert!(p.waiting[1].reason.contains("waiting behind first"), "{:?}", p.waiting);
+        // Once resumed it is queued again, and placed first.
+        let runs = [run("first", 2), run("behind", 2)];
+        let p = plan(&runs, &[&w1, &w2], &[&w1, &w2], true);
+        assert_eq!(placed(&p), [("first", vec!["w1", "w2"])]);
     }
 
     #[test]

@@ -152,8 +152,11 @@ pub async fn start_with_tls(
         .heartbeat_interval
         .min(std::time::Duration::from_secs(1));
     // Two loops, so that re-reading a large checkpoint before a resume never delays declaring
-    // a silent worker dead.
-    let liveness = every(period, coordinator.clone(), "liveness check", |c| async move {
+    // a silent worker dead. The liveness check ticks four times a heartbeat interval: a gap of a
+    // whole interval between two checks then means the coordinator itself stalled (see
+    // `Coordinator::reap_dead_workers`), never an ordinary tick.
+    let liveness_period = (coordinator.timing.heartbeat_interval / 4).min(std::time::Duration::from_millis(500));
+    let liveness = every(liveness_period, coordinator.clone(), "liveness check", |c| async move {
         c.reap_dead_workers().await
     });
     let resumer = every(period, coordinator.clone(), "automatic resume", |c| async move {

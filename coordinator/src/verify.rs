@@ -74,6 +74,38 @@ pub async fn verify_committed(artifacts_url: &str, record: &CheckpointRecord) ->
     verify_claims(artifacts_url, &record.prefix, &record.files, RECORD_CLAIM).await
 }
 
+/// The cheap half of `verify_committed`: every file exists with its committed size. Listings
+/// use it to mark a resume point without reading gigabytes; a resume still reads and hashes.
+pub async fn check_present(artifacts_url: &str, record: &CheckpointRecord) -> Result<(), VerifyError> {
+    if record.files.is_empty() {
+        return Err(VerifyError::Empty {
+            prefix: record.prefix.clone(),
+        });
+    }
+    let (store, root) = open_store(artifacts_url)?;
+    for claim in &record.files {
+        let location = locate(&root, &record.prefix, &claim.key)?;
+        let meta = store.head(&location).await.map_err(|e| read_error(&claim.key, e))?;
+        if meta.size != claim.bytes {
+            return Err(VerifyError::Size {
+                key: claim.key.clone(),
+                actual: meta.size,
+                expected: claim.bytes,
+                claimed_by: RECORD_CLAIM,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl VerifyError {
+    /// The object is gone or has another size: no retry will make the checkpoint usable, unlike
+    /// a store that could not be reached.
+    pub fn is_definitive(&self) -> bool {
+        !matches!(self, VerifyError::Read { .. } | VerifyError::Store { .. })
+    }
+}
+
 /// Deletes a checkpoint's objects for garbage collection. Already-gone objects count as deleted
 /// so an interrupted collection can simply be repeated.
 pub async fn delete_checkpoint_objects(artifacts_url: &str, record: &CheckpointRecord) -> Result<(), VerifyError> {

@@ -238,6 +238,8 @@ impl RunLink {
             worker_id: self.id.worker_id.clone(),
             case_id: case_id.to_string(),
             error: error.to_string(),
+            rank: self.id.rank,
+            attempt: self.id.attempt,
         };
         match self.handle.block_on(self.client.clone().report_bad_case(req)) {
             Ok(reply) if reply.get_ref().newly_quarantined => {

@@ -96,11 +96,44 @@ pub async fn submit(remote: &Remote, path: &Path, priority: Option<i32>) -> anyh
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn runs(remote: &Remote, sweep: Option<&str>) -> anyhow::Result<ExitCode> {
-    let req = pb::ListRunsRequest {
-        sweep_id: sweep.unwrap_or_default().to_string(),
+/// What `coordinator runs` asks for.
+pub struct RunsFilter {
+    pub sweep: Option<String>,
+    pub state: Option<String>,
+    pub limit: Option<u32>,
+    /// Follow the pages to the end.
+    pub all: bool,
+}
+
+pub async fn runs(remote: &Remote, filter: &RunsFilter) -> anyhow::Result<ExitCode> {
+    let mut client = connect(remote).await?;
+    let mut req = pb::ListRunsRequest {
+        sweep_id: filter.sweep.clone().unwrap_or_default(),
+        state: filter.state.clone().unwrap_or_default(),
+        limit: filter.limit.unwrap_or(0),
+        page_token: String::new(),
     };
-    let runs = remote.call(connect(remote).await?.list_runs(req)).await?.runs;
+    let mut runs = vec![];
+    let total = loop {
+        let page = remote.call(client.list_runs(req.clone())).await?;
+        runs.extend(page.runs);
+        let more = !page.next_page_token.is_empty();
+        let wanted = filter.limit.is_none_or(|n| runs.len() < n as usize);
+        if !(more && wanted && (filter.all || filter.limit.is_some())) {
+            break page.total as usize;
+        }
+        req.page_token = page.next_page_token;
+    };
+    if let Some(n) = filter.limit {
+        runs.truncate(n as usize);
+    }
+    if runs.len() < total {
+        // On stderr, so a JSON or piped listing stays what it was.
+        eprintln!(
+            "showing the newest {} of {total} runs; `--all` lists every one, `--limit N` the newest N",
+            runs.len()
+        );
+    }
     if remote.json {
         println!("{}", json!(runs.iter().map(run_json).collect::<Vec<_>>()));
     } else if runs.is_empty() {
@@ -142,10 +175,11 @@ pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
     }
     println!("{}", table(&RUN_HEADERS, &[run_row(&run)]));
     println!(
-        "\ncases: {} train, {} held out; workers: {}",
+        "\ncases: {} train, {} held out; workers: {}\nretry budget: {}",
         detail.train_cases,
         detail.eval_cases,
-        run.workers.join(", ")
+        run.workers.join(", "),
+        run.retry_budget
     );
     if detail.checkpoints.is_empty() {
         println!("\nno checkpoints yet");

@@ -37,10 +37,16 @@ pub async fn pause(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn resume(remote: &Remote, run_id: &str, world_size: Option<u32>) -> anyhow::Result<ExitCode> {
+pub async fn resume(
+    remote: &Remote,
+    run_id: &str,
+    world_size: Option<u32>,
+    from_scratch: bool,
+) -> anyhow::Result<ExitCode> {
     let req = pb::ResumeRunRequest {
         run_id: run_id.into(),
-        world_size: world_size.unwrap_or(0),
+        world_size,
+        from_scratch,
     };
     let run = remote.call(connect(remote).await?.resume_run(req)).await?;
     print_run(remote, &run, &run.message);
@@ -79,7 +85,10 @@ pub async fn checkpoints(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCo
                 &rows
             )
         );
-        println!("\n* = where `coordinator resume {run_id}` would start");
+        println!(
+            "\n* = where `coordinator resume {run_id}` would start: its files exist with their committed sizes \
+             (the resume reads them back and checks their hashes before it trusts them)"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -81,12 +81,23 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// List runs. A queued run shows its place in the queue and why it waits ("needs 4 workers,
-    /// 2 idle").
+    /// List runs, newest first, a page at a time. A queued run shows its place in the queue and
+    /// why it waits ("needs 4 workers, 2 idle").
     Runs {
         /// Only the runs of this sweep.
         #[arg(long)]
         sweep: Option<String>,
+        /// Only runs in this state: Queued, Assigned, Running, Paused, Completed, Failed,
+        /// Cancelled or Interrupted.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many runs (the coordinator's page is 1,000 at most, fewer for long
+        /// messages); the rest are counted, not shown.
+        #[arg(long, conflicts_with = "all", value_parser = clap::value_parser!(u32).range(1..))]
+        limit: Option<u32>,
+        /// Every matching run: follow the pages to the end.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -150,16 +161,20 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Queue a Paused run again, or an Interrupted, Failed or Cancelled one that has a committed
-    /// checkpoint. It continues from its newest checkpoint that still verifies, bit-identical to
-    /// an uninterrupted run at the same world size; its retry budget starts over.
+    /// Queue a Paused, Interrupted, Failed or Cancelled run again. It continues from its newest
+    /// checkpoint that still verifies, bit-identical to an uninterrupted run at the same world
+    /// size; its retry budget starts over. A run that trained but has no checkpoint that
+    /// verifies is refused unless --from-scratch.
     Resume {
         /// Run id, as `coordinator runs` lists it.
         run: String,
-        /// Resume on this many workers. The sample order is global, so no sample is skipped or
-        /// repeated; with `train.global_batch` the optimisation is the same too.
-        #[arg(long)]
+        /// Resume on this many workers (1 or more). The sample order is global, so no sample is
+        /// skipped or repeated; with `train.global_batch` the optimisation is the same too.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         world_size: Option<u32>,
+        /// When no checkpoint verifies, start the run over from step 0, discarding its steps.
+        #[arg(long)]
+        from_scratch: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -334,7 +349,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => serve::serve(args).await,
         Command::Submit { spec, priority, remote } => client::submit(&remote, &spec, priority).await,
-        Command::Runs { sweep, remote } => client::runs(&remote, sweep.as_deref()).await,
+        Command::Runs {
+            sweep,
+            state,
+            limit,
+            all,
+            remote,
+        } => {
+            let filter = client::RunsFilter {
+                sweep,
+                state,
+                limit,
+                all,
+            };
+            client::runs(&remote, &filter).await
+        }
         Command::Sweep {
             file,
             dry_run,
@@ -364,8 +393,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Resume {
             run,
             world_size,
+            from_scratch,
             remote,
-        } => lifecycle::resume(&remote, &run, world_size).await,
+        } => lifecycle::resume(&remote, &run, world_size, from_scratch).await,
         Command::Checkpoints { run, remote } => lifecycle::checkpoints(&remote, &run).await,
         Command::Model(command) => model::run(command).await,
         Command::Dataset(DatasetCommand::Synth {

@@ -56,7 +56,7 @@ pub fn run_json(r: &pb::RunInfo) -> Value {
         "run_id": r.run_id, "name": r.name, "state": r.state, "world_size": r.world_size,
         "step": r.step, "total_steps": r.total_steps, "message": r.message,
         "submitted_unix_ms": r.submitted_unix_ms, "updated_unix_ms": r.updated_unix_ms, "workers": r.workers,
-        "attempt": r.attempt, "retries": r.retries, "max_retries": r.max_retries,
+        "attempt": r.attempt, "retries": r.retries, "max_retries": r.max_retries, "retry_budget": r.retry_budget,
         "pause_requested": r.pause_requested, "priority": r.priority,
         "queue_position": (r.queue_position > 0).then_some(r.queue_position),
         "waiting_reason": (!r.waiting_reason.is_empty()).then_some(&r.waiting_reason),

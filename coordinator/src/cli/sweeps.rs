@@ -143,11 +143,24 @@ fn optional(has: bool, value: f64) -> Option<f64> {
 }
 
 pub async fn show(remote: &Remote, sweep_id: &str) -> anyhow::Result<ExitCode> {
-    let detail = remote
-        .call(connect(remote).await?.get_sweep(pb::GetSweepRequest {
-            sweep_id: sweep_id.into(),
-        }))
-        .await?;
+    // A large sweep comes in pages, each under the message limit.
+    let mut client = connect(remote).await?;
+    let mut req = pb::GetSweepRequest {
+        sweep_id: sweep_id.into(),
+        ..Default::default()
+    };
+    let mut detail = remote.call(client.get_sweep(req.clone())).await?;
+    while !detail.next_page_token.is_empty() {
+        req.page_token = std::mem::take(&mut detail.next_page_token);
+        let page = remote.call(client.get_sweep(req.clone())).await?;
+        detail.children.extend(page.children);
+        for id in page.manifest_ids.split(',').filter(|m| !m.is_empty()) {
+            if !detail.manifest_ids.split(',').any(|m| m == id) {
+                detail.manifest_ids = [detail.manifest_ids.as_str(), id].join(",");
+            }
+        }
+        detail.next_page_token = page.next_page_token;
+    }
     let info = detail.sweep.clone().unwrap_or_default();
     if remote.json {
         let children: Vec<Value> = detail
@@ -223,6 +236,7 @@ pub async fn act(remote: &Remote, sweep_id: &str, resume: bool) -> anyhow::Resul
     let mut client = connect(remote).await?;
     let req = pb::GetSweepRequest {
         sweep_id: sweep_id.into(),
+        ..Default::default()
     };
     let resp = if resume {
         remote.call(client.resume_sweep(req)).await?

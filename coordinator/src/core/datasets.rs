@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use data::scan::ScanProgress;
+use protocol::pb;
 
 use super::{CoordError, Coordinator, Result};
 use crate::records::*;
@@ -227,8 +228,22 @@ impl Coordinator {
 
     /// A worker could not read `case_id` of `run_id`'s dataset: quarantine it (the first report
     /// wins) and note it in the run's events. True when it was not quarantined before.
-    pub async fn report_bad_case(&self, run_id: &str, worker_id: &str, case_id: &str, error: &str) -> Result<bool> {
+    pub async fn report_bad_case(&self, req: &pb::ReportBadCaseRequest) -> Result<bool> {
+        let (run_id, worker_id, case_id) = (req.run_id.as_str(), req.worker_id.as_str(), req.case_id.as_str());
         let run = self.get_run(run_id)?;
+        // Quarantine outlives the run and changes what every later run trains on: only a rank
+        // of the run's current attempt, which has just read the case, may report it.
+        if let Err(why) = self.check_member(&run, worker_id, req.rank, req.attempt) {
+            tracing::warn!(
+                run = run_id,
+                worker = worker_id,
+                case = case_id,
+                "refused a bad-case report: {why}"
+            );
+            return Err(CoordError::Rejected(format!(
+                "refused to quarantine case {case_id}: {why}; only a rank of the run's current attempt may report its cases"
+            )));
+        }
         let manifest = self.manifest(&run.manifest_id)?;
         if !manifest.cases.iter().any(|c| c == case_id) {
             return Err(CoordError::Rejected(format!(
@@ -236,7 +251,7 @@ impl Coordinator {
                 manifest.id
             )));
         }
-        let mut error = error.to_string();
+        let mut error = req.error.clone();
         if let Some((cut, _)) = error.char_indices().nth(MAX_ERROR_CHARS) {
             error.truncate(cut);
             error.push_str(" [truncated]");

@@ -87,6 +87,12 @@ impl Default for Timing {
     }
 }
 
+/// Runs for a listing, newest first, and why each queued one waits.
+pub struct RunListing {
+    pub runs: Vec<Arc<RunRecord>>,
+    pub waiting: HashMap<String, scheduler::Waiting>,
+}
+
 pub struct Coordinator {
     store: Store,
     model: Mutex<Model>,
@@ -216,16 +222,12 @@ impl Coordinator {
         Ok((run.attempt, run.world_size))
     }
 
-    /// Runs in submission order (only `sweep_id`'s children when given), each queued one with
-    /// its place in the queue and why it waits, as `view` renders them. The lock is held only
-    /// to take shared handles; the queue is explained and the runs rendered after it is
-    /// released, so listing ten thousand runs does not stall heartbeats.
-    pub fn list_runs<T>(
-        &self,
-        sweep_id: Option<&str>,
-        view: impl Fn(&RunRecord, Option<&scheduler::Waiting>) -> T,
-    ) -> Result<Vec<T>> {
-        let (runs, queue, workers) = {
+    /// The runs a listing asks for (only `sweep_id`'s children, only those in `state`), newest
+    /// first, with why each queued one waits. The lock is held only to take shared handles; the
+    /// queue is explained after it is released, so listing ten thousand runs does not stall
+    /// heartbeats. The caller renders and pages them (see `service::control_api`).
+    pub fn list_runs(&self, sweep_id: Option<&str>, state: Option<RunState>) -> Result<RunListing> {
+        let (mut runs, queue, workers) = {
             let m = self.lock();
             let runs = match sweep_id {
                 None => m.snapshot(None::<std::iter::Empty<&str>>),
@@ -239,13 +241,15 @@ impl Coordinator {
             };
             (runs, m.queue_snapshot(), self.worker_pools(&m))
         };
-        let waiting: HashMap<String, scheduler::Waiting> = workers
+        runs.retain(|r| state.is_none_or(|s| r.state == s));
+        runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        let waiting = workers
             .plan(queue.iter().map(|r| &**r), true)
             .waiting
             .into_iter()
             .map(|w| (w.run_id.clone(), w))
             .collect();
-        Ok(runs.iter().map(|r| view(r, waiting.get(&r.id))).collect())
+        Ok(RunListing { runs, waiting })
     }
 
     /// Why a queued run waits, and its place in the queue; None for any other run.
@@ -319,6 +323,30 @@ impl Coordinator {
     fn reap_locked(&self, m: &mut Model) -> Result<Vec<String>> {
         let now = Instant::now();
         let dead_after = self.timing.dead_after;
+        // The check runs at least once a heartbeat interval. A longer gap in its own clock means
+        // this process was not running (SIGSTOP, a VM or GC pause, a stalled disk): its workers'
+        // heartbeats went unheard, not unsent. Every worker gets a fresh grace period, as after a
+        // restart, instead of its run being charged with the coordinator's silence.
+        if let Some(gap) = m.last_liveness_check.replace(now).map(|t| now.duration_since(t))
+            && gap > self.timing.heartbeat_interval
+        {
+            let alive: Vec<String> = m
+                .workers()
+                .filter(|w| w.state != WorkerState::Dead)
+                .map(|w| w.id.clone())
+                .collect();
+            tracing::warn!(
+                ?gap,
+                workers = alive.len(),
+                "the coordinator was unresponsive for {gap:?} (longer than the heartbeat interval {:?}); \
+                 giving every worker a fresh grace period instead of declaring it dead",
+                self.timing.heartbeat_interval
+            );
+            for id in alive {
+                let wall = m.last_seen.get(&id).map_or_else(now_unix_ms, |(_, unix_ms)| *unix_ms);
+                m.last_seen.insert(id, (now, wall));
+            }
+        }
         let forget_before = now_unix_ms() - self.timing.forget_dead_after.as_millis() as i64;
         let silent: Vec<WorkerRecord> = m
             .workers()
@@ -396,9 +424,16 @@ fn ending(m: &mut Model, mut run: RunRecord, state: RunState, message: String) -
     }
     let mut events = vec![];
     let (state, message) = if state == RunState::Interrupted {
-        run.interruptions.push(message.clone());
         events.push(RunEvent::new("interrupted", run.step, message.clone()));
-        if run.retries_used() > run.max_retries {
+        if run.pause_requested {
+            // The user's pause outlives the fault: the run stops here instead of resuming.
+            let message = format!(
+                "paused: a pause was pending when the run was interrupted ({message}); \
+                 `coordinator resume {}` continues it from its newest checkpoint",
+                run.id
+            );
+            (RunState::Paused, message)
+        } else if run.charge_interruption(message.clone()) {
             let causes: Vec<String> = run
                 .interruptions
                 .iter()
@@ -406,8 +441,9 @@ fn ending(m: &mut Model, mut run: RunRecord, state: RunState, message: String) -
                 .map(|(i, cause)| format!("{}) {cause}", i + 1))
                 .collect();
             let message = format!(
-                "interrupted {} times, more than max_retries = {}: {}",
+                "interrupted {} times in a row without getting past step {}, more than max_retries = {}: {}",
                 run.interruptions.len(),
+                run.step,
                 run.max_retries,
                 causes.join("; ")
             );
@@ -453,9 +489,9 @@ mod tests {
     async fn silent_workers_die_and_are_forgotten_later() {
         let dir = tempfile::tempdir().unwrap();
         let timing = Timing {
-            heartbeat_interval: Duration::from_millis(20),
-            dead_after: Duration::from_millis(100),
-            forget_dead_after: Duration::from_millis(400),
+            heartbeat_interval: Duration::from_millis(100),
+            dead_after: Duration::from_millis(250),
+            forget_dead_after: Duration::from_millis(600),
         };
         let coord = Coordinator::open(dir.path(), timing).await.unwrap();
         let quiet = coord.register(register_request("127.0.0.1:1")).await.unwrap();
@@ -468,18 +504,53 @@ mod tests {
             };
             coord.heartbeat(req).unwrap();
         };
-        for _ in 0..4 {
-            tokio::time::sleep(Duration::from_millis(60)).await;
-            beat();
+        // The liveness check ticks well within a heartbeat interval, as the server's does.
+        for tick in 0..40 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if tick % 5 == 0 {
+                beat();
+            }
             coord.reap_dead_workers().await.unwrap();
         }
         assert_eq!(state(&quiet.id), Some(WorkerState::Dead));
         assert_eq!(state(&chatty.id), Some(WorkerState::Idle));
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        tokio::time::sleep(Duration::from_millis(650)).await;
         beat();
         coord.reap_dead_workers().await.unwrap();
         assert_eq!(state(&quiet.id), None, "forgotten, in memory");
         assert!(coord.store().worker(&quiet.id).unwrap().is_none(), "and in the store");
         assert_eq!(state(&chatty.id), Some(WorkerState::Idle));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_coordinator_gives_its_workers_a_fresh_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let timing = Timing {
+            heartbeat_interval: Duration::from_millis(50),
+            dead_after: Duration::from_millis(200),
+            forget_dead_after: Duration::from_secs(60),
+        };
+        let coord = Coordinator::open(dir.path(), timing).await.unwrap();
+        let a = coord.register(register_request("127.0.0.1:1")).await.unwrap();
+        let b = coord.register(register_request("127.0.0.1:2")).await.unwrap();
+        let state = |id: &str| coord.workers().into_iter().find(|w| w.id == id).map(|w| w.state);
+        coord.reap_dead_workers().await.unwrap();
+        // The coordinator hears nothing and checks nothing for three times `dead_after`, as when
+        // it is SIGSTOPped: the silence is its own, so nobody dies of it.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        coord.reap_dead_workers().await.unwrap();
+        assert_eq!(state(&a.id), Some(WorkerState::Idle));
+        assert_eq!(state(&b.id), Some(WorkerState::Idle));
+        // The grace period is fresh, not endless: workers that then stay silent while the
+        // coordinator runs are declared dead as usual.
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            coord.reap_dead_workers().await.unwrap();
+            if state(&a.id) == Some(WorkerState::Dead) && state(&b.id) == Some(WorkerState::Dead) {
+                break;
+            }
+        }
+        assert_eq!(state(&a.id), Some(WorkerState::Dead));
+        assert_eq!(state(&b.id), Some(WorkerState::Dead));
     }
 }

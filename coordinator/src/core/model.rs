@@ -40,6 +40,10 @@ pub(super) struct Model {
     /// Shared, so a listing can take a snapshot under the lock and render it after.
     runs: HashMap<String, Arc<RunRecord>>,
     queue: BTreeSet<QueueKey>,
+    /// Interrupted runs waiting for their automatic resume, keyed as the queue is: they keep
+    /// their place in it, so the workers they freed are held for them, not given to a run
+    /// queued behind them (see `queue_with_resuming`).
+    resuming: BTreeSet<QueueKey>,
     /// Shared like `runs`: a scheduling pass or a listing takes handles, not copies.
     workers: BTreeMap<String, Arc<WorkerRecord>>,
     pub sweeps: BTreeMap<String, SweepRecord>,
@@ -55,6 +59,9 @@ pub(super) struct Model {
     /// Workers a peer saw vanish (their ring link closed). Left out of new gangs until they show
     /// a sign of life, so a re-formed ring does not wait `dead_after` on a dead process.
     pub suspects: HashSet<String>,
+    /// When the liveness check last ran: a gap longer than a heartbeat interval means the
+    /// coordinator itself was stalled (SIGSTOP, a VM pause, a slow disk), not its workers.
+    pub last_liveness_check: Option<Instant>,
 }
 
 impl Model {
@@ -126,12 +133,33 @@ impl Model {
         self.queue.iter().filter_map(|k| self.runs.get(&k.run_id).map(|r| &**r))
     }
 
+    /// Queued runs and the interrupted runs about to be resumed, merged in queue order: what a
+    /// scheduling pass walks, so that an interrupted run holds its place (and its workers) for
+    /// the moment between its interruption and its automatic resume.
+    pub fn queue_with_resuming(&self) -> Box<dyn Iterator<Item = &RunRecord> + '_> {
+        let record = |k: &QueueKey| self.runs.get(&k.run_id).map(|r| &**r);
+        if self.resuming.is_empty() {
+            // The common case walks the queue lazily: a pass stops once no worker is idle.
+            return Box::new(self.queue.iter().filter_map(record));
+        }
+        let mut keys: Vec<&QueueKey> = self.queue.iter().chain(&self.resuming).collect();
+        keys.sort();
+        Box::new(keys.into_iter().filter_map(record))
+    }
+
     fn apply_run(&mut self, run: RunRecord) {
         if let Some(old) = self.runs.get(&run.id) {
             self.queue.remove(&QueueKey::of(old));
+            self.resuming.remove(&QueueKey::of(old));
         }
-        if run.state == RunState::Queued {
-            self.queue.insert(QueueKey::of(&run));
+        match run.state {
+            RunState::Queued => {
+                self.queue.insert(QueueKey::of(&run));
+            }
+            RunState::Interrupted => {
+                self.resuming.insert(QueueKey::of(&run));
+            }
+            _ => {}
         }
         self.runs.insert(run.id.clone(), Arc::new(run));
     }

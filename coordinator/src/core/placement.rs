@@ -29,8 +29,10 @@ impl Coordinator {
     }
 
     /// One pass of the scheduler over the model; `explain` fills in why each queued run waits.
+    /// Interrupted runs about to be resumed take part where they stand in the queue, holding
+    /// their workers (see `scheduler::plan`).
     pub(super) fn plan(&self, m: &Model, explain: bool) -> scheduler::Plan {
-        self.worker_pools(m).plan(m.queued(), explain)
+        self.worker_pools(m).plan(m.queue_with_resuming(), explain)
     }
 
     /// The workers a scheduling pass sees: those alive, and those of them that may take work now

@@ -47,9 +47,11 @@ impl Coordinator {
         Ok(run)
     }
 
-    /// Queues a Paused run again, or an Interrupted, Failed or Cancelled one that has a
-    /// checkpoint that verifies, optionally at another world size. The retry budget starts over.
-    pub async fn resume(&self, run_id: &str, world_size: Option<u32>) -> Result<RunRecord> {
+    /// Queues a Paused, Interrupted, Failed or Cancelled run again from its newest checkpoint
+    /// that verifies, optionally at another world size. The retry budget starts over. A run that
+    /// has trained but has no such checkpoint is refused, whatever its state, unless
+    /// `from_scratch` says to throw its steps away.
+    pub async fn resume(&self, run_id: &str, world_size: Option<u32>, from_scratch: bool) -> Result<RunRecord> {
         let run = self.get_run(run_id)?;
         if !run.state.is_resumable() {
             return Err(CoordError::Rejected(format!(
@@ -60,9 +62,12 @@ impl Coordinator {
         let world = world_size.unwrap_or(run.world_size);
         check_world_size(&run, world)?;
         let checkpoint = self.choose_checkpoint(&run).await?;
-        if checkpoint.is_none() && run.state != RunState::Paused && run.step > 0 {
+        if checkpoint.is_none() && run.step > 0 && !from_scratch {
             return Err(CoordError::Rejected(format!(
-                "run {run_id} has no committed checkpoint that verifies; submit its spec again to start over"
+                "run {run_id} reached step {} but has no committed checkpoint that verifies (see \
+                 `coordinator checkpoints {run_id}`); resuming would start it over from step 0. \
+                 Pass --from-scratch to do that, or submit its spec again",
+                run.step
             )));
         }
         let run = {
@@ -81,7 +86,7 @@ impl Coordinator {
                 describe_start(from)
             );
             run.world_size = world;
-            run.interruptions.clear();
+            run.reset_retry_budget();
             run.live_state = None;
             run.recovering_live = false;
             self.requeue(&mut m, &mut run, from, "resumed", message, &[])?;
@@ -203,16 +208,38 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The checkpoint `coordinator checkpoints` marks: what a resume would take, without
-    /// re-reading the objects (the resume itself does).
-    pub fn resume_candidate(&self, run_id: &str) -> Result<Option<u64>> {
-        Ok(self
-            .store
-            .checkpoints(run_id)?
-            .iter()
-            .rev()
-            .find(|c| c.unusable.is_none())
-            .map(|c| c.step))
+    /// The checkpoint `coordinator checkpoints` marks: what a resume would take. Each candidate,
+    /// newest first, is checked cheaply (every file exists with its committed size) rather than
+    /// re-read; one found missing or resized is marked unusable as a resume would mark it, so
+    /// the mark never points at a checkpoint that cannot load. The resume itself still hashes.
+    pub async fn resume_candidate(&self, run_id: &str) -> Result<Option<u64>> {
+        let run = self.get_run(run_id)?;
+        let mut candidates = self.store.checkpoints(run_id)?;
+        candidates.retain(|c| c.unusable.is_none());
+        let mut marked = false;
+        let mut chosen = None;
+        while let Some(candidate) = candidates.pop() {
+            match verify::check_present(&run.artifacts_url, &candidate).await {
+                Ok(()) => {
+                    chosen = Some(candidate.step);
+                    break;
+                }
+                Err(e) if e.is_definitive() => {
+                    let _model = self.lock();
+                    self.mark_unusable(run_id, candidate.step, &e.to_string())?;
+                    marked = true;
+                }
+                // The store did not answer: the listing cannot tell, so it marks nothing.
+                Err(e) => {
+                    tracing::warn!(run = %run_id, step = candidate.step, "cannot check the checkpoint: {e}");
+                    break;
+                }
+            }
+        }
+        if marked {
+            self.store.durable().await?;
+        }
+        Ok(chosen)
     }
 
     /// Keeps the newest `train.checkpoint_keep` usable checkpoints, the final one, the best by

@@ -16,7 +16,7 @@ use crate::verify;
 impl Coordinator {
     /// Checks that `worker_id` holds `rank` of the current attempt of an active run. A stale or
     /// foreign report gets the reason back, so the worker stops.
-    fn check_member(
+    pub(super) fn check_member(
         &self,
         run: &RunRecord,
         worker_id: &str,
@@ -151,6 +151,9 @@ impl Coordinator {
             if req.is_final {
                 run.final_checkpoint = Some(req.step);
             }
+            // Metrics may trail the checkpoint (they are batched): a run paused at this step
+            // shows this step, not the last one reported.
+            run.step = run.step.max(req.step);
             run.updated_unix_ms = now_unix_ms();
             let kind = if req.is_final { "final checkpoint" } else { "checkpoint" };
             let mut events = vec![RunEvent::new(

@@ -281,6 +281,8 @@ impl Coordinator {
             attempt: 0,
             max_retries: spec.max_retries,
             interruptions: vec![],
+            interrupted_at_step: None,
+            total_interruptions: 0,
             resume_step: None,
             pause_requested: false,
             live_state: None,
@@ -354,7 +356,7 @@ impl Coordinator {
             let result = if !run.state.is_resumable() {
                 (run.id.clone(), false, format!("left alone: {}", run.state))
             } else {
-                match self.resume(&run.id, None).await {
+                match self.resume(&run.id, None, false).await {
                     Ok(r) => (run.id.clone(), true, r.message),
                     Err(e) => (run.id.clone(), false, e.to_string()),
                 }

@@ -12,12 +12,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::checked_id;
 use super::dataset_info::{dataset_info, quarantined_case, scan_summary};
 use super::sweep_info::{manifest_info, sweep_action, sweep_detail, sweep_info};
+use super::{checked_id, paging};
 use crate::core::CoordError;
 use crate::core::Coordinator;
-use crate::records::{CheckpointRecord, MetricRecord, RunEvent, RunRecord, WorkerRecord};
+use crate::records::{CheckpointRecord, MetricRecord, RunEvent, RunRecord, RunState, WorkerRecord};
 use crate::scheduler::Waiting;
 
 /// One value per metric name: rank 0's where it reports the metric, else the lowest rank's.
@@ -61,6 +61,7 @@ pub fn run_info_waiting(r: &RunRecord, waiting: Option<&Waiting>) -> pb::RunInfo
         attempt: r.attempt,
         retries: r.retries_used(),
         max_retries: r.max_retries,
+        retry_budget: r.retry_budget(),
         pause_requested: r.pause_requested,
     }
 }
@@ -146,14 +147,33 @@ impl ControlService for ControlApi {
         Ok(Response::new(run_info(&run)))
     }
 
+    /// Newest first, a page at a time: the page token is the submission counter of the last
+    /// run given, so runs submitted meanwhile never shift a later page.
     async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let sweep_id = req.into_inner().sweep_id;
-        let sweep = match sweep_id.as_str() {
+        let req = req.into_inner();
+        let sweep = match req.sweep_id.as_str() {
             "" => None,
             id => Some(checked_id(id, "sweep id")?),
         };
+        let state = match req.state.as_str() {
+            "" => None,
+            name => Some(RunState::from_name(name).ok_or_else(|| {
+                let names: Vec<String> = RunState::ALL.iter().map(|s| s.to_string()).collect();
+                Status::invalid_argument(format!("state `{name}`: not a run state; one of {}", names.join(", ")))
+            })?),
+        };
+        let before = paging::cursor(&req.page_token)?;
+        let listing = self.0.list_runs(sweep, state)?;
+        let page = listing
+            .runs
+            .iter()
+            .filter(|r| before.is_none_or(|b| r.seq < b))
+            .map(|r| (r.seq, run_info_waiting(r, listing.waiting.get(&r.id))));
+        let (runs, next) = paging::page(page, req.limit);
         Ok(Response::new(pb::ListRunsResponse {
-            runs: self.0.list_runs(sweep, run_info_waiting)?,
+            runs,
+            next_page_token: next.map(|seq| seq.to_string()).unwrap_or_default(),
+            total: listing.runs.len() as u32,
         }))
     }
 
@@ -162,8 +182,8 @@ impl ControlService for ControlApi {
         checked_id(&run_id, "run id")?;
         let run = self.0.get_run(&run_id)?;
         let store = self.0.store();
+        let candidate = self.0.resume_candidate(&run_id).await?;
         let checkpoints = store.checkpoints(&run_id).map_err(CoordError::from)?;
-        let candidate = self.0.resume_candidate(&run_id)?;
         let events = store.events(&run_id).map_err(CoordError::from)?;
         let by_name = latest_by_name(store.latest_metrics(&run_id).map_err(CoordError::from)?);
         let waiting = self.0.why_waiting(&run);
@@ -211,8 +231,8 @@ impl ControlService for ControlApi {
     async fn resume_run(&self, req: Request<pb::ResumeRunRequest>) -> Result<Response<pb::RunInfo>, Status> {
         let req = req.into_inner();
         checked_id(&req.run_id, "run id")?;
-        let world = (req.world_size > 0).then_some(req.world_size);
-        Ok(Response::new(run_info(&self.0.resume(&req.run_id, world).await?)))
+        let resumed = self.0.resume(&req.run_id, req.world_size, req.from_scratch).await?;
+        Ok(Response::new(run_info(&resumed)))
     }
 
     async fn submit_sweep(&self, req: Request<pb::SubmitSweepRequest>) -> Result<Response<pb::SweepInfo>, Status> {
@@ -234,10 +254,11 @@ impl ControlService for ControlApi {
     }
 
     async fn get_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepDetail>, Status> {
-        let sweep_id = req.into_inner().sweep_id;
-        checked_id(&sweep_id, "sweep id")?;
-        let view = self.0.sweep(&sweep_id)?;
-        Ok(Response::new(sweep_detail(&self.0, &view)?))
+        let req = req.into_inner();
+        checked_id(&req.sweep_id, "sweep id")?;
+        let view = self.0.sweep(&req.sweep_id)?;
+        let from = paging::cursor(&req.page_token)?;
+        Ok(Response::new(sweep_detail(&self.0, &view, from, req.limit)?))
     }
 
     async fn cancel_sweep(

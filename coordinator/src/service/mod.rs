@@ -2,6 +2,7 @@
 
 pub mod control_api;
 mod dataset_info;
+mod paging;
 mod sweep_info;
 pub mod worker_api;
 

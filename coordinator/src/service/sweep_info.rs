@@ -5,6 +5,7 @@ use protocol::pb;
 use tonic::Status;
 
 use super::control_api::{latest_by_name, run_info_waiting};
+use super::paging;
 use crate::core::{CoordError, Coordinator, SweepView};
 use crate::records::ManifestRecord;
 
@@ -25,36 +26,46 @@ pub fn sweep_info(view: &SweepView) -> pb::SweepInfo {
     }
 }
 
-pub fn sweep_detail(coord: &Coordinator, view: &SweepView) -> Result<pb::SweepDetail, Status> {
+/// One page of a sweep's children, from the child at index `from` (the previous page's token).
+pub fn sweep_detail(
+    coord: &Coordinator,
+    view: &SweepView,
+    from: Option<u64>,
+    limit: u32,
+) -> Result<pb::SweepDetail, Status> {
     // The children as `runs` shows them: queued ones with their place and why they wait.
-    let infos: std::collections::HashMap<String, pb::RunInfo> = coord
-        .list_runs(Some(&view.sweep.id), run_info_waiting)?
-        .into_iter()
-        .map(|info| (info.run_id.clone(), info))
-        .collect();
-    let mut children = Vec::with_capacity(view.children.len());
+    let waiting = coord.list_runs(Some(&view.sweep.id), None)?.waiting;
     let mut manifests: Vec<&str> = vec![];
-    for (child, run) in &view.children {
+    let mut children = vec![];
+    let skip = from.map_or(0, |last| last as usize + 1);
+    for (index, (child, run)) in view.children.iter().enumerate().skip(skip) {
         let latest = latest_by_name(coord.store().latest_metrics(&run.id).map_err(CoordError::from)?);
         let loss = latest.get(FINAL_LOSS).map(|m| m.value);
         let dice = latest.get(FINAL_DICE).map(|m| m.value);
         if !manifests.contains(&run.manifest_id.as_str()) {
             manifests.push(&run.manifest_id);
         }
-        children.push(pb::SweepChild {
-            run: infos.get(&run.id).cloned(),
+        let child = pb::SweepChild {
+            run: Some(run_info_waiting(run, waiting.get(&run.id))),
             values: child.values.clone(),
             final_loss: loss.unwrap_or(0.0),
             has_final_loss: loss.is_some(),
             final_dice: dice.unwrap_or(0.0),
             has_final_dice: dice.is_some(),
             train_cases: run.train_count,
-        });
+        };
+        children.push((index as u64, child));
+        // Read the metrics of one child past the page at most: `page` decides where it ends.
+        if children.len() > paging::items_per_page(limit) {
+            break;
+        }
     }
+    let (children, next) = paging::page(children, limit);
     Ok(pb::SweepDetail {
         sweep: Some(sweep_info(view)),
         children,
         manifest_ids: manifests.join(","),
+        next_page_token: next.map(|i| i.to_string()).unwrap_or_default(),
     })
 }
 

@@ -149,10 +149,7 @@ impl WorkerService for WorkerApi {
         if req.error.trim().is_empty() {
             return Err(Status::invalid_argument("error: say why the case is bad"));
         }
-        let newly_quarantined = self
-            .0
-            .report_bad_case(&req.run_id, &req.worker_id, &req.case_id, &req.error)
-            .await?;
+        let newly_quarantined = self.0.report_bad_case(&req).await?;
         Ok(Response::new(pb::ReportBadCaseResponse { newly_quarantined }))
     }
 }
