@@ -290,7 +290,7 @@ pub(super) fn read_verified(path: &Path, case_id: &str, digest: &str) -> Result<
     }
     let mut copy = MmapMut::map_anon(layout.total).map_err(io)?;
     // Faulting in fresh 4 KiB pages dominated the read of a SuPreM-sized case (200 ms for 87 MB
-    // here); 2 MiB pages cut it to 70 ms. Only advice: where transparent huge pages are off,
+    // on a loaded 2-core VM); 2 MiB pages cut it to 70 ms (31 ms unloaded). Only advice: where transparent huge pages are off,
     // nothing changes.
     #[cfg(target_os = "linux")]
     let _ = copy.advise(memmap2::Advice::HugePage);
