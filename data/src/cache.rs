@@ -1,57 +1,39 @@
 //! The node-wide cache of preprocessed volumes: one compact file per (case, preprocessing
-//! config), memory-mapped by every worker process on the node and every run of a sweep, so a
-//! scaling sweep decodes and resamples each volume once instead of once per run.
+//! config), read by every worker process on the node and every run of a sweep, so a scaling
+//! sweep decodes and resamples each volume once instead of once per run.
 //!
 //! Safety across processes comes from the file system, not from an index anyone could corrupt:
 //! - a file is written under a temporary name in the cache directory and `rename`d into place,
 //!   so readers see a whole file or none, and two writers of the same case just replace one good
 //!   file with an identical one;
-//! - every open validates the header (magic, version, endianness, case id, config digest, a
-//!   header checksum) and the exact file size; a file that fails is deleted and rebuilt, never
-//!   trusted;
+//! - a process reads a file once per open into its own memory, checking the header (magic,
+//!   version, endianness, case id, config digest, a header checksum), the exact file size and a
+//!   checksum per section (`file`); a file that fails is logged (file and section), deleted and
+//!   rebuilt, and the read counts as a miss. Nothing is trained on unverified, and a file
+//!   truncated or replaced later cannot touch a volume already read;
 //! - recency is the file's mtime, refreshed on every hit, and eviction deletes the oldest files
-//!   until the directory is under its limit; unlinking a file another process has mapped is safe
-//!   (the mapping keeps the inode);
+//!   until the directory is under its limit; unlinking a file another process is reading is safe
+//!   (its open descriptor keeps the inode);
 //! - an advisory lock per entry (`.locks/NAME.lock`) makes concurrent misses of one case wait for
 //!   the first preparer instead of repeating its work. Correctness never depends on it: lock files
 //!   may be deleted at any time, which at worst repeats a preparation.
-//!
-//! File format (native endianness, recorded in the header; a reader of the other endianness sees
-//! an invalid file and rebuilds it):
-//! ```text
-//! 0     magic "VFCASE\0\0"      8 version u32      12 endian mark 0x01020304 u32
-//! 16    shape d, h, w u64 x3    40 foreground count u64
-//! 48    image offset u64        56 labels offset u64   64 foreground offset u64   72 file length u64
-//! 96    case id (128 bytes, NUL padded)   224 sha256 hex of the config hash (64 bytes)
-//! 4064  sha256 of bytes 0..4064
-//! 4096  image u16 x n, then labels u32 x n, then foreground u32 x count, each at a 4096 boundary
-//! ```
-//! Page-aligned sections let the mapping be viewed as typed slices without copying.
+
+mod file;
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
+pub use self::file::{FORMAT_VERSION, open_case_file, write_case_file};
+use self::file::{Layout, read_verified};
 use crate::DataError;
 use crate::ids::validate_case_id;
-use crate::volume::{CaseVolume, MappedSections};
+use crate::volume::CaseVolume;
 
-/// Bumped whenever the layout or the quantisation changes: old files are then simply other keys.
-pub const FORMAT_VERSION: u32 = 1;
-const MAGIC: [u8; 8] = *b"VFCASE\0\0";
-const ENDIAN_MARK: u32 = 0x0102_0304;
-const PAGE: usize = 4096;
-const CHECKSUM_AT: usize = PAGE - 32;
-const ID_AT: usize = 96;
-const ID_LEN: usize = 128;
-const DIGEST_AT: usize = ID_AT + ID_LEN;
 const EXTENSION: &str = "vfc";
 /// Temporary files older than this belong to a writer that died; eviction removes them.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
@@ -68,7 +50,7 @@ pub type Prepared = ([usize; 3], Vec<f32>, Vec<u32>);
 pub enum Source {
     /// Already open in this process.
     Memory,
-    /// Mapped from the node's cache directory.
+    /// Read (and verified) from the node's cache directory.
     Disk,
     /// Prepared now (a miss).
     Prepared,
@@ -147,9 +129,9 @@ impl VolumeCache {
     }
 
     /// The volume of `case_id` prepared under `config_hash`: from this process's open volumes,
-    /// else mapped from the cache directory, else made by `prepare`, quantised, written (temp file
-    /// and rename) and mapped. A cache that cannot be written (disk full, permissions) is logged
-    /// and bypassed: the volume is still returned, owned.
+    /// else read (and verified) from the cache directory, else made by `prepare`, quantised and
+    /// written (temp file and rename). A cache that cannot be written (disk full, permissions) is
+    /// logged and bypassed: the volume is still returned.
     pub fn get_or_prepare<F>(
         &self,
         case_id: &str,
@@ -186,52 +168,54 @@ impl VolumeCache {
             self.remember(&name, &vol);
             return Ok((vol, Source::Disk));
         }
-        let owned = owned_volume(case_id, prepare()?)?;
-        let vol = match self.store(dir, &name, &owned, &digest) {
-            Ok(true) => match open_case_file(&path, case_id, &digest) {
-                Ok(Some(mapped)) => mapped,
-                _ => owned,
-            },
-            Ok(false) => owned,
-            Err(e) => {
-                tracing::warn!(
-                    "case cache: cannot write {}: {e}; continuing without it",
-                    path.display()
-                );
-                owned
-            }
-        };
-        let vol = Arc::new(vol);
+        // The volume just prepared is returned as it is: reading the file back would only copy
+        // the same bytes into memory again.
+        let vol = Arc::new(owned_volume(case_id, prepare()?)?);
+        if let Err(e) = self.store(dir, &name, &vol, &digest) {
+            tracing::warn!(
+                file = %path.display(),
+                "case cache: cannot write {}: {e}; continuing without it",
+                path.display()
+            );
+        }
         self.remember(&name, &vol);
         Ok((vol, Source::Prepared))
     }
 
-    /// Opens and validates a cache file, deleting it when invalid; refreshes its recency on a hit.
+    /// Reads and verifies a cache file, deleting it when invalid (the caller then prepares the
+    /// case again, a miss); refreshes its recency on a hit.
     fn open_valid(&self, path: &Path, case_id: &str, digest: &str) -> Option<CaseVolume> {
-        match open_case_file(path, case_id, digest) {
+        match read_verified(path, case_id, digest) {
             Ok(Some(vol)) => {
                 touch(path);
                 Some(vol)
             }
             Ok(None) => None,
-            Err(e) => {
-                tracing::warn!("case cache: {e}; deleting it and preparing the case again");
+            Err(rejected) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    section = %rejected.section,
+                    "case cache: {} is invalid, {}: {}; deleting it and preparing the case again",
+                    path.display(),
+                    rejected.section,
+                    rejected.reason
+                );
                 let _ = fs::remove_file(path);
                 None
             }
         }
     }
 
-    /// Writes `vol` under `name` (temp file, then rename) and evicts down to the limit. `false`
-    /// when the file alone would exceed the limit, so it is not cached.
-    fn store(&self, dir: &Path, name: &str, vol: &CaseVolume, digest: &str) -> Result<bool, DataError> {
+    /// Writes `vol` under `name` (temp file, then rename) and evicts down to the limit; a file
+    /// that alone would exceed the limit is not written.
+    fn store(&self, dir: &Path, name: &str, vol: &CaseVolume, digest: &str) -> Result<(), DataError> {
         let layout = Layout::of(vol.voxel_count(), vol.foreground().len());
         if layout.total as u64 > self.max_bytes {
-            return Ok(false);
+            return Ok(());
         }
         write_case_file(dir, name, vol, digest)?;
         evict(dir, self.max_bytes, &dir.join(name))?;
-        Ok(true)
+        Ok(())
     }
 
     fn recall(&self, name: &str) -> Option<Arc<CaseVolume>> {
@@ -292,165 +276,6 @@ fn owned_volume(case_id: &str, (shape, image, labels): Prepared) -> Result<CaseV
             labels.len()
         ))),
     }
-}
-
-/// Section offsets of a file holding `n` voxels and `fg` foreground indices.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Layout {
-    image: usize,
-    labels: usize,
-    foreground: usize,
-    total: usize,
-}
-
-impl Layout {
-    fn of(n: usize, fg: usize) -> Self {
-        let up = |x: usize| x.div_ceil(PAGE) * PAGE;
-        let image = PAGE;
-        let labels = up(image + 2 * n);
-        let foreground = up(labels + 4 * n);
-        Layout {
-            image,
-            labels,
-            foreground,
-            total: foreground + 4 * fg,
-        }
-    }
-}
-
-fn header(vol: &CaseVolume, digest: &str, layout: Layout) -> Vec<u8> {
-    let mut h = vec![0u8; PAGE];
-    let mut put = |at: usize, bytes: &[u8]| h[at..at + bytes.len()].copy_from_slice(bytes);
-    put(0, &MAGIC);
-    put(8, &FORMAT_VERSION.to_ne_bytes());
-    put(12, &ENDIAN_MARK.to_ne_bytes());
-    for (a, d) in vol.shape.iter().enumerate() {
-        put(16 + 8 * a, &(*d as u64).to_ne_bytes());
-    }
-    put(40, &(vol.foreground().len() as u64).to_ne_bytes());
-    put(48, &(layout.image as u64).to_ne_bytes());
-    put(56, &(layout.labels as u64).to_ne_bytes());
-    put(64, &(layout.foreground as u64).to_ne_bytes());
-    put(72, &(layout.total as u64).to_ne_bytes());
-    put(ID_AT, vol.id.as_bytes());
-    put(DIGEST_AT, digest.as_bytes());
-    let sum = Sha256::digest(&h[..CHECKSUM_AT]);
-    h[CHECKSUM_AT..].copy_from_slice(&sum);
-    h
-}
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `vol` to `dir/name` atomically: a temporary file in the same directory (same file
-/// system, so the rename is atomic), flushed to disk, then renamed over the final name.
-pub fn write_case_file(dir: &Path, name: &str, vol: &CaseVolume, digest: &str) -> Result<PathBuf, DataError> {
-    let layout = Layout::of(vol.voxel_count(), vol.foreground().len());
-    let temp = dir.join(format!(
-        ".{name}.tmp.{}.{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let file = File::options().write(true).create_new(true).open(&temp)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&header(vol, digest, layout))?;
-        w.write_all(bytemuck::cast_slice(vol.image()))?;
-        pad_to(&mut w, PAGE + 2 * vol.voxel_count(), layout.labels)?;
-        w.write_all(bytemuck::cast_slice(vol.labels()))?;
-        pad_to(&mut w, layout.labels + 4 * vol.voxel_count(), layout.foreground)?;
-        w.write_all(bytemuck::cast_slice(vol.foreground()))?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        // Data reaches the disk before the name does, so a crash never leaves a named file with
-        // holes in it.
-        file.sync_data()?;
-        Ok(())
-    })();
-    let path = dir.join(name);
-    match result.and_then(|()| fs::rename(&temp, &path)) {
-        Ok(()) => Ok(path),
-        Err(e) => {
-            let _ = fs::remove_file(&temp);
-            Err(DataError::io(&path, e))
-        }
-    }
-}
-
-fn pad_to(w: &mut impl Write, at: usize, to: usize) -> std::io::Result<()> {
-    w.write_all(&vec![0u8; to - at])
-}
-
-/// Maps and validates a cache file. `Ok(None)`: no such file. `Err`: a file that must not be
-/// trusted (wrong size, magic, version, endianness, case, config or header checksum).
-pub fn open_case_file(path: &Path, case_id: &str, digest: &str) -> Result<Option<CaseVolume>, DataError> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(DataError::io(path, e)),
-    };
-    let bad = |reason: &str| DataError::Corrupt {
-        key: path.display().to_string(),
-        reason: format!("invalid cache file: {reason}"),
-    };
-    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len() as usize;
-    if len < PAGE {
-        return Err(bad(&format!("{len} bytes, shorter than its header")));
-    }
-    // SAFETY: cache files are never modified in place: they are written under a temporary name
-    // and renamed, and eviction only unlinks them (a mapping keeps the inode alive). Only an
-    // outside process truncating a file in the cache directory could invalidate the mapping.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
-    let h = &map[..PAGE];
-    let u32_at = |at: usize| u32::from_ne_bytes(h[at..at + 4].try_into().expect("4 bytes"));
-    let u64_at = |at: usize| u64::from_ne_bytes(h[at..at + 8].try_into().expect("8 bytes"));
-    if h[..8] != MAGIC {
-        return Err(bad("bad magic"));
-    }
-    if u32_at(12) != ENDIAN_MARK {
-        return Err(bad("written on a machine of the other endianness"));
-    }
-    if u32_at(8) != FORMAT_VERSION {
-        return Err(bad(&format!(
-            "format version {} (expected {FORMAT_VERSION})",
-            u32_at(8)
-        )));
-    }
-    if Sha256::digest(&h[..CHECKSUM_AT]).as_slice() != &h[CHECKSUM_AT..] {
-        return Err(bad("header checksum mismatch"));
-    }
-    let id_field = &h[ID_AT..ID_AT + ID_LEN];
-    let id_len = id_field.iter().position(|b| *b == 0).unwrap_or(ID_LEN);
-    if &id_field[..id_len] != case_id.as_bytes() || &h[DIGEST_AT..DIGEST_AT + 64] != digest.as_bytes() {
-        return Err(bad("holds another case or preprocessing config"));
-    }
-    let shape = [0, 1, 2].map(|a| u64_at(16 + 8 * a) as usize);
-    let n = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .filter(|n| *n <= u32::MAX as usize)
-        .ok_or_else(|| bad(&format!("shape {shape:?} overflows")))?;
-    let fg = u64_at(40) as usize;
-    if fg > n {
-        return Err(bad("more foreground voxels than voxels"));
-    }
-    let layout = Layout::of(n, fg);
-    let stored = [48, 56, 64, 72].map(|at| u64_at(at) as usize);
-    if stored != [layout.image, layout.labels, layout.foreground, layout.total] {
-        return Err(bad("section offsets disagree with the shape"));
-    }
-    if len != layout.total {
-        return Err(bad(&format!("{len} bytes, expected {} (truncated?)", layout.total)));
-    }
-    let sections = MappedSections {
-        image: layout.image..layout.image + 2 * n,
-        labels: layout.labels..layout.labels + 4 * n,
-        foreground: layout.foreground..layout.total,
-    };
-    Ok(Some(CaseVolume::mapped(
-        case_id.to_string(),
-        shape,
-        Arc::new(map),
-        sections,
-    )))
 }
 
 /// Best-effort recency update: a hit makes the file the most recently used.

@@ -3,6 +3,7 @@ use std::process::Command;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::file::{PAGE, Section, read_verified};
 use super::*;
 use crate::patch::{CropConfig, sample_patch};
 
@@ -60,7 +61,6 @@ fn a_miss_writes_a_file_that_maps_back_to_the_same_bytes() {
     let cache = VolumeCache::new(dir.path(), 1 << 30, 2).expect("cache");
     let (cold, source) = get(&cache, "BDMAP_00000001");
     assert_eq!(source, Source::Prepared);
-    assert!(cold.is_mapped(), "the cold path returns the mapped file");
     assert_eq!(*cold, fresh("BDMAP_00000001"));
     assert_eq!(get(&cache, "BDMAP_00000001").1, Source::Memory);
     let other = VolumeCache::new(dir.path(), 1 << 30, 2).expect("cache");
@@ -68,6 +68,7 @@ fn a_miss_writes_a_file_that_maps_back_to_the_same_bytes() {
         .get_or_prepare("BDMAP_00000001", CONFIG, || panic!("a hit never prepares"))
         .expect("warm");
     assert_eq!(source, Source::Disk);
+    assert!(warm.is_mapped(), "a hit is the file's verified copy");
     assert_eq!(*warm, *cold);
     // Cold, warm and uncached volumes give bit-identical crops.
     let cfg = CropConfig::suprem([8, 8, 8]);
@@ -127,32 +128,83 @@ fn a_corrupt_or_truncated_file_is_detected_and_rebuilt() {
         get(&VolumeCache::new(dir.path(), 1 << 30, 1).expect("cache"), id);
         fs::read(&path).expect("read")
     };
+    let vol = fresh(id);
+    let layout = Layout::of(vol.voxel_count(), vol.foreground().len());
+    assert!(vol.foreground().len() > 2, "the phantom has foreground to shuffle");
     type Damage = Box<dyn Fn(&mut Vec<u8>)>;
-    let damages: Vec<(&str, Damage)> = vec![
-        ("truncated", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() / 2))),
-        ("one byte short", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 1))),
-        ("empty", Box::new(|b: &mut Vec<u8>| b.clear())),
-        ("bad magic", Box::new(|b: &mut Vec<u8>| b[0] ^= 0xff)),
-        ("other version", Box::new(|b: &mut Vec<u8>| b[8] = b[8].wrapping_add(1))),
-        ("header bit flip", Box::new(|b: &mut Vec<u8>| b[20] ^= 1)),
+    let damages: Vec<(&str, Section, Damage)> = vec![
+        (
+            "truncated",
+            Section::File,
+            Box::new(|b: &mut Vec<u8>| b.truncate(b.len() / 2)),
+        ),
+        (
+            "one byte short",
+            Section::File,
+            Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 1)),
+        ),
+        ("empty", Section::File, Box::new(|b: &mut Vec<u8>| b.clear())),
+        ("bad magic", Section::Header, Box::new(|b: &mut Vec<u8>| b[0] ^= 0xff)),
+        (
+            "other version",
+            Section::Header,
+            Box::new(|b: &mut Vec<u8>| b[8] = b[8].wrapping_add(1)),
+        ),
+        (
+            "header bit flip",
+            Section::Header,
+            Box::new(|b: &mut Vec<u8>| b[20] ^= 1),
+        ),
         (
             "trailing garbage",
+            Section::File,
             Box::new(|b: &mut Vec<u8>| b.extend_from_slice(&[1, 2, 3])),
         ),
+        // The probe's case: data overwritten under an intact header, every value still plausible.
+        (
+            "image bit flip",
+            Section::Image,
+            Box::new(move |b: &mut Vec<u8>| b[layout.image + 2 * 777] ^= 1),
+        ),
+        (
+            "labels bit flip",
+            Section::Labels,
+            Box::new(move |b: &mut Vec<u8>| b[layout.labels + 4 * 123 + 1] ^= 0x10),
+        ),
+        (
+            "foreground overwritten, header intact",
+            Section::Foreground,
+            Box::new(move |b: &mut Vec<u8>| b[layout.foreground..layout.total].rotate_left(4)),
+        ),
+        (
+            "last foreground index changed",
+            Section::Foreground,
+            Box::new(move |b: &mut Vec<u8>| b[layout.total - 4] ^= 1),
+        ),
     ];
-    for (what, damage) in damages {
+    for (what, section, damage) in damages {
         let mut bytes = good.clone();
         damage(&mut bytes);
         fs::write(&path, &bytes).expect("write");
+        let rejected = read_verified(&path, id, &config_digest(CONFIG)).expect_err(what);
+        assert_eq!(rejected.section, section, "{what}: {rejected:?}");
+        let error = open_case_file(&path, id, &config_digest(CONFIG))
+            .expect_err(what)
+            .to_string();
         assert!(
-            open_case_file(&path, id, &config_digest(CONFIG)).is_err(),
-            "{what}: accepted"
+            error.contains(&path.display().to_string()) && error.contains(&section.to_string()),
+            "{what}: the error names neither the file nor the section: {error}"
         );
         let cache = VolumeCache::new(dir.path(), 1 << 30, 1).expect("cache");
         let (vol, source) = get(&cache, id);
         assert_eq!(source, Source::Prepared, "{what}: trusted");
+        assert!(!source.is_hit(), "{what}: a rebuilt file counts as a miss");
         assert_eq!(*vol, fresh(id), "{what}");
         assert_eq!(fs::read(&path).expect("read"), good, "{what}: rebuilt file differs");
+        assert_eq!(
+            get(&VolumeCache::new(dir.path(), 1 << 30, 1).expect("cache"), id).1,
+            Source::Disk
+        );
     }
     // A file of another case under this name is not trusted either.
     let other = dir.path().join("other");
@@ -161,6 +213,63 @@ fn a_corrupt_or_truncated_file_is_detected_and_rebuilt() {
     write_case_file(&other, "x.vfc", &fresh("BDMAP_00000008"), &digest).expect("write");
     assert!(open_case_file(&other.join("x.vfc"), id, &digest).is_err());
     assert!(open_case_file(&other.join("x.vfc"), "BDMAP_00000008", &config_digest("no")).is_err());
+}
+
+/// Collects what a `tracing` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[test]
+fn a_rebuilt_file_is_logged_naming_the_file_and_the_section() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = "BDMAP_00000009";
+    let cache = VolumeCache::new(dir.path(), 1 << 30, 1).expect("cache");
+    get(&cache, id);
+    let path = cache.file_path(id, CONFIG).expect("path");
+    let vol = fresh(id);
+    let layout = Layout::of(vol.voxel_count(), vol.foreground().len());
+    let mut bytes = fs::read(&path).expect("read");
+    bytes[layout.foreground..layout.total].rotate_left(4);
+    fs::write(&path, &bytes).expect("write");
+
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(log.clone())
+        .with_ansi(false)
+        .finish();
+    let (rebuilt, source) = tracing::subscriber::with_default(subscriber, || {
+        get(&VolumeCache::new(dir.path(), 1 << 30, 1).expect("cache"), id)
+    });
+    assert_eq!(source, Source::Prepared);
+    assert_eq!(*rebuilt, vol);
+    let log = String::from_utf8(log.0.lock().expect("log").clone()).expect("utf-8");
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&path.display().to_string()))
+        .unwrap_or_else(|| panic!("no warning names {}: {log:?}", path.display()));
+    assert!(
+        line.contains("foreground section") && line.contains("checksum mismatch"),
+        "{line}"
+    );
 }
 
 const CHILD_ENV: &str = "VOXELFLEET_CACHE_TEST_CHILD";
@@ -219,8 +328,86 @@ fn cache_child_process() {
                 }
             }
         }
+        // A volume read from the cache, then its file truncated under it, as the fault probe did:
+        // the volume is still whole. Then files truncated while other reads are in flight.
+        "truncate" => {
+            let id = CASES_A[0];
+            let digest = config_digest(CONFIG);
+            get(&VolumeCache::new(dir, 1 << 30, 1).expect("cache"), id);
+            let cache = VolumeCache::new(dir, 1 << 30, 1).expect("cache");
+            let (vol, source) = get(&cache, id);
+            assert_eq!(source, Source::Disk);
+            let path = cache.file_path(id, CONFIG).expect("path");
+            let truncate = |len: u64| {
+                if let Ok(f) = File::options().write(true).open(&path) {
+                    let _ = f.set_len(len);
+                }
+            };
+            truncate(PAGE as u64);
+            assert_eq!(*vol, fresh(id), "a volume read before the truncation");
+            let expected = fresh(id);
+            let name = file_name(id, &digest);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut k = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        write_case_file(dir, &name, &expected, &digest).expect("write");
+                        std::thread::sleep(Duration::from_micros(500 * (k % 5)));
+                        truncate((k * 7919) % (file_size() - 1));
+                        std::thread::sleep(Duration::from_micros(300));
+                        k += 1;
+                    }
+                });
+                let mut read = 0;
+                for _ in 0..300 {
+                    if let Ok(Some(vol)) = open_case_file(&path, id, &digest) {
+                        std::thread::sleep(Duration::from_micros(300));
+                        assert_eq!(vol, expected);
+                        read += 1;
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("truncate child: {read} of 300 reads got a whole file");
+            });
+        }
         other => panic!("unknown child role {other}"),
     }
+}
+
+/// Starts this test binary running only `cache_child_process` in `role` on `dir`.
+fn spawn_child(role: &str, dir: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "cache::tests::cache_child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, format!("{role}:{}", dir.display()))
+        .spawn()
+        .expect("spawn child")
+}
+
+#[test]
+fn a_cache_file_truncated_under_a_reader_never_kills_the_process() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    // In a child process, so that a SIGBUS fails this test instead of the whole test binary.
+    let status = spawn_child("truncate", dir.path()).wait().expect("wait");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            None,
+            "the reader died of a signal (SIGBUS is 7): {status}"
+        );
+    }
+    assert!(status.success(), "the reader failed: {status}");
 }
 
 #[test]
@@ -229,19 +416,7 @@ fn two_processes_warming_one_cache_leave_it_intact() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("test binary");
-    let spawn = |role: &str| {
-        Command::new(&exe)
-            .args([
-                "--exact",
-                "cache::tests::cache_child_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, format!("{role}:{}", dir.path().display()))
-            .spawn()
-            .expect("spawn child")
-    };
+    let spawn = |role: &str| spawn_child(role, dir.path());
     let children = [
         spawn("a"),
         spawn("b"),
@@ -277,7 +452,7 @@ fn two_processes_warming_one_cache_leave_it_intact() {
 }
 
 /// Figures for the report: `cargo test --release -p data cache_hit_read_time -- --ignored
-/// --nocapture`. A 64³ phantom case, read cold (prepare, write, map) and warm (validate, map)
+/// --nocapture`. A 64³ phantom case, read cold (prepare, write) and warm (read and verify)
 /// from a fresh process view, then one 64³ crop from the mapping.
 #[test]
 #[ignore]
@@ -317,7 +492,7 @@ fn cache_hit_read_time() {
     }
     let crop_s = t.elapsed().as_secs_f64() / reps as f64;
     eprintln!(
-        "64^3 case: cold (load + quantise + write + map) {:.2} ms, warm hit (open + validate + map) {:.3} ms, 64^3 crop {:.2} ms, file {} bytes",
+        "64^3 case: cold (load + quantise + write) {:.2} ms, warm hit (read + verify) {:.3} ms, 64^3 crop {:.2} ms, file {} bytes",
         cold_s * 1e3,
         warm_s * 1e3,
         crop_s * 1e3,
@@ -330,4 +505,75 @@ fn cache_hit_read_time() {
         .expect("m")
         .len()
     );
+}
+
+/// A volume of `shape` with CT-like intensities and about a fifth of its voxels labelled.
+fn sized_volume(shape: [usize; 3]) -> CaseVolume {
+    let n: usize = shape.iter().product();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let image = (0..n).map(|_| rand::Rng::random::<f32>(&mut rng)).collect();
+    let labels = (0..n).map(|i| if i % 5 == 0 { 1 << (i % 25) } else { 0 }).collect();
+    CaseVolume::new("BDMAP_00000042".into(), shape, image, labels)
+}
+
+/// Figures for the report and the choice of checksum: `cargo test --release -p data --lib
+/// section_checksum_cost -- --ignored --nocapture`. For a demo-sized and a SuPreM-sized case:
+/// one verified read of the file (copy + xxh3 of every section) from a warm page cache, and the
+/// checksum alone with xxh3, crc32 and sha256 over the same bytes.
+#[test]
+#[ignore]
+fn section_checksum_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let digest = config_digest(CONFIG);
+    // Demo phantoms are 64^3 after preprocessing; an AbdomenAtlas CT resampled to 1.5 mm and
+    // cropped to the body is about 256 x 224 x 224 (a 96^3 patch samples a fifth of it per axis).
+    for (what, shape) in [("demo 64^3", [64, 64, 64]), ("SuPreM 256x224x224", [256, 224, 224])] {
+        let vol = sized_volume(shape);
+        let name = file_name(&vol.id, &digest);
+        let path = write_case_file(dir.path(), &name, &vol, &digest).expect("write");
+        let bytes = fs::metadata(&path).expect("meta").len() as f64;
+        let time = |reps: usize, f: &mut dyn FnMut()| {
+            f();
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64
+        };
+        let reps = if shape[0] > 64 { 10 } else { 200 };
+        let read = time(reps, &mut || {
+            let v = read_verified(&path, &vol.id, &digest).expect("valid").expect("present");
+            assert_eq!(v.shape, shape);
+        });
+        let plain = time(reps, &mut || {
+            std::hint::black_box(fs::read(&path).expect("read"));
+        });
+        let data = fs::read(&path).expect("read");
+        let data = &data[PAGE..];
+        let xxh3 = time(reps, &mut || {
+            std::hint::black_box(xxhash_rust::xxh3::xxh3_64(data));
+        });
+        let crc = time(reps, &mut || {
+            std::hint::black_box(crc32fast::hash(data));
+        });
+        let sha = time(reps.div_ceil(4), &mut || {
+            std::hint::black_box(Sha256::digest(data));
+        });
+        let rate = |s: f64| bytes / s / 1e6;
+        eprintln!(
+            "{what}: file {:.1} MB; verified read {:.2} ms ({:.0} MB/s); plain fs::read {:.2} ms ({:.0} MB/s); checksum alone: xxh3 {:.2} ms \
+             ({:.0} MB/s), crc32fast {:.2} ms ({:.0} MB/s), sha256 {:.2} ms ({:.0} MB/s)",
+            bytes / 1e6,
+            read * 1e3,
+            rate(read),
+            plain * 1e3,
+            rate(plain),
+            xxh3 * 1e3,
+            rate(xxh3),
+            crc * 1e3,
+            rate(crc),
+            sha * 1e3,
+            rate(sha)
+        );
+    }
 }

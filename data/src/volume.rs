@@ -1,6 +1,6 @@
 //! One preprocessed CT case, compact, in the layout the model consumes: the windowed image
 //! quantised to u16, the per-voxel class bitmask, and the foreground indices, either owned or
-//! memory-mapped from the node-wide cache (`crate::cache`).
+//! in a page-aligned copy of a verified file of the node-wide cache (`crate::cache`).
 //!
 //! Layout: shape is `[D, H, W]` = `[z, y, x]` and the flat index of voxel `(z, y, x)` is
 //! `(z * H + y) * W + x` (x fastest). That is exactly burn's `[N, C, D, H, W]` with the batch and
@@ -39,8 +39,8 @@ pub fn dequantise(q: u16) -> f32 {
     q as f32 / QUANT_MAX as f32
 }
 
-/// Byte ranges of the three arrays inside a mapped cache file; the cache checked them (bounds and
-/// alignment) before building the volume.
+/// Byte ranges of the three arrays inside a cache file's in-memory copy; the cache checked them
+/// (bounds, alignment, checksums) before building the volume.
 #[derive(Debug, Clone)]
 pub(crate) struct MappedSections {
     pub image: std::ops::Range<usize>,
@@ -159,7 +159,7 @@ impl CaseVolume {
         }
     }
 
-    /// Whether the arrays are read from a cache file rather than owned in memory.
+    /// Whether the arrays were read from a cache file rather than prepared in this process.
     pub fn is_mapped(&self) -> bool {
         matches!(self.buffers, Buffers::Mapped { .. })
     }
