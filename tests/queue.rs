@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{Cluster, fake_worker, fake_worker_on, poll};
@@ -262,4 +262,225 @@ async fn a_worker_that_stopped_beating_gets_no_new_work() {
         panic!("no assignment after the worker came back")
     };
     assert_eq!(a.run_id, run_id);
+}
+
+/// Runs the CLI against `cluster` from the working directory `cwd`.
+fn cli_in(cluster: &Cluster, cwd: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::BIN)
+        .args(args)
+        .args(["--coordinator", &cluster.endpoint, "--json"])
+        .env(protocol::auth::TOKEN_ENV, common::TOKEN)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_priority_axis_sets_each_childs_priority_and_the_sweep_shows_it() {
+    // Tried: `priority = 7` and an axis `priority = [1, 100]` named children priority=1 and
+    // priority=100 that both ran at 7.
+    let cluster = Cluster::start();
+    cluster.write_dataset(8);
+    cluster.write_spec("prio-base", 1, 4, "");
+    let path = cluster.path("prio.toml");
+    std::fs::write(
+        &path,
+        "name = \"prio\"\npriority = 7\nbase = \"prio-base.toml\"\n[axes]\npriority = [1, 100]\n",
+    )
+    .unwrap();
+    let info = cluster.cli_json(&["sweep", path.to_str().unwrap()]);
+    assert_eq!(info["priority"], Value::Null, "no one priority is the sweep's: {info}");
+    let sweep_id = info["sweep_id"].as_str().unwrap().to_string();
+    let mut got: Vec<(String, i64)> = runs(&cluster)
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_string(), r["priority"].as_i64().unwrap()))
+        .collect();
+    got.sort();
+    assert_eq!(got, [("prio priority=1".into(), 1), ("prio priority=100".into(), 100)]);
+    let detail = cluster.cli_json(&["sweep", "show", &sweep_id]);
+    for child in detail["children"].as_array().unwrap() {
+        assert_eq!(child["priority"], child["values"]["priority"], "{child}");
+    }
+    let text = String::from_utf8_lossy(&cluster.cli(&["sweep", "show", &sweep_id]).stdout).to_string();
+    assert!(text.contains("priority by axis") && text.contains("PRI"), "{text}");
+
+    // Without the axis the sweep's priority is every child's, and the base's when it gives none.
+    let base_priority = cluster.write_spec_with("base-3", 1, 4, "priority = 3", "");
+    let path = cluster.path("plain.toml");
+    let text = format!(
+        "name = \"plain\"\nbase = \"{}\"\n[axes]\nseed = [1, 2]\n",
+        base_priority.file_name().unwrap().to_str().unwrap()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let info = cluster.cli_json(&["sweep", path.to_str().unwrap()]);
+    assert_eq!(info["priority"], 3, "{info}");
+    std::fs::write(&path, format!("priority = 9\n{text}")).unwrap();
+    let info = cluster.cli_json(&["sweep", path.to_str().unwrap()]);
+    assert_eq!(info["priority"], 9, "{info}");
+    let listed = cluster.cli_json(&["runs", "--sweep", info["sweep_id"].as_str().unwrap()]);
+    assert!(
+        listed.as_array().unwrap().iter().all(|r| r["priority"] == 9),
+        "{listed}"
+    );
+}
+
+#[test]
+fn overlapping_axes_and_repeated_values_are_refused_and_nothing_is_queued() {
+    // Tried: `dataset.train_cases = [4]` with `dataset = [{...}]` named a child train_cases=4
+    // that trained on 10 cases; `seed = [1, 1, 1]` queued three identical runs.
+    let cluster = Cluster::start();
+    cluster.write_dataset(8);
+    let dataset = cluster.path("dataset").display().to_string();
+    let overlap = write_sweep(
+        &cluster,
+        "overlap",
+        &format!(
+            "\"dataset.train_cases\" = [4]\ndataset = [{{ url = \"{dataset}\", eval_cases = 2, train_cases = 6 }}]"
+        ),
+    );
+    let repeated = write_sweep(&cluster, "repeated", "seed = [1, 1, 1]");
+    for (path, expect) in [
+        (&overlap, "axes `dataset.train_cases` and `dataset` overlap"),
+        (&repeated, "axis `seed`: value 1 is given twice"),
+    ] {
+        for dry in [true, false] {
+            let mut args = vec!["sweep", path.to_str().unwrap()];
+            if dry {
+                args.push("--dry-run");
+            }
+            let out = cluster.cli(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains(expect), "{expect}: {err}");
+        }
+    }
+    assert!(runs(&cluster).is_empty());
+    assert!(cluster.cli_json(&["sweeps"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn relative_paths_resolve_against_the_file_that_wrote_them_from_any_directory() {
+    // Tried: the base was found beside the sweep, but its relative dataset.url was resolved
+    // against the current directory, so a sweep queued from one directory failed from another.
+    let cluster = Cluster::start();
+    cluster.write_dataset(8);
+    let root = cluster.path("");
+    for dir in ["specs/lists", "sweeps", "a/b"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let spec = std::fs::read_to_string(cluster.write_spec("rel", 1, 4, ""))
+        .unwrap()
+        .replace(&cluster.path("dataset").display().to_string(), "../dataset")
+        .replace(&cluster.path("artifacts").display().to_string(), "./../artifacts")
+        .replace("eval_cases = 2", "eval_cases = 2\ncase_list = \"lists/six.txt\"");
+    std::fs::write(root.join("specs/base.toml"), spec).unwrap();
+    let six: Vec<String> = (1..=6).map(|i| format!("BDMAP_{i:08}")).collect();
+    std::fs::write(root.join("specs/lists/six.txt"), six.join("\n")).unwrap();
+    std::fs::write(
+        root.join("sweeps/s.toml"),
+        "name = \"rel\"\nbase = \"../specs/base.toml\"\n[axes]\n\"dataset.train_cases\" = [2, 4]\n",
+    )
+    .unwrap();
+
+    let mut specs = vec![];
+    for (cwd, sweep) in [
+        (root.clone(), "sweeps/s.toml"),
+        (root.join("a/b"), "../../sweeps/s.toml"),
+    ] {
+        let info = json_of(&cli_in(&cluster, &cwd, &["sweep", sweep]));
+        let listed = json_of(&cli_in(
+            &cluster,
+            &cwd,
+            &["runs", "--sweep", info["sweep_id"].as_str().unwrap()],
+        ));
+        specs.extend(
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["run_id"].as_str().unwrap().to_string()),
+        );
+        let run = json_of(&cli_in(
+            &cluster,
+            &cwd,
+            &["submit", &sweep.replace("sweeps/s.toml", "specs/base.toml")],
+        ));
+        specs.push(run["run_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(specs.len(), 6);
+    for run_id in &specs {
+        let shown = cluster.cli_json(&["show", run_id]);
+        let spec = protocol::spec::RunSpec::from_toml(shown["spec_toml"].as_str().unwrap(), run_id).unwrap();
+        assert_eq!(
+            spec.dataset.url,
+            cluster.path("dataset").display().to_string(),
+            "{run_id}"
+        );
+        assert_eq!(
+            spec.artifacts.url,
+            cluster.path("artifacts").display().to_string(),
+            "{run_id}"
+        );
+        assert_eq!(spec.dataset.cases.as_deref(), Some(&six[..]), "{run_id}");
+    }
+    // One dataset URL, whichever directory queued them.
+    let manifests = cluster.cli_json(&["dataset", "manifests"]);
+    let urls: Vec<&str> = manifests
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["dataset_url"].as_str().unwrap())
+        .collect();
+    assert!(
+        urls.iter().all(|u| *u == cluster.path("dataset").display().to_string()),
+        "{urls:?}"
+    );
+}
+
+#[test]
+fn a_base_spec_or_case_list_that_never_ends_is_refused_naming_it() {
+    // Tried: `base = "/dev/zero"` ran out of memory after 3.3 s.
+    let cluster = Cluster::start();
+    let root = cluster.path("");
+    std::fs::write(
+        root.join("zero.toml"),
+        "name = \"zero\"\nbase = \"/dev/zero\"\n[axes]\nseed = [1]\n",
+    )
+    .unwrap();
+    let list = std::fs::read_to_string(cluster.write_spec("list", 1, 4, ""))
+        .unwrap()
+        .replace("eval_cases = 2", "eval_cases = 2\ncase_list = \"/dev/zero\"");
+    std::fs::write(root.join("list.toml"), list).unwrap();
+    for (args, expect) in [
+        (
+            vec!["sweep", "zero.toml"],
+            "base spec /dev/zero is larger than 1024 KiB",
+        ),
+        (
+            vec!["submit", "/dev/zero"],
+            "run spec /dev/zero is larger than 1024 KiB",
+        ),
+        (
+            vec!["sweep", "/dev/zero"],
+            "sweep file /dev/zero is larger than 1024 KiB",
+        ),
+        (
+            vec!["submit", "list.toml"],
+            "case list /dev/zero is larger than 2048 KiB",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = cli_in(&cluster, &root, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expect), "{args:?}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -4,15 +4,23 @@
 //!
 //! ```toml
 //! name = "demo-scaling"
-//! priority = 0             # optional; every child's queue priority
+//! priority = 0             # optional; every child's queue priority unless an axis sets it
 //! base = "demo.toml"       # a run spec next to this file, or an inline [base] table
 //! [axes]
 //! "dataset.train_cases" = [4, 8, 16]
 //! seed = [1, 2]
 //! ```
 //!
+//! An axis sets exactly the key it names, so two axes may not overlap (`dataset` and
+//! `dataset.train_cases`: the later would undo part of the earlier while the child's name still
+//! showed both), an axis may not repeat a value (it would queue the same run twice), and an
+//! axis over `priority` beats the sweep's own `priority`.
+//!
 //! The CLI expands a file to check it and inlines its base; the coordinator expands it again on
 //! receipt (one schema on both sides) and queues every child or none.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 
 use protocol::spec::RunSpec;
 use thiserror::Error;
@@ -102,16 +110,11 @@ impl SweepFile {
             )));
         }
         let mut parsed = vec![];
-        for (key, values) in axes {
-            let values = match values {
-                Value::Array(values) if !values.is_empty() => values,
-                _ => return Err(invalid(format!("axis `{key}`: must be a non-empty array of values"))),
-            };
-            parsed.push((key, values));
-        }
+        flatten_axes("", axes, &mut parsed).map_err(invalid)?;
         if parsed.is_empty() {
             return Err(invalid("field `axes`: give at least one axis".into()));
         }
+        check_axes(&parsed).map_err(invalid)?;
         Ok(SweepFile {
             name,
             priority,
@@ -141,6 +144,11 @@ impl SweepFile {
         self.axes.iter().map(|(k, _)| k.clone()).collect()
     }
 
+    /// Whether an axis sets each child's queue priority (so no one priority is the sweep's).
+    pub fn priority_by_axis(&self) -> bool {
+        self.axes.iter().any(|(k, _)| k == PRIORITY)
+    }
+
     /// Every child, validated; the first problem rejects the whole sweep, naming the axis.
     pub fn expand(&self, source_name: &str) -> Result<Vec<Child>, SweepError> {
         let invalid = |message: String| SweepError::Invalid {
@@ -160,9 +168,19 @@ impl SweepFile {
         )
         .map_err(|e| invalid(e.to_string()))?;
         let canonical: Table = toml::from_str(&base_spec.to_toml()).expect("canonical specs parse");
-        let mut children = Vec::with_capacity(total);
+        // The sweep's priority replaces the base's, and an axis over `priority` replaces both:
+        // set before the axes, never after them.
+        let mut base = self.base.clone();
+        if let Some(p) = self.priority {
+            base.insert(PRIORITY.into(), Value::Integer(p.into()));
+        }
+        let mut children: Vec<Child> = Vec::with_capacity(total);
+        // A hash of each child's canonical spec without its name, to catch two values that read
+        // differently but make the same run (`{url = "/d"}` and `{url = "/d", train_cases = 0}`).
+        // Hashes, not the text: a spec may hold thousands of case ids.
+        let mut seen: HashMap<u64, usize> = HashMap::with_capacity(total);
         for index in 0..total {
-            let mut table = self.base.clone();
+            let mut table = base.clone();
             let mut values = Vec::with_capacity(self.axes.len());
             let mut rest = index;
             // The last axis varies fastest, like nested loops written in file order.
@@ -187,9 +205,6 @@ impl SweepFile {
                 "name".into(),
                 Value::String(format!("{} {}", self.name, label.join(" "))),
             );
-            if let Some(p) = self.priority {
-                table.insert("priority".into(), Value::Integer(p.into()));
-            }
             let text = toml::to_string(&table).expect("a TOML table always serialises");
             let spec = RunSpec::from_toml(&text, source_name).map_err(|e| {
                 let key = self
@@ -210,10 +225,107 @@ impl SweepFile {
                     }
                 }
             })?;
+            let unnamed = |spec: &RunSpec| RunSpec {
+                name: String::new(),
+                ..spec.clone()
+            };
+            let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(unnamed(&spec).to_toml());
+            let earlier = seen
+                .insert(hash, index)
+                .filter(|e| unnamed(&children[*e].spec) == unnamed(&spec));
+            if let Some(earlier) = earlier {
+                let describe = |child: &Child| {
+                    let values: Vec<String> = self
+                        .axes
+                        .iter()
+                        .zip(&child.values)
+                        .map(|((k, _), v)| format!("{k} = {}", literal(v)))
+                        .collect();
+                    values.join(", ")
+                };
+                let this = Child { values, spec };
+                return Err(invalid(format!(
+                    "axis values ({}) and ({}) make the same run; drop one of them",
+                    describe(&children[earlier]),
+                    describe(&this)
+                )));
+            }
             children.push(Child { values, spec });
         }
         Ok(children)
     }
+}
+
+const PRIORITY: &str = "priority";
+
+/// Axes as `key = [values]`; a dotted key written bare (`dataset.train_cases = [4]`) is a table
+/// in TOML, so it is walked back into its path.
+fn flatten_axes(prefix: &str, axes: Table, out: &mut Vec<(String, Vec<Value>)>) -> Result<(), String> {
+    for (key, values) in axes {
+        let key = if prefix.is_empty() {
+            key
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match values {
+            Value::Array(values) if !values.is_empty() => out.push((key, values)),
+            Value::Table(inner) if !inner.is_empty() => flatten_axes(&key, inner, out)?,
+            _ => return Err(format!("axis `{key}`: must be a non-empty array of values")),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses axes that would not do what their names say: two over one key (or one inside the
+/// other), a repeated value, and one over the name, which the sweep gives each child. Linear in
+/// the file's size: the coordinator checks files sent to it.
+fn check_axes(axes: &[(String, Vec<Value>)]) -> Result<(), String> {
+    let mut keys: HashMap<&str, usize> = HashMap::with_capacity(axes.len());
+    for (i, (key, _)) in axes.iter().enumerate() {
+        if key == "name" {
+            return Err(
+                "axis `name`: each child is named by the sweep's `name` and its axis values; \
+                 rename the sweep instead"
+                    .into(),
+            );
+        }
+        if keys.insert(key, i).is_some() {
+            return Err(format!(
+                "axis `{key}` is given twice (once as a quoted key, once as a dotted one); keep one"
+            ));
+        }
+    }
+    for (i, (key, values)) in axes.iter().enumerate() {
+        let mut outers = key.match_indices('.').map(|(at, _)| &key[..at]);
+        if let Some(outer) = outers.find(|outer| keys.contains_key(outer)) {
+            // Named in file order.
+            let (first, second) = if keys[outer] < i {
+                (outer, key.as_str())
+            } else {
+                (key.as_str(), outer)
+            };
+            return Err(format!(
+                "axes `{first}` and `{second}` overlap: `{outer}` sets the whole table that `{key}` \
+                 is part of, so one would undo the other; put `{key}`'s values into `{outer}`'s \
+                 or drop one axis"
+            ));
+        }
+        // Literals, as they are hashable where floats are not; values that are equal but read
+        // differently (a table's keys in another order) make the same run, caught in `expand`.
+        let mut seen: HashMap<String, usize> = HashMap::with_capacity(values.len());
+        for (j, value) in values.iter().enumerate() {
+            if let Some(k) = seen.insert(literal(value), j) {
+                return Err(format!(
+                    "axis `{key}`: value {} is given twice (values {} and {}), which would queue the same \
+                     run twice; drop one",
+                    literal(value),
+                    k + 1,
+                    j + 1
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes sure every table on the way to `key` exists, so the leaf can be set.
@@ -309,8 +421,10 @@ seed = [1, 2]
     /// The error expanding SWEEP with its seed axis replaced by `axis`.
     fn expand_err(axis: &str) -> String {
         let text = SWEEP.replace("seed = [1, 2]", axis);
-        let sweep = SweepFile::parse(&text, "s.toml", no_base).unwrap();
-        sweep.expand("s.toml").unwrap_err().to_string()
+        SweepFile::parse(&text, "s.toml", no_base)
+            .and_then(|s| s.expand("s.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -331,6 +445,86 @@ seed = [1, 2]
             .expand("s")
             .unwrap();
         assert_eq!(children[1].spec.train.warmup_steps, 1);
+    }
+
+    #[test]
+    fn an_axis_over_priority_beats_the_sweeps_priority_and_the_sweeps_beats_the_bases() {
+        let text = SWEEP.replace("seed = [1, 2]", "priority = [1, 100]");
+        let sweep = SweepFile::parse(&text, "s.toml", no_base).unwrap();
+        assert!(sweep.priority_by_axis());
+        let children = sweep.expand("s.toml").unwrap();
+        let got: Vec<(&str, i32)> = children[..2]
+            .iter()
+            .map(|c| (c.spec.name.as_str(), c.spec.priority))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("scaling train_cases=4 priority=1", 1),
+                ("scaling train_cases=4 priority=100", 100)
+            ]
+        );
+        let base_says_3 = SWEEP.replace("world_size = 1", "world_size = 1\npriority = 3");
+        let sweep = SweepFile::parse(&base_says_3, "s.toml", no_base).unwrap();
+        assert!(!sweep.priority_by_axis());
+        assert!(sweep.expand("s").unwrap().iter().all(|c| c.spec.priority == 5));
+        let no_sweep_priority = base_says_3.replace("priority = 5\n", "");
+        let sweep = SweepFile::parse(&no_sweep_priority, "s.toml", no_base).unwrap();
+        assert!(sweep.expand("s").unwrap().iter().all(|c| c.spec.priority == 3));
+    }
+
+    #[test]
+    fn overlapping_axes_are_refused_naming_both() {
+        let whole_table = SWEEP.replace(
+            "seed = [1, 2]",
+            "dataset = [{ url = \"/data\", eval_cases = 2, train_cases = 10 }]",
+        );
+        let err = SweepFile::parse(&whole_table, "s.toml", no_base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s.toml") && err.contains("axes `dataset.train_cases` and `dataset` overlap"),
+            "{err}"
+        );
+        // Quoted and bare dotted keys name one path.
+        let twice = SWEEP.replace("seed = [1, 2]", "dataset.train_cases = [2]");
+        let err = SweepFile::parse(&twice, "s.toml", no_base).unwrap_err().to_string();
+        assert!(err.contains("axis `dataset.train_cases` is given twice"), "{err}");
+        // A bare dotted key alone is the same axis as the quoted one.
+        let bare = SWEEP.replace("\"dataset.train_cases\"", "dataset.train_cases");
+        let sweep = SweepFile::parse(&bare, "s.toml", no_base).unwrap();
+        assert_eq!(sweep.axis_keys(), ["dataset.train_cases", "seed"]);
+        assert_eq!(sweep, SweepFile::parse(SWEEP, "s.toml", no_base).unwrap());
+        let disjoint = SWEEP.replace("seed = [1, 2]", "dataset.eval_cases = [1, 2]");
+        let sweep = SweepFile::parse(&disjoint, "s.toml", no_base).unwrap();
+        assert_eq!(sweep.expand("s").unwrap()[1].spec.dataset.eval_cases, 2);
+    }
+
+    #[test]
+    fn a_repeated_value_or_two_values_making_one_run_are_refused() {
+        let err = expand_err("seed = [1, 1, 1]");
+        assert!(
+            err.contains("axis `seed`: value 1 is given twice (values 1 and 2)"),
+            "{err}"
+        );
+        let err = expand_err("\"train.lr\" = [0.001, 1e-3]");
+        assert!(err.contains("axis `train.lr`: value 0.001 is given twice"), "{err}");
+        // Different values, one run: `train_cases = 0` is the default.
+        let same = SWEEP.replace("\"dataset.train_cases\" = [4, 8, 16]\n", "").replace(
+            "seed = [1, 2]",
+            "dataset = [{ url = \"/data\", eval_cases = 2 }, { url = \"/data\", eval_cases = 2, train_cases = 0 }]",
+        );
+        let err = SweepFile::parse(&same, "s.toml", no_base)
+            .unwrap()
+            .expand("s.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("make the same run") && err.contains("train_cases = 0"),
+            "{err}"
+        );
+        let err = expand_err("name = [\"a\", \"b\"]");
+        assert!(err.contains("axis `name`"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! it is checked again before a run resumes from it, so a torn, missing or since-damaged upload
 //! never becomes the state a run continues from. Checkpoints run to gigabytes, hence streaming.
 
+use std::io::ErrorKind;
 use std::sync::Arc;
 
 use object_store::ObjectStore;
@@ -127,7 +128,28 @@ pub async fn delete_checkpoint_objects(artifacts_url: &str, record: &CheckpointR
             }
         }
     }
+    remove_local_dir(artifacts_url, &record.prefix);
     Ok(())
+}
+
+/// On a local store each checkpoint is a directory, which deleting its objects leaves behind
+/// (object stores have no directories to delete). Removes it once empty. Something else in it
+/// keeps it, and a failure only warns: the objects are gone, which is what collection is for.
+fn remove_local_dir(artifacts_url: &str, prefix: &str) {
+    let Ok(data::StoreUrl::Local(root)) = data::StoreUrl::parse(artifacts_url) else {
+        return;
+    };
+    // The prefix comes from a record: plain names only, so nothing outside the store is touched.
+    let parts: Vec<&str> = prefix.trim_end_matches('/').split('/').collect();
+    if parts.iter().any(|p| validate_id(p, "prefix segment").is_err()) {
+        return;
+    }
+    let dir = parts.iter().fold(root, |dir, part| dir.join(part));
+    match std::fs::remove_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::DirectoryNotEmpty) => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove a collected checkpoint's directory: {e}"),
+    }
 }
 
 async fn verify_claims(
@@ -375,5 +397,27 @@ mod tests {
         let err = delete_checkpoint_objects(&url(&dir), &record).await.unwrap_err();
         assert!(matches!(err, VerifyError::NotUnderPrefix { .. }), "{err:?}");
         assert!(keep.exists());
+    }
+
+    #[tokio::test]
+    async fn delete_leaves_no_empty_checkpoint_directory_on_a_local_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = committed(&dir).await;
+        let checkpoint = dir.path().join(PREFIX);
+        let newer = dir.path().join("runs/r/checkpoints/4-1");
+        std::fs::create_dir_all(&newer).unwrap();
+        delete_checkpoint_objects(&url(&dir), &record).await.unwrap();
+        assert!(!checkpoint.exists(), "{} is left behind", checkpoint.display());
+        assert!(newer.exists(), "only the collected checkpoint's directory goes");
+        // As a file:// URL too, and again once it is gone.
+        let file_url = url::Url::from_directory_path(dir.path()).unwrap().to_string();
+        delete_checkpoint_objects(&file_url, &record).await.unwrap();
+
+        // A file no record names keeps its directory.
+        let record = committed(&dir).await;
+        std::fs::write(checkpoint.join("stray"), b"?").unwrap();
+        delete_checkpoint_objects(&url(&dir), &record).await.unwrap();
+        assert!(checkpoint.join("stray").exists());
+        assert!(record.files.iter().all(|f| !dir.path().join(&f.key).exists()));
     }
 }

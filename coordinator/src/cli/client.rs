@@ -33,30 +33,14 @@ pub async fn connect_with(endpoint: &str, token: &SharedToken) -> anyhow::Result
     Ok(ControlServiceClient::new(token.channel(channel)))
 }
 
-/// Makes local dataset/artifact/`model.init_from` paths absolute, so the coordinator and workers (which may run
-/// elsewhere in the file system) read what the user meant.
-pub fn absolutize_local_urls(spec: &mut RunSpec) -> anyhow::Result<()> {
-    let cwd = std::env::current_dir()?;
-    let init_from = spec.model.init_from_mut().as_mut();
-    for url in [&mut spec.dataset.url, &mut spec.artifacts.url]
-        .into_iter()
-        .chain(init_from)
-    {
-        // An empty URL is a spec that names its dataset by `dataset.name`.
-        if !url.is_empty() && !url.contains("://") && Path::new(url.as_str()).is_relative() {
-            *url = super::spec_files::under_cwd(&cwd, url);
-        }
-    }
-    Ok(())
-}
-
-/// Reads and validates a spec file; errors name the file and the field.
+/// Reads and validates a spec file; errors name the file and the field. Its relative paths are
+/// made absolute against the file's directory (see `spec_files`), so the coordinator and workers
+/// (which may run elsewhere in the file system) read what the user meant.
 pub fn load_spec(path: &Path) -> anyhow::Result<RunSpec> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run spec {}", path.display()))?;
+    let text = super::spec_files::read_capped(path, super::spec_files::SPEC_FILE_CAP, "run spec")?;
     let mut spec = RunSpec::from_toml(&text, &path.display().to_string())?;
-    absolutize_local_urls(&mut spec)?;
-    let spec_dir = path.parent().unwrap_or(Path::new("."));
-    super::spec_files::embed_case_list(&mut spec, spec_dir).with_context(|| format!("run spec {}", path.display()))?;
+    let spec_dir = super::spec_files::dir_of(path)?;
+    super::spec_files::resolve_spec(&mut spec, &spec_dir).with_context(|| format!("run spec {}", path.display()))?;
     Ok(spec)
 }
 

@@ -1,7 +1,7 @@
 //! CLI commands for sweeps: queue one from a file, list them, show a sweep's children with their
 //! axis values, final loss and Dice, and cancel or resume every child at once.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -12,39 +12,31 @@ use serde_json::{Value, json};
 use super::Remote;
 use super::client::connect;
 use super::output::*;
+use super::spec_files::{SPEC_FILE_CAP, dir_of, read_capped, resolve_axis, resolve_table};
 
 /// Reads a sweep file, inlines its base spec (a path relative to the sweep file), makes local
-/// dataset and artifact paths absolute, and expands it to check every child here first.
+/// paths absolute against the file that wrote them (the base's against the base file, the axes'
+/// and an inline base's against the sweep file), and expands it to check every child here first.
 pub fn load_sweep(path: &Path) -> anyhow::Result<(SweepFile, usize)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read sweep file {}", path.display()))?;
+    let text = read_capped(path, SPEC_FILE_CAP, "sweep file")?;
     let source = path.display().to_string();
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = dir_of(path)?;
+    let mut base_file = None;
     let mut sweep = SweepFile::parse(&text, &source, |base| {
         let base_path = dir.join(base);
-        std::fs::read_to_string(&base_path).map_err(|e| format!("cannot read {}: {e}", base_path.display()))
+        let text = read_capped(&base_path, SPEC_FILE_CAP, "base spec").map_err(|e| format!("{e:#}"));
+        base_file = Some(base_path);
+        text
     })?;
-    let cwd = std::env::current_dir()?;
-    let absolute = |value: &mut toml::Value| {
-        if let toml::Value::String(url) = value
-            && !url.contains("://")
-            && Path::new(url.as_str()).is_relative()
-        {
-            *url = super::spec_files::under_cwd(&cwd, url);
-        }
+    let base_dir = match &base_file {
+        Some(file) => dir_of(file)?,
+        None => dir.clone(),
     };
-    for (table, key) in [("dataset", "url"), ("artifacts", "url")] {
-        if let Some(toml::Value::Table(t)) = sweep.base.get_mut(table)
-            && let Some(value) = t.get_mut(key)
-        {
-            absolute(value);
-        }
-        if let Some((_, values)) = sweep.axes.iter_mut().find(|(k, _)| *k == format!("{table}.{key}")) {
-            values.iter_mut().for_each(absolute);
-        }
+    let in_file = |file: &Option<PathBuf>| file.as_deref().unwrap_or(path).display().to_string();
+    resolve_table(&mut sweep.base, &base_dir).with_context(|| format!("base spec {}", in_file(&base_file)))?;
+    for (key, values) in &mut sweep.axes {
+        resolve_axis(key, values, &dir).with_context(|| format!("sweep file {}", path.display()))?;
     }
-    // A case-id list in the base spec is read relative to the sweep file.
-    super::spec_files::embed_case_list_table(&mut sweep.base, dir)
-        .with_context(|| format!("sweep file {}", path.display()))?;
     let children = sweep.expand(&source)?.len();
     Ok((sweep, children))
 }
@@ -84,15 +76,30 @@ pub async fn submit(remote: &Remote, path: &Path, dry_run: bool) -> anyhow::Resu
             info.name,
             info.runs,
             info.axes.join(" × "),
-            info.priority
+            priority_text(&info)
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether an axis sets each child's priority, so no single number is the sweep's.
+fn priority_by_axis(s: &pb::SweepInfo) -> bool {
+    s.axes.iter().any(|a| a == "priority")
+}
+
+fn priority_text(s: &pb::SweepInfo) -> String {
+    if priority_by_axis(s) {
+        "by axis".into()
+    } else {
+        s.priority.to_string()
+    }
+}
+
 fn sweep_json(s: &pb::SweepInfo) -> Value {
+    // null when an axis sets each child's; the children carry their own.
+    let priority = (!priority_by_axis(s)).then_some(s.priority);
     json!({
-        "sweep_id": s.sweep_id, "name": s.name, "priority": s.priority, "axes": s.axes, "runs": s.runs,
+        "sweep_id": s.sweep_id, "name": s.name, "priority": priority, "axes": s.axes, "runs": s.runs,
         "states": s.states, "submitted_unix_ms": s.submitted_unix_ms,
     })
 }
@@ -123,7 +130,7 @@ pub async fn list(remote: &Remote) -> anyhow::Result<ExitCode> {
                 vec![
                     s.sweep_id.clone(),
                     s.name.clone(),
-                    s.priority.to_string(),
+                    priority_text(s),
                     s.runs.to_string(),
                     states_summary(s),
                     unix_ms(s.submitted_unix_ms),
@@ -175,7 +182,7 @@ pub async fn show(remote: &Remote, sweep_id: &str) -> anyhow::Result<ExitCode> {
                     .map(|(k, v)| (k.clone(), toml_literal_json(v)))
                     .collect();
                 json!({
-                    "run_id": run.run_id, "values": values, "state": run.state, "step": run.step,
+                    "run_id": run.run_id, "values": values, "priority": run.priority, "state": run.state, "step": run.step,
                     "total_steps": run.total_steps, "train_cases": c.train_cases,
                     "final_loss": optional(c.has_final_loss, c.final_loss),
                     "final_dice": optional(c.has_final_dice, c.final_dice),
@@ -195,12 +202,12 @@ pub async fn show(remote: &Remote, sweep_id: &str) -> anyhow::Result<ExitCode> {
         info.sweep_id,
         info.name,
         info.runs,
-        info.priority,
+        priority_text(&info),
         states_summary(&info)
     );
     let mut headers: Vec<&str> = vec!["RUN"];
     headers.extend(info.axes.iter().map(String::as_str));
-    headers.extend(["STATE", "STEP", "LOSS", "DICE", "MESSAGE"]);
+    headers.extend(["PRI", "STATE", "STEP", "LOSS", "DICE", "MESSAGE"]);
     let rows: Vec<Vec<String>> = detail
         .children
         .iter()
@@ -210,6 +217,7 @@ pub async fn show(remote: &Remote, sweep_id: &str) -> anyhow::Result<ExitCode> {
             row.extend(c.values.iter().cloned());
             let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
             row.extend([
+                run.priority.to_string(),
                 run.state.clone(),
                 format!("{}/{}", run.step, run.total_steps),
                 fmt(optional(c.has_final_loss, c.final_loss)),

@@ -100,6 +100,9 @@ impl Coordinator {
             let values = child.values.iter().map(literal).collect();
             prepared.push((self.prepare(child.spec, &source, &mut checked).await?, values));
         }
+        // What the children run at, which the base or an axis may set: with an axis, the
+        // highest (the CLI shows such a sweep's priority as by axis).
+        let priority = prepared.iter().map(|(p, _)| p.spec.priority).max().unwrap_or(0);
         let sweep_id = {
             let mut m = self.lock();
             let sweep_id = self.store.next_sweep_id()?;
@@ -117,7 +120,7 @@ impl Coordinator {
             let sweep = SweepRecord {
                 id: sweep_id.clone(),
                 name: file.name.clone(),
-                priority: file.priority.unwrap_or(0),
+                priority,
                 source_name: source_name.to_string(),
                 sweep_toml: file.to_toml(),
                 axes: file.axis_keys(),

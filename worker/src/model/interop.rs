@@ -414,7 +414,8 @@ pub fn torch_state_dict<B: Backend>(model: &Backbone<B>, config: &ModelConfig) -
 }
 
 /// Writes tensors (f32 or i64) as a safetensors file, the format `safetensors.torch.load_file`
-/// reads into a state dict that `model.load_state_dict` accepts.
+/// reads into a state dict that `model.load_state_dict` accepts. It writes `path` itself: the
+/// caller picks a temporary name and renames it (`coordinator model export` does, and cleans up).
 pub fn write_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, TensorData>,
@@ -437,9 +438,7 @@ pub fn write_safetensors(
         file: path.display().to_string(),
         message,
     };
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| write_err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| write_err(e.to_string()))
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| write_err(e.to_string()))
 }
 
 #[cfg(test)]

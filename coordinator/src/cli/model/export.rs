@@ -4,7 +4,7 @@
 //! against that hash, and decoded into the backbone the run's stored spec describes.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -68,11 +68,13 @@ fn pick_checkpoint<'a>(
     })
 }
 
-pub async fn export(remote: &Remote, target: &str, out: &Path) -> anyhow::Result<ExitCode> {
+pub async fn export(remote: &Remote, target: &str, out: &Path, force: bool) -> anyhow::Result<ExitCode> {
     let (run_id, step) = parse_target(target)?;
     let detail = run_detail(remote, run_id).await?;
     let spec = RunSpec::from_toml(&detail.spec_toml, &format!("run {run_id}'s stored spec"))?;
     let checkpoint = pick_checkpoint(run_id, &detail.checkpoints, step)?;
+    // Before the download: refusing afterwards would waste it.
+    check_out(out, force)?;
     let file = checkpoint
         .files
         .iter()
@@ -99,7 +101,9 @@ pub async fn export(remote: &Remote, target: &str, out: &Path) -> anyhow::Result
                 worker::train::params::weights_checksum(&model),
             ),
         ]);
-        write_safetensors(&out_path, &tensors, metadata)?;
+        write_through_partial(&out_path, force, |partial| {
+            Ok(write_safetensors(partial, &tensors, metadata)?)
+        })?;
         Ok(tensors.len())
     })
     .await??;
@@ -115,6 +119,69 @@ pub async fn export(remote: &Remote, target: &str, out: &Path) -> anyhow::Result
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses an `--out` that exists unless `force`, and with it anything but a regular file (a
+/// directory, `/dev/null`), which a rename would replace or fail on.
+fn check_out(out: &Path, force: bool) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("--out {}", out.display())),
+        Ok(_) if !force => bail!("--out {} exists; pass --force to replace it", out.display()),
+        Ok(meta) if !meta.is_file() => bail!(
+            "--out {} is not a regular file; --force replaces only files",
+            out.display()
+        ),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// `<out>.partial`, where the file is written before it takes its name.
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// Writes `out` through `<out>.partial`, so a failed export leaves neither a half-written `out`
+/// nor the partial. Without `force` an `out` that appeared meanwhile is kept (see `place`).
+fn write_through_partial(
+    out: &Path,
+    force: bool,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    check_out(out, force)?;
+    let partial = partial_path(out);
+    let result = write(&partial)
+        .with_context(|| format!("writing {}", partial.display()))
+        .and_then(|()| place(&partial, out, force));
+    // After a rename it is gone already; after a link or a failure it must go.
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound && result.is_ok() => {
+            Err(e).with_context(|| format!("removing {}", partial.display()))
+        }
+        _ => result,
+    }
+}
+
+/// Gives the written partial its name: a rename with `force`, else a hard link, which fails
+/// if the name is taken where a rename would replace it.
+fn place(partial: &Path, out: &Path, force: bool) -> anyhow::Result<()> {
+    let moving = || format!("moving {} to {}", partial.display(), out.display());
+    if force {
+        return std::fs::rename(partial, out).with_context(moving);
+    }
+    match std::fs::hard_link(partial, out) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("--out {} exists; pass --force to replace it", out.display())
+        }
+        // A file system without hard links: check, then rename.
+        Err(_) => {
+            check_out(out, false)?;
+            std::fs::rename(partial, out).with_context(moving)
+        }
+    }
 }
 
 /// Reads one checkpoint file from the run's artifacts store and checks it against its hash.
@@ -150,6 +217,58 @@ mod tests {
             unusable: unusable.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_export_writes_through_a_partial_and_refuses_an_existing_out_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("w.safetensors");
+        let partial = dir.path().join("w.safetensors.partial");
+        let write = |text: &'static str| move |p: &Path| -> anyhow::Result<()> { Ok(std::fs::write(p, text)?) };
+        write_through_partial(&out, false, |p| {
+            assert_eq!(p, partial);
+            write("one")(p)
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one");
+        assert!(!partial.exists());
+
+        // An existing file is kept unless --force.
+        let err = write_through_partial(&out, false, write("two"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("w.safetensors exists") && err.contains("--force"), "{err}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one");
+        write_through_partial(&out, true, write("two")).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "two");
+        assert!(!partial.exists());
+
+        // A file that appears while the export writes is not replaced either.
+        let late = dir.path().join("late.safetensors");
+        let err = write_through_partial(&late, false, |p| {
+            std::fs::write(&late, "someone else's")?;
+            Ok(std::fs::write(p, "mine")?)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("exists"), "{err}");
+        assert_eq!(std::fs::read_to_string(&late).unwrap(), "someone else's");
+        assert!(!dir.path().join("late.safetensors.partial").exists());
+
+        // A failed write leaves neither the file nor the partial.
+        let failed = dir.path().join("failed.safetensors");
+        let err = write_through_partial(&failed, false, |p| {
+            std::fs::write(p, "half")?;
+            anyhow::bail!("disk full")
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("disk full"), "{err:#}");
+        assert!(!failed.exists() && !dir.path().join("failed.safetensors.partial").exists());
+
+        // --force replaces files only.
+        let err = check_out(dir.path(), true).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let err = check_out(Path::new("/dev/null"), false).unwrap_err().to_string();
+        assert!(err.contains("exists"), "{err}");
     }
 
     #[test]

@@ -59,9 +59,12 @@ pub enum ModelCommand {
     Export {
         /// RUN or RUN@STEP, the run id as `coordinator runs` lists it.
         run: String,
-        /// The safetensors file to write.
+        /// The safetensors file to write (through `OUT.partial`, renamed when complete).
         #[arg(long)]
         out: PathBuf,
+        /// Replace OUT if it exists (a regular file only); without it an existing OUT is refused.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -135,7 +138,12 @@ pub async fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
                 let spec = model.spec(&arch)?;
                 tokio::task::spawn_blocking(move || import::import(&file, &spec, &out)).await?
             }
-            ModelCommand::Export { run, out, remote } => export::export(&remote, &run, &out).await,
+            ModelCommand::Export {
+                run,
+                out,
+                force,
+                remote,
+            } => export::export(&remote, &run, &out, force).await,
         }
     }
     #[cfg(not(feature = "worker"))]
