@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::Remote;
 use super::output::*;
+use super::remote::Effect;
 
 pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
     remote.connect().await
@@ -84,7 +85,8 @@ pub async fn submit(remote: &Remote, path: &Path, priority: Option<i32>) -> anyh
         spec.priority = p;
     }
     let req = submit_request(&spec, &path.display().to_string());
-    let run = remote.call(connect(remote).await?.submit_run(req)).await?;
+    let effect = Effect::Write("check `coordinator runs` for the run before submitting it again");
+    let run = remote.call_as(effect, connect(remote).await?.submit_run(req)).await?;
     if remote.json {
         println!("{}", run_json(&run));
     } else {
@@ -100,7 +102,10 @@ pub async fn runs(remote: &Remote, sweep: Option<&str>) -> anyhow::Result<ExitCo
     let req = pb::ListRunsRequest {
         sweep_id: sweep.unwrap_or_default().to_string(),
     };
-    let runs = remote.call(connect(remote).await?.list_runs(req)).await?.runs;
+    let runs = remote
+        .call_as(Effect::Read, connect(remote).await?.list_runs(req))
+        .await?
+        .runs;
     if remote.json {
         println!("{}", json!(runs.iter().map(run_json).collect::<Vec<_>>()));
     } else if runs.is_empty() {
@@ -119,7 +124,7 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 /// Everything the coordinator knows of one run.
 pub async fn run_detail(remote: &Remote, run_id: &str) -> anyhow::Result<pb::RunDetail> {
     let req = pb::GetRunRequest { run_id: run_id.into() };
-    remote.call(connect(remote).await?.get_run(req)).await
+    remote.call_as(Effect::Read, connect(remote).await?.get_run(req)).await
 }
 
 pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
@@ -198,7 +203,9 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
         follow,
         from_seq: 0,
     };
-    let mut stream = remote.call(connect(remote).await?.stream_metrics(req)).await?;
+    let mut stream = remote
+        .call_as(Effect::Read, connect(remote).await?.stream_metrics(req))
+        .await?;
     if !remote.json {
         println!("{}", table(&["STEP", "RANK", "METRIC", "VALUE"], &[]));
     }
@@ -207,9 +214,12 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
         // Points of a followed run come as it trains, however slowly; only a finite listing
         // has a deadline per message.
         let next = if follow {
-            stream.message().await.map_err(status_error)?
+            match stream.message().await {
+                Ok(next) => next,
+                Err(status) => return Err(remote.failed(status, Effect::Read).await),
+            }
         } else {
-            remote.within(stream.message()).await?
+            remote.within_as(Effect::Read, stream.message()).await?
         };
         let Some(record) = next else { break };
         if !record.run_state.is_empty() {
@@ -230,7 +240,10 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
 
 pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
     let workers = remote
-        .call(connect(remote).await?.list_workers(pb::ListWorkersRequest {}))
+        .call_as(
+            Effect::Read,
+            connect(remote).await?.list_workers(pb::ListWorkersRequest {}),
+        )
         .await?
         .workers;
     if remote.json {
