@@ -206,19 +206,19 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
         "{err}"
     );
 
-    // Clearing one case, then the rest.
+    // Clearing one case, then the rest; the case without a CT stays (no run could read it).
     let cleared = cluster.cli_json(&["dataset", "quarantine", "atlas", "--clear", &bad]);
     assert_eq!(cleared["cleared"], 1);
     assert_eq!(quarantine(&cluster, "atlas").len(), 1);
     let out = cluster.cli(&["dataset", "quarantine", "atlas", "--clear", "BDMAP_99999999"]);
     assert!(!out.status.success());
     let cleared = cluster.cli_json(&["dataset", "quarantine", "atlas", "--clear"]);
-    assert_eq!(cleared["cleared"], 1);
-    assert!(quarantine(&cluster, "atlas").is_empty());
-    let table = String::from_utf8_lossy(&cluster.cli(&["dataset", "quarantine", "atlas"]).stdout).to_string();
-    assert!(table.contains("no quarantined cases"), "{table}");
+    assert_eq!(cleared["cleared"], 0);
+    assert_eq!(cleared["kept"][0]["case_id"], gone.as_str(), "{cleared}");
+    assert_eq!(quarantine(&cluster, "atlas").len(), 1);
 
-    // The CT comes back; a rescan says nothing changed in the case set and lists no missing CT.
+    // The CT comes back; a rescan says nothing changed in the case set, lists no missing CT,
+    // and lifts the case's quarantine.
     std::fs::copy(
         dataset.join(&ids[0]).join("ct.nii.gz"),
         dataset.join(&gone).join("ct.nii.gz"),
@@ -228,6 +228,9 @@ async fn a_deleted_ct_is_reported_quarantined_and_skipped_without_shifting_the_o
     assert_eq!(again["rescanned"], true);
     assert_eq!(again["dataset"]["name"], "atlas");
     assert!(again["missing_ct"].as_array().unwrap().is_empty() && again["added"].as_array().unwrap().is_empty());
+    assert!(quarantine(&cluster, "atlas").is_empty());
+    let table = String::from_utf8_lossy(&cluster.cli(&["dataset", "quarantine", "atlas"]).stdout).to_string();
+    assert!(table.contains("no quarantined cases"), "{table}");
 }
 
 #[tokio::test]

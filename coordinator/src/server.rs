@@ -1,7 +1,7 @@
 //! Binds the gRPC services, runs the liveness and automatic-resume loops, and shuts down cleanly.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use protocol::auth::SharedToken;
@@ -26,12 +26,14 @@ pub struct RunningServer {
     monitors: [JoinHandle<()>; 2],
 }
 
+// The io errors are shown, not chained (`error`, not `source`): anyhow's `{:#}` would print them
+// twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
-    #[error("listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("--data-dir {}: cannot create it: {error}", path.display())]
+    DataDir { path: PathBuf, error: std::io::Error },
+    #[error("cannot listen on {addr}: {error}{}", bind_hint(error))]
+    Bind { addr: SocketAddr, error: std::io::Error },
     #[error("{0}")]
     Coordinator(#[from] CoordError),
     #[error("gRPC server: {0}")]
@@ -40,6 +42,18 @@ pub enum ServerError {
     Task(#[from] tokio::task::JoinError),
     #[error("--tls-cert/--tls-key: not a usable certificate and private key: {0}")]
     Tls(String),
+}
+
+/// What to do about a failed bind.
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another process (perhaps another coordinator) listens there: stop it, or pass another --listen"
+        }
+        std::io::ErrorKind::AddrNotAvailable => "; that address is not one of this machine's: pass another --listen",
+        std::io::ErrorKind::PermissionDenied => "; ports below 1024 need privileges: pass another --listen",
+        _ => "",
+    }
 }
 
 impl RunningServer {
@@ -105,7 +119,9 @@ pub async fn start(
     start_with_tls(listen, data_dir, timing, token, None).await
 }
 
-/// As [`start`]; with `tls`, every connection is TLS (see `protocol::tls`).
+/// As [`start`]; with `tls`, every connection is TLS (see `protocol::tls`). The steps are
+/// [`builder`], [`bind`], [`open`] and [`serve_on`], in that order, so that a bad certificate or
+/// a port in use leaves the data dir untouched.
 pub async fn start_with_tls(
     listen: SocketAddr,
     data_dir: &Path,
@@ -113,6 +129,14 @@ pub async fn start_with_tls(
     token: &SharedToken,
     tls: Option<ServerTlsConfig>,
 ) -> Result<RunningServer, ServerError> {
+    let builder = builder(tls)?;
+    let listener = bind(listen).await?;
+    let coordinator = open(data_dir, timing).await?;
+    serve_on(builder, listener, coordinator, token)
+}
+
+/// The gRPC server, speaking TLS when given a config.
+pub fn builder(tls: Option<ServerTlsConfig>) -> Result<tonic::transport::Server, ServerError> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         // A client that opens a connection and never finishes its handshake is dropped.
@@ -120,17 +144,39 @@ pub async fn start_with_tls(
             .tls_config(tls.timeout(std::time::Duration::from_secs(10)))
             .map_err(|e| ServerError::Tls(error_chain(&e)))?;
     }
-    std::fs::create_dir_all(data_dir).map_err(|source| ServerError::DataDir {
-        path: data_dir.display().to_string(),
-        source,
-    })?;
-    let coordinator = Coordinator::open(data_dir, timing).await?;
-    let listener = TcpListener::bind(listen)
+    Ok(builder)
+}
+
+/// Binds the listening socket; nothing else is touched yet.
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(listen)
         .await
-        .map_err(|source| ServerError::Bind { addr: listen, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind { addr: listen, source })?;
+        .map_err(|error| ServerError::Bind { addr: listen, error })
+}
+
+/// Opens (creating if needed) the data dir's store, which takes its lock: a second coordinator
+/// on the same dir fails here, naming the first one's pid.
+pub async fn open(data_dir: &Path, timing: Timing) -> Result<Arc<Coordinator>, ServerError> {
+    std::fs::create_dir_all(data_dir).map_err(|error| ServerError::DataDir {
+        path: data_dir.to_path_buf(),
+        error,
+    })?;
+    Ok(Coordinator::open(data_dir, timing).await?)
+}
+
+/// Serves the coordinator's gRPC services on `listener`, each request checked against `token`,
+/// and starts the liveness and automatic-resume loops.
+pub fn serve_on(
+    builder: tonic::transport::Server,
+    listener: TcpListener,
+    coordinator: Arc<Coordinator>,
+    token: &SharedToken,
+) -> Result<RunningServer, ServerError> {
+    let addr = listener.local_addr().map_err(|error| ServerError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        error,
+    })?;
+    let mut builder = builder;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = builder
         .add_service(WorkerServiceServer::with_interceptor(

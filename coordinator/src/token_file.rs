@@ -83,8 +83,9 @@ pub fn load_or_create(path: &Path) -> Result<(SharedToken, Origin), TokenFileErr
 }
 
 /// A token others can read is a token others can use; say so, but serve: the operator may
-/// have reasons (a group of CLI users), and refusing would take the coordinator down.
-fn warn_if_shared(path: &Path) {
+/// have reasons (a group of CLI users), and refusing would take the coordinator down. `serve`
+/// checks a `--token-file` with this too.
+pub fn warn_if_shared(path: &Path) {
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
     {

@@ -5,7 +5,9 @@
 //!
 //! The listing is ONE recursive `list(root)` stream: a bucket answers it a thousand keys a page,
 //! so the 9,262 AbdomenAtlas cases (about 27 objects each) cost some 250 requests, never one per
-//! case.
+//! case. Only when a local directory holds an entry that cannot be walked (a symlink loop, a
+//! folder without read permission) does it list again folder by folder, since the stream ends
+//! at its first error: that folder is then skipped and reported by name, not the whole scan.
 
 use std::collections::BTreeMap;
 
@@ -116,58 +118,48 @@ struct Folder {
 /// Lists everything under `root` once and groups it by case folder. A folder counts as a case
 /// when its name is a valid case id and it holds a `ct.nii.gz` or a `segmentations/` folder; a
 /// case without a CT is kept (with `ct_bytes: None`) so the caller can quarantine it by id.
-/// Other top-level names (invalid ids, stray files, folders with neither) come back in
-/// `ignored`, each with its reason.
+/// Other top-level names (invalid ids, stray files, folders with neither, folders that cannot be
+/// listed) come back in `ignored`, each with its reason.
 pub async fn scan_dataset(
     store: &dyn ObjectStore,
     root: &Path,
     progress: &mut (dyn FnMut(ScanProgress) + Send),
 ) -> Result<DatasetScan, DataError> {
-    let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
-    let mut objects = 0u64;
-    let mut listing = store.list(Some(root));
-    while let Some(meta) = listing.try_next().await.map_err(|e| DataError::store(root, e))? {
-        objects += 1;
-        let Some(parts) = meta.location.prefix_match(root) else {
-            continue;
-        };
-        let parts: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
-        let Some(top) = parts.first() else { continue };
-        let folder = folders.entry(top.clone()).or_default();
-        match parts[1..].iter().map(String::as_str).collect::<Vec<_>>()[..] {
-            [] => {}
-            ["ct.nii.gz"] => {
-                folder.is_folder = true;
-                folder.ct_bytes = Some(meta.size);
-            }
-            ["segmentations", file] => {
-                folder.is_folder = true;
-                folder.has_segmentations = true;
-                let class = file
-                    .strip_suffix(".nii.gz")
-                    .and_then(|n| CLASSES.iter().position(|c| *c == n));
-                if let Some(c) = class {
-                    folder.masks |= 1 << c;
-                    folder.mask_bytes += meta.size;
-                }
-            }
-            ["segmentations", ..] => {
-                folder.is_folder = true;
-                folder.has_segmentations = true;
-            }
-            _ => folder.is_folder = true,
+    let mut listing = Listing::default();
+    let mut unlisted: Vec<IgnoredName> = vec![];
+    if let Err(e) = listing.add(store, root, root, progress).await {
+        if unwalkable(&e).is_none() {
+            return Err(store_error(root, e));
         }
-        if objects.is_multiple_of(PROGRESS_EVERY) {
-            progress(ScanProgress {
-                objects,
-                cases: folders.len() as u64,
-            });
+        listing = Listing::default();
+        let top = store
+            .list_with_delimiter(Some(root))
+            .await
+            .map_err(|e| store_error(root, e))?;
+        for meta in &top.objects {
+            listing.record(root, meta);
+        }
+        for folder in &top.common_prefixes {
+            let (objects, name) = (listing.objects, folder.filename().unwrap_or_default().to_string());
+            if let Err(e) = listing.add(store, folder, root, progress).await {
+                let Some(reason) = unwalkable(&e) else {
+                    return Err(store_error(folder, e));
+                };
+                // What was listed of it before the error goes too: a case is whole or absent.
+                listing.folders.remove(&name);
+                listing.objects = objects;
+                unlisted.push(IgnoredName {
+                    name,
+                    reason: format!("cannot be listed, so it was skipped: {reason}"),
+                });
+            }
         }
     }
     progress(ScanProgress {
-        objects,
-        cases: folders.len() as u64,
+        objects: listing.objects,
+        cases: listing.folders.len() as u64,
     });
+    let Listing { folders, objects } = listing;
 
     let mut scan = DatasetScan {
         objects,
@@ -194,7 +186,98 @@ pub async fn scan_dataset(
             });
         }
     }
+    // Where it would have been had it been listed.
+    scan.ignored.extend(unlisted);
+    scan.ignored.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(scan)
+}
+
+/// The objects listed so far, grouped by top-level name.
+#[derive(Default)]
+struct Listing {
+    folders: BTreeMap<String, Folder>,
+    objects: u64,
+}
+
+impl Listing {
+    /// Lists everything under `prefix` (`root` or one of its folders) into the groups.
+    async fn add(
+        &mut self,
+        store: &dyn ObjectStore,
+        prefix: &Path,
+        root: &Path,
+        progress: &mut (dyn FnMut(ScanProgress) + Send),
+    ) -> Result<(), object_store::Error> {
+        let mut listing = store.list(Some(prefix));
+        while let Some(meta) = listing.try_next().await? {
+            self.record(root, &meta);
+            if self.objects.is_multiple_of(PROGRESS_EVERY) {
+                progress(ScanProgress {
+                    objects: self.objects,
+                    cases: self.folders.len() as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, root: &Path, meta: &object_store::ObjectMeta) {
+        self.objects += 1;
+        let Some(parts) = meta.location.prefix_match(root) else {
+            return;
+        };
+        let parts: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+        let Some(top) = parts.first() else { return };
+        let folder = self.folders.entry(top.clone()).or_default();
+        match parts[1..].iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            [] => {}
+            ["ct.nii.gz"] => {
+                folder.is_folder = true;
+                folder.ct_bytes = Some(meta.size);
+            }
+            ["segmentations", file] => {
+                folder.is_folder = true;
+                folder.has_segmentations = true;
+                let class = file
+                    .strip_suffix(".nii.gz")
+                    .and_then(|n| CLASSES.iter().position(|c| *c == n));
+                if let Some(c) = class {
+                    folder.masks |= 1 << c;
+                    folder.mask_bytes += meta.size;
+                }
+            }
+            ["segmentations", ..] => {
+                folder.is_folder = true;
+                folder.has_segmentations = true;
+            }
+            _ => folder.is_folder = true,
+        }
+    }
+}
+
+/// The reason, when a listing failed on one local entry it could not walk (object_store's
+/// local store keeps walkdir's error, with the paths, in its sources) rather than on the store.
+fn unwalkable(e: &object_store::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(walk) = c.downcast_ref::<walkdir::Error>() {
+            return Some(walk.to_string());
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// A listing error that names where: an empty root (a dataset at the store's root) printed as
+/// "object store error on : ...".
+fn store_error(at: &Path, e: object_store::Error) -> DataError {
+    if at.as_ref().is_empty() {
+        return DataError::Store {
+            key: "the dataset's root".into(),
+            source: e,
+        };
+    }
+    DataError::store(at, e)
 }
 
 #[cfg(test)]
@@ -290,6 +373,36 @@ mod tests {
             .await
             .unwrap();
         check(&scan, &reports);
+    }
+
+    #[tokio::test]
+    async fn a_symlink_loop_in_one_case_folder_skips_that_folder_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        fill(store.as_ref(), "").await;
+        // A link back to its own folder: walking it never ends.
+        let looped = dir.path().join("BDMAP_00000002");
+        std::os::unix::fs::symlink(&looped, looped.join("segmentations").join("again")).unwrap();
+        let scan = scan_dataset(store.as_ref(), &Path::default(), &mut |_| {})
+            .await
+            .unwrap();
+        let ids: Vec<&str> = scan.cases.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["BDMAP_00000001", "BDMAP_00000003"]);
+        let skipped = scan
+            .ignored
+            .iter()
+            .find(|i| i.name == "BDMAP_00000002")
+            .unwrap_or_else(|| panic!("the looping folder is not reported: {:?}", scan.ignored));
+        assert!(skipped.reason.contains("loop"), "{skipped:?}");
+        assert!(
+            skipped.reason.contains("again"),
+            "the reason names the link: {skipped:?}"
+        );
+        // The other names are reported as before, in order, and nothing of the skipped folder
+        // is counted.
+        let ignored: Vec<&str> = scan.ignored.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(ignored, ["..bad", "BDMAP_00000002", "README.md", "dataset_list"]);
+        assert_eq!(scan.objects, 26 + 2 + 3);
     }
 
     #[tokio::test]

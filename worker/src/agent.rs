@@ -216,12 +216,47 @@ async fn connect(
     loop {
         match target.connect().await {
             Ok(channel) => return Ok(WorkerServiceClient::new(token.channel(channel))),
+            // A certificate the CA does not vouch for stays so: no retry will help.
+            Err(e) if certificate_refused(&e) => {
+                let ca = tls_ca.map(|p| p.display().to_string()).unwrap_or_default();
+                anyhow::bail!(
+                    "cannot reach the coordinator at {endpoint}: its TLS certificate is not one --tls-ca {ca} \
+                     trusts ({}); pass the PEM of the CA that signed the coordinator's --tls-cert",
+                    error_chain(&e)
+                )
+            }
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                anyhow::bail!("cannot reach the coordinator at {endpoint} after {patience:?}: {e}")
+                anyhow::bail!(
+                    "cannot reach the coordinator at {endpoint} after {patience:?}: {}; is `coordinator serve` \
+                     running there?",
+                    error_chain(&e)
+                )
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
+}
+
+/// An error and its causes on one line: tonic's transport error says only "transport error"
+/// and keeps the reason (`invalid peer certificate: UnknownIssuer`) in its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether the TLS handshake failed on the coordinator's certificate (rustls says "invalid
+/// peer certificate").
+fn certificate_refused(e: &tonic::transport::Error) -> bool {
+    error_chain(e).contains("invalid peer certificate")
 }
 
 async fn register(

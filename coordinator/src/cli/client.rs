@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::Remote;
 use super::output::*;
+use super::remote::Effect;
 
 pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
     remote.connect().await
@@ -68,7 +69,8 @@ pub async fn submit(remote: &Remote, path: &Path, priority: Option<i32>) -> anyh
         spec.priority = p;
     }
     let req = submit_request(&spec, &path.display().to_string());
-    let run = remote.call(connect(remote).await?.submit_run(req)).await?;
+    let effect = Effect::Write("check `coordinator runs` for the run before submitting it again");
+    let run = remote.call_as(effect, connect(remote).await?.submit_run(req)).await?;
     if remote.json {
         println!("{}", run_json(&run));
     } else {
@@ -99,7 +101,7 @@ pub async fn runs(remote: &Remote, filter: &RunsFilter) -> anyhow::Result<ExitCo
     };
     let mut runs = vec![];
     let total = loop {
-        let page = remote.call(client.list_runs(req.clone())).await?;
+        let page = remote.call_as(Effect::Read, client.list_runs(req.clone())).await?;
         runs.extend(page.runs);
         let more = !page.next_page_token.is_empty();
         let wanted = filter.limit.is_none_or(|n| runs.len() < n as usize);
@@ -136,7 +138,7 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 /// Everything the coordinator knows of one run.
 pub async fn run_detail(remote: &Remote, run_id: &str) -> anyhow::Result<pb::RunDetail> {
     let req = pb::GetRunRequest { run_id: run_id.into() };
-    remote.call(connect(remote).await?.get_run(req)).await
+    remote.call_as(Effect::Read, connect(remote).await?.get_run(req)).await
 }
 
 pub async fn show(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCode> {
@@ -216,7 +218,9 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
         follow,
         from_seq: 0,
     };
-    let mut stream = remote.call(connect(remote).await?.stream_metrics(req)).await?;
+    let mut stream = remote
+        .call_as(Effect::Read, connect(remote).await?.stream_metrics(req))
+        .await?;
     if !remote.json {
         println!("{}", table(&["STEP", "RANK", "METRIC", "VALUE"], &[]));
     }
@@ -225,9 +229,12 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
         // Points of a followed run come as it trains, however slowly; only a finite listing
         // has a deadline per message.
         let next = if follow {
-            stream.message().await.map_err(status_error)?
+            match stream.message().await {
+                Ok(next) => next,
+                Err(status) => return Err(remote.failed(status, Effect::Read).await),
+            }
         } else {
-            remote.within(stream.message()).await?
+            remote.within_as(Effect::Read, stream.message()).await?
         };
         let Some(record) = next else { break };
         if !record.run_state.is_empty() {
@@ -248,7 +255,10 @@ pub async fn metrics(remote: &Remote, run_id: &str, follow: bool) -> anyhow::Res
 
 pub async fn workers(remote: &Remote) -> anyhow::Result<ExitCode> {
     let workers = remote
-        .call(connect(remote).await?.list_workers(pb::ListWorkersRequest {}))
+        .call_as(
+            Effect::Read,
+            connect(remote).await?.list_workers(pb::ListWorkersRequest {}),
+        )
         .await?
         .workers;
     if remote.json {

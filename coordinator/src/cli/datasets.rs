@@ -12,6 +12,10 @@ use serde_json::{Value, json};
 use super::Remote;
 use super::client::connect;
 use super::output::*;
+use super::remote::Effect;
+
+/// A scan that went unanswered may have been stored.
+const SCAN: Effect = Effect::Write("check `coordinator datasets` (its SCANNED time) before scanning again");
 
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
@@ -65,14 +69,14 @@ pub async fn scan(remote: &Remote, url: &str, name: Option<&str>) -> anyhow::Res
         url: url.clone(),
         name: name.unwrap_or_default().to_string(),
     };
-    let mut stream = remote.call(connect(remote).await?.scan_dataset(req)).await?;
+    let mut stream = remote.call_as(SCAN, connect(remote).await?.scan_dataset(req)).await?;
     let mut progress = Progress {
         tty: !remote.json && std::io::stderr().is_terminal() && std::io::stdout().is_terminal(),
         last: None,
         started: Instant::now(),
     };
     let summary = loop {
-        let event = match remote.within(stream.message()).await {
+        let event = match remote.within_as(SCAN, stream.message()).await {
             Ok(Some(event)) => event.event,
             Ok(None) => anyhow::bail!("the coordinator closed the scan of {url} without a summary"),
             Err(e) => {
@@ -114,6 +118,7 @@ fn summary_json(s: &pb::ScanSummary) -> Value {
         "total_bytes": s.total_bytes, "masks_missing": masks, "missing_ct": s.missing_ct,
         "ignored": s.ignored.iter().map(|i| json!({"name": i.name, "reason": i.reason})).collect::<Vec<_>>(),
         "rescanned": s.rescanned, "added": s.added, "removed": s.removed, "seconds": s.seconds,
+        "notes": s.notes,
     })
 }
 
@@ -189,6 +194,9 @@ fn print_summary(s: &pb::ScanSummary) {
             d.quarantined, d.name
         );
     }
+    for note in &s.notes {
+        println!("\nNOTE: {note}");
+    }
 }
 
 fn dataset_json(d: &pb::DatasetInfo) -> Value {
@@ -200,7 +208,10 @@ fn dataset_json(d: &pb::DatasetInfo) -> Value {
 
 pub async fn list(remote: &Remote) -> anyhow::Result<ExitCode> {
     let datasets = remote
-        .call(connect(remote).await?.list_datasets(pb::ListDatasetsRequest {}))
+        .call_as(
+            Effect::Read,
+            connect(remote).await?.list_datasets(pb::ListDatasetsRequest {}),
+        )
         .await?
         .datasets;
     if remote.json {
@@ -239,11 +250,35 @@ pub async fn quarantine(remote: &Remote, dataset: Option<&str>, clear: Option<&s
             dataset: dataset.to_string(),
             case_id: case.to_string(),
         };
-        let cleared = remote.call(client.clear_quarantine(req)).await?.cleared;
+        let effect = Effect::Write("check `coordinator dataset quarantine` before clearing again");
+        let cleared = remote.call_as(effect, client.clear_quarantine(req)).await?.cleared;
+        // Clearing all passes over cases without a CT (no run could read them): say which stay.
+        let kept = if case.is_empty() {
+            let req = pb::ListQuarantineRequest {
+                dataset: dataset.to_string(),
+            };
+            remote.call_as(Effect::Read, client.list_quarantine(req)).await?.cases
+        } else {
+            vec![]
+        };
         if remote.json {
-            println!("{}", json!({"dataset": dataset, "cleared": cleared}));
+            let kept: Vec<Value> = kept
+                .iter()
+                .map(|q| json!({"case_id": q.case_id, "error": q.error}))
+                .collect();
+            println!("{}", json!({"dataset": dataset, "cleared": cleared, "kept": kept}));
         } else if case.is_empty() {
             println!("cleared {cleared} quarantined case(s) of {dataset}; later runs use them again");
+            if !kept.is_empty() {
+                println!(
+                    "{} case(s) stay quarantined: no run could read them (add the missing file and \
+                     rescan with `coordinator dataset scan`, which lifts these by itself):",
+                    kept.len()
+                );
+                for q in &kept {
+                    println!("  {}: {}", q.case_id, q.error);
+                }
+            }
         } else {
             println!("cleared {case} of {dataset}; later runs use it again");
         }
@@ -252,7 +287,7 @@ pub async fn quarantine(remote: &Remote, dataset: Option<&str>, clear: Option<&s
     let req = pb::ListQuarantineRequest {
         dataset: dataset.unwrap_or_default().to_string(),
     };
-    let cases = remote.call(client.list_quarantine(req)).await?.cases;
+    let cases = remote.call_as(Effect::Read, client.list_quarantine(req)).await?.cases;
     if remote.json {
         let list: Vec<Value> = cases
             .iter()

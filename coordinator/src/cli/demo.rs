@@ -36,6 +36,8 @@ pub struct DemoArgs {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    // Its workers must be stopped on the way out, whoever reads its output.
+    super::output::keep_running_on_closed_stdout();
     let started = Instant::now();
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;

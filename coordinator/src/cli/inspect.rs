@@ -22,7 +22,17 @@ fn locate(target: &str) -> anyhow::Result<(String, Path)> {
         return Ok((base.to_string(), key));
     }
     let path = std::path::Path::new(target);
-    anyhow::ensure!(path.is_file(), "{target}: no such file");
+    if path.is_dir() {
+        anyhow::bail!(
+            "{target} is a directory; inspect reads one NIfTI file: {}",
+            files_in(path)
+        );
+    }
+    anyhow::ensure!(
+        path.is_file(),
+        "{target}: no such file; give a local .nii or .nii.gz file, or a dataset URL ending in the \
+         file's key (file:///data/atlas/BDMAP_00000001/ct.nii.gz)"
+    );
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -33,6 +43,39 @@ fn locate(target: &str) -> anyhow::Result<(String, Path)> {
         .with_context(|| format!("{target}: not a UTF-8 file name"))?;
     let key = Path::from_url_path(name).with_context(|| format!("{target}: bad file name"))?;
     Ok((dir.display().to_string(), key))
+}
+
+/// What to inspect in a directory: its NIfTI files (a case folder's CT first), or how to name one.
+fn files_in(dir: &std::path::Path) -> String {
+    let nifti = |p: &std::path::Path| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        name.ends_with(".nii.gz") || name.ends_with(".nii")
+    };
+    let mut found: Vec<std::path::PathBuf> = [dir.to_path_buf(), dir.join("segmentations")]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| nifti(p))
+        .collect();
+    found.sort_by_key(|p| (!p.ends_with("ct.nii.gz"), p.clone()));
+    if found.is_empty() {
+        return format!(
+            "it holds no .nii or .nii.gz file; give a file's path, like {}",
+            dir.join("ct.nii.gz").display()
+        );
+    }
+    let more = found.len().saturating_sub(3);
+    let shown: Vec<String> = found.iter().take(3).map(|p| p.display().to_string()).collect();
+    format!(
+        "give one of its files, like {}{}",
+        shown.join(", "),
+        if more > 0 {
+            format!(" ({more} more)")
+        } else {
+            String::new()
+        }
+    )
 }
 
 struct Stats {
@@ -158,6 +201,28 @@ mod tests {
         assert_eq!(key.as_ref(), "ct.nii.gz");
         assert!(locate("s3://bucket/").is_err());
         assert!(locate("/definitely/not/here.nii.gz").is_err());
+    }
+
+    #[test]
+    fn a_directory_is_refused_naming_the_files_to_give_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let case = dir.path().join("BDMAP_00000001");
+        std::fs::create_dir_all(case.join("segmentations")).unwrap();
+        std::fs::write(case.join("segmentations").join("liver.nii.gz"), b"x").unwrap();
+        std::fs::write(case.join("ct.nii.gz"), b"x").unwrap();
+        let err = locate(case.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        // The CT comes first: it is what an operator usually means.
+        let ct = case.join("ct.nii.gz").display().to_string();
+        let liver = case.join("segmentations").join("liver.nii.gz").display().to_string();
+        assert!(err.find(&ct).unwrap() < err.find(&liver).unwrap(), "{err}");
+
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let err = locate(empty.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("holds no .nii"), "{err}");
+        let err = locate("/definitely/not/here.nii.gz").unwrap_err().to_string();
+        assert!(err.contains("no such file") && err.contains("file://"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,17 @@
 //! of a running coordinator; `demo` runs everything on one machine; `worker` (hidden) runs the
 //! worker agent from this same executable so a fresh checkout needs only one binary.
 
+/// std's `println!` panics on a closed pipe (`coordinator runs | head`); every command of this
+/// module and its children prints through this one instead (see `output::print_line`).
+macro_rules! println {
+    () => {
+        $crate::cli::output::print_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::print_line(format_args!($($arg)*))
+    };
+}
+
 mod client;
 mod datasets;
 #[cfg(feature = "worker")]
@@ -339,7 +350,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::error_text(&e));
             ExitCode::FAILURE
         }
     }

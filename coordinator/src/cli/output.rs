@@ -1,8 +1,69 @@
 //! Human-readable tables and JSON for CLI output. Tables are plain padded columns, so they
 //! survive `grep`, `less` and logs.
+//!
+//! Every line goes out through [`print_line`] (the CLI's `println!` is a macro that calls it):
+//! std's `println!` panics when the reader of a pipe has left (`coordinator runs | head -5`),
+//! and a command whose reader is gone has nothing left to do.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use protocol::pb;
 use serde_json::{Value, json};
+
+/// Whether a closed stdout ends the process (true) or only silences later output (false, for
+/// commands that own child processes and must stop them on their way out).
+static EXIT_ON_CLOSED_STDOUT: AtomicBool = AtomicBool::new(true);
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// A closed stdout silences this command's output instead of ending it: for `serve`, which
+/// serves on, and `demo`, whose worker processes are stopped by its own shutdown path.
+pub fn keep_running_on_closed_stdout() {
+    EXIT_ON_CLOSED_STDOUT.store(false, Ordering::SeqCst);
+}
+
+/// Writes one line to stdout. A reader that closed the pipe ends the command quietly (exit 0:
+/// it read what it wanted); any other write error is reported once, on stderr.
+pub fn print_line(args: std::fmt::Arguments<'_>) {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
+    if let Err(e) = written {
+        STDOUT_CLOSED.store(true, Ordering::SeqCst);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to stdout: {e}");
+        }
+        if EXIT_ON_CLOSED_STDOUT.load(Ordering::SeqCst) {
+            // `exit` flushes stdout, which takes this lock.
+            drop(out);
+            std::process::exit(if e.kind() == std::io::ErrorKind::BrokenPipe {
+                0
+            } else {
+                1
+            });
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once: many of our error types print their
+/// source in their own message and also chain it, so anyhow's `{:#}` said the same thing up to
+/// four times.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if said.is_empty() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}
 
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -145,6 +206,29 @@ pub fn event_json(e: &pb::RunEvent) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("listen on 127.0.0.1:1: {source}")]
+        struct Bind {
+            source: std::io::Error,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Wrapper(#[from] Bind);
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::from(Wrapper(Bind { source: io }));
+        // What `{:#}` printed: the same message three times over.
+        assert_eq!(format!("{e:#}").matches("Address already in use").count(), 3);
+        assert_eq!(error_text(&e), "listen on 127.0.0.1:1: Address already in use");
+        // Context that adds something is kept, in order.
+        let e = anyhow::anyhow!("connection refused").context("cannot reach the coordinator at http://x");
+        assert_eq!(
+            error_text(&e),
+            "cannot reach the coordinator at http://x: connection refused"
+        );
+    }
 
     #[test]
     fn dates_and_tables() {

@@ -2,7 +2,6 @@
 //! requires a bearer token (its own, created in the data dir, when given none) unless told
 //! `--insecure`, and speaks TLS when given a certificate and key.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,27 +44,34 @@ enum TokenSource {
     Created(PathBuf),
 }
 
-/// The token to require: --token-file, VOXELFLEET_TOKEN, or the data dir's own (created on first
-/// start). `--insecure` with a token configured anyway is refused: one of them is a mistake,
-/// and guessing which could leave the coordinator open.
-fn token(args: &ServeArgs) -> anyhow::Result<(SharedToken, TokenSource)> {
+/// The token to require: --token-file, VOXELFLEET_TOKEN, or the data dir's own (`None` here:
+/// created on first start, once the data dir is ours). `--insecure` with a token configured
+/// anyway is refused: one of them is a mistake, and guessing which could leave the coordinator
+/// open.
+fn configured_token(args: &ServeArgs) -> anyhow::Result<Option<(SharedToken, TokenSource)>> {
     let env_token = SharedToken::from_env()?;
     if args.insecure {
         anyhow::ensure!(
             !env_token.is_set(),
             "--insecure, but {TOKEN_ENV} is set: unset it to serve without a token, or drop --insecure"
         );
-        return Ok((SharedToken::none(), TokenSource::Insecure));
+        return Ok(Some((SharedToken::none(), TokenSource::Insecure)));
     }
     if let Some(path) = &args.token_file {
-        return Ok((SharedToken::from_file(path)?, TokenSource::File(path.clone())));
+        // The same check as the data dir's own token gets: a token others can read is a token
+        // others can use.
+        coordinator::token_file::warn_if_shared(path);
+        return Ok(Some((SharedToken::from_file(path)?, TokenSource::File(path.clone()))));
     }
     if env_token.is_set() {
-        return Ok((env_token, TokenSource::Env));
+        return Ok(Some((env_token, TokenSource::Env)));
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| anyhow::anyhow!("--data-dir {}: {e}", args.data_dir.display()))?;
-    let path = args.data_dir.join(coordinator::token_file::TOKEN_FILE_NAME);
+    Ok(None)
+}
+
+/// The data dir's own token, created on first start.
+fn data_dir_token(data_dir: &Path) -> anyhow::Result<(SharedToken, TokenSource)> {
+    let path = data_dir.join(coordinator::token_file::TOKEN_FILE_NAME);
     let (token, origin) = coordinator::token_file::load_or_create(&path)?;
     let source = match origin {
         coordinator::token_file::Origin::Created => TokenSource::Created(path),
@@ -83,15 +89,26 @@ fn shown(path: &Path) -> String {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // A reader that took the address line and left must not stop the service.
+    super::output::keep_running_on_closed_stdout();
     let timing =
         coordinator::core::Timing::with_dead_after(std::time::Duration::from_secs(args.dead_after_secs.max(1)));
-    let (token, source) = token(&args)?;
+    // Everything that can be refused is checked before the data dir is touched: the flags,
+    // the certificate, the port, and then the data dir's lock.
+    let configured = configured_token(&args)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(protocol::tls::server_config(cert, key)?),
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut server = coordinator::server::start_with_tls(args.listen, &args.data_dir, timing, &token, tls).await?;
+    let builder = coordinator::server::builder(tls)?;
+    let listener = coordinator::server::bind(args.listen).await?;
+    let opened = coordinator::server::open(&args.data_dir, timing).await?;
+    let (token, source) = match configured {
+        Some(configured) => configured,
+        None => data_dir_token(&args.data_dir)?,
+    };
+    let mut server = coordinator::server::serve_on(builder, listener, opened, &token)?;
     if let TokenSource::Insecure = source {
         tracing::warn!(
             "--insecure: no bearer token is required; any process that can reach {} may use this coordinator",
@@ -116,10 +133,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         TokenSource::Insecure => Some("no bearer token required (--insecure)".to_string()),
     };
     if let Some(line) = second {
-        // Written without println!: a reader that took the first line and left must not make
-        // this panic on a closed pipe.
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+        println!("{line}");
     }
     tracing::info!("serving {scheme}:// on {}", server.addr);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -21,6 +21,8 @@ pub struct ScanOutcome {
     pub change: ScanChange,
     pub quarantined: u32,
     pub seconds: f64,
+    /// What the operator should know about this scan, one sentence each.
+    pub notes: Vec<String>,
 }
 
 /// A dataset name from its URL: the last path segment (`s3://b/AbdomenAtlas1.1/` →
@@ -115,12 +117,44 @@ impl Coordinator {
         self.store.durable().await?;
         let quarantined = self.store.quarantined(url)?.len() as u32;
         tracing::info!(dataset = %record.name, url, cases = record.cases.len(), missing_ct = record.missing_ct().len(), "dataset scanned");
+        let notes = self.frozen_note(&record, &change)?.into_iter().collect();
         Ok(ScanOutcome {
             record,
             change,
             quarantined,
             seconds: started.elapsed().as_secs_f64(),
+            notes,
         })
+    }
+
+    /// Cases a rescan added are in no frozen manifest: runs over an order_seed that already has
+    /// one keep its order (that is what makes them reproducible and resumable) and never read
+    /// them. Re-freezing that order in place would change it under the runs that use it, so
+    /// the way to the new cases is an order_seed without a manifest yet.
+    fn frozen_note(&self, record: &DatasetRecord, change: &ScanChange) -> Result<Option<String>> {
+        if change.added.is_empty() {
+            return Ok(None);
+        }
+        let mut seeds: Vec<u64> = self
+            .store
+            .manifests()?
+            .into_iter()
+            .filter(|m| m.dataset_url == record.url && !m.subset)
+            .map(|m| m.order_seed)
+            .collect();
+        if seeds.is_empty() {
+            return Ok(None);
+        }
+        seeds.sort_unstable();
+        seeds.dedup();
+        let listed: Vec<String> = seeds.iter().map(u64::to_string).collect();
+        let unused = (0..).find(|s| !seeds.contains(s)).unwrap_or(u64::MAX);
+        Ok(Some(format!(
+            "the {} added case(s) are not in the frozen manifest(s) of {} (dataset.order_seed {}):              runs over those order_seeds, new ones included, keep their frozen case order and will              not read them. To train on them, submit with a dataset.order_seed that has no manifest              yet (e.g. order_seed = {unused}); `coordinator dataset manifests` lists the frozen ones",
+            change.added.len(),
+            record.name,
+            listed.join(", "),
+        )))
     }
 
     /// The name a scan of `url` stores under: the one asked for (which must not name another
@@ -202,10 +236,36 @@ impl Coordinator {
             .collect()
     }
 
-    /// Clears a dataset's quarantine, or one case of it; later runs use the cases again.
+    /// Clears a dataset's quarantine, or one case of it; later runs use the cases again. A case
+    /// the last scan found without a CT stays: no run could read it, and clearing it would only
+    /// move the failure into a run. Asked for by name, it is refused and the error says why;
+    /// clearing all passes over it (the CLI lists what stays).
     pub async fn clear_quarantine(&self, dataset: &str, case_id: Option<&str>) -> Result<u32> {
         let url = self.quarantine_url(dataset)?;
-        let cleared = self.store.clear_quarantine(&url, case_id)?;
+        let no_ct: std::collections::HashSet<String> = self
+            .store
+            .dataset_by_url(&url)?
+            .map(|d| d.missing_ct())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        if let Some(id) = case_id.filter(|id| no_ct.contains(*id)) {
+            return Err(CoordError::Rejected(format!(
+                "case {id} of {dataset} has no ct.nii.gz in the last scan of {url}, so no run can                  read it and clearing it would not make it usable: add its ct.nii.gz and rescan                  (`coordinator dataset scan {url}`), which lifts this quarantine by itself"
+            )));
+        }
+        let cleared = match case_id {
+            Some(id) => self.store.clear_quarantine(&url, Some(id))?,
+            None => {
+                let mut cleared = 0;
+                for q in self.store.quarantined(&url)? {
+                    if !no_ct.contains(&q.case_id) {
+                        cleared += self.store.clear_quarantine(&url, Some(&q.case_id))?;
+                    }
+                }
+                cleared
+            }
+        };
         self.store.durable().await?;
         if let (Some(id), 0) = (case_id, cleared) {
             return Err(CoordError::NotFound {

@@ -46,6 +46,7 @@ pub fn scan_summary(o: &ScanOutcome) -> pb::ScanSummary {
         added: o.change.added.clone(),
         removed: o.change.removed.clone(),
         seconds: o.seconds,
+        notes: o.notes.clone(),
     }
 }
 

@@ -47,10 +47,12 @@ use crate::records::{CheckpointRecord, RunEvent, RunRecord, WorkerRecord};
 
 mod catalog;
 mod datasets;
+mod lock;
 mod metrics;
 
 pub use catalog::manifest_id;
 pub use datasets::ScanChange;
+pub use lock::PID_FILE;
 pub use metrics::ChecksumReport;
 
 /// Layout version this build writes. Raise it when a change needs more than new serde-defaulted
@@ -62,6 +64,15 @@ pub const SCHEMA_VERSION: u64 = 2;
 pub enum StoreError {
     #[error("sled store at {path}: {source}")]
     Open { path: String, source: sled::Error },
+    #[error("{}", lock::in_use_message(path, *pid))]
+    InUse { path: String, pid: Option<u32> },
+    // Shown, not chained: anyhow's `{:#}` would print the io error twice.
+    #[error("data dir {path}: cannot {action}: {error}")]
+    Lock {
+        path: String,
+        action: &'static str,
+        error: std::io::Error,
+    },
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
     #[error("flushing the store: {0}")]
@@ -108,6 +119,8 @@ pub struct Store {
     flushed: Arc<AtomicU64>,
     /// One flush at a time; the others wait for it and usually find their writes covered.
     flushing: tokio::sync::Mutex<()>,
+    /// The data dir's lock; last, so it is released after sled has let go of its files.
+    _lock: lock::DirLock,
 }
 
 /// Proof that the caller holds the store's write lock, counted as a write when dropped.
@@ -195,6 +208,13 @@ fn run_prefix(run_id: &str) -> String {
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|error| StoreError::Lock {
+            path: path.clone(),
+            action: "create it",
+            error,
+        })?;
+        // Before sled: its own lock error names no owner.
+        let dir_lock = lock::acquire(dir)?;
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(None)
@@ -244,6 +264,7 @@ impl Store {
             written: Arc::new(AtomicU64::new(0)),
             flushed: Arc::new(AtomicU64::new(0)),
             flushing: tokio::sync::Mutex::new(()),
+            _lock: dir_lock,
         };
         if found < 2 {
             store.migrate_case_lists()?;

@@ -12,7 +12,8 @@
 //! attempt)` names (deterministic, so ranks and reruns agree), with the same crop randomness. The
 //! batch lists every such `CaseFailure` in sample order, so the trainer can quarantine and report
 //! them in order. Without a substitute, or when every substitute fails too, the batch itself is
-//! `Err(CaseFailure)` for the sample's own case.
+//! `Err(CaseFailure)` for the sample's own case; in the second case it also lists the substitutes
+//! that failed, since one bad case is not why the run stops: most of its cases are.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -82,6 +83,50 @@ pub struct CaseFailure {
     pub case_id: String,
     /// Boxed: failures are rare, and batches travel as `Result`s.
     pub error: Box<DataError>,
+    /// Set when the sample's substitutes all failed too.
+    pub exhausted: Option<Exhausted>,
+}
+
+/// Every candidate of one sample failed: its substitutes, and the run's case count.
+#[derive(Debug)]
+pub struct Exhausted {
+    /// The substitutes tried, in order, each failed.
+    pub substitutes: Vec<String>,
+    /// Training cases of the run.
+    pub run_cases: usize,
+}
+
+impl CaseFailure {
+    /// Why the run cannot go on, when the sample's substitutes ran out: how many cases failed
+    /// out of how many, a few of their ids, and the first error.
+    pub fn exhausted_message(&self) -> Option<String> {
+        let ex = self.exhausted.as_ref()?;
+        let mut bad: Vec<&str> = vec![self.case_id.as_str()];
+        for id in &ex.substitutes {
+            if !bad.contains(&id.as_str()) {
+                bad.push(id);
+            }
+        }
+        let shown: Vec<&str> = bad.iter().take(5).copied().collect();
+        let more = bad.len() - shown.len();
+        Some(format!(
+            "case {} (sample {}) could not be read, nor could any of the {} substitutes tried for it: \
+             {} of the run's {} training cases failed to load ({}{}), so much of the dataset looks \
+             unreadable; check its files and `coordinator dataset quarantine`. First error: {}",
+            self.case_id,
+            self.sample_index,
+            ex.substitutes.len(),
+            bad.len(),
+            ex.run_cases,
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+            self.error
+        ))
+    }
 }
 
 /// One step's input for this rank.
@@ -212,6 +257,7 @@ impl BatchBuilder {
                         sample_index: index,
                         case_id: candidate,
                         error: Box::new(error),
+                        exhausted: None,
                     });
                 }
                 Err(error) => {
@@ -221,6 +267,7 @@ impl BatchBuilder {
                         sample_index: index,
                         case_id: candidate.clone(),
                         error: Box::new(error),
+                        exhausted: None,
                     });
                 }
             }
@@ -231,7 +278,16 @@ impl BatchBuilder {
             };
             match next {
                 Some(next) => candidate = next,
-                None => return Err(failed.swap_remove(0)),
+                None => {
+                    let mut own = failed.remove(0);
+                    if !failed.is_empty() {
+                        own.exhausted = Some(Exhausted {
+                            substitutes: failed.into_iter().map(|f| f.case_id).collect(),
+                            run_cases: self.order.all_cases().len(),
+                        });
+                    }
+                    return Err(own);
+                }
             }
         }
     }
@@ -378,6 +434,7 @@ fn load_loop(shared: &Shared, builder: &BatchBuilder, depth: u64, batches: u64) 
                     key: format!("batch of samples {samples:?}"),
                     reason: format!("building it panicked: {}", panic_message(&panic)),
                 }),
+                exhausted: None,
             })
         });
         shared.lock().ready.insert(k, built);

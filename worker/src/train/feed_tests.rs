@@ -177,6 +177,33 @@ fn a_failed_case_is_substituted_deterministically_and_reported_in_order() {
 }
 
 #[test]
+fn when_the_substitutes_run_out_too_the_failure_counts_the_bad_cases_and_names_them() {
+    let mut source = Phantoms::new(VolumeCache::disabled(2));
+    // Four of five cases are bad: a sample's substitutes soon run out.
+    for id in &ids()[1..] {
+        source.failing.insert(id.clone());
+    }
+    let mut feed = Feed::start(builder(Arc::new(source), config(0, 10), true));
+    let failure = std::iter::from_fn(|| feed.next_batch())
+        .find_map(Result::err)
+        .expect("a failed batch");
+    let message = failure.exhausted_message().expect("the substitutes ran out");
+    let ex = failure.exhausted.as_ref().unwrap();
+    assert_eq!(ex.substitutes.len(), 4, "max_substitutions are tried");
+    assert_eq!(ex.run_cases, CASES);
+    let distinct: HashSet<&String> = std::iter::once(&failure.case_id).chain(&ex.substitutes).collect();
+    assert!(
+        message.contains(&format!("{} of the run's {CASES} training cases", distinct.len())),
+        "{message}"
+    );
+    assert!(message.contains("substitutes"), "{message}");
+    for id in &distinct {
+        assert!(message.contains(id.as_str()), "{id} not named: {message}");
+    }
+    assert!(message.contains("truncated gzip"), "the first error is kept: {message}");
+}
+
+#[test]
 fn the_feed_builds_a_bounded_number_of_batches_ahead() {
     let source = Arc::new(Phantoms::new(VolumeCache::disabled(2)));
     let mut cfg = config(0, 20);

@@ -47,6 +47,9 @@ pub enum TrainError {
     Model(#[from] ModelConfigError),
     #[error("data: {0}")]
     Data(#[from] DataError),
+    /// A sample's case and all its substitutes failed: the message counts and names them.
+    #[error("data: {0}")]
+    CasesExhausted(String),
     #[error("gradient all-reduce: {0}")]
     Collective(#[from] CollectiveError),
     #[error("gradients: {0}")]
@@ -225,7 +228,10 @@ pub fn train_rank<B: AutodiffBackend>(
         let ready = feed
             .next_batch()
             .ok_or_else(|| TrainError::Assignment(format!("the data feed ended before step {step}")))?
-            .map_err(|failure| TrainError::Data(*failure.error))?;
+            .map_err(|failure| match failure.exhausted_message() {
+                Some(message) => TrainError::CasesExhausted(message),
+                None => TrainError::Data(*failure.error),
+            })?;
         if ready.samples != samples {
             return Err(TrainError::Assignment(format!(
                 "the data feed built samples {:?} for step {step}, which reads {samples:?}",
