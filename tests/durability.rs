@@ -137,6 +137,8 @@ struct FakeWorker {
     artifacts: PathBuf,
     run_id: String,
     worker_id: String,
+    /// Proves `worker_id` when registering again.
+    worker_secret: String,
     attempt: u32,
     step: u64,
     shared: Arc<Shared>,
@@ -219,14 +221,17 @@ impl FakeWorker {
         self.shared.trouble.lock().unwrap().rejoins += 1;
         let mut registered = false;
         while !self.stopping() {
-            let worker_id = self.worker_id.clone();
+            let (worker_id, worker_secret) = (self.worker_id.clone(), self.worker_secret.clone());
             let Some(client) = self.client().await else { continue };
             if !registered {
                 let mut req = worker_client_request("127.0.0.1:9");
                 req.worker_id = worker_id;
+                req.worker_secret = worker_secret;
                 match client.register(req).await {
                     Ok(resp) => {
-                        let id = resp.into_inner().worker_id;
+                        let resp = resp.into_inner();
+                        let id = resp.worker_id;
+                        self.worker_secret = resp.worker_secret;
                         self.shared.ack(|a, e| a.registrations.push((e, id.clone())));
                         self.worker_id = id;
                         registered = true;
@@ -514,12 +519,12 @@ async fn sled_keeps_every_acknowledged_write_across_20_sigkills() {
 
     // Register, submit, and pick the assignment up before any kill.
     let mut client = connect(&cluster.endpoint).await.expect("coordinator up");
-    let worker_id = client
+    let registered = client
         .register(worker_client_request("127.0.0.1:9"))
         .await
         .unwrap()
-        .into_inner()
-        .worker_id;
+        .into_inner();
+    let (worker_id, worker_secret) = (registered.worker_id, registered.worker_secret);
     shared.ack(|a, e| a.registrations.push((e, worker_id.clone())));
     let run_id = cluster.submit(&spec);
     let assignment = loop {
@@ -540,6 +545,7 @@ async fn sled_keeps_every_acknowledged_write_across_20_sigkills() {
         artifacts: cluster.path("artifacts"),
         run_id: run_id.clone(),
         worker_id: worker_id.clone(),
+        worker_secret,
         attempt: assignment.attempt,
         step: 0,
         shared: shared.clone(),

@@ -359,6 +359,15 @@ pub struct WorkerRecord {
     pub run_id: Option<String>,
     #[serde(default)]
     pub numeric_fingerprint: String,
+    /// SHA-256 (hex) of the secret the worker was given at its first registration: the id
+    /// belongs to the process that holds it (see `core::membership`). Empty in records written
+    /// before secrets existed; the next registration under the id is then issued one.
+    #[serde(default)]
+    pub secret_sha256: String,
+    /// The worker said it is going away (SIGTERM) while on a run: it gets no new work, and its
+    /// run is checkpointed and put back in the queue.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

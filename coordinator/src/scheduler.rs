@@ -182,6 +182,8 @@ mod tests {
             state: WorkerState::Idle,
             run_id: None,
             numeric_fingerprint: "x86_64+avx2".into(),
+            secret_sha256: String::new(),
+            leaving: false,
         }
     }
 

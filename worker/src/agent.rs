@@ -15,6 +15,7 @@ use protocol::pb::worker_service_client::WorkerServiceClient;
 use crate::backend::DeviceSpec;
 use crate::collective::{CollectiveHub, Ring, RingOptions, WireFormat, serve_collective};
 use crate::fingerprint::numeric_fingerprint;
+use crate::leave::{Drained, Goodbye, run_draining};
 use crate::link::{LinkError, RankIdentity, RunLink, StopSignal};
 use crate::manifests::{ManifestCache, RunCases};
 use crate::train::cases::DataPlane;
@@ -75,6 +76,13 @@ pub struct WorkerArgs {
     /// Memory for batches built ahead, in MiB (at least one batch is always built ahead).
     #[arg(long, default_value_t = 512)]
     pub prefetch_mib: usize,
+    /// On SIGTERM, how long a run this worker holds may take to drain (rank 0 checkpoints at its
+    /// next step boundary and the run goes back to the queue) before the worker gives it up and
+    /// exits anyway, in seconds. The default leaves a margin of ten seconds within Kubernetes'
+    /// default termination grace period of 30 s (deploy/kubernetes sets the same); raise both
+    /// together for steps or checkpoint uploads that take longer.
+    #[arg(long, default_value_t = 20)]
+    pub drain_timeout_secs: u64,
 }
 
 impl WorkerArgs {
@@ -119,6 +127,8 @@ struct ActiveRun {
 #[derive(Default)]
 struct Presence {
     worker_id: String,
+    /// Proves `worker_id` is ours when registering again or leaving.
+    worker_secret: String,
     run: Option<ActiveRun>,
     reregister: bool,
     /// The coordinator said it is going away; quiets the warnings while it is.
@@ -126,25 +136,41 @@ struct Presence {
 }
 
 pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    // First of all: from here on SIGTERM is an order to leave, not an instant death.
+    let terminate = crate::stop::on_sigterm()?;
     // One shared secret for the coordinator and the peers (see protocol::auth).
     let token = SharedToken::resolve(args.token_file.as_deref())?;
     let (bound, hub) = serve_collective(args.peer_listen, &token).await?;
     let peer_address = advertised_address(args.advertise.as_deref(), bound)?;
-    let client = connect(
-        &args.coordinator,
-        args.tls_ca.as_deref(),
-        &token,
-        Duration::from_secs(args.connect_timeout_secs),
-    )
-    .await?;
     let presence = Arc::new(Mutex::new(Presence::default()));
+    let joined = async {
+        let client = connect(
+            &args.coordinator,
+            args.tls_ca.as_deref(),
+            &token,
+            Duration::from_secs(args.connect_timeout_secs),
+        )
+        .await?;
+        let interval = register(&client, &peer_address, args.device, &presence).await?;
+        anyhow::Ok((client, interval))
+    };
+    let (client, interval) = tokio::select! {
+        joined = joined => joined?,
+        _ = terminate.wait() => {
+            tracing::info!("SIGTERM before joining the coordinator; exiting");
+            return Ok(());
+        }
+    };
     let manifests = ManifestCache::default();
     let plane = args.data_plane();
-    let interval = register(&client, &peer_address, args.device, &presence).await?;
     tokio::spawn(heartbeat_loop(client.clone(), presence.clone(), interval));
 
     let mut runs_done = 0u32;
     loop {
+        if terminate.raised().is_some() {
+            goodbye(&client, &presence).idle().await;
+            return Ok(());
+        }
         if std::mem::take(&mut presence.lock().expect("presence").reregister)
             && let Err(e) = register(&client, &peer_address, args.device, &presence).await
         {
@@ -158,7 +184,13 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             worker_id,
             wait_ms: 10_000,
         };
-        let outcome = match client.clone().await_assignment(req).await {
+        // SIGTERM ends the poll: leaving is handled at the top of the loop.
+        let mut poller = client.clone();
+        let polled = tokio::select! {
+            polled = poller.await_assignment(req) => polled,
+            _ = terminate.wait() => continue,
+        };
+        let outcome = match polled {
             Ok(resp) => resp.into_inner().outcome,
             Err(status) if status.code() == tonic::Code::NotFound => {
                 tracing::warn!("coordinator no longer knows this worker; registering again");
@@ -173,7 +205,17 @@ pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         };
         match outcome {
             Some(Outcome::Assignment(assignment)) => {
-                run_assignment(&args, &client, &hub, &presence, &manifests, &plane, assignment).await;
+                let ended = run_assignment(
+                    &args, &client, &hub, &presence, &manifests, &plane, assignment, &terminate,
+                );
+                if let Drained::Stuck = ended.await {
+                    // Waiting for the thread would outlast the grace period, and returning would
+                    // too: the runtime joins its blocking threads when dropped. The run was given
+                    // up (`goodbye` names no run), so the coordinator interrupts it.
+                    goodbye(&client, &presence).idle().await;
+                    tracing::warn!("the training thread did not stop; exiting without it");
+                    std::process::exit(0);
+                }
                 runs_done += 1;
                 if args.max_runs > 0 && runs_done >= args.max_runs {
                     tracing::info!(runs_done, "reached --max-runs; exiting");
@@ -265,11 +307,11 @@ async fn register(
     device: DeviceSpec,
     presence: &Mutex<Presence>,
 ) -> anyhow::Result<Duration> {
-    let (previous_id, run) = {
+    let (previous_id, secret, run) = {
         let p = presence.lock().expect("presence");
-        (p.worker_id.clone(), p.run.clone())
+        (p.worker_id.clone(), p.worker_secret.clone(), p.run.clone())
     };
-    let req = pb::RegisterRequest {
+    let mut req = pb::RegisterRequest {
         host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
         peer_address: peer_address.to_string(),
         device_kind: device.to_string(),
@@ -280,10 +322,24 @@ async fn register(
         numeric_fingerprint: numeric_fingerprint(device),
         run_id: run.as_ref().map(|r| r.run_id.clone()).unwrap_or_default(),
         attempt: run.as_ref().map_or(0, |r| r.attempt),
+        worker_secret: secret,
     };
-    let resp = client.clone().register(req).await?.into_inner();
+    let resp = match client.clone().register(req.clone()).await {
+        Ok(resp) => resp.into_inner(),
+        // This process cannot prove the id is its own (the coordinator's record changed under
+        // it): better a new identity than retrying the old one forever.
+        Err(status) if status.code() == tonic::Code::PermissionDenied && !req.worker_id.is_empty() => {
+            tracing::warn!(worker = %req.worker_id, "the coordinator refused this worker's id ({}); registering as a new worker", status.message());
+            req.worker_id.clear();
+            req.worker_secret.clear();
+            client.clone().register(req).await?.into_inner()
+        }
+        Err(status) => return Err(status.into()),
+    };
     tracing::info!(worker = %resp.worker_id, peer = %peer_address, %device, "registered with the coordinator");
-    presence.lock().expect("presence").worker_id = resp.worker_id;
+    let mut p = presence.lock().expect("presence");
+    p.worker_id = resp.worker_id;
+    p.worker_secret = resp.worker_secret;
     Ok(Duration::from_millis(resp.heartbeat_interval_ms.max(100) as u64))
 }
 
@@ -329,6 +385,8 @@ async fn heartbeat_loop(client: WorkerServiceClient<AuthChannel>, presence: Arc<
     }
 }
 
+// One more than clippy's seven: the process-wide parts of the agent, passed as they are.
+#[allow(clippy::too_many_arguments)]
 async fn run_assignment(
     args: &WorkerArgs,
     client: &WorkerServiceClient<AuthChannel>,
@@ -337,7 +395,8 @@ async fn run_assignment(
     manifests: &ManifestCache,
     plane: &DataPlane,
     assignment: pb::Assignment,
-) {
+    terminate: &StopSignal,
+) -> Drained<()> {
     let stop = StopSignal::default();
     let pause = Arc::new(AtomicBool::new(false));
     let worker_id = {
@@ -374,28 +433,38 @@ async fn run_assignment(
     );
     let device = args.device;
     let plane = plane.clone();
-    // Without its cases the run cannot start: fail at once instead of first waiting out the
-    // ring's connect deadline.
-    let connected = match manifests.cases_for(client, &assignment).await {
-        Err(e) => Err(TrainError::Assignment(e)),
-        Ok(cases) => tokio::select! {
-            ring = Ring::connect_with(hub, &run_id, rank, &assignment.peers, ring_options) => {
-                ring.map(|ring| (ring, cases)).map_err(TrainError::from)
-            }
-            reason = stop.wait() => Err(TrainError::Stopped(reason)),
-        },
+    let (ring_stop, work_run) = (stop.clone(), run_id.clone());
+    let work = async move {
+        // Without its cases the run cannot start: fail at once instead of first waiting out the
+        // ring's connect deadline.
+        let connected = match manifests.cases_for(client, &assignment).await {
+            Err(e) => Err(TrainError::Assignment(e)),
+            Ok(cases) => tokio::select! {
+                ring = Ring::connect_with(hub, &work_run, rank, &assignment.peers, ring_options) => {
+                    ring.map(|ring| (ring, cases)).map_err(TrainError::from)
+                }
+                reason = ring_stop.wait() => Err(TrainError::Stopped(reason)),
+            },
+        };
+        match connected {
+            Err(e) => Err(e),
+            Ok((mut ring, cases)) => tokio::task::spawn_blocking(move || {
+                ring.abort_on(ring_stop);
+                let mut link = link;
+                let summary = train_on(device, &assignment, &cases, &mut ring, &mut link, &plane)?;
+                link.finish(summary.final_step, summary.weights_sha256.clone())?;
+                Ok(summary)
+            })
+            .await
+            .unwrap_or_else(|panic| Err(TrainError::Assignment(format!("training thread panicked: {panic}")))),
+        }
     };
-    let outcome = match connected {
-        Err(e) => Err(e),
-        Ok((mut ring, cases)) => tokio::task::spawn_blocking(move || {
-            ring.abort_on(stop);
-            let mut link = link;
-            let summary = train_on(device, &assignment, &cases, &mut ring, &mut link, &plane)?;
-            link.finish(summary.final_step, summary.weights_sha256.clone())?;
-            Ok(summary)
-        })
-        .await
-        .unwrap_or_else(|panic| Err(TrainError::Assignment(format!("training thread panicked: {panic}")))),
+    // SIGTERM meanwhile drains the run (see `leave`).
+    let drain_timeout = Duration::from_secs(args.drain_timeout_secs);
+    let leaving = goodbye(client, presence);
+    let outcome = match run_draining(work, terminate, &stop, &leaving, (&run_id, attempt), drain_timeout).await {
+        Drained::Ended(outcome) => outcome,
+        Drained::Stuck => return Drained::Stuck,
     };
     presence.lock().expect("presence").run = None;
     match outcome {
@@ -427,8 +496,24 @@ async fn run_assignment(
                     _ => 0,
                 },
             };
-            report_failure(client, req).await;
+            // Leaving on SIGTERM, the report gets a moment, not report_failure's hour.
+            tokio::select! {
+                _ = report_failure(client, req) => {}
+                _ = async { terminate.wait().await; tokio::time::sleep(crate::leave::STOP_GRACE).await } => {}
+            }
         }
+    }
+    Drained::Ended(())
+}
+
+/// What leaving takes: this worker's id and secret as they are now.
+fn goodbye(client: &WorkerServiceClient<AuthChannel>, presence: &Mutex<Presence>) -> Goodbye {
+    let p = presence.lock().expect("presence");
+    Goodbye {
+        client: client.clone(),
+        worker_id: p.worker_id.clone(),
+        worker_secret: p.worker_secret.clone(),
+        reason: "SIGTERM".into(),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod backend;
 pub mod collective;
 pub mod fingerprint;
+pub mod leave;
 pub mod link;
 pub mod manifests;
 pub mod model;

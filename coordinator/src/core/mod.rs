@@ -36,6 +36,9 @@ pub enum CoordError {
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     Rejected(String),
+    /// The caller could not prove it is who it says: a worker id without that worker's secret.
+    #[error("{0}")]
+    Denied(String),
 }
 
 pub type Result<T> = std::result::Result<T, CoordError>;

@@ -48,7 +48,8 @@ impl Coordinator {
         };
         let alive: Vec<Arc<WorkerRecord>> = m
             .worker_handles()
-            .filter(|w| w.state != WorkerState::Dead && !m.suspects.contains(&w.id))
+            // A worker leaving on SIGTERM takes no new work, not even its own run's next attempt.
+            .filter(|w| w.state != WorkerState::Dead && !m.suspects.contains(&w.id) && !w.leaving)
             .cloned()
             .collect();
         let idle = alive

@@ -109,7 +109,7 @@ impl Coordinator {
                 (None, Some(reason)) => (stop(reason), false),
                 (None, None) => (
                     pb::ReportMetricsResponse {
-                        pause_run: run.pause_requested && req.rank == 0,
+                        pause_run: (run.pause_requested || super::membership::draining(&m, &run)) && req.rank == 0,
                         ..Default::default()
                     },
                     false,
@@ -201,6 +201,14 @@ impl Coordinator {
                     stop_run: true,
                     stop_reason: message,
                 };
+            } else if !req.is_final
+                && let Some(drained) = super::membership::drained(&mut m, &run, req.step)
+            {
+                // A worker of the run is leaving on SIGTERM: this checkpoint is where it resumes.
+                resp.stop_run = true;
+                resp.stop_reason = drained.run.message.clone();
+                (run, freed) = (drained.run, drained.freed);
+                events.extend(drained.events);
             }
             m.put_checkpoint(&self.store, &record, run, &freed, &events)?;
             (resp, replaced, run_artifacts)

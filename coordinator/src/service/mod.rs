@@ -18,6 +18,7 @@ impl From<CoordError> for Status {
             }
             CoordError::NotFound { .. } => Status::not_found(e.to_string()),
             CoordError::Rejected(_) => Status::failed_precondition(e.to_string()),
+            CoordError::Denied(_) => Status::permission_denied(e.to_string()),
             CoordError::Store(_) => Status::internal(e.to_string()),
         }
     }

@@ -18,7 +18,24 @@ const MAX_POLL: Duration = Duration::from_secs(30);
 /// Longest failure message kept: it lands in the run record and its events, shown by `show`.
 const MAX_FAILURE_MESSAGE_CHARS: usize = 4000;
 
+/// Longest deregistration reason kept: it lands in the run's events.
+const MAX_REASON_CHARS: usize = 200;
+
+/// Longest worker secret accepted; the coordinator issues 32 hex characters.
+const MAX_SECRET_BYTES: usize = 256;
+
 pub struct WorkerApi(pub Arc<Coordinator>);
+
+/// A secret is hashed, never stored or shown, but an oversized one is refused before that.
+fn checked_secret(secret: &str) -> Result<(), Status> {
+    if secret.len() > MAX_SECRET_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "worker_secret is {} bytes; it is the {MAX_SECRET_BYTES}-byte-at-most secret RegisterResponse returned",
+            secret.len()
+        )));
+    }
+    Ok(())
+}
 
 impl WorkerApi {
     /// A rank the run's current attempt cannot have is malformed, not merely stale (a stale
@@ -47,12 +64,32 @@ impl WorkerService for WorkerApi {
                 "peer_address must name the worker's collective endpoint",
             ));
         }
-        let worker = self.0.register(req).await?;
+        checked_secret(&req.worker_secret)?;
+        let admitted = self.0.admit(req).await?;
+        let worker = admitted.worker;
         tracing::info!(worker = %worker.id, peer = %worker.peer_address, device = %worker.device_kind, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             worker_id: worker.id,
             heartbeat_interval_ms: self.0.timing.heartbeat_interval.as_millis() as u32,
+            worker_secret: admitted.secret,
         }))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let mut req = req.into_inner();
+        checked_id(&req.worker_id, "worker id")?;
+        if !req.run_id.is_empty() {
+            checked_id(&req.run_id, "run id")?;
+        }
+        checked_secret(&req.worker_secret)?;
+        if let Some((cut, _)) = req.reason.char_indices().nth(MAX_REASON_CHARS) {
+            req.reason.truncate(cut);
+        }
+        let draining = self.0.deregister(req).await?;
+        Ok(Response::new(pb::DeregisterResponse { draining }))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
