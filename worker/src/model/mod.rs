@@ -12,6 +12,7 @@ pub mod batchnorm;
 pub mod interop;
 pub mod interpolate;
 pub mod pool;
+pub mod pth_audit;
 pub mod segresnet;
 pub mod swin_unetr;
 pub mod unet;
