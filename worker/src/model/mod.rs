@@ -13,6 +13,7 @@ pub mod interop;
 pub mod interpolate;
 pub mod pool;
 pub mod pth_audit;
+mod pth_pickle;
 pub mod segresnet;
 pub mod swin_unetr;
 pub mod unet;
