@@ -253,3 +253,150 @@ fn model_info_reports_pytorchs_parameter_count_and_refuses_a_bad_input() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--input"), "{err}");
 }
+
+/// The U-Net fixture torch wrote (width 4, depth 4, 3 outputs, fp16, under `net`).
+const FIXTURE_PTH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../worker/tests/fixtures/models/unet_tiny.pth"
+);
+
+/// A copy of the fixture with `entry` (`unet_tiny/data/0`: the first conv weight, 108 fp16
+/// values) replaced by `edit` of its bytes.
+fn edited_fixture(out: &Path, entry: &str, edit: impl Fn(Vec<u8>) -> Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut src = zip::ZipArchive::new(std::fs::File::open(FIXTURE_PTH).unwrap()).unwrap();
+    let mut dst = zip::ZipWriter::new(std::fs::File::create(out).unwrap());
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..src.len() {
+        let mut file = src.by_index(i).unwrap();
+        let name = file.name().to_string();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).unwrap();
+        dst.start_file(name.as_str(), options).unwrap();
+        dst.write_all(&if name == entry { edit(bytes) } else { bytes }).unwrap();
+    }
+    dst.finish().unwrap();
+}
+
+/// Issue 18: `model import` of a `.pth` whose storage held half the bytes its shape needs
+/// succeeded with other weights (the missing half read as zeros), and one holding an all-NaN conv
+/// weight imported too. Both are refused now, naming the file and the tensor, and write nothing.
+#[test]
+fn model_import_refuses_short_storage_and_non_finite_weights_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let import = |pth: &Path, out: &Path| {
+        Command::new(BIN)
+            .args(["model", "import"])
+            .arg(pth)
+            .args(["--arch", "unet", "--set", "base_width=4", "--set", "depth=4", "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let short = tmp.path().join("short.pth");
+    edited_fixture(&short, "unet_tiny/data/0", |mut b| {
+        b.truncate(b.len() / 2);
+        b
+    });
+    let out = tmp.path().join("short-model");
+    let result = import(&short, &out);
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        !result.status.success()
+            && err.contains("short.pth")
+            && err.contains("net.module.backbone.down_tr64.ops.0.conv1.weight")
+            && err.contains("holds 108 bytes"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let nan = tmp.path().join("nan.pth");
+    // fp16 NaN (0x7e00), little-endian, in every value.
+    edited_fixture(&nan, "unet_tiny/data/0", |b| {
+        b.chunks(2).flat_map(|_| [0x00, 0x7e]).collect()
+    });
+    let out = tmp.path().join("nan-model");
+    let result = import(&nan, &out);
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        !result.status.success()
+            && err.contains("nan.pth")
+            && err.contains("`down_tr64.ops.0.conv1.weight`")
+            && err.contains("108 non-finite"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// Issue 18: a run started from weights holding an all-NaN conv weight trained to completion
+/// with a finite loss, and its final checkpoint held the NaNs. Now every rank stops it at step 0,
+/// naming the tensor, it ends Failed (not retried), and nothing is checkpointed. Its model
+/// directory at another depth is refused at submit, naming the field.
+#[test]
+fn a_run_from_nan_weights_fails_at_step_0_naming_the_tensor_and_commits_nothing() {
+    use burn::module::{Module, ModuleMapper, Param};
+    use burn::tensor::Tensor;
+    use burn::tensor::backend::Backend;
+    struct PoisonFirst(bool);
+    impl<B: Backend> ModuleMapper<B> for PoisonFirst {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            if std::mem::replace(&mut self.0, false) {
+                param.map(|t| t.mul_scalar(f32::NAN))
+            } else {
+                param
+            }
+        }
+    }
+
+    let mut cluster = Cluster::start();
+    cluster.write_dataset(6);
+    cluster.spawn_workers(2);
+    let spec_path = cluster.write_spec("nan-init", 2, 3, "");
+    let text = std::fs::read_to_string(&spec_path).unwrap();
+    let spec = RunSpec::from_toml(&text, "test spec").unwrap();
+    let config = model_config(&spec).unwrap();
+    let model = config
+        .init_seeded::<Cpu>(&Default::default(), 5)
+        .unwrap()
+        .map(&mut PoisonFirst(true));
+    let tensor = worker::train::finite::slot_names(&model)[0].0.clone();
+    let dir = cluster.path("nan-model");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("model.bin"), codec::model_to_bytes(&model).unwrap()).unwrap();
+    let manifest = |depth: u32| {
+        serde_json::json!({
+            "format": 1, "arch": "unet", "model": {"arch": "unet", "base_width": 4, "depth": depth},
+            "out_channels": protocol::classes::NUM_CLASSES, "params": 1,
+            "weights_sha256": params::weights_checksum(&model), "loaded": 1, "unused": [],
+            "created_unix_ms": 0, "source": {"file": "nan.pth", "sha256": "y", "bytes": 3},
+        })
+        .to_string()
+    };
+    let with_init = text.replace(
+        "depth = 2\n",
+        &format!("depth = 2\ninit_from = \"{}\"\n", dir.display()),
+    );
+    std::fs::write(&spec_path, &with_init).unwrap();
+
+    // Imported at depth 3, run at depth 2: refused at submit, naming the field.
+    std::fs::write(dir.join("voxelfleet-model.json"), manifest(3)).unwrap();
+    let out = cluster.cli(&["submit", spec_path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("model.init_from")
+            && err.contains("model.depth is 2, the model was imported with 3"),
+        "{err}"
+    );
+
+    std::fs::write(dir.join("voxelfleet-model.json"), manifest(2)).unwrap();
+    let run = cluster.submit(&spec_path);
+    let detail = cluster.wait_for_end(&run);
+    assert_eq!(detail["run"]["state"], "Failed", "{detail}");
+    let message = detail["run"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("step 0") && message.contains(&format!("weight `{tensor}`")) && message.contains("non-finite"),
+        "{message}"
+    );
+    assert_eq!(detail["checkpoints"], serde_json::json!([]), "{detail}");
+}

@@ -14,6 +14,8 @@ use data::StoreUrl;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
+use protocol::classes::NUM_CLASSES;
+use protocol::spec::ModelSpec;
 
 /// How long a bucket probe may take. object_store retries an unreachable endpoint for up to
 /// three minutes; a submit should say what is wrong well before that.
@@ -93,9 +95,11 @@ pub async fn probe_artifacts(url: &str) -> Result<(), ProbeError> {
 }
 
 /// The model a run starts from must be there: a directory holding the model blob (an import's
-/// output or a run's checkpoint prefix). An imported one says which architecture it holds, which
-/// must be the run's; a run checkpoint does not, and the worker checks its layout instead.
-pub async fn probe_init_from(url: &str, arch: &str) -> Result<(), ProbeError> {
+/// output or a run's checkpoint prefix). An imported one says which architecture and size it
+/// holds, which must be the run's; a run checkpoint does not, and the worker checks its layout
+/// instead.
+pub async fn probe_init_from(url: &str, model: &ModelSpec) -> Result<(), ProbeError> {
+    let arch = model.arch();
     use protocol::model_dir::{MANIFEST_FILE, MODEL_FILE, ModelManifest};
     let fail = |message: String| ProbeError::InitFrom {
         url: url.to_string(),
@@ -135,7 +139,38 @@ pub async fn probe_init_from(url: &str, arch: &str) -> Result<(), ProbeError> {
             manifest.arch
         )));
     }
+    let differ: Vec<String> = shape_fields(&manifest.model)
+        .into_iter()
+        .zip(shape_fields(model))
+        .filter(|((_, imported), (_, run))| imported != run)
+        .map(|((field, imported), (_, run))| format!("{field} is {run}, the model was imported with {imported}"))
+        .collect();
+    if !differ.is_empty() {
+        return Err(fail(format!(
+            "it holds a `{arch}` model of another size ({MANIFEST_FILE}): {}; set those fields of [model] \
+             to the imported size, or import the weights again at this one",
+            differ.join("; ")
+        )));
+    }
+    if manifest.out_channels as usize != NUM_CLASSES {
+        return Err(fail(format!(
+            "its model has {} output channels ({MANIFEST_FILE}), runs train {NUM_CLASSES}: import it again",
+            manifest.out_channels
+        )));
+    }
     Ok(())
+}
+
+/// The resolved sizes that decide a model's tensor shapes, named as the spec file spells them.
+fn shape_fields(model: &ModelSpec) -> Vec<(&'static str, u32)> {
+    match model {
+        ModelSpec::Unet(s) => vec![
+            ("model.base_width", s.resolved_base_width()),
+            ("model.depth", s.resolved_depth()),
+        ],
+        ModelSpec::Segresnet(s) => vec![("model.init_filters", s.resolved_init_filters())],
+        ModelSpec::Swinunetr(s) => vec![("model.feature_size", s.resolved_feature_size())],
+    }
 }
 
 async fn write_and_delete(store: &dyn ObjectStore, key: &ObjectPath) -> Result<(), String> {
@@ -206,29 +241,98 @@ mod tests {
     #[tokio::test]
     async fn init_from_must_hold_a_model_of_the_runs_arch() {
         use protocol::model_dir::{MANIFEST_FILE, MODEL_FILE};
+        let unet = ModelSpec::preset("unet", protocol::spec::Preset::Suprem).unwrap();
+        let segresnet = ModelSpec::preset("segresnet", protocol::spec::Preset::Suprem).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let url = dir.path().join("m").display().to_string();
-        let err = probe_init_from(&url, "unet").await.unwrap_err().to_string();
+        let err = probe_init_from(&url, &unet).await.unwrap_err().to_string();
         assert!(
             err.contains("model.init_from") && err.contains("does not exist"),
             "{err}"
         );
         assert!(!dir.path().join("m").exists(), "probing never creates it");
         std::fs::create_dir(dir.path().join("m")).unwrap();
-        let err = probe_init_from(&url, "unet").await.unwrap_err().to_string();
+        let err = probe_init_from(&url, &unet).await.unwrap_err().to_string();
         assert!(err.contains("model.init_from") && err.contains("no model.bin"), "{err}");
         // A run's checkpoint prefix: no manifest, accepted (the worker checks the layout).
         std::fs::write(dir.path().join("m").join(MODEL_FILE), b"VFMODEL1").unwrap();
-        probe_init_from(&url, "unet").await.unwrap();
+        probe_init_from(&url, &unet).await.unwrap();
         let manifest = serde_json::json!({
             "format": 1, "arch": "segresnet", "model": {"arch": "segresnet"}, "out_channels": 25,
             "params": 1, "weights_sha256": "x", "loaded": 1, "unused": [], "created_unix_ms": 0,
             "source": {"file": "a.pth", "sha256": "y", "bytes": 3},
         });
         std::fs::write(dir.path().join("m").join(MANIFEST_FILE), manifest.to_string()).unwrap();
-        probe_init_from(&format!("file://{url}"), "segresnet").await.unwrap();
-        let err = probe_init_from(&url, "unet").await.unwrap_err().to_string();
+        probe_init_from(&format!("file://{url}"), &segresnet).await.unwrap();
+        let err = probe_init_from(&url, &unet).await.unwrap_err().to_string();
         assert!(err.contains("`segresnet`") && err.contains("`unet`"), "{err}");
+    }
+
+    /// Before, a model imported at another depth or width passed the probe and the run failed
+    /// later, at the worker, on the blob's layout.
+    #[tokio::test]
+    async fn init_from_at_another_size_is_refused_naming_the_fields() {
+        use protocol::model_dir::{MANIFEST_FILE, MODEL_FILE};
+        use protocol::spec::{Preset, SegResNetSpec, UnetSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().display().to_string();
+        std::fs::write(dir.path().join(MODEL_FILE), b"VFMODEL1").unwrap();
+        let manifest = |model: serde_json::Value, out_channels: usize| {
+            let manifest = serde_json::json!({
+                "format": 1, "arch": model["arch"], "model": model, "out_channels": out_channels,
+                "params": 1, "weights_sha256": "x", "loaded": 1, "unused": [], "created_unix_ms": 0,
+                "source": {"file": "a.pth", "sha256": "y", "bytes": 3},
+            });
+            std::fs::write(dir.path().join(MANIFEST_FILE), manifest.to_string()).unwrap();
+        };
+        let unet = |preset, base_width, depth| {
+            ModelSpec::Unet(UnetSpec {
+                preset,
+                base_width,
+                depth,
+                init_from: Some(url.clone()),
+            })
+        };
+        manifest(
+            serde_json::json!({"arch": "unet", "preset": "tiny", "depth": 2}),
+            NUM_CLASSES,
+        );
+        // The same sizes, spelled another way (the tiny preset's width 4), are accepted.
+        probe_init_from(&url, &unet(Preset::Suprem, Some(4), Some(2)))
+            .await
+            .unwrap();
+        let err = probe_init_from(&url, &unet(Preset::Suprem, None, None))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.init_from")
+                && err.contains("model.base_width is 32, the model was imported with 4")
+                && err.contains("model.depth is 4, the model was imported with 2"),
+            "{err}"
+        );
+        let err = probe_init_from(&url, &unet(Preset::Tiny, None, Some(3)))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.depth is 3") && !err.contains("model.base_width"),
+            "{err}"
+        );
+        manifest(serde_json::json!({"arch": "segresnet", "init_filters": 8}), NUM_CLASSES);
+        let seg = |init_filters| {
+            ModelSpec::Segresnet(SegResNetSpec {
+                preset: Preset::Suprem,
+                init_filters,
+                init_from: None,
+            })
+        };
+        probe_init_from(&url, &seg(Some(8))).await.unwrap();
+        let err = probe_init_from(&url, &seg(None)).await.unwrap_err().to_string();
+        assert!(err.contains("model.init_filters is 16"), "{err}");
+        manifest(serde_json::json!({"arch": "segresnet", "init_filters": 8}), 3);
+        let err = probe_init_from(&url, &seg(Some(8))).await.unwrap_err().to_string();
+        assert!(err.contains("3 output channels"), "{err}");
     }
 
     #[tokio::test]

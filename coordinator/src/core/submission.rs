@@ -162,10 +162,11 @@ impl Coordinator {
                 .await
                 .map_err(|e| rejected(e.to_string()))?;
         }
+        // Keyed by the whole [model] table: the probe checks the architecture and its sizes.
         if let Some(url) = spec.model.init_from()
-            && checked.probed.insert(format!("init_from {} {url}", spec.model.arch()))
+            && checked.probed.insert(format!("init_from {:?}", spec.model))
         {
-            crate::probe::probe_init_from(url, spec.model.arch())
+            crate::probe::probe_init_from(url, &spec.model)
                 .await
                 .map_err(|e| rejected(e.to_string()))?;
         }

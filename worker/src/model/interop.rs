@@ -55,6 +55,22 @@ pub enum InteropError {
     },
     #[error("{file}: cannot write: {message}")]
     Write { file: String, message: String },
+    /// What the file claims does not match what it holds (see [`super::pth_audit`]).
+    #[error("{file}: {source}")]
+    Audit {
+        file: String,
+        source: super::pth_audit::AuditError,
+    },
+    #[error(
+        "{source_name}: tensor `{key}` holds {count} non-finite value(s) (NaN or infinite) of {total}: \
+         these weights cannot be trained from; take them from a checkpoint saved before they diverged"
+    )]
+    NonFinite {
+        source_name: String,
+        key: String,
+        count: usize,
+        total: usize,
+    },
 }
 
 /// A PyTorch state dict, keys normalised (wrapper prefixes stripped), tensors read lazily.
@@ -100,6 +116,11 @@ impl TorchStateDict {
         if tensors.is_empty() {
             return Err(InteropError::Empty { file });
         }
+        // burn-store reads a short or missing storage as zeros: refuse such a file outright.
+        super::pth_audit::audit_pth(path).map_err(|source| InteropError::Audit {
+            file: file.clone(),
+            source,
+        })?;
         Ok(Self::from_tensors(file, tensors))
     }
 
@@ -223,7 +244,8 @@ impl PathTracker {
 }
 
 /// Loads every tensor of `model` from `dict`. Every tensor must be present with the expected
-/// shape; keys the model does not use are returned in the report (SuPreM's files carry heads of
+/// shape and finite values (a NaN weight trains on silently: ReLU and max-pooling can hide it
+/// from the loss); keys the model does not use are returned in the report (SuPreM's files carry heads of
 /// their training wrapper), never an error.
 pub fn load_torch_state_dict<B: Backend>(
     model: Backbone<B>,
@@ -277,12 +299,22 @@ pub fn load_torch_state_dict<B: Backend>(
                 });
                 return None;
             }
-            self.used.insert(slot.key);
             let data = if int {
                 data.convert::<i64>()
             } else {
                 data.convert::<f32>()
             };
+            let count = if int { 0 } else { count_non_finite(&data) };
+            if count > 0 {
+                self.error = Some(InteropError::NonFinite {
+                    source_name: source_name.clone(),
+                    key: slot.key,
+                    count,
+                    total: data.num_elements(),
+                });
+                return None;
+            }
+            self.used.insert(slot.key);
             Some(if slot.transposed { transpose_2d(data) } else { data })
         }
     }
@@ -343,6 +375,16 @@ pub fn load_torch_state_dict<B: Backend>(
             unused,
         },
     ))
+}
+
+/// NaNs and infinities in an `f32` tensor.
+fn count_non_finite(data: &TensorData) -> usize {
+    let count = |values: &[f32]| values.iter().filter(|v| !v.is_finite()).count();
+    match data.as_slice::<f32>() {
+        Ok(values) => count(values),
+        // Bytes not aligned for f32: count over a copy.
+        Err(_) => count(&data.to_vec::<f32>().expect("converted to f32")),
+    }
 }
 
 fn transpose_2d(data: TensorData) -> TensorData {

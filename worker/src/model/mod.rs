@@ -12,6 +12,8 @@ pub mod batchnorm;
 pub mod interop;
 pub mod interpolate;
 pub mod pool;
+pub mod pth_audit;
+mod pth_pickle;
 pub mod segresnet;
 pub mod swin_unetr;
 pub mod unet;

@@ -73,6 +73,12 @@ impl Exchange {
         let world = ring.world_size();
         Ok(params::finish_exchange(model, &mut self.flat, world))
     }
+
+    /// The last step's buffer once exchanged: averaged gradients, and rank 0's buffer values, in
+    /// [`params::param_lens`] layout; the same on every rank.
+    pub fn summed(&self) -> &[f32] {
+        &self.flat
+    }
 }
 
 /// Writes each float param's slot (its gradient, zeros, or rank 0's buffer values) in visit

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod eval;
 pub mod exchange;
 pub mod feed;
+pub mod finite;
 pub mod init_from;
 pub mod loss;
 pub mod memory;

@@ -29,6 +29,7 @@ use crate::train::checkpoint::{
 use crate::train::eval::{EvalError, EvalReport, HeldOut};
 use crate::train::exchange::Exchange;
 use crate::train::feed::{BatchBuilder, Feed, FeedConfig, Substitute};
+use crate::train::finite::{self, NonFinite};
 use crate::train::init_from;
 use crate::train::loss::bce_dice_loss;
 use crate::train::optimizer;
@@ -73,6 +74,9 @@ pub enum TrainError {
     Stopped(String),
     #[error("evaluation: {0}")]
     Eval(EvalError),
+    /// Weights, gradients or loss went NaN or infinite: retrying would only repeat it.
+    #[error("{0}")]
+    NonFinite(#[from] NonFinite),
 }
 
 impl From<EvalError> for TrainError {
@@ -147,7 +151,7 @@ pub fn train_rank<B: AutodiffBackend>(
         let source = link.block_on(init_from::fetch(url))?;
         model = init_from::apply(&source, model, &config, &device)?;
         // Step 0's checksum: the coordinator checks every rank loaded the same weights.
-        link.checksum(0, params::weights_checksum(&model));
+        link.checksum(0, finite::checked_checksum(&model, 0)?);
         tracing::info!(run = %assignment.run_id, rank, %url, "initialised from model.init_from");
     }
     let start_step = state.step;
@@ -217,6 +221,7 @@ pub fn train_rank<B: AutodiffBackend>(
 
     let mut window = LossWindow::default();
     let mut exchange = Exchange::new(&model, spec.collective.bucket_bytes());
+    let slots = finite::slot_names(&model);
     for step in start_step..t.steps {
         if let Some(reason) = link.stop.raised() {
             return Err(TrainError::Stopped(reason));
@@ -269,13 +274,18 @@ pub fn train_rank<B: AutodiffBackend>(
             }
             Err((_, e)) => return Err(e.into()),
         };
+        // Before the optimiser applies them. The gradients are the same on every rank; the loss
+        // is this rank's (read back here anyway, the backward pass has synced).
+        finite::check_exchange(step + 1, exchange.summed(), &slots)?;
+        let parts = loss.parts();
+        finite::check_loss(step + 1, &parts)?;
         let lr = warmup_cosine(t.lr, step, t.warmup_steps, t.steps);
         model = optim.step(lr, stepped, grads);
         state.advance();
 
         let done = state.step;
         let last = done == t.steps;
-        window.add(loss.parts(), started.elapsed().as_secs_f64());
+        window.add(parts, started.elapsed().as_secs_f64());
         // The per-step record of which global samples each rank read: resumes are checked
         // against it for gaps and repeats.
         link.metric(done, "data/first_sample", samples.start as f64);
@@ -290,8 +300,11 @@ pub fn train_rank<B: AutodiffBackend>(
                 link.metric(done, "data/case_failures", data.case_failures as f64);
             }
         }
+        // Weights are checked where they are read back anyway, and before every checkpoint.
+        let mut weights_checked = false;
         if done.is_multiple_of(t.checksum_every) || last {
-            link.checksum(done, params::weights_checksum(&model));
+            link.checksum(done, finite::checked_checksum(&model, done)?);
+            weights_checked = true;
         }
         if done.is_multiple_of(t.metrics_every) || done.is_multiple_of(t.checksum_every) || last {
             link.flush()?;
@@ -307,13 +320,16 @@ pub fn train_rank<B: AutodiffBackend>(
         // A pause is honoured at the next boundary with a checkpoint, which the coordinator
         // turns into Paused when it commits it.
         if rank == 0 && !last && (periodic || dice.is_some() || link.pause_requested()) {
+            if !weights_checked {
+                finite::checked_checksum(&model, done)?;
+            }
             let files = link.block_on(checkpoints.save(&model, &optim, &state))?;
             link.commit_checkpoint(done, files, false, dice)?;
         }
     }
 
     drop(feed);
-    let weights_sha256 = params::weights_checksum(&model);
+    let weights_sha256 = finite::checked_checksum(&model, state.step)?;
     let eval_after = if evaluating && start_step < t.steps {
         Some(eval_at(&model, t.steps, link, ring, &mut bad_cases)?)
     } else {
