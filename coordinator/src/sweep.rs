@@ -358,7 +358,8 @@ fn lookup<'a>(table: &'a Table, key: &str) -> Option<&'a Value> {
     }
 }
 
-fn lookup_mut<'a>(table: &'a mut Table, key: &str) -> Option<&'a mut Value> {
+/// The value at a dotted TOML path (`dataset.url`) of `table`, for editing in place.
+pub fn lookup_mut<'a>(table: &'a mut Table, key: &str) -> Option<&'a mut Value> {
     let (head, rest) = key.split_once('.').map_or((key, None), |(h, r)| (h, Some(r)));
     match (table.get_mut(head)?, rest) {
         (value, None) => Some(value),

@@ -209,6 +209,8 @@ pub struct WorkerConfig {
 #[derive(Default)]
 struct Presence {
     worker_id: String,
+    /// What the first registration handed out; a re-registration under the id must show it.
+    worker_secret: String,
     current: Option<Current>,
 }
 
@@ -222,7 +224,7 @@ struct Current {
 
 type PresenceRef = Arc<Mutex<Presence>>;
 
-fn register_request(n: usize, worker_id: &str) -> pb::RegisterRequest {
+fn register_request(n: usize, worker_id: &str, worker_secret: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
         host: "bench-host".into(),
         // Unique per worker; nothing dials it (world size 1 needs no ring).
@@ -231,6 +233,7 @@ fn register_request(n: usize, worker_id: &str) -> pb::RegisterRequest {
         device_memory_bytes: 0,
         version: concat!("bench-coordinator ", env!("CARGO_PKG_VERSION")).into(),
         worker_id: worker_id.into(),
+        worker_secret: worker_secret.into(),
         numeric_fingerprint: FINGERPRINT.into(),
         run_id: String::new(),
         attempt: 0,
@@ -246,13 +249,20 @@ async fn register(
     presence: &PresenceRef,
 ) -> bool {
     while !shared.is_done() {
-        let known = presence.lock().expect("presence").worker_id.clone();
+        let (id, secret) = {
+            let p = presence.lock().expect("presence");
+            (p.worker_id.clone(), p.worker_secret.clone())
+        };
         match shared
-            .timed(Kind::Register, client.register(register_request(n, &known)))
+            .timed(Kind::Register, client.register(register_request(n, &id, &secret)))
             .await
         {
             Ok(resp) => {
-                presence.lock().expect("presence").worker_id = resp.worker_id;
+                let mut p = presence.lock().expect("presence");
+                p.worker_id = resp.worker_id;
+                if !resp.worker_secret.is_empty() {
+                    p.worker_secret = resp.worker_secret;
+                }
                 return true;
             }
             Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,

@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail};
+use coordinator::sweep::lookup_mut;
 use protocol::spec::RunSpec;
 use toml::{Table, Value};
 
@@ -127,15 +128,6 @@ pub fn resolve_axis(key: &str, values: &mut [Value], dir: &Path) -> anyhow::Resu
 /// paths and the empty URL of a spec that names its dataset by `dataset.name`.
 fn absolute_in(dir: &Path, rel: &str) -> Option<String> {
     (!rel.is_empty() && !rel.contains("://") && Path::new(rel).is_relative()).then(|| under_cwd(dir, rel))
-}
-
-fn lookup_mut<'a>(table: &'a mut Table, key: &str) -> Option<&'a mut Value> {
-    let (head, rest) = key.split_once('.').map_or((key, None), |(h, r)| (h, Some(r)));
-    match (table.get_mut(head)?, rest) {
-        (value, None) => Some(value),
-        (Value::Table(t), Some(rest)) => lookup_mut(t, rest),
-        _ => None,
-    }
 }
 
 fn read_case_list(list: &str, spec_dir: &Path) -> anyhow::Result<Vec<String>> {
