@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Cluster, Proc, TOKEN};
+use common::{BIN, Cluster, Proc, TOKEN, make_pki};
 use protocol::auth::{TOKEN_ENV, TOKEN_FILE_ENV};
 use protocol::tls::TLS_CA_ENV;
 
@@ -60,15 +60,7 @@ fn spawn_serve(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, 
         command.env(k, v);
     }
     let mut child = command.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .strip_prefix("coordinator listening on ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line from coordinator: {line:?}"))
-        .to_string();
+    let addr = common::listening_address(&mut child);
     (child, addr)
 }
 
@@ -253,31 +245,6 @@ fn a_coordinator_that_dies_mid_request_is_named_with_what_may_have_happened() {
     let err = stderr(&out);
     assert!(err.contains(&endpoint) && err.contains("went away"), "{err}");
     assert!(err.contains("nothing was changed"), "{err}");
-}
-
-fn make_pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} test CA"));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let paths = (
-        dir.join(format!("{name}-ca.pem")),
-        dir.join(format!("{name}-server.pem")),
-        dir.join(format!("{name}-server.key")),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, server.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
 }
 
 #[test]

@@ -6,11 +6,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Lines};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Cluster, Proc, TOKEN};
+use common::{BIN, Cluster, Proc, TOKEN, make_pki};
 use protocol::auth::{TOKEN_ENV, TOKEN_FILE_ENV};
 use protocol::pb;
 use protocol::pb::worker_service_client::WorkerServiceClient;
@@ -170,33 +170,6 @@ fn insecure_serves_open_and_only_when_asked() {
         .unwrap();
     assert_refused(&out, "--insecure");
     assert!(stderr(&out).contains(TOKEN_ENV), "{}", stderr(&out));
-}
-
-/// A CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files in `dir`:
-/// (ca.pem, server.pem, server.key).
-fn make_pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} test CA"));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let paths = (
-        dir.join(format!("{name}-ca.pem")),
-        dir.join(format!("{name}-server.pem")),
-        dir.join(format!("{name}-server.key")),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, server.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
 }
 
 #[test]

@@ -58,16 +58,47 @@ fn spawn_coordinator(db: &Path, listen: &str, dead_after_secs: u64) -> (Proc, St
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let addr = listening_address(&mut child);
+    (Proc(child), addr)
+}
+
+/// The address `coordinator serve` prints on its first line of output, read from its stdout.
+pub fn listening_address(child: &mut Child) -> String {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line
-        .strip_prefix("coordinator listening on ")
+    line.strip_prefix("coordinator listening on ")
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected first line from coordinator: {line:?}"))
-        .to_string();
-    (Proc(child), addr)
+        .to_string()
+}
+
+/// A CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files in `dir`:
+/// (ca.pem, server.pem, server.key).
+pub fn make_pki(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-server.pem")),
+        dir.join(format!("{name}-server.key")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
 }
 
 impl Cluster {
