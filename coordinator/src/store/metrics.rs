@@ -86,6 +86,16 @@ pub(super) struct ReportTrees {
 }
 
 impl ReportTrees {
+    pub(super) fn open(db: &sled::Db, meta: &sled::Tree) -> Result<Self> {
+        Ok(ReportTrees {
+            metrics: db.open_tree("metrics")?,
+            meta: meta.clone(),
+            checksums: db.open_tree("checksums")?,
+            progress: db.open_tree("progress")?,
+            latest: db.open_tree("latest")?,
+        })
+    }
+
     /// Stores reports in one transaction, each as if written alone and in order: its metric
     /// points (dense per-run sequence numbers, one record for the whole report, keyed by its
     /// first), the newest value of each metric it names, its weight checksums, and the run's
@@ -150,8 +160,9 @@ impl Store {
     /// Stores one report at once, without the writer and without a flush: for tests.
     #[cfg(test)]
     fn record_report_now(&self, report: PreparedReport) -> Result<Recorded> {
+        let trees = ReportTrees::open(&self.db, &self.meta)?;
         let _io = self.writing();
-        Ok(self.report_trees.apply(&[&report])?.remove(0))
+        Ok(trees.apply(&[&report])?.remove(0))
     }
 
     /// Appends metrics with dense per-run sequence numbers; returns the seq after the last one.

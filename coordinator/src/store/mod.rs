@@ -121,7 +121,6 @@ pub struct Store {
     durability: Durability,
     /// One flush at a time; the others wait for it and usually find their writes covered.
     flushing: tokio::sync::Mutex<()>,
-    report_trees: metrics::ReportTrees,
     /// Before `_lock`: dropping it waits for the writer thread, which holds trees of `db`.
     report_writer: report_writer::ReportWriter,
     /// The data dir's lock; last, so it is released after sled has let go of its files.
@@ -288,20 +287,12 @@ impl Store {
             written: Arc::new(AtomicU64::new(0)),
             flushed: Arc::new(AtomicU64::new(0)),
         };
-        let report_trees = metrics::ReportTrees {
-            metrics: db.open_tree("metrics")?,
-            meta: meta.clone(),
-            checksums: db.open_tree("checksums")?,
-            progress: db.open_tree("progress")?,
-            latest: db.open_tree("latest")?,
-        };
+        let report_trees = metrics::ReportTrees::open(&db, &meta)?;
         let report_writer =
-            report_writer::ReportWriter::start(report_trees.clone(), durability.clone()).map_err(|error| {
-                StoreError::Lock {
-                    path: path.clone(),
-                    action: "start its report writer thread",
-                    error,
-                }
+            report_writer::ReportWriter::start(report_trees, durability.clone()).map_err(|error| StoreError::Lock {
+                path: path.clone(),
+                action: "start its report writer thread",
+                error,
             })?;
         let store = Store {
             runs: db.open_tree("runs")?,
@@ -323,7 +314,6 @@ impl Store {
             db,
             durability,
             flushing: tokio::sync::Mutex::new(()),
-            report_trees,
             report_writer,
             _lock: dir_lock,
         };

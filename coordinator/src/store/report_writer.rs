@@ -30,7 +30,9 @@ struct Job {
 pub(super) struct ReportWriter {
     queue: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
-    /// Transactions written so far (each one flush).
+    /// Transactions written so far (each one flush): how well reports batch. Read by the tests
+    /// today; the natural gauge for a metrics endpoint.
+    #[cfg_attr(not(test), allow(dead_code))]
     batches: Arc<AtomicU64>,
 }
 

@@ -6,7 +6,6 @@ use crate::backend::{Cpu, CpuTrain};
 use crate::model::interop::{TorchStateDict, load_torch_state_dict, torch_state_dict};
 use crate::model::{Backbone, ModelConfig, fixture_tensor};
 use burn::module::AutodiffModule;
-use burn::tensor::TensorData;
 use burn_store::pytorch::PytorchReader;
 use std::path::Path;
 

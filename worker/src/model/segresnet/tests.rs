@@ -1,5 +1,5 @@
 use super::*;
-use crate::backend::{Cpu, CpuTrain};
+use crate::backend::Cpu;
 use crate::model::param_count;
 use burn_store::pytorch::PytorchReader;
 

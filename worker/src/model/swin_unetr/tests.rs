@@ -1,5 +1,5 @@
 use super::*;
-use crate::backend::{Cpu, CpuTrain};
+use crate::backend::Cpu;
 use burn::tensor::TensorData;
 
 /// PyTorch's count for MONAI 1.6.1 `SwinUNETR(in_channels=1, out_channels=25, feature_size=48)`
