@@ -20,6 +20,12 @@ const MAX_BATCH: usize = 512;
 /// Reports waiting at most; a full queue makes reporters wait instead of growing memory.
 const QUEUE_DEPTH: usize = 8192;
 
+#[derive(Default)]
+struct Counts {
+    batches: AtomicU64,
+    reports: AtomicU64,
+}
+
 struct Job {
     report: PreparedReport,
     done: oneshot::Sender<Result<Recorded>>,
@@ -30,24 +36,24 @@ struct Job {
 pub(super) struct ReportWriter {
     queue: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
-    /// Transactions written so far (each one flush): how well reports batch. Read by the tests
-    /// today; the natural gauge for a metrics endpoint.
+    /// Transactions written so far (each one flush), and reports taken into them: how well
+    /// reports batch. Read by the tests today; the natural gauges for a metrics endpoint.
     #[cfg_attr(not(test), allow(dead_code))]
-    batches: Arc<AtomicU64>,
+    counts: Arc<Counts>,
 }
 
 impl ReportWriter {
     pub(super) fn start(trees: ReportTrees, durability: Durability) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel(QUEUE_DEPTH);
-        let batches = Arc::new(AtomicU64::new(0));
-        let counted = batches.clone();
+        let counts = Arc::new(Counts::default());
+        let counted = counts.clone();
         let thread = std::thread::Builder::new()
             .name("report-writer".into())
             .spawn(move || write_batches(jobs, &trees, &durability, &counted))?;
         Ok(ReportWriter {
             queue: Some(queue),
             thread: Some(thread),
-            batches,
+            counts,
         })
     }
 
@@ -77,7 +83,7 @@ impl Drop for ReportWriter {
     }
 }
 
-fn write_batches(mut jobs: mpsc::Receiver<Job>, trees: &ReportTrees, durability: &Durability, batches: &AtomicU64) {
+fn write_batches(mut jobs: mpsc::Receiver<Job>, trees: &ReportTrees, durability: &Durability, counts: &Counts) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
@@ -87,13 +93,14 @@ fn write_batches(mut jobs: mpsc::Receiver<Job>, trees: &ReportTrees, durability:
                 Err(_) => break,
             }
         }
+        counts.reports.fetch_add(batch.len() as u64, Ordering::SeqCst);
         let reports: Vec<&PreparedReport> = batch.iter().map(|job| &job.report).collect();
         let written = {
             let _io = durability.writing();
             trees.apply(&reports)
         };
         let result = written.and_then(|recorded| durability.flush().map(|()| recorded));
-        batches.fetch_add(1, Ordering::Relaxed);
+        counts.batches.fetch_add(1, Ordering::SeqCst);
         match result {
             Ok(recorded) => {
                 for (job, recorded) in batch.drain(..).zip(recorded) {
@@ -144,8 +151,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let writer = &store.report_writer;
-        let before = writer.batches.load(Ordering::SeqCst);
-        // Holding the write lock stalls the writer on its first report; the rest queue up.
+        let before = writer.counts.batches.load(Ordering::SeqCst);
+        // Holding the write lock stalls the writer on its first batch; the rest queue up.
         let io = store.durability.writing();
         let tasks: Vec<_> = (0..40u64)
             .map(|i| {
@@ -154,7 +161,8 @@ mod tests {
             })
             .collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while writer.queued() < 39 {
+        let sent = || writer.counts.reports.load(Ordering::SeqCst) as usize + writer.queued();
+        while sent() < 40 {
             assert!(tokio::time::Instant::now() < deadline, "reports never queued");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -178,7 +186,7 @@ mod tests {
             (1..=40).map(|n| n * 2).collect::<Vec<_>>(),
             "dense, none repeated"
         );
-        let batches = writer.batches.load(Ordering::SeqCst) - before;
+        let batches = writer.counts.batches.load(Ordering::SeqCst) - before;
         assert!(batches <= 2, "40 waiting reports took {batches} transactions");
         assert_eq!(store.metrics_from("r", 0).unwrap().len(), 80);
         assert_eq!(store.checksums("r").unwrap().len(), 40);
