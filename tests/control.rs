@@ -338,22 +338,29 @@ async fn an_assignment_nobody_picks_up_goes_back_to_the_queue_at_no_cost() {
     };
     assert_eq!(a0.attempt, 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let heartbeat = pb::HeartbeatRequest {
+        worker_id: id0.clone(),
+        run_id: run_id.clone(),
+        step: 0,
+        attempt: 1,
+    };
     let run = loop {
-        let hb = pb::HeartbeatRequest {
-            worker_id: id0.clone(),
-            run_id: run_id.clone(),
-            step: 0,
-            attempt: 1,
-        };
-        let told_to_stop = w0.heartbeat(hb).await.unwrap().into_inner().stop_run;
+        w0.heartbeat(heartbeat.clone()).await.unwrap();
         let run = state(&cluster, &run_id).await;
         if run.state == "Queued" {
-            assert!(told_to_stop || run.attempt == 1, "{run:?}");
             break run;
         }
         assert!(std::time::Instant::now() < deadline, "still {} after 15 s", run.state);
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Rank 0 still believes it holds the assignment: its next heartbeat must stop it, or it
+    // would train alone on a run that went back to the queue.
+    let told = w0.heartbeat(heartbeat).await.unwrap().into_inner();
+    assert!(
+        told.stop_run,
+        "rank 0 of the requeued run was not told to stop: {told:?}"
+    );
+    assert!(told.stop_reason.contains(&run_id), "{told:?}");
     // Not an interruption: the retry budget is untouched, and no interrupted event was written.
     assert_eq!(run.retries, 0, "{run:?}");
     let detail = cluster.cli_json(&["show", &run_id]);

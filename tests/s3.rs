@@ -66,10 +66,9 @@ url = "{artifacts_url}"
 }
 
 #[test]
+#[ignore = "needs the S3-compatible test server (VOXELFLEET_TEST_S3_ENDPOINT); .ci/run starts moto and runs this with --ignored"]
 fn two_workers_train_from_s3_and_checkpoint_to_s3() {
-    let Some(s3) = data::reference::reference_s3("two_workers_train_from_s3_and_checkpoint_to_s3") else {
-        return;
-    };
+    let s3 = data::reference::reference_s3("two_workers_train_from_s3_and_checkpoint_to_s3");
     let mut cluster = Cluster::start();
     let local = cluster.write_dataset(6);
     let dataset_url = s3.unique_url("e2e-dataset");

@@ -1,35 +1,31 @@
 //! The independent implementations our data plane is checked against: a Python interpreter with
 //! nibabel, scipy and numpy, which `.ci/run` installs into a venv and names in
-//! `VOXELFLEET_PYTHON`. Tests that compare against it call [`reference_python`]. Outside CI a
-//! machine may lack it; such a test then says so on stderr and checks nothing, unless
-//! `VOXELFLEET_REQUIRE_REFERENCE=1` (set by `.ci/run`) makes the absence a failure, so CI can
-//! never pass by skipping. The same holds for the S3-compatible test server ([`reference_s3`]).
+//! `VOXELFLEET_PYTHON`, and an S3-compatible test server ([`reference_s3`]). Tests that need one
+//! are `#[ignore]`d with that reason, so `cargo test` reports them as ignored rather than passing
+//! them unchecked; `.ci/run` provides both and runs them with `--ignored`. Run that way without
+//! the reference, such a test fails and says what to provide.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 /// Names the interpreter with nibabel, scipy and numpy.
 pub const PYTHON_ENV: &str = "VOXELFLEET_PYTHON";
-/// Set to `1` where a missing reference must fail the test rather than skip it.
-pub const REQUIRE_ENV: &str = "VOXELFLEET_REQUIRE_REFERENCE";
 
-/// The reference interpreter, or `None` (after a note on stderr) where this machine has none and
-/// none is required. Panics where one is required but missing or broken.
-pub fn reference_python(test: &str) -> Option<PathBuf> {
-    let required = std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1");
+/// The reference interpreter. Panics, saying how to provide one, where it is missing or broken:
+/// this is test support, and the panic is the test's report.
+pub fn reference_python(test: &str) -> PathBuf {
     let Some(python) = std::env::var_os(PYTHON_ENV).map(PathBuf::from) else {
-        assert!(
-            !required,
-            "{test}: {REQUIRE_ENV}=1 but {PYTHON_ENV} is unset; .ci/run prepares the venv"
+        panic!(
+            "{test}: no reference Python: {PYTHON_ENV} is unset. Create one with \
+             `.ci/venv.sh ~/.cache/voxelfleet/venv /tmp/pip.log` and set \
+             {PYTHON_ENV}=~/.cache/voxelfleet/venv/bin/python"
         );
-        eprintln!("{test}: skipped, no reference Python ({PYTHON_ENV} unset; .ci/run sets it)");
-        return None;
     };
     let probe = Command::new(&python)
         .args(["-c", "import nibabel, scipy, numpy"])
         .output();
     match probe {
-        Ok(out) if out.status.success() => Some(python),
+        Ok(out) if out.status.success() => python,
         Ok(out) => panic!(
             "{test}: {} cannot import nibabel, scipy and numpy: {}",
             python.display(),
@@ -80,21 +76,16 @@ impl TestS3 {
     }
 }
 
-/// The test S3 server, or `None` (after a note on stderr) where none is configured and
-/// `VOXELFLEET_REQUIRE_REFERENCE=1` does not require one. Panics where one is required, or where
-/// the environment is half set up: store URLs must reach the same server (through
-/// `AWS_ENDPOINT_URL`, `AWS_ENDPOINT` or `VOXELFLEET_S3_ENDPOINT`) with credentials, and the
-/// server must accept a connection.
-pub fn reference_s3(test: &str) -> Option<TestS3> {
-    let required = std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1");
+/// The test S3 server. Panics where none is configured, or where the environment is half set
+/// up: store URLs must reach the same server (through `AWS_ENDPOINT_URL`, `AWS_ENDPOINT` or
+/// `VOXELFLEET_S3_ENDPOINT`) with credentials, and the server must accept a connection.
+pub fn reference_s3(test: &str) -> TestS3 {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let Some(endpoint) = var(S3_ENDPOINT_ENV) else {
-        assert!(
-            !required,
-            "{test}: {REQUIRE_ENV}=1 but {S3_ENDPOINT_ENV} is unset; .ci/run starts the S3 server"
+        panic!(
+            "{test}: no test S3 server: {S3_ENDPOINT_ENV} is unset. Start one with \
+             `.ci/s3.sh start VENV STATE_DIR` and source STATE_DIR/s3.env"
         );
-        eprintln!("{test}: skipped, no test S3 server ({S3_ENDPOINT_ENV} unset; .ci/run sets it)");
-        return None;
     };
     let bucket =
         var(S3_BUCKET_ENV).unwrap_or_else(|| panic!("{test}: {S3_ENDPOINT_ENV} is set but {S3_BUCKET_ENV} is not"));
@@ -120,5 +111,5 @@ pub fn reference_s3(test: &str) -> Option<TestS3> {
     if let Err(e) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)) {
         panic!("{test}: the test S3 server at {endpoint} does not accept connections: {e}");
     }
-    Some(TestS3 { endpoint, bucket })
+    TestS3 { endpoint, bucket }
 }

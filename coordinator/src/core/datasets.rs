@@ -2,7 +2,7 @@
 //! a dataset record, resolving a run's dataset by name or URL, and recording the cases a worker
 //! could not read so that later runs skip them until an operator clears them.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use data::scan::ScanProgress;
 use protocol::pb;

@@ -3,7 +3,7 @@
 //! long-poll. Also the snapshot of workers a pass sees, which listings reuse outside the lock.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use protocol::pb;
 

@@ -10,7 +10,7 @@ use protocol::pb;
 use super::model::Model;
 use super::{CoordError, Coordinator, Result, ending};
 use crate::records::*;
-use crate::store::ChecksumReport;
+use crate::store::{ChecksumReport, PreparedReport, Recorded};
 use crate::verify;
 
 impl Coordinator {
@@ -43,8 +43,9 @@ impl Coordinator {
 
     /// Stores the points, the checksums and the run's progress in one write, then fails the run
     /// if the ranks' weights diverged. The write touches only report trees (metrics, latest
-    /// values, checksums, progress), never the run record, so it is made outside the model lock:
-    /// a thousand ranks reporting do not hold up heartbeats and placements.
+    /// values, checksums, progress), never the run record, so it is made outside the model lock,
+    /// by the store's report writer, batched with other ranks' reports into one transaction and
+    /// one flush: a thousand ranks reporting do not hold up heartbeats and placements.
     pub async fn report_metrics(&self, req: pb::ReportMetricsRequest) -> Result<pb::ReportMetricsResponse> {
         let stop = |reason: String| pb::ReportMetricsResponse {
             stop_run: true,
@@ -89,9 +90,8 @@ impl Coordinator {
             })
             .collect();
         let newest = points.iter().map(|p| p.step).max().filter(|_| stopped.is_none());
-        let (_, known) = self
-            .store
-            .record_report(&req.run_id, newest, &points, &checksums, world_size)?;
+        let report = PreparedReport::new(&req.run_id, newest, &points, checksums, world_size);
+        let Recorded { known, .. } = self.store.record_report(report).await?;
         let (resp, ended) = {
             let mut m = self.lock();
             if let Some(step) = newest {

@@ -24,32 +24,29 @@ fn latest_key(run_id: &str, rank: u32, name: &str) -> String {
     format!("{run_id}/{rank:06}/{name}")
 }
 
-impl Store {
-    /// Appends metrics with dense per-run sequence numbers; returns the seq after the last one.
-    #[cfg(test)]
-    pub fn append_metrics(&self, run_id: &str, points: &[MetricRecord]) -> Result<u64> {
-        Ok(self.record_report(run_id, None, points, &[], 0)?.0)
-    }
+/// One rank's report, encoded and ready to write: what `ReportTrees::apply` stores. Encoding
+/// happens in the request's task, so the single writer spends its time in sled only.
+#[derive(Debug)]
+pub struct PreparedReport {
+    run_id: String,
+    /// The run's newest step, if this report advances it.
+    step: Option<u64>,
+    /// The points as one JSON array, keyed by the seq of the first; `None` without points.
+    batch: Option<(usize, Vec<u8>)>,
+    /// Per `latest` key, the newest point of that (rank, name) in this report and its step.
+    newest: Vec<(String, u64, Vec<u8>)>,
+    checksums: Vec<ChecksumReport>,
+    world_size: u32,
+}
 
-    /// Stores one rank's report: its metric points (dense per-run sequence numbers, one record
-    /// for the whole batch, keyed by its first), the newest value of each metric it names, its
-    /// weight checksums, and the run's newest step, in one transaction. The points and their
-    /// counter move together: a crash between them would hand the same sequence numbers out
-    /// again and overwrite acknowledged points.
-    ///
-    /// Returns the seq after the last point and, for each reported step, the checksums of ranks
-    /// `0..world_size` known for it (read inside the same transaction).
-    pub fn record_report(
-        &self,
+impl PreparedReport {
+    pub fn new(
         run_id: &str,
         step: Option<u64>,
         points: &[MetricRecord],
-        checksums: &[ChecksumReport],
+        checksums: Vec<ChecksumReport>,
         world_size: u32,
-    ) -> Result<(u64, KnownChecksums)> {
-        let _io = self.writing();
-        let counter = format!("metric_seq/{run_id}");
-        let batch = (!points.is_empty()).then(|| encode(&points));
+    ) -> Self {
         // Only the newest point of each (rank, name) in this report can replace the stored one.
         let mut newest: BTreeMap<String, &MetricRecord> = BTreeMap::new();
         for p in points {
@@ -58,44 +55,122 @@ impl Store {
                 newest.insert(key, p);
             }
         }
-        let newest: Vec<(String, u64, Vec<u8>)> = newest.into_iter().map(|(k, p)| (k, p.step, encode(p))).collect();
+        PreparedReport {
+            run_id: run_id.to_string(),
+            step,
+            batch: (!points.is_empty()).then(|| (points.len(), encode(&points))),
+            newest: newest.into_iter().map(|(k, p)| (k, p.step, encode(p))).collect(),
+            checksums,
+            world_size,
+        }
+    }
+}
+
+/// What a report's write returns: the run's metric seq after its last point and, for each
+/// reported step, the checksums of ranks `0..world_size` known for it (read inside the write).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    pub next_seq: u64,
+    pub known: KnownChecksums,
+}
+
+/// The trees a report touches, apart from the rest of the store so the report writer's thread
+/// can hold them.
+#[derive(Clone)]
+pub(super) struct ReportTrees {
+    pub(super) metrics: sled::Tree,
+    pub(super) meta: sled::Tree,
+    pub(super) checksums: sled::Tree,
+    pub(super) progress: sled::Tree,
+    pub(super) latest: sled::Tree,
+}
+
+impl ReportTrees {
+    pub(super) fn open(db: &sled::Db, meta: &sled::Tree) -> Result<Self> {
+        Ok(ReportTrees {
+            metrics: db.open_tree("metrics")?,
+            meta: meta.clone(),
+            checksums: db.open_tree("checksums")?,
+            progress: db.open_tree("progress")?,
+            latest: db.open_tree("latest")?,
+        })
+    }
+
+    /// Stores reports in one transaction, each as if written alone and in order: its metric
+    /// points (dense per-run sequence numbers, one record for the whole report, keyed by its
+    /// first), the newest value of each metric it names, its weight checksums, and the run's
+    /// newest step. The points and their counter move together: a crash between them would hand
+    /// the same sequence numbers out again and overwrite acknowledged points. A later report of
+    /// the batch reads what an earlier one wrote (sled transactions read their own writes).
+    /// The caller holds the store's write lock.
+    pub(super) fn apply(&self, reports: &[&PreparedReport]) -> Result<Vec<Recorded>> {
         (&self.metrics, &self.meta, &self.checksums, &self.progress, &self.latest)
             .transaction(|(metrics, meta, sums, progress, latest)| {
-                let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
-                if let Some(batch) = &batch {
-                    metrics.insert(step_key(run_id, next).as_bytes(), batch.clone())?;
-                    next += points.len() as u64;
-                    meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
-                }
-                let mut known = Vec::with_capacity(checksums.len());
-                for c in checksums {
-                    let prefix = format!("{}/", step_key(run_id, c.step));
-                    let key = |rank: u32| format!("{prefix}{rank:06}@{:06}", c.attempt);
-                    sums.insert(key(c.rank).as_bytes(), c.sha256.as_bytes())?;
-                    let mut at = vec![];
-                    for rank in 0..world_size {
-                        if let Some(v) = sums.get(key(rank).as_bytes())? {
-                            at.push((rank, String::from_utf8_lossy(&v).into_owned()));
+                let mut out = Vec::with_capacity(reports.len());
+                for r in reports {
+                    let run_id = r.run_id.as_str();
+                    let counter = format!("metric_seq/{run_id}");
+                    let mut next = meta.get(&counter)?.as_deref().map(be_u64).unwrap_or(0);
+                    if let Some((count, batch)) = &r.batch {
+                        metrics.insert(step_key(run_id, next).as_bytes(), batch.clone())?;
+                        next += *count as u64;
+                        meta.insert(counter.as_bytes(), &next.to_be_bytes())?;
+                    }
+                    let mut known = Vec::with_capacity(r.checksums.len());
+                    for c in &r.checksums {
+                        let prefix = format!("{}/", step_key(run_id, c.step));
+                        let key = |rank: u32| format!("{prefix}{rank:06}@{:06}", c.attempt);
+                        sums.insert(key(c.rank).as_bytes(), c.sha256.as_bytes())?;
+                        let mut at = vec![];
+                        for rank in 0..r.world_size {
+                            if let Some(v) = sums.get(key(rank).as_bytes())? {
+                                at.push((rank, String::from_utf8_lossy(&v).into_owned()));
+                            }
+                        }
+                        known.push((c.step, at));
+                    }
+                    for (key, step, value) in &r.newest {
+                        let stored_step = latest
+                            .get(key.as_bytes())?
+                            .and_then(|v| serde_json::from_slice::<MetricRecord>(&v).ok())
+                            .map(|m| m.step);
+                        if stored_step.is_none_or(|s| s <= *step) {
+                            latest.insert(key.as_bytes(), value.clone())?;
                         }
                     }
-                    known.push((c.step, at));
-                }
-                for (key, step, value) in &newest {
-                    let stored_step = latest
-                        .get(key.as_bytes())?
-                        .and_then(|v| serde_json::from_slice::<MetricRecord>(&v).ok())
-                        .map(|m| m.step);
-                    if stored_step.is_none_or(|s| s <= *step) {
-                        latest.insert(key.as_bytes(), value.clone())?;
+                    let recorded = progress.get(run_id.as_bytes())?.as_deref().map(be_u64);
+                    if let Some(step) = r.step.filter(|s| recorded.is_none_or(|r| *s > r)) {
+                        progress.insert(run_id.as_bytes(), &step.to_be_bytes())?;
                     }
+                    out.push(Recorded { next_seq: next, known });
                 }
-                let recorded = progress.get(run_id.as_bytes())?.as_deref().map(be_u64);
-                if let Some(step) = step.filter(|s| recorded.is_none_or(|r| *s > r)) {
-                    progress.insert(run_id.as_bytes(), &step.to_be_bytes())?;
-                }
-                Ok((next, known))
+                Ok(out)
             })
             .map_err(storage_error)
+    }
+}
+
+impl Store {
+    /// Stores one rank's report (see `ReportTrees::apply`) through the report writer, batched
+    /// with whatever other reports are waiting, and returns once it is durable.
+    pub async fn record_report(&self, report: PreparedReport) -> Result<Recorded> {
+        self.report_writer.write(report).await
+    }
+
+    /// Stores one report at once, without the writer and without a flush: for tests.
+    #[cfg(test)]
+    fn record_report_now(&self, report: PreparedReport) -> Result<Recorded> {
+        let trees = ReportTrees::open(&self.db, &self.meta)?;
+        let _io = self.writing();
+        Ok(trees.apply(&[&report])?.remove(0))
+    }
+
+    /// Appends metrics with dense per-run sequence numbers; returns the seq after the last one.
+    #[cfg(test)]
+    pub fn append_metrics(&self, run_id: &str, points: &[MetricRecord]) -> Result<u64> {
+        Ok(self
+            .record_report_now(PreparedReport::new(run_id, None, points, vec![], 0))?
+            .next_seq)
     }
 
     /// The newest value of each metric of a run, per rank: as many records as the run has metric
@@ -244,9 +319,10 @@ mod tests {
             attempt: 1,
             sha256: sha.into(),
         };
-        let (_, known) = store.record_report("r", None, &[point(4)], &[sum(1, "bb")], 2).unwrap();
+        let report = |sum| PreparedReport::new("r", None, &[point(4)], vec![sum], 2);
+        let Recorded { known, .. } = store.record_report_now(report(sum(1, "bb"))).unwrap();
         assert_eq!(known, [(4, vec![(1, "bb".to_string())])]);
-        let (next, known) = store.record_report("r", None, &[point(4)], &[sum(0, "aa")], 2).unwrap();
+        let Recorded { next_seq: next, known } = store.record_report_now(report(sum(0, "aa"))).unwrap();
         assert_eq!(next, 2);
         assert_eq!(known, [(4, vec![(0, "aa".to_string()), (1, "bb".to_string())])]);
         assert_eq!(store.checksums("r").unwrap().len(), 2);

@@ -49,11 +49,12 @@ mod catalog;
 mod datasets;
 mod lock;
 mod metrics;
+mod report_writer;
 
 pub use catalog::manifest_id;
 pub use datasets::ScanChange;
 pub use lock::PID_FILE;
-pub use metrics::ChecksumReport;
+pub use metrics::{ChecksumReport, PreparedReport, Recorded};
 
 /// Layout version this build writes. Raise it when a change needs more than new serde-defaulted
 /// fields, and teach `open` to migrate the old one. Version 2 moved case lists out of run
@@ -77,6 +78,11 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("flushing the store: {0}")]
     Flush(String),
+    #[error("the store's report writer has stopped; the coordinator is shutting down")]
+    WriterStopped,
+    /// One failure of a batched write, handed to every report of the batch.
+    #[error(transparent)]
+    Shared(Arc<StoreError>),
     #[error(
         "sled store at {path} has schema version {found}, written by a newer voxelfleet; this \
          build reads versions up to {SCHEMA_VERSION}. Upgrade the coordinator, or point \
@@ -112,15 +118,48 @@ pub struct Store {
     quarantine: sled::Tree,
     meta: sled::Tree,
     cluster_id: String,
+    durability: Durability,
+    /// One flush at a time; the others wait for it and usually find their writes covered.
+    flushing: tokio::sync::Mutex<()>,
+    /// Before `_lock`: dropping it waits for the writer thread, which holds trees of `db`.
+    report_writer: report_writer::ReportWriter,
+    /// The data dir's lock; last, so it is released after sled has let go of its files.
+    _lock: lock::DirLock,
+}
+
+/// The write lock and the flush bookkeeping, shared by the store and its report writer thread.
+#[derive(Clone)]
+struct Durability {
+    db: sled::Db,
     /// Held by every write and every flush (see the module comment).
     io: Arc<Mutex<()>>,
     /// Writes made, and how many of them the last flush covered.
     written: Arc<AtomicU64>,
     flushed: Arc<AtomicU64>,
-    /// One flush at a time; the others wait for it and usually find their writes covered.
-    flushing: tokio::sync::Mutex<()>,
-    /// The data dir's lock; last, so it is released after sled has let go of its files.
-    _lock: lock::DirLock,
+}
+
+impl Durability {
+    /// Takes the write lock; the write counts when the returned guard drops.
+    fn writing(&self) -> Writing<'_> {
+        Writing {
+            _io: self.io.lock().unwrap_or_else(|p| p.into_inner()),
+            written: &self.written,
+        }
+    }
+
+    #[cfg(test)]
+    fn is_durable(&self) -> bool {
+        self.flushed.load(Ordering::SeqCst) >= self.written.load(Ordering::SeqCst)
+    }
+
+    /// Flushes sled (blocking) and records which writes that covered.
+    fn flush(&self) -> Result<()> {
+        let _io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        let covered = self.written.load(Ordering::SeqCst);
+        self.db.flush()?;
+        self.flushed.fetch_max(covered, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Proof that the caller holds the store's write lock, counted as a write when dropped.
@@ -242,6 +281,19 @@ impl Store {
                 id
             }
         };
+        let durability = Durability {
+            db: db.clone(),
+            io: Arc::new(Mutex::new(())),
+            written: Arc::new(AtomicU64::new(0)),
+            flushed: Arc::new(AtomicU64::new(0)),
+        };
+        let report_trees = metrics::ReportTrees::open(&db, &meta)?;
+        let report_writer =
+            report_writer::ReportWriter::start(report_trees, durability.clone()).map_err(|error| StoreError::Lock {
+                path: path.clone(),
+                action: "start its report writer thread",
+                error,
+            })?;
         let store = Store {
             runs: db.open_tree("runs")?,
             workers: db.open_tree("workers")?,
@@ -260,10 +312,9 @@ impl Store {
             meta,
             cluster_id,
             db,
-            io: Arc::new(Mutex::new(())),
-            written: Arc::new(AtomicU64::new(0)),
-            flushed: Arc::new(AtomicU64::new(0)),
+            durability,
             flushing: tokio::sync::Mutex::new(()),
+            report_writer,
             _lock: dir_lock,
         };
         if found < 2 {
@@ -284,37 +335,30 @@ impl Store {
     /// Makes everything written so far durable. Await it before answering a request or acting
     /// on a write.
     pub async fn durable(&self) -> Result<()> {
-        let target = self.written.load(Ordering::SeqCst);
-        if self.flushed.load(Ordering::SeqCst) >= target {
+        let target = self.durability.written.load(Ordering::SeqCst);
+        let covered = || self.durability.flushed.load(Ordering::SeqCst) >= target;
+        if covered() {
             return Ok(());
         }
         let _one_flush = self.flushing.lock().await;
-        if self.flushed.load(Ordering::SeqCst) >= target {
-            return Ok(()); // the flush we waited for covered our writes
+        if covered() {
+            return Ok(()); // the flush we waited for, or the report writer's, covered our writes
         }
-        let (db, io, written, flushed) = (
-            self.db.clone(),
-            self.io.clone(),
-            self.written.clone(),
-            self.flushed.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            let _io = io.lock().unwrap_or_else(|p| p.into_inner());
-            let covered = written.load(Ordering::SeqCst);
-            db.flush()?;
-            flushed.fetch_max(covered, Ordering::SeqCst);
-            Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Flush(e.to_string()))?
+        let durability = self.durability.clone();
+        tokio::task::spawn_blocking(move || durability.flush())
+            .await
+            .map_err(|e| StoreError::Flush(e.to_string()))?
+    }
+
+    /// Whether every write so far has been flushed.
+    #[cfg(test)]
+    pub fn is_durable(&self) -> bool {
+        self.durability.is_durable()
     }
 
     /// Takes the write lock; the write counts when the returned guard drops.
     fn writing(&self) -> Writing<'_> {
-        Writing {
-            _io: self.io.lock().unwrap_or_else(|p| p.into_inner()),
-            written: &self.written,
-        }
+        self.durability.writing()
     }
 
     /// Next value of a durable counter, starting at 1. Flushed by the caller's write.

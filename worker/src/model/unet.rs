@@ -56,7 +56,7 @@ pub fn suprem() -> UNetConfig {
 
 /// Preset for CPU tests and demos: SuPreM's topology at an eighth of the width (299,209 parameters
 /// with 25 outputs). Forward + backward + AdamW at batch 2, 32^3, 25 classes: ~0.56 s on two
-/// (shared) cores (`tiny_step_time`); at batch 1 and 2 classes it fits a noisy 32^3 sphere to an
+/// (shared) cores (`bench-train-step --preset tiny` measures it); at batch 1 and 2 classes it fits a noisy 32^3 sphere to an
 /// eval-mode Dice above 0.9 in about 70 AdamW steps (lr 3e-3), ~20 s.
 pub fn tiny() -> UNetConfig {
     UNetConfig::new().with_base_width(4)

@@ -6,7 +6,6 @@ use crate::backend::{Cpu, CpuTrain};
 use crate::model::interop::{TorchStateDict, load_torch_state_dict, torch_state_dict};
 use crate::model::{Backbone, ModelConfig, fixture_tensor};
 use burn::module::AutodiffModule;
-use burn::tensor::TensorData;
 use burn_store::pytorch::PytorchReader;
 use std::path::Path;
 
@@ -255,42 +254,4 @@ fn export_reproduces_the_pytorch_state_dict() {
             assert_eq!(data, &dict.float(key).unwrap().unwrap(), "{key}");
         }
     }
-}
-
-/// Forward + backward + AdamW on the tiny preset at batch 2, 32^3, 25 classes (the figure the
-/// tiny preset's doc quotes). Timing only, so ignored by default:
-/// `cargo test --release -p worker --lib model::unet::tests::tiny_step_time -- --ignored --nocapture`
-#[test]
-#[ignore = "timing measurement"]
-fn tiny_step_time() {
-    use burn::optim::{GradientsParams, Optimizer};
-    let device = Default::default();
-    let mut model = tiny().init::<CpuTrain>(&device);
-    let mut optim = crate::train::optimizer::adamw(1e-5).init::<CpuTrain, UNet<CpuTrain>>();
-    let x = Tensor::<CpuTrain, 5>::random(
-        [2, 1, 32, 32, 32],
-        burn::tensor::Distribution::Normal(0.0, 1.0),
-        &device,
-    );
-    let target = Tensor::<CpuTrain, 5>::from_data(
-        TensorData::new(
-            (0..2 * 25 * 32 * 32 * 32).map(|i| (i % 7 == 0) as u8 as f32).collect(),
-            [2, 25, 32, 32, 32],
-        ),
-        &device,
-    );
-    let mut times = Vec::new();
-    for _ in 0..4 {
-        let start = std::time::Instant::now();
-        let logits = model.forward(x.clone());
-        let loss = burn::tensor::activation::sigmoid(logits)
-            .sub(target.clone())
-            .square()
-            .mean();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-3, model, grads);
-        let _ = model.out_tr.final_conv.weight.val().into_data();
-        times.push(start.elapsed().as_secs_f64());
-    }
-    println!("tiny U-Net step (batch 2, 32^3, 25 classes): {:?} s", times);
 }

@@ -210,13 +210,27 @@ fn the_feed_builds_a_bounded_number_of_batches_ahead() {
     cfg.max_ahead_bytes = 2 * cfg.batch_bytes();
     assert_eq!(cfg.depth(), 2);
     let mut feed = Feed::start(builder(source.clone(), cfg, false));
-    std::thread::sleep(Duration::from_millis(300));
+    let reads = || source.reads.load(Ordering::SeqCst);
+    // Wait for the feed to fill up, then give it time to overshoot: it must not.
+    let full = |feed: &Feed, want_reads| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while feed.buffered() < 2 || reads() < want_reads {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the feed never filled: {}",
+                feed.buffered()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    full(&feed, 4);
     assert_eq!(feed.buffered(), 2);
-    assert_eq!(source.reads.load(Ordering::SeqCst), 4, "two batches of two samples");
+    assert_eq!(reads(), 4, "two batches of two samples");
     feed.next_batch().expect("one").expect("ok");
-    std::thread::sleep(Duration::from_millis(300));
+    full(&feed, 6);
     assert_eq!(feed.buffered(), 2);
-    assert_eq!(source.reads.load(Ordering::SeqCst), 6);
+    assert_eq!(reads(), 6);
     drop(feed);
 }
 

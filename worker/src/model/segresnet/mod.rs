@@ -55,8 +55,7 @@ pub fn suprem() -> SegResNetConfig {
 
 /// SuPreM's layout at half the width (8 filters, 8 groups: 1,176,393 parameters), for CPU tests
 /// and demos. One forward + backward + AdamW step at batch 2, 32^3, 25 classes took 0.56-0.62 s
-/// on the two (shared) cores of the dev machine (`tests::tiny_train_step_time`, ignored by
-/// default).
+/// on the two (shared) cores of the dev machine (`bench-train-step --preset tiny` measures it).
 pub fn tiny() -> SegResNetConfig {
     SegResNetConfig::new().with_init_filters(8)
 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::backend::{Cpu, CpuTrain};
+use crate::backend::Cpu;
 use crate::model::param_count;
 use burn_store::pytorch::PytorchReader;
 
@@ -201,46 +201,4 @@ fn matches_monai_output_from_a_ddp_checkpoint() {
     let diff = (got - want).abs().max().into_scalar();
     println!("SegResNet vs MONAI: max abs diff {diff:.3e}");
     assert!(diff <= 1e-4, "max abs diff {diff} against MONAI");
-}
-
-/// Measures the tiny preset's training step (forward + backward + AdamW, batch 2, 32^3,
-/// 25 classes): `cargo test --release -p worker --lib segresnet::tests::tiny_train_step_time -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing, run by hand"]
-fn tiny_train_step_time() {
-    use burn::optim::{GradientsParams, Optimizer};
-    let device = Default::default();
-    let mut model = tiny().init::<CpuTrain>(&device);
-    let mut optim = crate::train::optimizer::adamw(1e-5).init();
-    let x = Tensor::<CpuTrain, 5>::random([2, 1, 32, 32, 32], burn::tensor::Distribution::Default, &device);
-    let y = Tensor::<CpuTrain, 5>::random([2, 25, 32, 32, 32], burn::tensor::Distribution::Default, &device)
-        .greater_elem(0.5)
-        .float();
-    let mut times = Vec::new();
-    for _ in 0..4 {
-        let start = std::time::Instant::now();
-        let logits = model.forward(x.clone());
-        let loss = burn::tensor::activation::softplus(logits.clone(), 1.0) - logits * y.clone();
-        let grads = GradientsParams::from_grads(loss.mean().backward(), &model);
-        model = optim.step(1e-4, model, grads);
-        times.push(start.elapsed().as_secs_f64());
-    }
-    println!("tiny SegResNet train step (batch 2, 32^3): {:?} s", times);
-
-    // The share of the three trilinear upsamplings (forward + backward) in that step.
-    let start = std::time::Instant::now();
-    for (channels, side) in [(32, 8), (16, 16), (8, 32)] {
-        let x = Tensor::<CpuTrain, 5>::random(
-            [2, channels, side / 2, side / 2, side / 2],
-            burn::tensor::Distribution::Default,
-            &device,
-        )
-        .require_grad();
-        let y = interpolate3d_scale(x, [2.0; 3], Interpolate3dMode::Trilinear { align_corners: false });
-        let _ = y.sum().backward();
-    }
-    println!(
-        "its three x2 upsamplings, forward + backward: {:.3} s",
-        start.elapsed().as_secs_f64()
-    );
 }
