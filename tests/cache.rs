@@ -7,17 +7,17 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::Cluster;
+use common::{Cluster, FinalCheckpoint};
 
-/// One single-rank run of `steps` steps on a fresh worker process; its final weights hash.
-fn train(cluster: &mut Cluster, name: &str) -> String {
+/// One single-rank run of `steps` steps on a fresh worker process; its final checkpoint.
+fn train(cluster: &mut Cluster, name: &str) -> FinalCheckpoint {
     cluster.spawn_workers(1);
     let spec = cluster.write_spec(name, 1, 4, "");
     let run_id = cluster.submit(&spec);
     let detail = cluster.wait_for_end(&run_id);
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     cluster.wait_workers_exit(Duration::from_secs(30));
-    cluster.final_weights(&detail)
+    cluster.final_checkpoint(&detail)
 }
 
 fn case_files(cluster: &Cluster) -> Vec<PathBuf> {
@@ -54,7 +54,8 @@ fn a_run_on_a_cache_with_overwritten_sections_trains_exactly_as_on_a_clean_cache
     assert!(shifted > 0, "no file had foreground to shift");
 
     let after = train(&mut cluster, "damaged-cache");
-    assert_eq!(after, clean, "the damaged cache changed the run's final weights");
+    // The same weights, written as the same model.bin bytes by another process.
+    assert_eq!(after, clean, "the damaged cache changed the run's final checkpoint");
     // Every damaged file was rebuilt, byte for byte.
     assert_eq!(case_files(&cluster), files);
     for (file, bytes) in files.iter().zip(&originals) {

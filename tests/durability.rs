@@ -349,6 +349,8 @@ impl FakeWorker {
                         attempt,
                         has_eval_dice: false,
                         eval_dice: 0.0,
+                        // A worker of an earlier release: it sends no weights hash.
+                        weights_sha256: String::new(),
                     };
                     let shared = self.shared.clone();
                     let Some(client) = self.client().await else { continue };

@@ -2,7 +2,7 @@
 //! replaced, a coordinator SIGKILLed and restarted within and past the workers' grace period,
 //! pause and resume at another world size, a deleted checkpoint object, and churn (more kills
 //! than the retry budget, each after progress) that spends none of it. Every run that completes must end with the final weights of the same run left alone,
-//! to the bit.
+//! to the bit, and write the same final `model.bin` bytes.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::Cluster;
+use common::{Cluster, FinalCheckpoint};
 
 const STEPS: u64 = 60;
 const WORLD: u32 = 3;
@@ -34,16 +34,17 @@ fn cluster(workers: usize) -> Cluster {
     cluster
 }
 
-/// Final weights of the run left alone, computed once per test binary.
-fn uninterrupted() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| {
+/// The final checkpoint of the run left alone (its weights hash and the hash of its `model.bin`
+/// bytes), computed once per test binary.
+fn uninterrupted() -> &'static FinalCheckpoint {
+    static FINAL: OnceLock<FinalCheckpoint> = OnceLock::new();
+    FINAL.get_or_init(|| {
         let cluster = cluster(WORLD as usize);
         let run = cluster.submit(&spec(&cluster, "uninterrupted"));
         let detail = cluster.wait_for_state(&run, &DONE, LONG);
         assert_eq!(detail["run"]["state"], "Completed", "{detail}");
         assert_eq!(detail["run"]["attempt"], 1);
-        cluster.final_weights(&detail)
+        cluster.final_checkpoint(&detail)
     })
 }
 
@@ -51,10 +52,11 @@ fn completed_bit_identical(cluster: &Cluster, run: &str) -> serde_json::Value {
     let detail = cluster.wait_for_state(run, &DONE, LONG);
     assert_eq!(detail["run"]["state"], "Completed", "{detail}");
     assert_eq!(detail["run"]["step"], STEPS);
+    // The same weights, and the same model.bin bytes.
     assert_eq!(
-        cluster.final_weights(&detail),
+        &cluster.final_checkpoint(&detail),
         uninterrupted(),
-        "final weights differ from the uninterrupted run: {detail}"
+        "the final checkpoint differs from the uninterrupted run's: {detail}"
     );
     detail
 }
@@ -127,7 +129,7 @@ fn a_killed_worker_is_replaced_and_the_run_ends_bit_identical() {
     // back to the queue at no cost, and attempt 3 runs.
     assert!(detail["run"]["attempt"].as_u64().unwrap() >= 2, "{detail}");
     assert_eq!(detail["run"]["retries"], 1, "{detail}");
-    assert!(!expected.is_empty());
+    assert!(!expected.weights_sha256.is_empty());
 }
 
 #[test]

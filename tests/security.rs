@@ -302,6 +302,18 @@ async fn malformed_worker_reports_get_errors_and_the_coordinator_keeps_serving()
             "weights_sha256",
         ),
         (
+            "short weights hash on a checkpoint",
+            client
+                .commit_checkpoint(pb::CommitCheckpointRequest {
+                    weights_sha256: "abc".into(),
+                    ..commit(&sha)
+                })
+                .await
+                .map(drop),
+            InvalidArgument,
+            "weights_sha256",
+        ),
+        (
             "unknown run",
             client
                 .report_metrics(metrics("run-999999-00000000", 0, &sha))

@@ -64,6 +64,24 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
         }
     }
 
+    // Each checkpoint's record carries the hash of its weights; the listing shows its first 16
+    // characters.
+    let weights: Vec<&str> = checkpoints
+        .iter()
+        .map(|c| c["weights_sha256"].as_str().expect("a weights hash"))
+        .collect();
+    assert_ne!(weights[0], weights[1]);
+    let listing = cluster.cli(&["checkpoints", &run_id]);
+    let text = String::from_utf8_lossy(&listing.stdout);
+    for (step, sha) in ["3", "6"].into_iter().zip(&weights) {
+        // A row starts with the step, after a `*` on the one a resume would start from.
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().take(2).any(|w| w == step))
+            .unwrap_or_else(|| panic!("no row for step {step} in\n{text}"));
+        assert!(row.split_whitespace().any(|w| w == &sha[..16]), "{text}");
+    }
+
     // Workers leave after their one run (--max-runs 1).
     cluster.wait_workers_exit(Duration::from_secs(30));
 
@@ -97,6 +115,9 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     assert_eq!(finished.len(), 2);
     assert_eq!(finished[0], finished[1]);
     assert_eq!(finished[0], &checksums[11].2);
+    // The checkpoints' weights hashes are the ones the ranks reported at their steps.
+    let at = |step: u64| checksums.iter().find(|(s, _, _)| *s == step).unwrap().2.as_str();
+    assert_eq!(weights, [at(3), at(6)]);
 
     // The final checkpoint really holds those weights: decoded into a fresh model, it has the
     // checksum every rank reported at the end, and its state names the step.

@@ -395,6 +395,10 @@ pub struct CheckpointRecord {
     /// Mean held-out Dice at this step, when an evaluation ran there (for garbage collection).
     #[serde(default)]
     pub eval_dice: Option<f64>,
+    /// The worker's hash of the weights it holds (`weights_checksum`); `None` when committed by
+    /// a worker of an earlier release, or read from a store written by one.
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -450,6 +454,9 @@ mod tests {
         let ckpt = r#"{"run_id":"run-000001","step":20,"prefix":"runs/run-000001/checkpoints/20/",
             "files":[],"is_final":false,"committed_unix_ms":3}"#;
         let ckpt: super::CheckpointRecord = serde_json::from_str(ckpt).unwrap();
-        assert_eq!((ckpt.attempt, ckpt.unusable, ckpt.eval_dice), (0, None, None));
+        assert_eq!(
+            (ckpt.attempt, ckpt.unusable, ckpt.eval_dice, ckpt.weights_sha256),
+            (0, None, None, None)
+        );
     }
 }

@@ -19,6 +19,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
 /// authenticated path a deployment runs.
 pub const TOKEN: &str = "e2e-test-token-0123456789abcdef";
 
+/// A run's final checkpoint, as two runs that end with the same state must share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinalCheckpoint {
+    pub weights_sha256: String,
+    /// Of the `model.bin` bytes: the same weights must give the same bytes.
+    pub model_bin_sha256: String,
+}
+
 /// A child process killed when the test ends, pass or fail.
 pub struct Proc(pub Child);
 
@@ -316,6 +324,14 @@ url = "{artifacts}"
 
     /// The weights hash recorded in the run's final checkpoint (its `state.json`).
     pub fn final_weights(&self, detail: &serde_json::Value) -> String {
+        self.final_checkpoint(detail).weights_sha256
+    }
+
+    /// What the run's final checkpoint holds: the weights hash its `state.json` records, which
+    /// the coordinator's record of the checkpoint must carry too, and the SHA-256 of its
+    /// `model.bin` as read from the artifacts directory.
+    pub fn final_checkpoint(&self, detail: &serde_json::Value) -> FinalCheckpoint {
+        use sha2::{Digest, Sha256};
         let finals: Vec<&serde_json::Value> = detail["checkpoints"]
             .as_array()
             .unwrap()
@@ -323,10 +339,18 @@ url = "{artifacts}"
             .filter(|c| c["is_final"] == true)
             .collect();
         assert_eq!(finals.len(), 1, "{detail}");
-        let prefix = finals[0]["prefix"].as_str().unwrap();
-        let state = std::fs::read(self.path("artifacts").join(prefix).join("state.json")).unwrap();
-        let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
-        state["weights_sha256"].as_str().unwrap().to_string()
+        let dir = self.path("artifacts").join(finals[0]["prefix"].as_str().unwrap());
+        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+        let weights_sha256 = state["weights_sha256"].as_str().unwrap().to_string();
+        assert_eq!(
+            finals[0]["weights_sha256"], weights_sha256,
+            "the checkpoint's record and its state.json name different weights"
+        );
+        let model = std::fs::read(dir.join("model.bin")).unwrap();
+        FinalCheckpoint {
+            weights_sha256,
+            model_bin_sha256: hex::encode(Sha256::digest(&model)),
+        }
     }
 
     /// Event kinds of a run, in order.

@@ -181,11 +181,13 @@ impl RunLink {
         }
     }
 
-    /// Asks the coordinator to verify and commit a checkpoint; kept for later if it is away.
+    /// Asks the coordinator to verify and commit a checkpoint of `files`, holding weights that
+    /// hash to `weights_sha256`; kept for later if it is away.
     pub fn commit_checkpoint(
         &mut self,
         step: u64,
         files: Vec<pb::CheckpointFile>,
+        weights_sha256: String,
         is_final: bool,
         eval_dice: Option<f64>,
     ) -> Result<(), LinkError> {
@@ -198,6 +200,7 @@ impl RunLink {
             attempt: self.id.attempt,
             has_eval_dice: eval_dice.is_some(),
             eval_dice: eval_dice.unwrap_or(0.0),
+            weights_sha256,
         });
         self.flush()
     }

@@ -74,6 +74,8 @@ pub async fn checkpoints(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCo
                     unix_ms(c.committed_unix_ms),
                     checkpoint_bytes(c).to_string(),
                     checkpoint_digest(c)[..16].to_string(),
+                    // Empty for a checkpoint committed by a worker of an earlier release.
+                    c.weights_sha256.get(..16).unwrap_or_default().to_string(),
                     c.unusable.clone(),
                 ]
             })
@@ -81,7 +83,16 @@ pub async fn checkpoints(remote: &Remote, run_id: &str) -> anyhow::Result<ExitCo
         println!(
             "{}",
             table(
-                &["", "STEP", "KIND", "COMMITTED", "BYTES", "SHA-256", "UNUSABLE"],
+                &[
+                    "",
+                    "STEP",
+                    "KIND",
+                    "COMMITTED",
+                    "BYTES",
+                    "SHA-256",
+                    "WEIGHTS",
+                    "UNUSABLE"
+                ],
                 &rows
             )
         );

@@ -161,6 +161,7 @@ pub fn checkpoint_json(c: &pb::CheckpointInfo) -> Value {
         "unusable": (!c.unusable.is_empty()).then_some(&c.unusable),
         "eval_dice": c.has_eval_dice.then_some(c.eval_dice), "best": c.is_best,
         "bytes": checkpoint_bytes(c), "sha256": checkpoint_digest(c),
+        "weights_sha256": (!c.weights_sha256.is_empty()).then_some(&c.weights_sha256),
         "files": c.files.iter().map(|f| json!({"key": f.key, "sha256": f.sha256, "bytes": f.bytes})).collect::<Vec<_>>(),
     })
 }

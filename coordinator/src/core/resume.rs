@@ -335,6 +335,7 @@ mod tests {
             attempt: 1,
             unusable: None,
             eval_dice: dice,
+            weights_sha256: None,
         }
     }
 

@@ -147,6 +147,7 @@ impl Coordinator {
                 attempt: req.attempt,
                 unusable: None,
                 eval_dice: req.has_eval_dice.then_some(req.eval_dice),
+                weights_sha256: (!req.weights_sha256.is_empty()).then(|| req.weights_sha256.clone()),
             };
             if req.is_final {
                 run.final_checkpoint = Some(req.step);

@@ -97,6 +97,7 @@ fn checkpoint_info(c: &CheckpointRecord, resume_candidate: Option<u64>, best: Op
         eval_dice: c.eval_dice.unwrap_or(0.0),
         has_eval_dice: c.eval_dice.is_some(),
         is_best: best == Some(c.step),
+        weights_sha256: c.weights_sha256.clone().unwrap_or_default(),
     }
 }
 

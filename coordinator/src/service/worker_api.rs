@@ -135,6 +135,10 @@ impl WorkerService for WorkerApi {
         for f in &req.files {
             checked_sha256(&f.sha256, "files.sha256")?;
         }
+        // Workers of earlier releases send none.
+        if !req.weights_sha256.is_empty() {
+            checked_sha256(&req.weights_sha256, "weights_sha256")?;
+        }
         let (run_id, step) = (req.run_id.clone(), req.step);
         let resp = self.0.commit_checkpoint(req).await?;
         tracing::info!(run = %run_id, step, "checkpoint committed");

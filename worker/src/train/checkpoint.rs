@@ -3,7 +3,8 @@
 //!
 //! Parts: `model.bin` (weights and param ids), `optimizer.bin` (AdamW moments and step counts per
 //! param) and `state.json` (step, samples consumed, world size, batch, seed, the RNG scheme and
-//! schedule position, the weights hash). Objects are written with create-only puts under a
+//! schedule position, the weights hash). Each part's bytes are a function of the training state
+//! alone (see `codec`), so the same state always gives the same files and the same hashes. Objects are written with create-only puts under a
 //! prefix that names the run, the step and the attempt, so no object is ever overwritten; the
 //! coordinator verifies them by hash before it commits the checkpoint, and `load` checks every
 //! part against the hashes the coordinator verified before decoding it.
@@ -110,6 +111,14 @@ const OPTIMIZER: &str = "optimizer.bin";
 const STATE: &str = "state.json";
 const PARTS: [&str; 3] = [MODEL, OPTIMIZER, STATE];
 
+/// What a save wrote: its files with their hashes, for the coordinator to verify, and the hash of
+/// the weights they hold (`params::weights_checksum`), for the checkpoint's record.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub files: Vec<pb::CheckpointFile>,
+    pub weights_sha256: String,
+}
+
 pub struct CheckpointManager {
     store: Arc<dyn ObjectStore>,
     root: ObjectPath,
@@ -132,16 +141,17 @@ impl CheckpointManager {
     }
 
     /// Encodes every part and writes it, create-only, under this attempt's prefix for
-    /// `state.step`. Returns the files with their hashes, for the coordinator to verify.
+    /// `state.step`.
     pub async fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         model: &M,
         optim: &Optim<B, M>,
         state: &LoopState,
-    ) -> Result<Vec<pb::CheckpointFile>, CheckpointError> {
+    ) -> Result<Saved, CheckpointError> {
         let prefix = checkpoint_prefix(&self.run_id, state.step, self.attempt);
+        let (parts, weights_sha256) = encode_hashed(model, optim, state)?;
         let mut files = vec![];
-        for (name, bytes) in encode_parts(model, optim, state)? {
+        for (name, bytes) in parts {
             let key = format!("{prefix}{name}");
             let sha256 = hex::encode(Sha256::digest(&bytes));
             let size = bytes.len() as u64;
@@ -156,7 +166,7 @@ impl CheckpointManager {
                 bytes: size,
             });
         }
-        Ok(files)
+        Ok(Saved { files, weights_sha256 })
     }
 
     /// Reads every part of the checkpoint at `prefix`, checks each against the hash in `files`,
@@ -218,23 +228,33 @@ pub fn encode_parts<B: AutodiffBackend, M: AutodiffModule<B>>(
     optim: &Optim<B, M>,
     state: &LoopState,
 ) -> Result<Vec<(String, Vec<u8>)>, CheckpointError> {
+    encode_hashed(model, optim, state).map(|(parts, _)| parts)
+}
+
+/// [`encode_parts`], and the weights hash that `state.json` records.
+fn encode_hashed<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    optim: &Optim<B, M>,
+    state: &LoopState,
+) -> Result<(Vec<(String, Vec<u8>)>, String), CheckpointError> {
     let codec_err = |name: &str| {
         let key = name.to_string();
         move |source| CheckpointError::Codec { key, source }
     };
     let mut state = state.clone();
     state.weights_sha256 = params::weights_checksum(model);
-    Ok(vec![
+    let parts = vec![
         (MODEL.into(), codec::model_to_bytes(model).map_err(codec_err(MODEL))?),
         (
             OPTIMIZER.into(),
-            codec::optimizer_to_bytes(optim).map_err(codec_err(OPTIMIZER))?,
+            codec::optimizer_to_bytes(optim, model).map_err(codec_err(OPTIMIZER))?,
         ),
         (
             STATE.into(),
             serde_json::to_vec_pretty(&state).expect("loop state serialises"),
         ),
-    ])
+    ];
+    Ok((parts, state.weights_sha256))
 }
 
 /// The mirror of [`encode_parts`]: rebuilds the model, the optimiser and the loop state, and
@@ -294,6 +314,26 @@ pub fn decode_parts<B: AutodiffBackend, M: AutodiffModule<B>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::CpuTrain;
+    use crate::model::{Backbone, test_unet};
+
+    #[test]
+    fn the_same_training_state_encodes_to_the_same_parts() {
+        // Two builds, as two processes would do them: burn gives their params different ids.
+        let build = || {
+            let model = test_unet(2, 4, 2)
+                .init_seeded::<CpuTrain>(&Default::default(), 3)
+                .unwrap();
+            let optim: Optim<CpuTrain, Backbone<CpuTrain>> = crate::train::optimizer::adamw(1e-5).init();
+            (model, optim)
+        };
+        let ((a, a_optim), (b, b_optim)) = (build(), build());
+        let state = LoopState::fresh(3, 2, 1);
+        let parts = encode_parts(&a, &a_optim, &state).unwrap();
+        assert_eq!(parts, encode_parts(&b, &b_optim, &state).unwrap());
+        let (_, weights_sha256) = encode_hashed(&a, &a_optim, &state).unwrap();
+        assert_eq!(weights_sha256, params::weights_checksum(&a));
+    }
 
     #[test]
     fn cursors_follow_the_global_sample_count_across_world_sizes() {

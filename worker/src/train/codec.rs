@@ -7,16 +7,23 @@
 //! written for another architecture, so each blob starts with a small header recording what it
 //! is and, for models, the layout (param shapes) it was written for; loading checks the header
 //! first and returns an error instead.
+//!
+//! The bytes are a function of the weights and the optimiser state: param ids are written as
+//! their module paths give them (see `train::path_ids`), and the optimiser state in the order of
+//! those ids. The layout is burn's either way, so the decoders read blobs written with burn's
+//! random ids (before that) unchanged, and the magic stays at version 1.
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::Optimizer;
 use burn::optim::SimpleOptimizer;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+use burn::record::{BurnRecord, FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorder};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+
+use crate::train::path_ids;
 
 type BytesRecorder = NamedMpkBytesRecorder<FullPrecisionSettings>;
 
@@ -92,19 +99,27 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Serialises the model's weights (and param ids, which the optimiser state is keyed by).
+/// Serialises the model's weights, with param ids derived from their paths (the optimiser
+/// state is keyed by them).
 pub fn model_to_bytes<B: Backend, M: Module<B>>(model: &M) -> Result<Vec<u8>, CodecError> {
-    let layout = layout::<B, M>(model);
-    let body = BytesRecorder::default()
+    let renames = path_ids::renames(model).map_err(CodecError::Encode)?;
+    let mut body = BytesRecorder::default()
         .record(model.clone().into_record(), ())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
+    path_ids::rename_in_record(&mut body, &renames).map_err(CodecError::Encode)?;
+    Ok(with_model_header(model, &body))
+}
+
+/// The header [`model_from_bytes`] checks, then `body`.
+fn with_model_header<B: Backend, M: Module<B>>(model: &M, body: &[u8]) -> Vec<u8> {
+    let layout = layout::<B, M>(model);
     let mut bytes = Vec::with_capacity(MODEL_HEADER_LEN + body.len());
     bytes.extend_from_slice(MODEL_MAGIC);
     bytes.extend_from_slice(&layout.tensors.to_le_bytes());
     bytes.extend_from_slice(&layout.values.to_le_bytes());
     bytes.extend_from_slice(&layout.digest);
-    bytes.extend_from_slice(&body);
-    Ok(bytes)
+    bytes.extend_from_slice(body);
+    bytes
 }
 
 /// Loads weights written by [`model_to_bytes`] into `model`, a freshly initialised module of
@@ -136,15 +151,27 @@ pub fn model_from_bytes<B: Backend, M: Module<B>>(model: M, bytes: &[u8], device
     Ok(model.load_record(record))
 }
 
-/// Serialises an optimiser's state (AdamW moments and step counts per param).
-pub fn optimizer_to_bytes<B, M, O>(optim: &OptimizerAdaptor<O, M, B>) -> Result<Vec<u8>, CodecError>
+/// Serialises an optimiser's state (AdamW moments and step counts per param) for `model`, the
+/// module it steps: keyed by the ids [`model_to_bytes`] writes for `model`'s params, sorted by
+/// them (burn's own record is a hash map, whose order changes from one process to the next).
+pub fn optimizer_to_bytes<B, M, O>(optim: &OptimizerAdaptor<O, M, B>, model: &M) -> Result<Vec<u8>, CodecError>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
     O: SimpleOptimizer<B::InnerBackend>,
 {
-    let body = BytesRecorder::default()
-        .record(optim.to_record(), ())
+    let renames = path_ids::renames(model).map_err(CodecError::Encode)?;
+    let record = optim.to_record();
+    let unknown = record.keys().filter(|id| !renames.contains_key(id)).count();
+    if unknown > 0 {
+        return Err(CodecError::ForeignOptimizerState { unknown });
+    }
+    let items: BTreeMap<String, _> = record
+        .into_iter()
+        .map(|(id, state)| (renames[&id].serialize(), state.into_item::<FullPrecisionSettings>()))
+        .collect();
+    let recorder = BytesRecorder::default();
+    let body = Recorder::<B>::save_item(&recorder, BurnRecord::<_, B>::new::<BytesRecorder>(items), ())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     let mut bytes = Vec::with_capacity(OPTIM_MAGIC.len() + body.len());
     bytes.extend_from_slice(OPTIM_MAGIC);
@@ -187,6 +214,7 @@ mod tests {
     use crate::model::{Backbone, ModelConfig, test_unet};
     use crate::train::loss::bce_dice_loss;
     use crate::train::params::weights_checksum;
+    use burn::module::list_param_ids;
     use burn::optim::{AdamW, GradientsParams};
     use burn::tensor::TensorData;
 
@@ -207,6 +235,84 @@ mod tests {
         let loss = bce_dice_loss(model.forward(x), y).total;
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         optim.step(1e-3, model, grads)
+    }
+
+    /// What a process holds after building the model from `seed` and taking two steps: the
+    /// weights and the optimiser, under that process's random param ids.
+    fn trained(seed: u64) -> (Backbone<CpuTrain>, Optim) {
+        let mut optim: Optim = crate::train::optimizer::adamw(1e-5).init();
+        let mut model = small().init_seeded::<CpuTrain>(&Default::default(), seed).unwrap();
+        for s in 0..2 {
+            model = step(model, &mut optim, s);
+        }
+        (model, optim)
+    }
+
+    #[test]
+    fn the_same_weights_and_optimiser_state_encode_to_the_same_bytes() {
+        let device = Default::default();
+        // Built twice, as two processes would: the same values under different random ids
+        // (BatchNorm's running statistics included).
+        let (a, a_optim) = trained(5);
+        let (b, b_optim) = trained(5);
+        assert_eq!(weights_checksum(&a), weights_checksum(&b));
+        assert_ne!(list_param_ids::<_, CpuTrain>(&a), list_param_ids::<_, CpuTrain>(&b));
+        let bytes = model_to_bytes(&a).unwrap();
+        assert_eq!(bytes, model_to_bytes(&b).unwrap());
+        let optim_bytes = optimizer_to_bytes(&a_optim, &a).unwrap();
+        assert_eq!(optim_bytes, optimizer_to_bytes(&b_optim, &b).unwrap());
+
+        // Loaded back, they encode to the bytes they came from.
+        let loaded = model_from_bytes(small().init::<CpuTrain>(&device), &bytes, &device).unwrap();
+        let adamw = crate::train::optimizer::adamw(1e-5);
+        let loaded_optim: Optim = optimizer_from_bytes(adamw.init(), &optim_bytes, &loaded, &device).unwrap();
+        assert_eq!(model_to_bytes(&loaded).unwrap(), bytes);
+        assert_eq!(optimizer_to_bytes(&loaded_optim, &loaded).unwrap(), optim_bytes);
+
+        // Other weights, other bytes.
+        let (c, c_optim) = trained(6);
+        assert_ne!(model_to_bytes(&c).unwrap(), bytes);
+        assert_ne!(optimizer_to_bytes(&c_optim, &c).unwrap(), optim_bytes);
+    }
+
+    /// `model.bin` and `optimizer.bin` as the previous release wrote them: burn's records as they
+    /// come, under the process's random param ids, the optimiser state in hash-map order.
+    fn legacy_bytes(model: &Backbone<CpuTrain>, optim: &Optim) -> (Vec<u8>, Vec<u8>) {
+        let body = BytesRecorder::default()
+            .record(model.clone().into_record(), ())
+            .unwrap();
+        let optim_body = BytesRecorder::default().record(optim.to_record(), ()).unwrap();
+        (
+            with_model_header(model, &body),
+            [OPTIM_MAGIC.as_slice(), optim_body.as_slice()].concat(),
+        )
+    }
+
+    #[test]
+    fn blobs_written_under_random_ids_still_load_and_resume_exactly() {
+        let device = Default::default();
+        let adamw = crate::train::optimizer::adamw(1e-5);
+        let (model, mut optim) = trained(5);
+        let (model_bytes, optim_bytes) = legacy_bytes(&model, &optim);
+        assert_ne!(
+            model_bytes,
+            model_to_bytes(&model).unwrap(),
+            "the legacy writer keeps burn's ids"
+        );
+
+        let resumed_model = model_from_bytes(small().init::<CpuTrain>(&device), &model_bytes, &device).unwrap();
+        let mut resumed_optim: Optim =
+            optimizer_from_bytes(adamw.init(), &optim_bytes, &resumed_model, &device).unwrap();
+        // The next save writes the bytes the state itself gives.
+        assert_eq!(model_to_bytes(&resumed_model).unwrap(), model_to_bytes(&model).unwrap());
+        assert_eq!(
+            optimizer_to_bytes(&resumed_optim, &resumed_model).unwrap(),
+            optimizer_to_bytes(&optim, &model).unwrap()
+        );
+        // And the optimiser state applies: the next step is the uninterrupted one.
+        let continued = step(model, &mut optim, 2);
+        let resumed = step(resumed_model, &mut resumed_optim, 2);
+        assert_eq!(weights_checksum(&continued), weights_checksum(&resumed));
     }
 
     #[test]
@@ -250,7 +356,7 @@ mod tests {
             model = step(model, &mut optim, seed);
         }
         let model_bytes = model_to_bytes(&model).unwrap();
-        let optim_bytes = optimizer_to_bytes(&optim).unwrap();
+        let optim_bytes = optimizer_to_bytes(&optim, &model).unwrap();
 
         // Uninterrupted run.
         let continued = step(model, &mut optim, 2);
@@ -275,13 +381,21 @@ mod tests {
         let adamw = crate::train::optimizer::adamw(0.0);
         let mut optim: Optim = adamw.init();
         let model = step(small().init::<CpuTrain>(&device), &mut optim, 0);
-        let bytes = optimizer_to_bytes(&optim).unwrap();
-        // A model initialised afresh has new param ids: the state would silently not apply.
+        let bytes = optimizer_to_bytes(&optim, &model).unwrap();
+        // A model initialised afresh has burn's random ids: the state would silently not apply.
         let other = small().init::<CpuTrain>(&device);
         let err = optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), &bytes, &other, &device)
             .err()
             .unwrap();
         assert!(matches!(err, CodecError::ForeignOptimizerState { .. }), "{err}");
+        // The state is keyed by the ids the model's blob carries, so it applies to the model
+        // loaded from that blob.
+        let model = model_from_bytes(
+            small().init::<CpuTrain>(&device),
+            &model_to_bytes(&model).unwrap(),
+            &device,
+        )
+        .unwrap();
         assert!(optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), &bytes, &model, &device).is_ok());
         let err = optimizer_from_bytes::<CpuTrain, _, _>(adamw.init(), b"VFMODEL1", &model, &device)
             .err()

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod optimizer;
 pub mod order;
 pub mod params;
+mod path_ids;
 pub mod schedule;
 pub mod sliding_window;
 pub mod trainer;

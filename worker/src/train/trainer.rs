@@ -323,8 +323,8 @@ pub fn train_rank<B: AutodiffBackend>(
             if !weights_checked {
                 finite::checked_checksum(&model, done)?;
             }
-            let files = link.block_on(checkpoints.save(&model, &optim, &state))?;
-            link.commit_checkpoint(done, files, false, dice)?;
+            let saved = link.block_on(checkpoints.save(&model, &optim, &state))?;
+            link.commit_checkpoint(done, saved.files, saved.weights_sha256, false, dice)?;
         }
     }
 
@@ -336,9 +336,9 @@ pub fn train_rank<B: AutodiffBackend>(
         None
     };
     if rank == 0 && start_step < t.steps {
-        let files = link.block_on(checkpoints.save(&model, &optim, &state))?;
+        let saved = link.block_on(checkpoints.save(&model, &optim, &state))?;
         let dice = eval_after.as_ref().map(EvalReport::mean);
-        link.commit_checkpoint(t.steps, files, true, dice)?;
+        link.commit_checkpoint(t.steps, saved.files, saved.weights_sha256, true, dice)?;
     }
     Ok(RunSummary {
         final_step: t.steps,

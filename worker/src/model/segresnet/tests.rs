@@ -173,6 +173,9 @@ fn seeded_init_has_a_rule_for_every_module() {
     a.forward(x.clone())
         .into_data()
         .assert_eq(&b.forward(x).into_data(), true);
+    // Same weights, same checkpoint bytes, whatever ids burn drew for each build.
+    let bytes = |m: &SegResNet<Cpu>| crate::train::codec::model_to_bytes(m).unwrap();
+    assert_eq!(bytes(&a), bytes(&b));
 }
 
 #[test]

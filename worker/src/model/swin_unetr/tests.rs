@@ -126,6 +126,9 @@ fn reseed_covers_the_whole_model() {
         crate::train::params::weights_checksum(&a),
         crate::train::params::weights_checksum(&b)
     );
+    // Same weights, same checkpoint bytes (the int index buffers' ids included).
+    let bytes = |m: &SwinUnetr<Cpu>| crate::train::codec::model_to_bytes(m).unwrap();
+    assert_eq!(bytes(&a), bytes(&b));
     // The index buffer is not a weight: reseeding leaves it MONAI's.
     let index = a.swin_vit.layers1[0].blocks[0].attn.relative_position_index.val();
     let expected = attention::relative_position_index([7, 7, 7]);
