@@ -89,7 +89,7 @@ fn two_workers_train_to_completion_with_identical_weights_and_committed_checkpoi
     cluster.kill_coordinator();
     let store = coordinator::store::Store::open(&cluster.path("db")).unwrap();
     let run = store.run(&run_id).unwrap().unwrap();
-    assert_eq!(run.state, coordinator::records::RunState::Completed);
+    assert_eq!(run.state(), coordinator::records::RunState::Completed);
     assert_eq!(run.final_checkpoint, Some(6));
     let committed: Vec<u64> = store.checkpoints(&run_id).unwrap().iter().map(|c| c.step).collect();
     assert_eq!(committed, [3, 6]);

@@ -1,5 +1,6 @@
-//! What the coordinator remembers: runs, workers and checkpoints, and the legal moves of the run
-//! state machine. Plain data, serialised as JSON into sled by `store`.
+//! What the coordinator remembers: runs, workers and checkpoints. Plain data, serialised as JSON
+//! into sled by `store`. The run state machine, the one way a run's state changes, is
+//! `lifecycle`.
 //!
 //! Every field added after the first release carries `#[serde(default)]`, so a store written by
 //! an older build stays readable; `store::SCHEMA_VERSION` guards against newer ones.
@@ -9,82 +10,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum RunState {
-    Queued,
-    /// A gang of workers is reserved; they have not all picked the assignment up yet.
-    Assigned,
-    Running,
-    /// Stopped on request after a checkpoint at a step boundary; `resume` queues it again.
-    Paused,
-    Completed,
-    Failed,
-    Cancelled,
-    /// Lost its workers or its coordinator mid-flight; resumable from its newest checkpoint.
-    Interrupted,
-}
-
-impl RunState {
-    pub const ALL: [RunState; 8] = [
-        RunState::Queued,
-        RunState::Assigned,
-        RunState::Running,
-        RunState::Paused,
-        RunState::Completed,
-        RunState::Failed,
-        RunState::Cancelled,
-        RunState::Interrupted,
-    ];
-
-    pub fn is_terminal(self) -> bool {
-        matches!(self, RunState::Completed | RunState::Failed | RunState::Cancelled)
-    }
-
-    /// Holds workers: the run is between assignment and its end.
-    pub fn is_active(self) -> bool {
-        matches!(self, RunState::Assigned | RunState::Running)
-    }
-
-    /// The state machine of DESIGN.md; anything else is a bug or a stale message. Failed and
-    /// Cancelled runs go back to Queued only through a manual resume from a checkpoint.
-    pub fn can_move_to(self, next: RunState) -> bool {
-        use RunState::*;
-        matches!(
-            (self, next),
-            (Queued, Assigned | Cancelled | Paused)
-                // An assignment nobody picked up goes back to the queue.
-                | (Assigned, Queued | Running)
-                | (Running, Completed | Paused)
-                // A pause requested before the ranks started outlives their loss.
-                | (Assigned, Paused)
-                | (Assigned | Running, Failed | Cancelled | Interrupted)
-                | (Interrupted, Queued | Cancelled | Failed)
-                | (Paused, Queued | Cancelled)
-                | (Failed | Cancelled, Queued)
-        )
-    }
-
-    /// The state named `name` as `Display` writes it, in any case.
-    pub fn from_name(name: &str) -> Option<RunState> {
-        RunState::ALL
-            .into_iter()
-            .find(|s| s.to_string().eq_ignore_ascii_case(name))
-    }
-
-    /// States `coordinator resume` accepts (with a committed checkpoint, except Paused).
-    pub fn is_resumable(self) -> bool {
-        matches!(
-            self,
-            RunState::Paused | RunState::Interrupted | RunState::Failed | RunState::Cancelled
-        )
-    }
-}
-
-impl fmt::Display for RunState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
+mod lifecycle;
+#[cfg(test)]
+pub(crate) use lifecycle::tests::run_in;
+pub use lifecycle::{Cause, RunState, TransitionError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinishedRank {
@@ -98,7 +27,8 @@ pub struct RunRecord {
     pub name: String,
     /// Canonical TOML of the validated spec.
     pub spec_toml: String,
-    pub state: RunState,
+    /// Private: it changes only through `transition`, which checks the move and records it.
+    state: RunState,
     pub world_size: u32,
     pub total_steps: u64,
     /// Newest step any rank reported.
@@ -171,6 +101,11 @@ pub struct RunRecord {
     pub device: Option<String>,
     #[serde(default)]
     pub sweep_id: Option<String>,
+    /// Events of the transitions made to this copy since it was read, not yet in the store. The
+    /// store writes them in the transaction that writes the record, then clears them, so a new
+    /// state never reaches the store without the event that records it.
+    #[serde(skip)]
+    unwritten: Vec<RunEvent>,
 }
 
 /// A data-scaling ablation (or any product of spec axes): the children it queued, and the axis
@@ -419,28 +354,6 @@ pub fn now_unix_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::RunState::*;
-
-    #[test]
-    fn ended_runs_only_come_back_through_the_queue() {
-        let all = super::RunState::ALL;
-        for n in all {
-            assert!(!Completed.can_move_to(n), "Completed -> {n}");
-        }
-        for s in [Failed, Cancelled] {
-            for n in all {
-                assert_eq!(s.can_move_to(n), n == Queued, "{s} -> {n}");
-            }
-        }
-        assert!(Running.can_move_to(Paused) && Paused.can_move_to(Queued));
-        assert!(Assigned.can_move_to(Queued));
-        assert!(!Running.can_move_to(Queued), "a running run is interrupted first");
-        assert!(Queued.can_move_to(Assigned));
-        assert!(!Queued.can_move_to(Running));
-        assert!(Running.can_move_to(Interrupted));
-        assert!(Interrupted.can_move_to(Queued));
-    }
-
     #[test]
     fn records_written_by_the_spine_still_read() {
         // A run and a checkpoint exactly as the first release stored them.

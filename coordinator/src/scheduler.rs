@@ -113,7 +113,7 @@ pub fn plan<'a>(
         candidates.sort_by_key(|(_, p)| std::cmp::Reverse(p.idle.len()));
         // An interrupted run is placed only once its automatic resume has queued it again (with
         // the checkpoint it starts from); until then it holds its place and its pool's workers.
-        let resuming = run.state == RunState::Interrupted;
+        let resuming = run.state() == RunState::Interrupted;
         let fits = candidates
             .iter()
             .find(|(_, p)| !resuming && p.reserved_for.is_none() && p.idle.len() >= need)
@@ -157,7 +157,7 @@ pub fn plan<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::{RunState, WorkerState};
+    use crate::records::{Cause, RunState, WorkerState};
 
     fn run(id: &str, world: u32) -> RunRecord {
         let json = format!(
@@ -166,7 +166,7 @@ mod tests {
             "workers":[],"started_ranks":[],"artifacts_url":"","finished":{{}},"final_checkpoint":null}}"#
         );
         let run: RunRecord = serde_json::from_str(&json).unwrap();
-        assert_eq!(run.state, RunState::Queued);
+        assert_eq!(run.state(), RunState::Queued);
         run
     }
 
@@ -215,7 +215,12 @@ mod tests {
         // The probe's case: a run interrupted by a coordinator stall freed both workers, and the
         // run queued behind it took them before the automatic resume queued it again.
         let mut interrupted = run("first", 2);
-        interrupted.state = RunState::Interrupted;
+        interrupted
+            .transition(RunState::Assigned, Cause::at(0, "placed"))
+            .unwrap();
+        interrupted
+            .transition(RunState::Interrupted, Cause::at(0, "stalled"))
+            .unwrap();
         let runs = [interrupted, run("behind", 2)];
         let (w1, w2) = (worker("w1", "cpu"), worker("w2", "cpu"));
         let p = plan(&runs, &[&w1, &w2], &[&w1, &w2], true);

@@ -63,9 +63,9 @@ pub(super) fn draining(m: &Model, run: &RunRecord) -> bool {
 /// The writes that put a draining run back in the queue at the checkpoint rank 0 just wrote at
 /// `step` (committed in the same write): no retry is spent, since nothing failed, and the
 /// leaving workers stay out of its next gang. None when no worker of the run is leaving.
-pub(super) fn drained(m: &mut Model, run: &RunRecord, step: u64) -> Option<Ending> {
-    if !draining(m, run) || run.state != RunState::Running {
-        return None;
+pub(super) fn drained(m: &mut Model, run: &RunRecord, step: u64) -> Result<Option<Ending>> {
+    if !draining(m, run) || run.state() != RunState::Running {
+        return Ok(None);
     }
     let leaving: Vec<String> = run
         .workers
@@ -79,17 +79,15 @@ pub(super) fn drained(m: &mut Model, run: &RunRecord, step: u64) -> Option<Endin
     );
     tracing::info!(run = %run.id, "{message}");
     let mut run = run.clone();
-    run.state = RunState::Queued;
+    run.transition(RunState::Queued, Cause::at(step, message.clone()))?;
     run.resume_step = Some(step);
-    run.message = message.clone();
+    run.message = message;
     run.workers.clear();
     run.started_ranks.clear();
     run.live_state = None;
     run.recovering_live = false;
-    run.updated_unix_ms = now_unix_ms();
     let freed = m.release_workers(&run.id);
-    let events = vec![RunEvent::new("requeued", step, message)];
-    Some(Ending { run, freed, events })
+    Ok(Some(Ending { run, freed }))
 }
 
 impl Coordinator {
@@ -205,9 +203,9 @@ impl Coordinator {
                 .run_id
                 .as_ref()
                 .and_then(|id| m.run(id).ok().cloned())
-                .filter(|r| r.state.is_active());
+                .filter(|r| r.state().is_active());
             match held {
-                Some(run) if run.id == req.run_id && run.attempt == req.attempt && run.state == RunState::Running => {
+                Some(run) if run.id == req.run_id && run.attempt == req.attempt && run.state() == RunState::Running => {
                     if !worker.leaving {
                         let rank = run.workers.iter().position(|w| *w == worker.id).unwrap_or(0);
                         let message = format!(
@@ -222,23 +220,24 @@ impl Coordinator {
                     }
                     (vec![run.id], true)
                 }
-                Some(mut run) => {
+                Some(run) => {
+                    let run_id = run.id.clone();
                     let rank = run.workers.iter().position(|w| *w == worker.id).unwrap_or(0);
-                    if run.state == RunState::Assigned {
+                    if run.state() == RunState::Assigned {
                         let message = format!(
                             "worker {} left ({reason}) before attempt {} started; back in the queue",
                             worker.id, run.attempt
                         );
                         let freed = m.release_workers(&run.id);
                         let from = run.resume_step;
-                        self.requeue(&mut m, &mut run, from, "requeued", message, &freed)?;
+                        self.requeue(&mut m, run, from, message, &freed)?;
                     } else {
                         let message = format!("worker {} left ({reason}) while holding rank {rank}", worker.id);
-                        self.end_run(&mut m, run.clone(), RunState::Interrupted, message)?;
+                        self.end_run(&mut m, run, RunState::Interrupted, message)?;
                     }
                     tracing::info!(worker = %worker.id, %reason, "worker deregistered; forgetting it");
                     m.forget_worker(&self.store, &worker.id)?;
-                    (vec![run.id], false)
+                    (vec![run_id], false)
                 }
                 None => {
                     tracing::info!(worker = %worker.id, %reason, "worker deregistered; forgetting it");
@@ -278,7 +277,7 @@ impl Coordinator {
         if !req.run_id.is_empty() {
             let still_ours = worker.run_id.as_deref() == Some(req.run_id.as_str());
             match m.run(&req.run_id).ok() {
-                Some(run) if still_ours && run.state.is_active() && run.attempt == req.attempt => {
+                Some(run) if still_ours && run.state().is_active() && run.attempt == req.attempt => {
                     resp.pause_run =
                         (run.pause_requested || draining(&m, run)) && run.workers.first() == Some(&worker.id);
                 }
@@ -286,12 +285,15 @@ impl Coordinator {
                     resp.stop_run = true;
                     resp.stop_reason = format!(
                         "attempt {} of run {} is over (the run is on attempt {}, {})",
-                        req.attempt, run.id, run.attempt, run.state
+                        req.attempt,
+                        run.id,
+                        run.attempt,
+                        run.state()
                     );
                 }
                 Some(run) => {
                     resp.stop_run = true;
-                    resp.stop_reason = format!("run {} is {}: {}", run.id, run.state, run.message);
+                    resp.stop_reason = format!("run {} is {}: {}", run.id, run.state(), run.message);
                 }
                 None => {
                     resp.stop_run = true;
@@ -350,17 +352,15 @@ impl Coordinator {
         if !run.started_ranks.contains(&assignment.rank) {
             run.started_ranks.push(assignment.rank);
         }
-        let mut events = vec![];
-        if run.state == RunState::Assigned && run.started_ranks.len() == run.world_size as usize {
-            run.state = RunState::Running;
-            events.push(RunEvent::new(
-                "running",
+        run.updated_unix_ms = now_unix_ms();
+        if run.state() == RunState::Assigned && run.started_ranks.len() == run.world_size as usize {
+            let cause = Cause::at(
                 run.resume_step.unwrap_or(0),
                 format!("attempt {}: all {} ranks started", run.attempt, run.world_size),
-            ));
+            );
+            run.transition(RunState::Running, cause)?;
         }
-        run.updated_unix_ms = now_unix_ms();
-        m.put_transition(&self.store, run, &[], &events)
+        m.put_transition(&self.store, run, &[], &[])
     }
 
     /// The frozen case list an assignment names.
@@ -373,4 +373,4 @@ impl Coordinator {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -44,6 +44,13 @@ pub enum CoordError {
 
 pub type Result<T> = std::result::Result<T, CoordError>;
 
+/// A refused move is answered as any other rejected request, with the same words.
+impl From<TransitionError> for CoordError {
+    fn from(e: TransitionError) -> Self {
+        CoordError::Rejected(e.to_string())
+    }
+}
+
 mod datasets;
 mod membership;
 mod model;
@@ -52,6 +59,8 @@ mod resume;
 pub use resume::best_checkpoint;
 mod run_progress;
 mod submission;
+#[cfg(test)]
+mod transition_tests;
 
 pub use datasets::{ScanOutcome, name_from_url};
 pub use submission::SweepView;
@@ -123,14 +132,12 @@ impl Coordinator {
             for mut run in runs {
                 if state == RunState::Assigned {
                     let freed = model.release_workers(&run.id);
-                    let event = RunEvent::new(
-                        "requeued",
+                    let cause = Cause::at(
                         run.step,
                         "the coordinator restarted before every rank picked up its assignment",
                     );
-                    run.state = RunState::Queued;
-                    run.updated_unix_ms = now_unix_ms();
-                    model.put_transition(&store, run, &freed, &[event])?;
+                    run.transition(RunState::Queued, cause)?;
+                    model.put_transition(&store, run, &freed, &[])?;
                 } else {
                     let message = format!(
                         "coordinator restarted; adopting the run from its {} ranks as they reattach",
@@ -200,10 +207,10 @@ impl Coordinator {
         let run = {
             let mut m = self.lock();
             let run = m.run(run_id)?.clone();
-            if run.state.is_terminal() {
+            if run.state().is_terminal() {
                 return Err(CoordError::Rejected(format!(
                     "run {run_id} already ended: {}",
-                    run.state
+                    run.state()
                 )));
             }
             self.end_run(&mut m, run, RunState::Cancelled, "cancelled by user".into())?;
@@ -245,7 +252,7 @@ impl Coordinator {
             };
             (runs, m.queue_snapshot(), self.worker_pools(&m))
         };
-        runs.retain(|r| state.is_none_or(|s| r.state == s));
+        runs.retain(|r| state.is_none_or(|s| r.state() == s));
         runs.sort_by_key(|r| std::cmp::Reverse(r.seq));
         let waiting = workers
             .plan(queue.iter().map(|r| &**r), true)
@@ -258,7 +265,7 @@ impl Coordinator {
 
     /// Why a queued run waits, and its place in the queue; None for any other run.
     pub fn why_waiting(&self, run: &RunRecord) -> Option<scheduler::Waiting> {
-        if run.state != RunState::Queued {
+        if run.state() != RunState::Queued {
             return None;
         }
         let (queue, workers) = {
@@ -308,7 +315,7 @@ impl Coordinator {
     /// An interruption past the retry budget fails the run instead, listing every cause.
     fn end_run(&self, m: &mut Model, run: RunRecord, state: RunState, message: String) -> Result<()> {
         let ending = ending(m, run, state, message)?;
-        m.put_transition(&self.store, ending.run, &ending.freed, &ending.events)
+        m.put_transition(&self.store, ending.run, &ending.freed, &[])
     }
 
     /// Declares silent workers dead, and forgets those dead for `forget_dead_after`. A run that
@@ -384,12 +391,12 @@ impl Coordinator {
             m.put_worker(&self.store, w.clone())?;
             let Some(run) = run_id
                 .and_then(|id| m.run(&id).ok().cloned())
-                .filter(|r| r.state.is_active())
+                .filter(|r| r.state().is_active())
             else {
                 continue;
             };
             touched.push(run.id.clone());
-            if never_started && run.state == RunState::Assigned {
+            if never_started && run.state() == RunState::Assigned {
                 self.requeue_unstarted(m, run, &w.id)?;
             } else {
                 let message = format!("worker {} missed its heartbeats for {:?}", w.id, dead_after);
@@ -399,7 +406,7 @@ impl Coordinator {
         Ok(touched)
     }
 
-    fn requeue_unstarted(&self, m: &mut Model, mut run: RunRecord, worker_id: &str) -> Result<()> {
+    fn requeue_unstarted(&self, m: &mut Model, run: RunRecord, worker_id: &str) -> Result<()> {
         let message = format!(
             "worker {worker_id} died before picking up rank {} of attempt {}; back in the queue",
             run.workers.iter().position(|w| w == worker_id).unwrap_or(0),
@@ -407,71 +414,59 @@ impl Coordinator {
         );
         let freed = m.release_workers(&run.id);
         let from = run.resume_step;
-        self.requeue(m, &mut run, from, "requeued", message, &freed)
+        self.requeue(m, run, from, message, &freed)
     }
 }
 
-/// A run's end, as records to write: the run, the workers it frees, the events that say why.
+/// A run's end, as records to write: the run (carrying the events of its transitions) and the
+/// workers it frees.
 struct Ending {
     run: RunRecord,
     freed: Vec<WorkerRecord>,
-    events: Vec<RunEvent>,
 }
 
-/// The writes that end a run, for the caller to make (alone, or with a checkpoint commit).
+/// The writes that end a run, for the caller to make (alone, or with a checkpoint commit). An
+/// interruption is a transition of its own, followed by a pause when one was pending, or by the
+/// run's failure when it spends the retry budget.
 fn ending(m: &mut Model, mut run: RunRecord, state: RunState, message: String) -> Result<Ending> {
-    if !run.state.can_move_to(state) {
-        return Err(CoordError::Rejected(format!(
-            "run {} cannot go from {} to {state}",
-            run.id, run.state
-        )));
-    }
-    let mut events = vec![];
-    let (state, message) = if state == RunState::Interrupted {
-        events.push(RunEvent::new("interrupted", run.step, message.clone()));
-        if run.pause_requested {
-            // The user's pause outlives the fault: the run stops here instead of resuming.
-            let message = format!(
-                "paused: a pause was pending when the run was interrupted ({message}); \
-                 `coordinator resume {}` continues it from its newest checkpoint",
-                run.id
-            );
-            (RunState::Paused, message)
-        } else if run.charge_interruption(message.clone()) {
-            let causes: Vec<String> = run
-                .interruptions
-                .iter()
-                .enumerate()
-                .map(|(i, cause)| format!("{}) {cause}", i + 1))
-                .collect();
-            let message = format!(
-                "interrupted {} times in a row without getting past step {}, more than max_retries = {}: {}",
-                run.interruptions.len(),
-                run.step,
-                run.max_retries,
-                causes.join("; ")
-            );
-            (RunState::Failed, message)
-        } else {
-            (state, message)
-        }
-    } else {
-        (state, message)
-    };
-    tracing::info!(run = %run.id, from = %run.state, to = %state, %message, "run transition");
-    if state != RunState::Interrupted {
-        events.push(RunEvent::new(
-            &state.to_string().to_lowercase(),
+    let from = run.state();
+    run.transition(state, Cause::at(run.step, message.clone()))?;
+    let message = if state != RunState::Interrupted {
+        message
+    } else if run.pause_requested {
+        // The user's pause outlives the fault: the run stops here instead of resuming.
+        let message = format!(
+            "paused: a pause was pending when the run was interrupted ({message}); \
+             `coordinator resume {}` continues it from its newest checkpoint",
+            run.id
+        );
+        run.transition(RunState::Paused, Cause::at(run.step, message.clone()))?;
+        message
+    } else if run.charge_interruption(message.clone()) {
+        let causes: Vec<String> = run
+            .interruptions
+            .iter()
+            .enumerate()
+            .map(|(i, cause)| format!("{}) {cause}", i + 1))
+            .collect();
+        let message = format!(
+            "interrupted {} times in a row without getting past step {}, more than max_retries = {}: {}",
+            run.interruptions.len(),
             run.step,
-            message.clone(),
-        ));
-    }
-    run.state = state;
+            run.max_retries,
+            causes.join("; ")
+        );
+        run.transition(RunState::Failed, Cause::at(run.step, message.clone()))?;
+        message
+    } else {
+        message
+    };
+    tracing::info!(run = %run.id, %from, to = %run.state(), %message, "run transition");
     run.message = message;
     run.pause_requested = false;
     run.updated_unix_ms = now_unix_ms();
     let freed = m.release_workers(&run.id);
-    Ok(Ending { run, freed, events })
+    Ok(Ending { run, freed })
 }
 
 #[cfg(test)]

@@ -102,7 +102,12 @@ impl Model {
         if state == RunState::Queued {
             return self.queued().collect();
         }
-        let mut runs: Vec<&RunRecord> = self.runs.values().map(|r| &**r).filter(|r| r.state == state).collect();
+        let mut runs: Vec<&RunRecord> = self
+            .runs
+            .values()
+            .map(|r| &**r)
+            .filter(|r| r.state() == state)
+            .collect();
         runs.sort_by_key(|r| r.seq);
         runs
     }
@@ -152,7 +157,7 @@ impl Model {
             self.queue.remove(&QueueKey::of(old));
             self.resuming.remove(&QueueKey::of(old));
         }
-        match run.state {
+        match run.state() {
             RunState::Queued => {
                 self.queue.insert(QueueKey::of(&run));
             }
@@ -170,15 +175,16 @@ impl Model {
         }
     }
 
-    /// Writes a run change with the workers it touches and the events that explain it.
+    /// Writes a run change with the workers it touches and the events that explain it (the
+    /// events of the run's transitions among them; see `RunRecord::transition`).
     pub fn put_transition(
         &mut self,
         store: &Store,
-        run: RunRecord,
+        mut run: RunRecord,
         workers: &[WorkerRecord],
         events: &[RunEvent],
     ) -> Result<()> {
-        store.put_transition(&run, workers, events)?;
+        store.put_transition(&mut run, workers, events)?;
         self.apply_workers(workers);
         self.apply_run(run);
         Ok(())
@@ -189,11 +195,11 @@ impl Model {
         &mut self,
         store: &Store,
         ckpt: &CheckpointRecord,
-        run: RunRecord,
+        mut run: RunRecord,
         workers: &[WorkerRecord],
         events: &[RunEvent],
     ) -> Result<()> {
-        store.put_checkpoint(ckpt, &run, workers, events)?;
+        store.put_checkpoint(ckpt, &mut run, workers, events)?;
         self.apply_workers(workers);
         self.apply_run(run);
         Ok(())
@@ -205,9 +211,9 @@ impl Model {
         store: &Store,
         manifests: &[ManifestRecord],
         sweep: Option<SweepRecord>,
-        runs: Vec<(RunRecord, RunEvent)>,
+        mut runs: Vec<(RunRecord, RunEvent)>,
     ) -> Result<()> {
-        store.put_submission(manifests, sweep.as_ref(), &runs)?;
+        store.put_submission(manifests, sweep.as_ref(), &mut runs)?;
         if let Some(sweep) = sweep {
             self.sweeps.insert(sweep.id.clone(), sweep);
         }
@@ -284,7 +290,7 @@ impl Model {
 pub(super) fn count_states<'a>(runs: impl Iterator<Item = &'a RunRecord>) -> BTreeMap<String, u32> {
     let mut counts = BTreeMap::new();
     for run in runs {
-        *counts.entry(run.state.to_string()).or_insert(0) += 1;
+        *counts.entry(run.state().to_string()).or_insert(0) += 1;
     }
     counts
 }

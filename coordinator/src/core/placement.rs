@@ -73,12 +73,10 @@ impl Coordinator {
                 Some(step) => self.store.checkpoints(&run.id)?.into_iter().find(|c| c.step == step),
                 None => None,
             };
-            run.state = RunState::Assigned;
             run.attempt += 1;
             run.workers = gang.clone();
             run.started_ranks.clear();
             run.finished.clear();
-            run.updated_unix_ms = now_unix_ms();
             let reserved: Vec<WorkerRecord> = gang
                 .iter()
                 .filter_map(|id| m.worker(id).cloned())
@@ -94,11 +92,11 @@ impl Coordinator {
                 (None, Some(c)) => format!("resuming from the checkpoint at step {}", c.step),
                 (None, None) => "from step 0".to_string(),
             };
-            let event = RunEvent::new(
-                "assigned",
+            let cause = Cause::at(
                 run.resume_step.unwrap_or(0),
                 format!("attempt {} on {} ({from})", run.attempt, run.workers.join(", ")),
             );
+            run.transition(RunState::Assigned, cause)?;
             tracing::info!(run = %run.id, attempt = run.attempt, workers = ?run.workers, "run assigned ({from})");
             let peers: Vec<String> = reserved.iter().map(|w| w.peer_address.clone()).collect();
             let assignments: Vec<(String, pb::Assignment)> = reserved
@@ -116,7 +114,7 @@ impl Coordinator {
                     (w.id.clone(), a)
                 })
                 .collect();
-            m.put_transition(&self.store, run, &reserved, &[event])?;
+            m.put_transition(&self.store, run, &reserved, &[])?;
             m.pending.extend(assignments);
             placed.push(run_id);
         }

@@ -20,7 +20,7 @@ impl Coordinator {
         let run = {
             let mut m = self.lock();
             let mut run = m.run(run_id)?.clone();
-            match run.state {
+            match run.state() {
                 RunState::Queued => {
                     self.end_run(&mut m, run, RunState::Paused, "paused before it started".into())?;
                 }
@@ -53,10 +53,10 @@ impl Coordinator {
     /// `from_scratch` says to throw its steps away.
     pub async fn resume(&self, run_id: &str, world_size: Option<u32>, from_scratch: bool) -> Result<RunRecord> {
         let run = self.get_run(run_id)?;
-        if !run.state.is_resumable() {
+        if !run.state().is_resumable() {
             return Err(CoordError::Rejected(format!(
                 "run {run_id} is {}; only Paused, Interrupted, Failed or Cancelled runs can be resumed",
-                run.state
+                run.state()
             )));
         }
         let world = world_size.unwrap_or(run.world_size);
@@ -73,10 +73,10 @@ impl Coordinator {
         let run = {
             let mut m = self.lock();
             let mut run = m.run(run_id)?.clone();
-            if !run.state.is_resumable() {
+            if !run.state().is_resumable() {
                 return Err(CoordError::Rejected(format!(
                     "run {run_id} became {} meanwhile",
-                    run.state
+                    run.state()
                 )));
             }
             let from = checkpoint.as_ref().map(|c| c.step);
@@ -89,7 +89,7 @@ impl Coordinator {
             run.reset_retry_budget();
             run.live_state = None;
             run.recovering_live = false;
-            self.requeue(&mut m, &mut run, from, "resumed", message, &[])?;
+            self.requeue(&mut m, run, from, message, &[])?;
             m.run(run_id)?.clone()
         };
         self.settle(&[run_id], false).await?;
@@ -114,7 +114,7 @@ impl Coordinator {
             {
                 let mut m = self.lock();
                 let mut run = m.run(&run.id)?.clone();
-                if run.state != RunState::Interrupted {
+                if run.state() != RunState::Interrupted {
                     continue;
                 }
                 let checkpoint_step = checkpoint.as_ref().map(|c| c.step);
@@ -141,7 +141,7 @@ impl Coordinator {
                     run.max_retries,
                     run.world_size,
                 );
-                self.requeue(&mut m, &mut run, from, "resumed", message, &[])?;
+                self.requeue(&mut m, run, from, message, &[])?;
             }
             self.settle(&[run.id.as_str()], false).await?;
         }
@@ -149,25 +149,23 @@ impl Coordinator {
     }
 
     /// Puts a run back in the queue to start from step `from` (a checkpoint or a live state),
-    /// writing the workers it releases, if any, in the same transaction.
+    /// writing the workers it releases, if any, in the same transaction. Its event says
+    /// `requeued` or `resumed`, as the state it leaves says (see `RunState`).
     pub(super) fn requeue(
         &self,
         m: &mut Model,
-        run: &mut RunRecord,
+        mut run: RunRecord,
         from: Option<u64>,
-        kind: &str,
         message: String,
         freed: &[WorkerRecord],
     ) -> Result<()> {
         tracing::info!(run = %run.id, "{message}");
-        run.state = RunState::Queued;
+        run.transition(RunState::Queued, Cause::at(from.unwrap_or(0), message.clone()))?;
         run.resume_step = from;
-        run.message = message.clone();
+        run.message = message;
         run.workers.clear();
         run.started_ranks.clear();
-        run.updated_unix_ms = now_unix_ms();
-        let event = RunEvent::new(kind, from.unwrap_or(0), message);
-        m.put_transition(&self.store, run.clone(), freed, &[event])
+        m.put_transition(&self.store, run, freed, &[])
     }
 
     /// The newest committed checkpoint whose objects still match their hashes. Each one that

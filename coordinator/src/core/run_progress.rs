@@ -23,8 +23,8 @@ impl Coordinator {
         rank: u32,
         attempt: u32,
     ) -> std::result::Result<(), String> {
-        if !run.state.is_active() {
-            return Err(format!("run {} is {}: {}", run.id, run.state, run.message));
+        if !run.state().is_active() {
+            return Err(format!("run {} is {}: {}", run.id, run.state(), run.message));
         }
         if run.attempt != attempt {
             return Err(format!(
@@ -61,8 +61,8 @@ impl Coordinator {
             // rank is told to stop. Reports from anyone else, or an older attempt, are not.
             let late_but_ours = run.attempt == req.attempt
                 && run.workers.get(req.rank as usize) == Some(&req.worker_id)
-                && !run.state.is_active()
-                && run.state != RunState::Queued;
+                && !run.state().is_active()
+                && run.state() != RunState::Queued;
             match stopped {
                 Some(reason) if !late_but_ours => return Ok(stop(reason)),
                 stopped => (stopped, run.world_size),
@@ -102,7 +102,7 @@ impl Coordinator {
             match (stopped, diverged) {
                 (Some(reason), _) => (stop(reason), false),
                 // The run may have ended meanwhile; only the attempt that diverged is failed.
-                (None, Some(reason)) if run.state.is_active() && run.attempt == req.attempt => {
+                (None, Some(reason)) if run.state().is_active() && run.attempt == req.attempt => {
                     self.end_run(&mut m, run, RunState::Failed, reason.clone())?;
                     (stop(reason), true)
                 }
@@ -192,24 +192,22 @@ impl Coordinator {
             // A commit while a pause is requested pauses the run, in the same write.
             let mut resp = pb::CommitCheckpointResponse::default();
             let mut freed = vec![];
-            if run.pause_requested && !req.is_final && run.state == RunState::Running {
+            if run.pause_requested && !req.is_final && run.state() == RunState::Running {
                 let message = format!("paused at step {} on request", req.step);
                 run.resume_step = Some(req.step);
                 let ending = ending(&mut m, run, RunState::Paused, message.clone())?;
                 (run, freed) = (ending.run, ending.freed);
-                events.extend(ending.events);
                 resp = pb::CommitCheckpointResponse {
                     stop_run: true,
                     stop_reason: message,
                 };
             } else if !req.is_final
-                && let Some(drained) = super::membership::drained(&mut m, &run, req.step)
+                && let Some(drained) = super::membership::drained(&mut m, &run, req.step)?
             {
                 // A worker of the run is leaving on SIGTERM: this checkpoint is where it resumes.
                 resp.stop_run = true;
                 resp.stop_reason = drained.run.message.clone();
                 (run, freed) = (drained.run, drained.freed);
-                events.extend(drained.events);
             }
             m.put_checkpoint(&self.store, &record, run, &freed, &events)?;
             (resp, replaced, run_artifacts)
@@ -338,7 +336,7 @@ impl Coordinator {
     /// arrive after the run was interrupted still count: every survivor holds a state.
     fn note_live_state(&self, m: &mut Model, run: &mut RunRecord, req: &pb::ReportFailureRequest) -> Result<()> {
         let ours = run.attempt == req.attempt
-            && (run.state.is_active() || run.state == RunState::Interrupted)
+            && (run.state().is_active() || run.state() == RunState::Interrupted)
             && run.workers.get(req.rank as usize) == Some(&req.worker_id);
         let newer = run
             .live_state

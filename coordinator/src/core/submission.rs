@@ -258,44 +258,12 @@ impl Coordinator {
 
     fn new_run(&self, p: Prepared, sweep_id: Option<&str>, from: String) -> Result<(RunRecord, RunEvent)> {
         let (seq, id) = self.store.next_run_id()?;
-        let now = now_unix_ms();
         let spec = p.spec;
-        let run = RunRecord {
-            id,
-            name: spec.name.clone(),
-            spec_toml: spec.to_toml(),
-            state: RunState::Queued,
-            world_size: spec.world_size,
-            total_steps: spec.train.steps,
-            step: 0,
-            message: String::new(),
-            submitted_unix_ms: now,
-            updated_unix_ms: now,
-            workers: vec![],
-            started_ranks: vec![],
-            manifest_id: p.manifest_id,
-            train_count: p.train_count,
-            quarantined: p.quarantined.clone(),
-            eval_count: p.eval_count,
-            legacy_train_cases: vec![],
-            legacy_eval_cases: vec![],
-            artifacts_url: spec.artifacts.url.clone(),
-            finished: Default::default(),
-            final_checkpoint: None,
-            attempt: 0,
-            max_retries: spec.max_retries,
-            interruptions: vec![],
-            interrupted_at_step: None,
-            total_interruptions: 0,
-            resume_step: None,
-            pause_requested: false,
-            live_state: None,
-            recovering_live: false,
-            priority: spec.priority,
-            seq,
-            device: spec.device.clone(),
-            sweep_id: sweep_id.map(str::to_string),
-        };
+        let mut run = RunRecord::submitted(id, seq, &spec, sweep_id.map(str::to_string));
+        run.manifest_id = p.manifest_id;
+        run.train_count = p.train_count;
+        run.eval_count = p.eval_count;
+        run.quarantined = p.quarantined.clone();
         let event = RunEvent::new(
             "submitted",
             0,
@@ -357,8 +325,8 @@ impl Coordinator {
         let view = self.sweep(sweep_id)?;
         let mut results = vec![];
         for (_, run) in &view.children {
-            let result = if !run.state.is_resumable() {
-                (run.id.clone(), false, format!("left alone: {}", run.state))
+            let result = if !run.state().is_resumable() {
+                (run.id.clone(), false, format!("left alone: {}", run.state()))
             } else {
                 match self.resume(&run.id, None, false).await {
                     Ok(r) => (run.id.clone(), true, r.message),

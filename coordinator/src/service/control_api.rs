@@ -50,7 +50,7 @@ pub fn run_info_waiting(r: &RunRecord, waiting: Option<&Waiting>) -> pb::RunInfo
         device: r.device.clone().unwrap_or_default(),
         run_id: r.id.clone(),
         name: r.name.clone(),
-        state: r.state.to_string(),
+        state: r.state().to_string(),
         world_size: r.world_size,
         step: r.step,
         total_steps: r.total_steps,
@@ -390,7 +390,7 @@ async fn follow_metrics(
         progress.borrow_and_update();
         // Read the state before the points: a run that ends after this read still gets its last
         // points sent on the next pass.
-        let state = coord.get_run(&req.run_id).map(|r| r.state);
+        let state = coord.get_run(&req.run_id).map(|r| r.state());
         let points = coord.store().metrics_from(&req.run_id, next);
         let (state, points) = match (state, points) {
             (Ok(s), Ok(p)) => (s, p),

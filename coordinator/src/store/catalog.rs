@@ -55,12 +55,13 @@ impl Store {
     }
 
     /// Stores new runs with their `submitted` events, the manifests they froze and the sweep that
-    /// made them, all in one transaction: a sweep is queued whole or not at all.
+    /// made them, all in one transaction: a sweep is queued whole or not at all. As every write
+    /// of a run, it writes the events of the transitions the run carries too.
     pub fn put_submission(
         &self,
         manifests: &[ManifestRecord],
         sweep: Option<&SweepRecord>,
-        runs: &[(RunRecord, RunEvent)],
+        runs: &mut [(RunRecord, RunEvent)],
     ) -> Result<()> {
         let _io = self.writing();
         // A case list's subset is found through its runs, never by URL and seed.
@@ -72,8 +73,10 @@ impl Store {
             })
             .collect();
         let sweep_bytes = sweep.map(|s| (s.id.clone(), encode(s)));
-        let run_bytes: Vec<(String, Vec<u8>, Vec<u8>)> =
-            runs.iter().map(|(r, e)| (r.id.clone(), encode(r), encode(e))).collect();
+        let run_bytes: Vec<(String, Vec<u8>, Vec<Vec<u8>>)> = runs
+            .iter()
+            .map(|(r, e)| (r.id.clone(), encode(r), encode_events(std::slice::from_ref(e), r)))
+            .collect();
         (
             &self.manifests,
             &self.manifest_index,
@@ -92,13 +95,17 @@ impl Store {
                 if let Some((id, value)) = &sweep_bytes {
                     sweeps.insert(id.as_bytes(), value.clone())?;
                 }
-                for (id, run, event) in &run_bytes {
+                for (id, run, events) in &run_bytes {
                     rs.insert(id.as_bytes(), run.clone())?;
-                    append_events(evs, meta, id, std::slice::from_ref(event))?;
+                    append_events(evs, meta, id, events)?;
                 }
                 Ok(())
             })
-            .map_err(storage_error)
+            .map_err(storage_error)?;
+        for (run, _) in runs {
+            run.events_written();
+        }
+        Ok(())
     }
 
     /// Schema 1 copied the case lists into every run. Each such run gets a manifest holding its
@@ -185,7 +192,7 @@ mod tests {
             frozen_unix_ms: 0,
             subset: false,
         };
-        store.put_submission(std::slice::from_ref(&m), None, &[]).unwrap();
+        store.put_submission(std::slice::from_ref(&m), None, &mut []).unwrap();
         assert_eq!(store.manifest_for("/data", 3).unwrap(), Some(m.clone()));
         assert_eq!(store.manifest_for("/data", 4).unwrap(), None);
         assert_eq!(store.any_manifest_of("/data").unwrap(), Some(m));

@@ -221,6 +221,12 @@ fn append_events(
     Ok(())
 }
 
+/// `events`, then the events of the transitions `run` carries, encoded for the transaction that
+/// writes `run`.
+fn encode_events(events: &[RunEvent], run: &RunRecord) -> Vec<Vec<u8>> {
+    events.iter().chain(run.unwritten_events()).map(encode).collect()
+}
+
 fn get<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<T>> {
     tree.get(key.as_bytes())?
         .map(|v| decode(name, key.as_bytes(), &v))
@@ -415,8 +421,10 @@ impl Store {
 
     /// Writes a run, the workers it touches and the events that explain the change in one sled
     /// transaction, so a crash never leaves a worker reserved by a run that does not list it (or
-    /// the reverse), nor a state change without its reason.
-    pub fn put_transition(&self, run: &RunRecord, workers: &[WorkerRecord], events: &[RunEvent]) -> Result<()> {
+    /// the reverse), nor a state change without its reason. The events of the run's transitions
+    /// (`RunRecord::unwritten_events`) go in the same transaction, after `events`, and are then
+    /// marked written.
+    pub fn put_transition(&self, run: &mut RunRecord, workers: &[WorkerRecord], events: &[RunEvent]) -> Result<()> {
         self.write_transition(None, run, workers, events)
     }
 
@@ -424,16 +432,16 @@ impl Store {
     fn write_transition(
         &self,
         ckpt: Option<&CheckpointRecord>,
-        run: &RunRecord,
+        run: &mut RunRecord,
         workers: &[WorkerRecord],
         events: &[RunEvent],
     ) -> Result<()> {
         let _io = self.writing();
         let ckpt_bytes = ckpt.map(|c| (step_key(&c.run_id, c.step), encode(c)));
-        let run_bytes = encode(run);
+        let run_bytes = encode(&*run);
         let worker_bytes: Vec<(Vec<u8>, Vec<u8>)> =
             workers.iter().map(|w| (w.id.as_bytes().to_vec(), encode(w))).collect();
-        let event_bytes: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        let event_bytes = encode_events(events, run);
         (&self.checkpoints, &self.runs, &self.workers, &self.events, &self.meta)
             .transaction(|(ckpts, runs, ws, evs, meta)| {
                 if let Some((key, value)) = &ckpt_bytes {
@@ -445,7 +453,9 @@ impl Store {
                 }
                 append_events(evs, meta, &run.id, &event_bytes)
             })
-            .map_err(storage_error)
+            .map_err(storage_error)?;
+        run.events_written();
+        Ok(())
     }
 
     /// Events of a run, oldest first.
@@ -483,7 +493,7 @@ impl Store {
     pub fn put_checkpoint(
         &self,
         ckpt: &CheckpointRecord,
-        run: &RunRecord,
+        run: &mut RunRecord,
         workers: &[WorkerRecord],
         events: &[RunEvent],
     ) -> Result<()> {
@@ -522,3 +532,6 @@ impl Store {
         scan(self.checkpoints.scan_prefix(run_prefix(run_id)), "checkpoints")
     }
 }
+
+#[cfg(test)]
+mod transition_tests;

@@ -4,7 +4,7 @@
 use super::*;
 use crate::core::Timing;
 
-fn request(peer: &str) -> pb::RegisterRequest {
+pub(in crate::core) fn request(peer: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
         host: "h".into(),
         peer_address: peer.into(),
@@ -118,7 +118,7 @@ async fn a_record_from_before_secrets_is_issued_one_once() {
         .unwrap();
 }
 
-fn goodbye(admitted: &Admitted, secret: &str, run: Option<(&str, u32)>) -> pb::DeregisterRequest {
+pub(in crate::core) fn goodbye(admitted: &Admitted, secret: &str, run: Option<(&str, u32)>) -> pb::DeregisterRequest {
     pb::DeregisterRequest {
         worker_id: admitted.worker.id.clone(),
         worker_secret: secret.into(),
@@ -150,7 +150,7 @@ async fn an_idle_worker_that_deregisters_is_forgotten() {
     assert!(!coord.deregister(goodbye(&w, &w.secret, None)).await.unwrap());
 }
 
-fn spec(dir: &std::path::Path) -> String {
+pub(in crate::core) fn spec(dir: &std::path::Path) -> String {
     format!(
         r#"name = "drain"
 world_size = 2
@@ -245,7 +245,7 @@ async fn a_leaving_rank_drains_its_run_into_the_queue_and_elsewhere() {
         ));
     }
     let run = coord.get_run(&run.id).unwrap();
-    assert_eq!(run.state, RunState::Running);
+    assert_eq!(run.state(), RunState::Running);
     let (rank0, rank1) = if run.workers[0] == a.worker.id {
         (&a, &b)
     } else {
@@ -271,7 +271,7 @@ async fn a_leaving_rank_drains_its_run_into_the_queue_and_elsewhere() {
         "rank 0 checkpoints at the next step"
     );
     assert!(!beat(&coord, &rank1.worker.id, &run).pause_run);
-    assert_eq!(coord.get_run(&run.id).unwrap().state, RunState::Running);
+    assert_eq!(coord.get_run(&run.id).unwrap().state(), RunState::Running);
 
     let resp = coord
         .commit_checkpoint(checkpoint(dir.path(), &run, &rank0.worker.id, 7))
@@ -279,7 +279,7 @@ async fn a_leaving_rank_drains_its_run_into_the_queue_and_elsewhere() {
         .unwrap();
     assert!(resp.stop_run, "{resp:?}");
     let requeued = coord.get_run(&run.id).unwrap();
-    assert_eq!(requeued.state, RunState::Queued, "{}", requeued.message);
+    assert_eq!(requeued.state(), RunState::Queued, "{}", requeued.message);
     assert_eq!(requeued.resume_step, Some(7));
     assert!(
         requeued.interruptions.is_empty(),
@@ -294,7 +294,7 @@ async fn a_leaving_rank_drains_its_run_into_the_queue_and_elsewhere() {
     // A new worker joins: the next attempt takes it and rank 0, never the leaving worker.
     let c = coord.admit(request("127.0.0.1:4102")).await.unwrap();
     let placed = coord.get_run(&run.id).unwrap();
-    assert_eq!(placed.state, RunState::Assigned);
+    assert_eq!(placed.state(), RunState::Assigned);
     assert_eq!(placed.attempt, run.attempt + 1);
     let mut gang = placed.workers.clone();
     gang.sort();
