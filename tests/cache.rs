@@ -2,12 +2,10 @@
 //! was overwritten under an intact header are rebuilt, not trained on, so a run on the damaged
 //! cache ends with exactly the weights of a run on a clean one.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::Cluster;
+use crate::common::Cluster;
 
 /// One single-rank run of `steps` steps on a fresh worker process; its final weights hash.
 fn train(cluster: &mut Cluster, name: &str) -> String {

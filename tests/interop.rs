@@ -7,15 +7,13 @@
 //! or python3); without one it is skipped, unless VOXELFLEET_REQUIRE_TORCH=1, and the
 //! `init_from` run starts from the first run's checkpoint prefix instead of the import.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::{BIN, Cluster};
 use burn::tensor::TensorData;
-use common::{BIN, Cluster};
 use protocol::spec::RunSpec;
 use worker::backend::Cpu;
 use worker::model::interop::torch_state_dict;

@@ -4,14 +4,12 @@
 //! than the retry budget, each after progress) that spends none of it. Every run that completes must end with the final weights of the same run left alone,
 //! to the bit.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::Cluster;
+use crate::common::Cluster;
 
 const STEPS: u64 = 60;
 const WORLD: u32 = 3;
