@@ -5,7 +5,7 @@
 #   scripts/gpu-check.sh --plan-from 0.42     # plan only, from a step time in seconds (any machine)
 #   scripts/gpu-check.sh --plan-from unet=0.42,segresnet=0.31,swinunetr=0.95
 #
-# Measure: builds the worker with --features cuda (and the control-plane CLI without burn),
+# Measure: builds the worker with --features cuda (and the `coordinator` CLI),
 # starts a coordinator on loopback, writes phantom CTs, and for each backbone (U-Net, SegResNet,
 # Swin UNETR, SuPreM presets) runs a real one-GPU training run at 96^3 with 2 crops per step
 # (STEPS steps, default 40) in a fresh worker process. It prints the median step time the worker
@@ -87,7 +87,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/voxelfleet/target}
 echo "== building the CUDA worker and the control-plane CLI"
 cargo build --release -p worker --features cuda
-cargo build --release -p coordinator --no-default-features
+cargo build --release --bin coordinator
 bin=$CARGO_TARGET_DIR/release
 work=$(mktemp -d)
 coord_pid="" worker_pid="" smi_pid=""

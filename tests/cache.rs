@@ -2,12 +2,10 @@
 //! was overwritten under an intact header are rebuilt, not trained on, so a run on the damaged
 //! cache ends with exactly the weights of a run on a clean one.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Cluster, FinalCheckpoint};
+use crate::common::{Cluster, FinalCheckpoint};
 
 /// One single-rank run of `steps` steps on a fresh worker process; its final checkpoint.
 fn train(cluster: &mut Cluster, name: &str) -> FinalCheckpoint {

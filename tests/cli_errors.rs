@@ -2,8 +2,6 @@
 //! processes, real sockets, real files. Each error must say what happened and what to do; a
 //! closed stdout must end a command quietly; a scan must survive one bad entry.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Cluster, Proc, TOKEN, make_pki};
+use crate::common::{BIN, Cluster, Proc, TOKEN, make_pki};
 use protocol::auth::{TOKEN_ENV, TOKEN_FILE_ENV};
 use protocol::tls::TLS_CA_ENV;
 
@@ -60,7 +58,7 @@ fn spawn_serve(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, 
         command.env(k, v);
     }
     let mut child = command.spawn().unwrap();
-    let addr = common::listening_address(&mut child);
+    let addr = crate::common::listening_address(&mut child);
     (child, addr)
 }
 

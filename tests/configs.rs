@@ -8,7 +8,7 @@ use coordinator::sweep::SweepFile;
 use protocol::spec::{ModelSpec, RunSpec};
 
 fn configs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
 }
 
 /// What one config file is: a sweep has `[axes]`; anything else must be a run spec.

@@ -1,11 +1,9 @@
 //! The coordinator's control plane over real gRPC, with the test acting as the workers: the
 //! assignment cycle, gang scheduling, divergence detection, cancellation, and spec validation.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Cluster, fake_worker, poll, worker_client_request};
+use crate::common::{Cluster, fake_worker, poll, worker_client_request};
 use protocol::auth::AuthChannel;
 use protocol::pb;
 use protocol::pb::await_assignment_response::Outcome;
@@ -304,7 +302,7 @@ async fn requests_without_the_shared_token_are_refused() {
 
     // A wrong token through the CLI: a clear message, and nothing submitted.
     let spec = cluster.write_spec("intruder", 1, 5, "");
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(crate::common::BIN)
         .args(["submit", spec.to_str().unwrap(), "--coordinator", &cluster.endpoint])
         .env(protocol::auth::TOKEN_ENV, "not-the-right-token-at-all")
         .output()

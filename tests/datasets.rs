@@ -5,11 +5,9 @@
 //! `--clear` lifts it; case-id list files pick a subset in the dataset's order, and an unknown
 //! id in one is refused by name.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{Cluster, fake_worker, poll};
+use crate::common::{Cluster, fake_worker, poll};
 use coordinator::manifest::seeded_order;
 use protocol::pb;
 use protocol::pb::await_assignment_response::Outcome;

@@ -12,15 +12,13 @@
 //! A write counts as acknowledged only when its OK reply reached the test; a request that died
 //! with the coordinator (refused, reset) may or may not have landed, and is not checked.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, TOKEN, worker_client_request};
+use crate::common::{Cluster, TOKEN, worker_client_request};
 use coordinator::store::Store;
 use protocol::auth::{AuthChannel, SharedToken};
 use protocol::ids::checkpoint_prefix;

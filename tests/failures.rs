@@ -2,11 +2,9 @@
 //! leaving its peer hanging, a cancelled run stops its workers, and a coordinator killed (or
 //! stopped with SIGTERM) and restarted on the same store adopts the running run.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Cluster;
+use crate::common::Cluster;
 
 const ENDED: [&str; 4] = ["Completed", "Failed", "Cancelled", "Interrupted"];
 

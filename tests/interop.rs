@@ -7,15 +7,13 @@
 //! or python3); without one it is skipped, unless VOXELFLEET_REQUIRE_TORCH=1, and the
 //! `init_from` run starts from the first run's checkpoint prefix instead of the import.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::{BIN, Cluster};
 use burn::tensor::TensorData;
-use common::{BIN, Cluster};
 use protocol::spec::RunSpec;
 use worker::backend::Cpu;
 use worker::model::interop::torch_state_dict;
@@ -44,7 +42,7 @@ fn python_with_torch() -> Option<PathBuf> {
 }
 
 fn script(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -257,7 +255,7 @@ fn model_info_reports_pytorchs_parameter_count_and_refuses_a_bad_input() {
 /// The U-Net fixture torch wrote (width 4, depth 4, 3 outputs, fp16, under `net`).
 const FIXTURE_PTH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../worker/tests/fixtures/models/unet_tiny.pth"
+    "/../../worker/tests/fixtures/models/unet_tiny.pth"
 );
 
 /// A copy of the fixture with `entry` (`unet_tiny/data/0`: the first conv weight, 108 fp16

@@ -3,11 +3,9 @@
 //! terminating, a Slurm step cancelled) deregisters, drains the run it holds into the queue
 //! without spending a retry, and exits 0 within its drain timeout.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Cluster, worker_client_request};
+use crate::common::{Cluster, worker_client_request};
 
 const ENDED: [&str; 4] = ["Completed", "Failed", "Cancelled", "Interrupted"];
 

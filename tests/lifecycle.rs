@@ -5,12 +5,10 @@
 //! that keeps making progress. Ranks are played over the real worker API where a test needs to
 //! choose exactly when a rank fails and at which step.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, fake_worker, poll};
+use crate::common::{Cluster, fake_worker, poll};
 use protocol::auth::AuthChannel;
 use protocol::pb;
 use protocol::pb::await_assignment_response::Outcome;

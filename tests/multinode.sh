@@ -24,7 +24,7 @@ bin_dir=${VOXELFLEET_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/voxelfleet/target
 coordinator_bin=$bin_dir/coordinator
 worker_bin=$bin_dir/worker
 for b in "$coordinator_bin" "$worker_bin"; do
-  [[ -x $b ]] || die "$b not found: build it with 'cargo build --release -p coordinator -p worker'"
+  [[ -x $b ]] || die "$b not found: build it with 'cargo build --release --bin coordinator --bin worker'"
 done
 for tool in ip tc python3; do
   command -v "$tool" >/dev/null || die "'$tool' not found (iproute2 and python3 are needed)"

@@ -3,12 +3,10 @@
 //! priorities order the queue, a large run at the head is not starved by small ones, a CUDA run
 //! never gets a CPU worker, and a worker that stopped beating gets no new work.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Cluster, fake_worker, fake_worker_on, poll};
+use crate::common::{Cluster, fake_worker, fake_worker_on, poll};
 use protocol::pb;
 use protocol::pb::await_assignment_response::Outcome;
 use serde_json::Value;
@@ -266,10 +264,10 @@ async fn a_worker_that_stopped_beating_gets_no_new_work() {
 
 /// Runs the CLI against `cluster` from the working directory `cwd`.
 fn cli_in(cluster: &Cluster, cwd: &Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(common::BIN)
+    std::process::Command::new(crate::common::BIN)
         .args(args)
         .args(["--coordinator", &cluster.endpoint, "--json"])
-        .env(protocol::auth::TOKEN_ENV, common::TOKEN)
+        .env(protocol::auth::TOKEN_ENV, crate::common::TOKEN)
         .current_dir(cwd)
         .output()
         .unwrap()

@@ -4,14 +4,12 @@
 //! than the retry budget, each after progress) that spends none of it. Every run that completes must end with the final weights of the same run left alone,
 //! to the bit, and write the same final `model.bin` bytes.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{Cluster, FinalCheckpoint};
+use crate::common::{Cluster, FinalCheckpoint};
 
 const STEPS: u64 = 60;
 const WORLD: u32 = 3;

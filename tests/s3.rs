@@ -3,11 +3,9 @@
 //! the workers read cases from it and write checkpoints to it. The processes inherit the AWS_*
 //! environment, as a deployment's would.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Cluster;
+use crate::common::Cluster;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use sha2::{Digest, Sha256};

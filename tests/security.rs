@@ -2,15 +2,13 @@
 //! none), TLS, deadlines on every CLI call, and a coordinator that no worker report or user spec
 //! can crash or lead into storing a run that cannot work.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Lines};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Cluster, Proc, TOKEN, make_pki};
+use crate::common::{BIN, Cluster, Proc, TOKEN, make_pki};
 use protocol::auth::{TOKEN_ENV, TOKEN_FILE_ENV};
 use protocol::pb;
 use protocol::pb::worker_service_client::WorkerServiceClient;

@@ -2,11 +2,9 @@
 //! register → assign → run → complete, bit-identical weights across ranks, and checkpoints that
 //! land both in the object store and in sled.
 
-mod common;
-
 use std::time::Duration;
 
-use common::Cluster;
+use crate::common::Cluster;
 use sha2::{Digest, Sha256};
 use worker::backend::Cpu;
 

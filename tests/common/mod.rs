@@ -1,8 +1,6 @@
 //! Shared harness for the end-to-end tests: real `coordinator serve` and `coordinator worker`
 //! processes on loopback, a real sled directory, and real NIfTI files in a temp dir.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

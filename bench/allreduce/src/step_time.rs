@@ -365,7 +365,7 @@ fn coordinator_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         .into_iter()
         .flatten()
         .find(|p| p.is_file())
-        .context("no coordinator executable found; build it with `cargo build --release -p coordinator` or pass --coordinator-bin")
+        .context("no coordinator executable found; build it with `cargo build --release --bin coordinator` or pass --coordinator-bin")
 }
 
 fn unix_nanos() -> u128 {

@@ -88,7 +88,7 @@ pub fn resolve_coordinator_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> 
     }
     let listing: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
     bail!(
-        "no coordinator executable found (looked at: {}); build it with `cargo build --release -p coordinator` \
+        "no coordinator executable found (looked at: {}); build it with `cargo build --release --bin coordinator` \
          or pass --coordinator-bin PATH",
         if listing.is_empty() {
             "nothing".to_string()

@@ -17,7 +17,7 @@ use protocol::auth::{AuthChannel, SharedToken, TOKEN_ENV, TOKEN_FILE_ENV};
 
 use super::client::{connect_with, submit_spec};
 
-const DEMO_SPEC: &str = include_str!("../../../configs/demo.toml");
+const DEMO_SPEC: &str = include_str!("../../../../configs/demo.toml");
 
 #[derive(clap::Args)]
 pub struct DemoArgs {

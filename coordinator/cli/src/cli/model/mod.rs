@@ -1,15 +1,9 @@
 //! `coordinator model`: what a backbone looks like (`info`), and moving weights between PyTorch
 //! and voxelfleet (`import` a `.pth` into a model directory a run starts from with
 //! `model.init_from`; `export` a run's checkpoint as safetensors under PyTorch's key names).
-//!
-//! The arguments are parsed in every build; the commands themselves build burn models, so they
-//! need the `worker` feature, and a build without it says so instead of hiding the command.
 
-#[cfg(feature = "worker")]
 mod export;
-#[cfg(feature = "worker")]
 mod import;
-#[cfg(feature = "worker")]
 mod info;
 
 use std::path::PathBuf;
@@ -82,8 +76,6 @@ pub struct ModelArgs {
     pub overrides: Vec<String>,
 }
 
-// Without the `worker` feature nothing builds a model from it.
-#[cfg_attr(not(feature = "worker"), allow(dead_code))]
 impl ModelArgs {
     /// The `[model]` table of `arch` these arguments describe, validated as a run spec's would be.
     pub fn spec(&self, arch: &str) -> anyhow::Result<ModelSpec> {
@@ -122,37 +114,26 @@ impl ModelArgs {
 }
 
 pub async fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
-    #[cfg(feature = "worker")]
-    {
-        match command {
-            ModelCommand::Info {
-                arch,
-                model,
-                input,
-                json,
-            } => {
-                let spec = model.spec(&arch)?;
-                tokio::task::spawn_blocking(move || info::info(&spec, input, json)).await?
-            }
-            ModelCommand::Import { file, arch, model, out } => {
-                let spec = model.spec(&arch)?;
-                tokio::task::spawn_blocking(move || import::import(&file, &spec, &out)).await?
-            }
-            ModelCommand::Export {
-                run,
-                out,
-                force,
-                remote,
-            } => export::export(&remote, &run, &out, force).await,
+    match command {
+        ModelCommand::Info {
+            arch,
+            model,
+            input,
+            json,
+        } => {
+            let spec = model.spec(&arch)?;
+            tokio::task::spawn_blocking(move || info::info(&spec, input, json)).await?
         }
-    }
-    #[cfg(not(feature = "worker"))]
-    {
-        let _ = command;
-        bail!(
-            "`coordinator model` builds burn models, and this coordinator was built without them \
-             (--no-default-features); rebuild with `--features worker`"
-        )
+        ModelCommand::Import { file, arch, model, out } => {
+            let spec = model.spec(&arch)?;
+            tokio::task::spawn_blocking(move || import::import(&file, &spec, &out)).await?
+        }
+        ModelCommand::Export {
+            run,
+            out,
+            force,
+            remote,
+        } => export::export(&remote, &run, &out, force).await,
     }
 }
 

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use protocol::auth::AuthChannel;
-#[cfg(feature = "worker")]
 use protocol::auth::SharedToken;
 use protocol::pb;
 use protocol::pb::control_service_client::ControlServiceClient;
@@ -21,7 +20,6 @@ pub async fn connect(remote: &Remote) -> anyhow::Result<ControlServiceClient<Aut
 }
 
 /// A client of an in-process coordinator (the demo's) whose requests carry `token`.
-#[cfg(feature = "worker")]
 pub async fn connect_with(endpoint: &str, token: &SharedToken) -> anyhow::Result<ControlServiceClient<AuthChannel>> {
     let channel = async {
         tonic::transport::Endpoint::from_shared(endpoint.to_string())?
@@ -53,7 +51,6 @@ pub fn submit_request(spec: &RunSpec, source: &str) -> pb::SubmitRunRequest {
 }
 
 /// Submits without a deadline: the demo's own coordinator, in this process.
-#[cfg(feature = "worker")]
 pub async fn submit_spec(
     client: &mut ControlServiceClient<AuthChannel>,
     spec: &RunSpec,

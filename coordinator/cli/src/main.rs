@@ -1,4 +1,5 @@
-//! `coordinator`: the voxelfleet control plane and its CLI.
+//! `coordinator`: the voxelfleet command line. It serves the control plane (the `coordinator`
+//! library), talks to a running one, and runs the demo, the model tools and workers.
 
 mod cli;
 

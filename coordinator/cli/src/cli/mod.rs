@@ -15,7 +15,6 @@ macro_rules! println {
 
 mod client;
 mod datasets;
-#[cfg(feature = "worker")]
 mod demo;
 mod inspect;
 mod lifecycle;
@@ -213,10 +212,8 @@ enum Command {
     /// Run the whole path on this machine: synthesise a dataset if needed, start a coordinator
     /// and two worker processes, pre-train the tiny U-Net, and print held-out Dice before and
     /// after training. State goes under --dir.
-    #[cfg(feature = "worker")]
     Demo(demo::DemoArgs),
     /// Run a worker from this executable (what `demo` spawns; same as the `worker` binary).
-    #[cfg(feature = "worker")]
     #[command(hide = true)]
     Worker(worker::agent::WorkerArgs),
 }
@@ -329,12 +326,7 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
 
 /// The demo draws its own progress display; the service logs would interleave with it.
 fn quiet_logs(command: &Command) -> bool {
-    #[cfg(feature = "worker")]
-    if matches!(command, Command::Demo(_)) {
-        return true;
-    }
-    let _ = command;
-    false
+    matches!(command, Command::Demo(_))
 }
 
 pub fn main() -> ExitCode {
@@ -434,9 +426,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        #[cfg(feature = "worker")]
         Command::Demo(args) => demo::run(args).await,
-        #[cfg(feature = "worker")]
         Command::Worker(args) => {
             worker::agent::run_worker(args).await?;
             Ok(ExitCode::SUCCESS)
