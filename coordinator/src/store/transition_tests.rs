@@ -30,9 +30,13 @@ fn each_allowed_transition_writes_one_event_in_the_write_of_its_state() {
             assert!(store.events(&id).unwrap().is_empty());
 
             run.transition(to, Cause::at(3, format!("{from} to {to}"))).unwrap();
-            let writes = store.written.load(Ordering::SeqCst);
+            let writes = store.durability.written.load(Ordering::SeqCst);
             store.put_transition(&mut run, &[], &[]).unwrap();
-            assert_eq!(store.written.load(Ordering::SeqCst), writes + 1, "one transaction");
+            assert_eq!(
+                store.durability.written.load(Ordering::SeqCst),
+                writes + 1,
+                "one transaction"
+            );
             assert_eq!(store.run(&id).unwrap().unwrap().state(), to);
             let events = store.events(&id).unwrap();
             assert_eq!(events.len(), 1, "{from} -> {to}: {events:?}");
