@@ -377,7 +377,7 @@ impl Walker {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("an odd number of dict items".into());
     }
     let mut out = Vec::with_capacity(items.len() / 2);

@@ -227,16 +227,19 @@ pub fn encode_parts<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     optim: &Optim<B, M>,
     state: &LoopState,
-) -> Result<Vec<(String, Vec<u8>)>, CheckpointError> {
+) -> Result<Parts, CheckpointError> {
     encode_hashed(model, optim, state).map(|(parts, _)| parts)
 }
+
+/// A checkpoint's parts as (file name, bytes).
+type Parts = Vec<(String, Vec<u8>)>;
 
 /// [`encode_parts`], and the weights hash that `state.json` records.
 fn encode_hashed<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     optim: &Optim<B, M>,
     state: &LoopState,
-) -> Result<(Vec<(String, Vec<u8>)>, String), CheckpointError> {
+) -> Result<(Parts, String), CheckpointError> {
     let codec_err = |name: &str| {
         let key = name.to_string();
         move |source| CheckpointError::Codec { key, source }
